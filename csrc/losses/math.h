@@ -1,0 +1,40 @@
+// Scalar math shared by the CPU and CUDA kernels. Loss formulas are written once, as templates
+// over a value type T; Math<T> supplies the few functions they need. This header defines it for
+// float and double (host and device); csrc/cpu/vec_math.h adds the at::vec::Vectorized versions.
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define TL_HD __host__ __device__ __forceinline__
+#else
+#define TL_HD inline
+#endif
+
+namespace torch_losses {
+
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  TL_HD static float exp(float x) { return expf(x); }
+  TL_HD static float log(float x) { return logf(x); }
+  TL_HD static float log1p(float x) { return log1pf(x); }
+  TL_HD static float abs(float x) { return fabsf(x); }
+  TL_HD static float where(bool c, float a, float b) { return c ? a : b; }
+};
+
+template <>
+struct Math<double> {
+  TL_HD static double exp(double x) { return ::exp(x); }
+  TL_HD static double log(double x) { return ::log(x); }
+  TL_HD static double log1p(double x) { return ::log1p(x); }
+  TL_HD static double abs(double x) { return fabs(x); }
+  TL_HD static double where(bool c, double a, double b) { return c ? a : b; }
+};
+
+// Reductions the functors' callers use.
+enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+
+}  // namespace torch_losses

@@ -1,0 +1,170 @@
+// The pointwise losses, each written once. T is the value type the kernel computes in: float or
+// double (CPU scalar code and CUDA), or an at::vec::Vectorized of them (CPU vector code).
+//
+// Every functor has
+//   value(x, y, a)        the unweighted, unreduced loss of one element
+//   grad_input(x, y, a)   d value / d x
+//   grad_target(x, y, a)  d value / d y
+// where x is the input, y the target and a the per-element auxiliary weight (pos_weight for
+// BCE-with-logits; 1 for the others). A functor that restricts its inputs sets kChecksDomain and
+// gives invalid(x, y), true where an element is outside the domain, and kDomainError.
+// The generic kernels apply the element weight, the reduction and grad_output.
+#pragma once
+
+#include "losses/math.h"
+
+namespace torch_losses {
+
+struct NoDomainCheck {
+  static constexpr bool kChecksDomain = false;
+  static constexpr const char* kDomainError = "";
+  template <typename T>
+  TL_HD T invalid(T, T) const { return T(0); }
+};
+
+// binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight.
+template <typename T>
+struct BCEWithLogits : NoDomainCheck {
+  using M = Math<T>;
+  explicit TL_HD BCEWithLogits(double = 0) {}
+  // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
+  TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
+  TL_HD T value(T x, T y, T a) const {
+    T e = M::exp(-M::abs(x));
+    return (T(1) - y) * x - (T(1) + (a - T(1)) * y) * log_sigmoid(x, e);
+  }
+  TL_HD T grad_input(T x, T y, T a) const {
+    T e = M::exp(-M::abs(x));
+    T sigmoid = M::where(x >= T(0), T(1) / (T(1) + e), e / (T(1) + e));
+    return (T(1) + (a - T(1)) * y) * sigmoid - a * y;
+  }
+  TL_HD T grad_target(T x, T, T a) const {
+    T e = M::exp(-M::abs(x));
+    return -x - (a - T(1)) * log_sigmoid(x, e);
+  }
+};
+
+// huber_loss: 0.5 z^2 if |z| < delta else delta (|z| - 0.5 delta), z = x - y.
+template <typename T>
+struct Huber : NoDomainCheck {
+  using M = Math<T>;
+  T delta;
+  explicit TL_HD Huber(double delta_) : delta(T(delta_)) {}
+  TL_HD T value(T x, T y, T) const {
+    T z = x - y;
+    T az = M::abs(z);
+    return M::where(az < delta, T(0.5) * z * z, delta * (az - T(0.5) * delta));
+  }
+  // clamp(z, -delta, delta), NaN passing through as in torch.
+  TL_HD T grad_input(T x, T y, T) const {
+    T z = x - y;
+    return M::where(z < -delta, -delta, M::where(z > delta, delta, z));
+  }
+  TL_HD T grad_target(T x, T y, T a) const { return -grad_input(x, y, a); }
+};
+
+// smooth_l1_loss: 0.5 z^2 / beta if |z| < beta else |z| - 0.5 beta; beta = 0 is l1.
+template <typename T>
+struct SmoothL1 : NoDomainCheck {
+  using M = Math<T>;
+  T beta;
+  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
+  TL_HD T value(T x, T y, T) const {
+    T z = x - y;
+    T az = M::abs(z);
+    return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
+  }
+  TL_HD T grad_input(T x, T y, T) const {
+    T z = x - y;
+    // For beta = 0 the middle branch is never taken: sign(z), 0 at z = 0 as torch's l1.
+    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), M::where(z == T(0), T(0), z / beta)));
+  }
+  TL_HD T grad_target(T x, T y, T a) const { return -grad_input(x, y, a); }
+};
+
+// mse_loss: z^2 (no 1/2 factor, as torch).
+template <typename T>
+struct MSE : NoDomainCheck {
+  explicit TL_HD MSE(double = 0) {}
+  TL_HD T value(T x, T y, T) const { return (x - y) * (x - y); }
+  TL_HD T grad_input(T x, T y, T) const { return T(2) * (x - y); }
+  TL_HD T grad_target(T x, T y, T) const { return T(-2) * (x - y); }
+};
+
+// l1_loss: |z|; the subgradient at z = 0 is 0 (torch's sign).
+template <typename T>
+struct L1 : NoDomainCheck {
+  using M = Math<T>;
+  explicit TL_HD L1(double = 0) {}
+  TL_HD static T sign(T z) { return M::where(z > T(0), T(1), M::where(z < T(0), T(-1), T(0))); }
+  TL_HD T value(T x, T y, T) const { return M::abs(x - y); }
+  TL_HD T grad_input(T x, T y, T) const { return sign(x - y); }
+  TL_HD T grad_target(T x, T y, T) const { return -sign(x - y); }
+};
+
+// binary_cross_entropy on probabilities: -(y max(log x, -100) + (1 - y) max(log(1 - x), -100)).
+template <typename T>
+struct BCE {
+  using M = Math<T>;
+  static constexpr bool kChecksDomain = true;
+  static constexpr const char* kDomainError =
+      "binary_cross_entropy: all elements of input and target should be between 0 and 1";
+  explicit TL_HD BCE(double = 0) {}
+  TL_HD static T clamp_log(T v) { return M::where(v < T(-100), T(-100), v); }
+  TL_HD T invalid(T x, T y) const {
+    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1));
+  }
+  TL_HD T value(T x, T y, T) const {
+    return (y - T(1)) * clamp_log(M::log1p(-x)) - y * clamp_log(M::log(x));
+  }
+  TL_HD T grad_input(T x, T y, T) const {
+    T d = x * (T(1) - x);
+    return (x - y) / M::where(d < T(1e-12), T(1e-12), d);
+  }
+  // -logit(x), as torch (not clamped).
+  TL_HD T grad_target(T x, T, T) const { return M::log1p(-x) - M::log(x); }
+};
+
+// Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. At the kink (margin - y x = 0) the
+// gradient -y is passed, as torch's clamp_min does.
+template <typename T>
+struct Hinge {
+  using M = Math<T>;
+  static constexpr bool kChecksDomain = true;
+  static constexpr const char* kDomainError = "hinge_loss: target values must be -1 or 1";
+  T margin;
+  explicit TL_HD Hinge(double margin_) : margin(T(margin_)) {}
+  TL_HD T invalid(T, T y) const { return (y != T(1)) & (y != T(-1)); }
+  TL_HD T value(T x, T y, T) const {
+    T v = margin - y * x;
+    return M::where(v < T(0), T(0), v);  // NaN propagates
+  }
+  TL_HD T grad_input(T x, T y, T) const { return M::where(margin - y * x >= T(0), -y, T(0)); }
+  TL_HD T grad_target(T x, T y, T) const { return M::where(margin - y * x >= T(0), -x, T(0)); }
+};
+
+// kl_div with probability targets: xlogy(y, y) - y x. At y = 0 torch's target gradient is nan
+// (xlogy's d/dother = self / other); it is reproduced.
+template <typename T>
+struct KLDiv : NoDomainCheck {
+  using M = Math<T>;
+  explicit TL_HD KLDiv(double = 0) {}
+  TL_HD static T xlogx(T y) { return M::where(y == T(0), T(0), y * M::log(y)); }
+  TL_HD T value(T x, T y, T) const { return xlogx(y) - y * x; }
+  TL_HD T grad_input(T, T y, T) const { return -y; }
+  TL_HD T grad_target(T x, T y, T) const {
+    return M::where(y == T(0), T(0), M::log(y)) + y / y - x;
+  }
+};
+
+// kl_div with log-probability targets: exp(y) (y - x).
+template <typename T>
+struct KLDivLogTarget : NoDomainCheck {
+  using M = Math<T>;
+  explicit TL_HD KLDivLogTarget(double = 0) {}
+  TL_HD T value(T x, T y, T) const { return M::exp(y) * (y - x); }
+  TL_HD T grad_input(T, T y, T) const { return -M::exp(y); }
+  TL_HD T grad_target(T x, T y, T) const { return M::exp(y) * (y - x + T(1)); }
+};
+
+}  // namespace torch_losses

@@ -1,0 +1,351 @@
+// Backend-independent glue of the torch_losses ops: argument checks, output allocation and the
+// op registrations. A backend (csrc/cpu, csrc/cuda) supplies a struct with
+//   template <template <typename> class Loss> static void pointwise(const PointwiseProblem&);
+//   static void cross_entropy(const CrossEntropyProblem&);
+//   static void scale_grad(at::Tensor& grad, const at::Tensor& grad_output);
+// and registers everything with register_ops<Backend>(m).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "losses/math.h"
+#include "losses/pointwise.h"
+
+namespace torch_losses {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// One pointwise-loss call. Inputs are contiguous and of one shape and dtype; outputs that are
+// not wanted are undefined.
+struct PointwiseProblem {
+  Tensor input, target;
+  Tensor weight;       // element weight, or undefined
+  Tensor aux;          // pos_weight (BCE-with-logits), or undefined
+  Tensor grad_output;  // backward ops: 0-dim or the shape of input; forward ops: undefined
+  Tensor loss;         // forward ops: input's shape for 'none', else 0-dim
+  Tensor grad_input, grad_target;
+  double param = 0;    // the loss' scalar (delta, beta, margin)
+  int64_t reduction = kMean;
+};
+
+// One cross-entropy call over input (N, C, D).
+struct CrossEntropyProblem {
+  Tensor input;        // (N, C, D), contiguous
+  Tensor target;       // (N, D) int64, or (N, C, D) probabilities of input's dtype
+  Tensor weight;       // (C) in the accumulation dtype, or undefined
+  Tensor grad_output;  // backward op: 0-dim, or (N, D) for 'none'; forward op: undefined
+  Tensor loss;         // forward: (N, D) for 'none', else 0-dim; backward: undefined
+  Tensor lse;          // (N, D) accumulation dtype: written by the forward, read by the backward
+  Tensor grad_input, grad_target;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0;
+  int64_t reduction = kMean;
+  bool probability_target = false;
+  int64_t N = 0, C = 0, D = 0;
+};
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "torch_losses: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+}
+
+inline void check_floating(const Tensor& t, const char* name) {
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16,
+              "torch_losses: ", name, " must be float64, float32, float16 or bfloat16, got ", s);
+}
+
+inline void check_like_input(const Tensor& input, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "torch_losses: ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "torch_losses: ", name, " has dtype ",
+              t.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(t.sizes() == input.sizes(), "torch_losses: ", name, " has shape ", t.sizes(),
+              " but input has shape ", input.sizes());
+}
+
+inline Tensor grad_like(const Tensor& t, bool wanted) {
+  return wanted ? at::empty(t.sizes(), t.options()) : Tensor();
+}
+
+inline Tensor or_empty(const Tensor& t, const Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+inline PointwiseProblem pointwise_problem(const Tensor& input, const Tensor& target,
+                                          const OptTensor& weight, const OptTensor& aux,
+                                          double param, int64_t reduction) {
+  check_reduction(reduction);
+  check_floating(input, "input");
+  check_like_input(input, target, "target");
+  PointwiseProblem p;
+  p.input = input.contiguous();
+  p.target = target.contiguous();
+  if (weight.has_value()) {
+    check_like_input(input, *weight, "weight");
+    p.weight = weight->contiguous();
+  }
+  if (aux.has_value()) {
+    check_like_input(input, *aux, "pos_weight");
+    p.aux = aux->contiguous();
+  }
+  p.param = param;
+  p.reduction = reduction;
+  return p;
+}
+
+template <template <typename> class Loss, typename Backend>
+std::tuple<Tensor, Tensor, Tensor> pointwise_fwd(const Tensor& input, const Tensor& target,
+                                                 const OptTensor& weight, const OptTensor& aux,
+                                                 double param, int64_t reduction,
+                                                 bool input_grad, bool target_grad) {
+  PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
+  p.loss = reduction == kNone ? at::empty(p.input.sizes(), p.input.options())
+                              : at::empty({}, p.input.options());
+  p.grad_input = grad_like(p.input, input_grad);
+  p.grad_target = grad_like(p.target, target_grad);
+  Backend::template pointwise<Loss>(p);
+  return {p.loss, or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+template <template <typename> class Loss, typename Backend>
+std::tuple<Tensor, Tensor> pointwise_bwd(const Tensor& grad_output, const Tensor& input,
+                                         const Tensor& target, const OptTensor& weight,
+                                         const OptTensor& aux, double param, int64_t reduction,
+                                         bool input_grad, bool target_grad) {
+  PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
+  TORCH_CHECK(grad_output.device() == input.device(),
+              "torch_losses: grad_output is on another device than input");
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_output.sizes() == input.sizes(), "torch_losses: grad_output has shape ",
+                grad_output.sizes(), ", expected ", input.sizes());
+  } else {
+    TORCH_CHECK(grad_output.dim() == 0, "torch_losses: grad_output must be a scalar");
+  }
+  p.grad_output = grad_output.to(input.scalar_type()).contiguous();
+  p.grad_input = grad_like(p.input, input_grad);
+  p.grad_target = grad_like(p.target, target_grad);
+  Backend::template pointwise<Loss>(p);
+  return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tensor& target,
+                                                 const OptTensor& weight, int64_t ignore_index,
+                                                 double label_smoothing, int64_t reduction) {
+  check_reduction(reduction);
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() == 3, "torch_losses: cross_entropy ops take input (N, C, D), got ",
+              input.sizes());
+  TORCH_CHECK(target.device() == input.device(), "torch_losses: target is on ",
+              target.device(), " but input is on ", input.device());
+  // torch rejects label_smoothing > 1 only; negative values are computed as given.
+  TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+              label_smoothing);
+  CrossEntropyProblem p;
+  p.N = input.size(0);
+  p.C = input.size(1);
+  p.D = input.size(2);
+  p.probability_target = target.dim() == 3;
+  if (p.probability_target) {
+    check_like_input(input, target, "target");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong,
+                "torch_losses: class-index target must be int64, got ", target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == p.N && target.size(1) == p.D,
+                "torch_losses: target has shape ", target.sizes(), ", expected (", p.N, ", ",
+                p.D, ")");
+  }
+  TORCH_CHECK(p.C > 0 || p.N * p.D == 0, "torch_losses: cross_entropy needs at least one class");
+  p.input = input.contiguous();
+  p.target = target.contiguous();
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->device() == input.device(), "torch_losses: weight is on ",
+                weight->device(), " but input is on ", input.device());
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == p.C,
+                "weight tensor should be defined either for all ", p.C,
+                " classes or no classes but got weight tensor of shape: ", weight->sizes());
+    p.weight = weight->to(accumulation_type(input.scalar_type())).contiguous();
+  }
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.reduction = reduction;
+  return p;
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd(
+    const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad) {
+  CrossEntropyProblem p =
+      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(!target_grad || p.probability_target,
+              "torch_losses: class-index targets have no gradient");
+  auto opts = p.input.options();
+  p.loss = reduction == kNone ? at::empty({p.N, p.D}, opts) : at::empty({}, opts);
+  p.lse = at::empty({p.N, p.D}, opts.dtype(accumulation_type(input.scalar_type())));
+  p.grad_input = grad_like(p.input, input_grad);
+  if (target_grad) p.grad_target = grad_like(p.target, true);
+  Backend::cross_entropy(p);
+  return {p.loss, p.lse, or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace(Tensor& input, const Tensor& target,
+                                                     const OptTensor& weight,
+                                                     int64_t ignore_index,
+                                                     double label_smoothing,
+                                                     int64_t reduction) {
+  TORCH_CHECK(input.is_contiguous(), "torch_losses: inplace_backward needs contiguous logits");
+  CrossEntropyProblem p =
+      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(!p.probability_target,
+              "torch_losses: inplace_backward supports class-index targets only");
+  auto opts = p.input.options();
+  p.loss = reduction == kNone ? at::empty({p.N, p.D}, opts) : at::empty({}, opts);
+  p.lse = at::empty({p.N, p.D}, opts.dtype(accumulation_type(input.scalar_type())));
+  p.grad_input = input;  // the kernels read each row before writing its gradient
+  Backend::cross_entropy(p);
+  return {p.loss, p.lse};
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Tensor& input,
+                                             const Tensor& target, const OptTensor& weight,
+                                             const Tensor& lse, int64_t ignore_index,
+                                             double label_smoothing, int64_t reduction,
+                                             bool input_grad, bool target_grad) {
+  CrossEntropyProblem p =
+      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  TORCH_CHECK(!target_grad || p.probability_target,
+              "torch_losses: class-index targets have no gradient");
+  TORCH_CHECK(lse.device() == input.device() &&
+                  lse.scalar_type() == accumulation_type(input.scalar_type()) &&
+                  lse.sizes() == at::IntArrayRef({p.N, p.D}),
+              "torch_losses: lse must be the forward's (N, D) log-sum-exp");
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.D}),
+                "torch_losses: grad_output has shape ", grad_output.sizes(), ", expected (",
+                p.N, ", ", p.D, ")");
+  } else {
+    TORCH_CHECK(grad_output.dim() == 0, "torch_losses: grad_output must be a scalar");
+  }
+  TORCH_CHECK(grad_output.device() == input.device(),
+              "torch_losses: grad_output is on another device than input");
+  p.grad_output = grad_output.to(input.scalar_type()).contiguous();
+  p.lse = lse.contiguous();
+  p.grad_input = grad_like(p.input, input_grad);
+  if (target_grad) p.grad_target = grad_like(p.target, true);
+  Backend::cross_entropy(p);
+  return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+template <typename Backend>
+void scale_grad_(Tensor& grad, const Tensor& grad_output) {
+  TORCH_CHECK(grad_output.device() == grad.device(),
+              "torch_losses: grad_output is on another device than the gradient");
+  TORCH_CHECK(grad.is_contiguous(), "torch_losses: scale_grad_ needs a contiguous gradient");
+  bool per_element = grad_output.sizes() == grad.sizes();
+  bool per_position = grad.dim() >= 2 && grad_output.dim() == grad.dim() - 1 &&
+                      grad_output.size(0) == grad.size(0) &&
+                      grad_output.sizes().slice(1) == grad.sizes().slice(2);
+  TORCH_CHECK(grad_output.dim() == 0 || per_element || per_position,
+              "torch_losses: grad_output of shape ", grad_output.sizes(),
+              " does not match a gradient of shape ", grad.sizes());
+  Backend::scale_grad(grad, grad_output.to(grad.scalar_type()).contiguous());
+}
+
+// The schemas' argument lists, mapped onto the generic ops above.
+template <typename Backend>
+void register_ops(torch::Library& m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd<Backend>);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace<Backend>);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd<Backend>);
+  m.impl("scale_grad_", &scale_grad_<Backend>);
+
+  m.impl("bce_with_logits_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w,
+                                   const OptTensor& pw, int64_t r, bool gx, bool gy) {
+    return pointwise_fwd<BCEWithLogits, Backend>(x, y, w, pw, 0, r, gx, gy);
+  });
+  m.impl("bce_with_logits_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y,
+                                   const OptTensor& w, const OptTensor& pw, int64_t r, bool gx,
+                                   bool gy) {
+    return pointwise_bwd<BCEWithLogits, Backend>(g, x, y, w, pw, 0, r, gx, gy);
+  });
+  m.impl("huber_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, double delta,
+                         int64_t r, bool gx, bool gy) {
+    return pointwise_fwd<Huber, Backend>(x, y, w, std::nullopt, delta, r, gx, gy);
+  });
+  m.impl("huber_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                         double delta, int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<Huber, Backend>(g, x, y, w, std::nullopt, delta, r, gx, gy);
+  });
+  m.impl("mse_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
+                       bool gy) {
+    return pointwise_fwd<MSE, Backend>(x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("mse_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                       int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<MSE, Backend>(g, x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("l1_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
+                      bool gy) {
+    return pointwise_fwd<L1, Backend>(x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("l1_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                      int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<L1, Backend>(g, x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("smooth_l1_fwd", [](const Tensor& x, const Tensor& y, double beta, int64_t r, bool gx,
+                             bool gy) {
+    return pointwise_fwd<SmoothL1, Backend>(x, y, std::nullopt, std::nullopt, beta, r, gx, gy);
+  });
+  m.impl("smooth_l1_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, double beta,
+                             int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt, beta, r, gx,
+                                            gy);
+  });
+  m.impl("bce_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
+                       bool gy) {
+    return pointwise_fwd<BCE, Backend>(x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("bce_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                       int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<BCE, Backend>(g, x, y, w, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("hinge_fwd", [](const Tensor& x, const Tensor& y, double margin, int64_t r, bool gx,
+                         bool gy) {
+    return pointwise_fwd<Hinge, Backend>(x, y, std::nullopt, std::nullopt, margin, r, gx, gy);
+  });
+  m.impl("hinge_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, double margin,
+                         int64_t r, bool gx, bool gy) {
+    return pointwise_bwd<Hinge, Backend>(g, x, y, std::nullopt, std::nullopt, margin, r, gx, gy);
+  });
+  m.impl("kl_div_fwd", [](const Tensor& x, const Tensor& y, bool log_target, int64_t r, bool gx,
+                          bool gy) {
+    return log_target
+               ? pointwise_fwd<KLDivLogTarget, Backend>(x, y, std::nullopt, std::nullopt, 0, r,
+                                                        gx, gy)
+               : pointwise_fwd<KLDiv, Backend>(x, y, std::nullopt, std::nullopt, 0, r, gx, gy);
+  });
+  m.impl("kl_div_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, bool log_target,
+                          int64_t r, bool gx, bool gy) {
+    return log_target
+               ? pointwise_bwd<KLDivLogTarget, Backend>(g, x, y, std::nullopt, std::nullopt, 0,
+                                                        r, gx, gy)
+               : pointwise_bwd<KLDiv, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx,
+                                               gy);
+  });
+}
+
+}  // namespace torch_losses

@@ -1,0 +1,77 @@
+// Every schema of the torch_losses ops, in one place. Kernels register per backend in
+// csrc/cpu and csrc/*_cuda.cpp; fake (meta) kernels live in torch_losses/_fake.py.
+//
+// Conventions shared by the ops:
+// - reduction is torch's enum: 0 none, 1 mean, 2 sum.
+// - Pointwise *_fwd ops take input and target of one shape (the Python layer broadcasts) and
+//   optional weights already expanded to that shape. They return (loss, grad_input,
+//   grad_target): the gradients of the loss for grad_output = 1, written in the same pass when
+//   input_grad / target_grad ask for them, else empty tensors.
+// - *_bwd ops compute the gradients from the inputs and grad_output without a saved buffer.
+// - scale_grad_ multiplies a gradient written by a forward by grad_output, in place; it returns
+//   at once when grad_output is the scalar 1.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An importable module, so that `import torch_losses._C` loads the library and runs the
+// registrations below. No Python functions: every entry point is a torch op.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torch_losses, m) {
+  // Cross-entropy over input (N, C, D): class dim 1, D the folded trailing dims. target is (N, D)
+  // int64 class indices or (N, C, D) probabilities. Returns (loss, lse, grad_input, grad_target);
+  // lse is the per-position log-sum-exp in float32 (float64 for float64 input).
+  m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing, int reduction, bool input_grad, bool target_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "Tensor lse, int ignore_index, float label_smoothing, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor)");
+  // The same forward, writing the input gradient over the input (class-index targets only).
+  // Returns (loss, lse).
+  m.def("cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+        "int ignore_index, float label_smoothing, int reduction) -> (Tensor, Tensor)");
+
+  m.def("bce_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("bce_with_logits_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) "
+        "-> (Tensor, Tensor)");
+  m.def("huber_fwd(Tensor input, Tensor target, Tensor? weight, float delta, int reduction, "
+        "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("huber_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "float delta, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("mse_fwd(Tensor input, Tensor target, Tensor? weight, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("mse_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("l1_fwd(Tensor input, Tensor target, Tensor? weight, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("l1_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("smooth_l1_fwd(Tensor input, Tensor target, float beta, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("smooth_l1_bwd(Tensor grad_output, Tensor input, Tensor target, float beta, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("bce_fwd(Tensor input, Tensor target, Tensor? weight, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("bce_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("hinge_fwd(Tensor input, Tensor target, float margin, int reduction, bool input_grad, "
+        "bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("hinge_bwd(Tensor grad_output, Tensor input, Tensor target, float margin, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("kl_div_fwd(Tensor input, Tensor target, bool log_target, int reduction, "
+        "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("kl_div_bwd(Tensor grad_output, Tensor input, Tensor target, bool log_target, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+
+  // grad *= grad_output, in place. grad_output is a scalar, the shape of grad, or the shape of
+  // grad without its dim 1 (per-position cross-entropy 'none').
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}

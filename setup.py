@@ -1,0 +1,107 @@
+"""Build of torch_losses._C: C++ CPU kernels always, CUDA kernels when torch has CUDA and a
+CUDA toolkit is found.
+
+Environment switches:
+  TORCH_LOSSES_CUDA=0|1     force the CUDA part off or on (default: auto)
+  TORCH_CUDA_ARCH_LIST      CUDA targets (default: the visible GPU, else "8.0;9.0")
+  TORCH_LOSSES_CPU_ISA      avx2 | default (default: avx2 when the build machine has it)
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The toolkit folder that holds lib64/libcudart.so. nvcc on PATH may be a link or a wrapper
+    script outside the toolkit, from which torch would guess the wrong folder."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for folder in filter(None, candidates):
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if os.path.exists(os.path.join(folder, lib, "libcudart.so")) and os.path.exists(
+                os.path.join(folder, "bin", "nvcc")
+            ):
+                return folder
+    return None
+
+
+cuda_switch = os.environ.get("TORCH_LOSSES_CUDA", "auto").lower()
+cuda_home = find_cuda_home() if cuda_switch != "0" else None
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = cuda_switch == "1" or (
+    cuda_switch == "auto" and torch.version.cuda is not None and cuda_home is not None
+)
+if cuda_switch == "1" and (torch.version.cuda is None or cuda_home is None):
+    raise RuntimeError(
+        "TORCH_LOSSES_CUDA=1 but "
+        + ("this torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit was found")
+        + " (set CUDA_HOME to the folder that holds lib64/libcudart.so)"
+    )
+
+
+def cpu_isa_flags():
+    isa = os.environ.get("TORCH_LOSSES_CPU_ISA")
+    if isa is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+            isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+        except OSError:
+            isa = "default"
+    if isa == "avx2":
+        # at::vec picks its AVX2 implementation (and torch's Sleef exp/log) from these macros.
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def cuda_arch_list():
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+
+sources = [os.path.join("csrc", "torch_losses.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cxx_flags = ["-O3", "-std=c++17"] + cpu_isa_flags()
+include_dirs = [os.path.join(HERE, "csrc")]
+
+if with_cuda:
+    cuda_arch_list()
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/*_cuda.cpp"))
+    extension = CUDAExtension(
+        "torch_losses._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        },
+    )
+else:
+    extension = CppExtension(
+        "torch_losses._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+    )
+
+setup(
+    name="torch-losses",
+    packages=find_packages(include=["torch_losses", "torch_losses.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+)

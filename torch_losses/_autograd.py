@@ -1,0 +1,322 @@
+"""torch.autograd.Function classes: thin shells that move tensors between the forward and
+backward ops.
+
+The fast path: when an input needs a gradient, the forward op writes it (for grad_output = 1)
+in the same pass that computes the loss. backward() then scales that buffer by grad_output in
+place (free when grad_output is the scalar 1) and hands it back, dropping its own reference so
+that autograd can adopt the buffer as `.grad` without a copy.
+
+A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
+backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
+place torch's own loss implementations are used.
+"""
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from . import _C  # noqa: F401  (loads the library: registers the ops)
+from . import _fake  # noqa: F401  (registers their fake kernels)
+
+ops = torch.ops.torch_losses
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def reduction_enum(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return REDUCTIONS[reduction]
+
+
+def _reduce(loss, reduction):
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    return loss
+
+
+def _weighted(loss, weight):
+    return loss if weight is None else loss * weight
+
+
+def _none_if_empty(grad, wanted):
+    return grad if wanted else None
+
+
+def _take_forward_grads(ctx):
+    """The gradients the forward wrote: handed out once, None afterwards."""
+    grads = ctx.forward_grads
+    ctx.forward_grads = None
+    return grads
+
+
+def _composite_grads(loss, grad_output, inputs_wanted):
+    """First-order gradients that autograd can differentiate again (create_graph=True)."""
+    inputs = [t for t, wanted in inputs_wanted if wanted]
+    grads = iter(torch.autograd.grad(loss, inputs, grad_output, create_graph=True))
+    return tuple(next(grads) if wanted else None for _, wanted in inputs_wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointwise losses
+
+
+def _pointwise_forward(ctx, fwd, input, target, tensors, scalars, reduction):
+    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    loss, grad_input, grad_target = fwd(
+        input, target, *tensors, *scalars, reduction_enum(reduction), want_input, want_target
+    )
+    ctx.save_for_backward(input, target, *tensors)
+    ctx.scalars, ctx.reduction = scalars, reduction
+    ctx.forward_grads = (
+        _none_if_empty(grad_input, want_input),
+        _none_if_empty(grad_target, want_target),
+    )
+    return loss
+
+
+def _pointwise_backward(ctx, grad_output, bwd, reference):
+    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    forward_grads = _take_forward_grads(ctx)
+    if torch.is_grad_enabled():
+        input, target, *tensors = ctx.saved_tensors
+        loss = reference(input, target, *tensors, *ctx.scalars, ctx.reduction)
+        return _composite_grads(loss, grad_output, [(input, want_input), (target, want_target)])
+    if forward_grads is None:
+        input, target, *tensors = ctx.saved_tensors
+        grad_input, grad_target = bwd(
+            grad_output, input, target, *tensors, *ctx.scalars,
+            reduction_enum(ctx.reduction), want_input, want_target,
+        )
+        return _none_if_empty(grad_input, want_input), _none_if_empty(grad_target, want_target)
+    for grad in forward_grads:
+        if grad is not None:
+            ops.scale_grad_(grad, grad_output)
+    return forward_grads
+
+
+class BCEWithLogitsFunction(Function):
+    """binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction).
+
+    weight and pos_weight are None or of input's shape; reduction is 'none', 'mean' or 'sum'.
+    Differentiable in input and target."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, pos_weight=None, reduction="mean"):
+        return _pointwise_forward(ctx, ops.bce_with_logits_fwd, input, target,
+                                  (weight, pos_weight), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, w, pw, reduction):
+            return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd, reference)
+        return (*grads, None, None, None)
+
+
+class HuberFunction(Function):
+    """huber_loss(input, target, weight, delta, reduction): weight None or of input's shape."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, delta=1.0, reduction="mean"):
+        return _pointwise_forward(ctx, ops.huber_fwd, input, target, (weight,), (delta,),
+                                  reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, w, delta, reduction):
+            return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
+                           reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd, reference)
+        return (*grads, None, None, None)
+
+
+class MSEFunction(Function):
+    """mse_loss(input, target, weight, reduction): (x - y)^2 times weight; 'mean' divides by
+    the number of elements (the functional handles torch's weighted mean)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ctx, ops.mse_fwd, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, w, reduction):
+            return _reduce(_weighted((x - y) ** 2, w), reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd, reference)
+        return (*grads, None, None)
+
+
+class L1Function(Function):
+    """l1_loss(input, target, weight, reduction): |x - y| times weight."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ctx, ops.l1_fwd, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, w, reduction):
+            return _reduce(_weighted((x - y).abs(), w), reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd, reference)
+        return (*grads, None, None)
+
+
+class SmoothL1Function(Function):
+    """smooth_l1_loss(input, target, beta, reduction)."""
+
+    @staticmethod
+    def forward(ctx, input, target, beta=1.0, reduction="mean"):
+        return _pointwise_forward(ctx, ops.smooth_l1_fwd, input, target, (), (beta,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, beta, reduction):
+            return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd, reference)
+        return (*grads, None, None)
+
+
+class BCEFunction(Function):
+    """binary_cross_entropy(input, target, weight, reduction) on probabilities."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ctx, ops.bce_fwd, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, w, reduction):
+            return F.binary_cross_entropy(x, y, w, reduction=reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd, reference)
+        return (*grads, None, None)
+
+
+class HingeFunction(Function):
+    """hinge_loss(input, target, margin, reduction): max(0, margin - y x), y in {-1, +1}."""
+
+    @staticmethod
+    def forward(ctx, input, target, margin=1.0, reduction="mean"):
+        return _pointwise_forward(ctx, ops.hinge_fwd, input, target, (), (margin,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, margin, reduction):
+            return _reduce((margin - y * x).clamp_min(0), reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd, reference)
+        return (*grads, None, None)
+
+
+class KLDivFunction(Function):
+    """kl_div(input, target, log_target, reduction) with reduction 'none', 'mean' (over
+    elements) or 'sum'; the functional adds 'batchmean'."""
+
+    @staticmethod
+    def forward(ctx, input, target, log_target=False, reduction="mean"):
+        return _pointwise_forward(ctx, ops.kl_div_fwd, input, target, (), (log_target,),
+                                  reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        def reference(x, y, log_target, reduction):
+            return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
+
+        grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd, reference)
+        return (*grads, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy
+
+
+def fold_class_dim(input, target):
+    """input (C), (N, C) or (N, C, d1..dk) -> (N, C, D); target to (N, D) or (N, C, D)."""
+    if input.dim() == 1:
+        x = input.reshape(1, -1, 1)
+    else:
+        x = input.reshape(input.shape[0], input.shape[1], -1)
+    probs = target.shape == input.shape
+    t = target.reshape(x.shape) if probs else target.reshape(x.shape[0], x.shape[2])
+    return x, t, probs
+
+
+class CrossEntropyFunction(Function):
+    """cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
+    inplace_backward).
+
+    input (C), (N, C) or (N, C, d1..dk); target class indices (int64, input's shape without the
+    class dim) or probabilities (input's shape). Differentiable in input, and in probability
+    targets. inplace_backward=True writes the gradient over input (class indices only)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                reduction="mean", inplace_backward=False):
+        x, t, probs = fold_class_dim(input, target)
+        red = reduction_enum(reduction)
+        want_input = ctx.needs_input_grad[0]
+        want_target = probs and ctx.needs_input_grad[1]
+        ctx.inplace = inplace_backward and want_input
+        if ctx.inplace:
+            loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
+                                                      label_smoothing, red)
+            grad_input, grad_target = x, None
+            ctx.save_for_backward(None, target, weight, lse)  # input now holds its gradient
+        else:
+            loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
+                x, t, weight, ignore_index, label_smoothing, red, want_input, want_target)
+            ctx.save_for_backward(input, target, weight, lse)
+        ctx.options = (ignore_index, label_smoothing, reduction)
+        ctx.input_shape = input.shape
+        ctx.forward_grads = (
+            _none_if_empty(grad_input, want_input),
+            _none_if_empty(grad_target, want_target),
+        )
+        if red == 0:
+            return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        want_input = ctx.needs_input_grad[0]
+        want_target = ctx.needs_input_grad[1]
+        forward_grads = _take_forward_grads(ctx)
+        ignore_index, label_smoothing, reduction = ctx.options
+        shape = ctx.input_shape
+        if reduction == "none":
+            grad_output = grad_output.reshape(1 if len(shape) == 1 else shape[0], -1)
+        if forward_grads is None or torch.is_grad_enabled():
+            if ctx.inplace:
+                raise RuntimeError(
+                    "torch_losses.cross_entropy: with inplace_backward=True the logits are "
+                    "overwritten by their gradient, which backward hands out once; a second "
+                    "backward (retain_graph) or double backward (create_graph) needs "
+                    "inplace_backward=False")
+            input, target, weight, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            loss = F.cross_entropy(
+                input, target, None if weight is None else weight.to(input.dtype),
+                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+            grads = _composite_grads(loss, grad_output.reshape(loss.shape),
+                                     [(input, want_input), (target, want_target)])
+            return (*grads, None, None, None, None, None)
+        if forward_grads is None:
+            x, t, probs = fold_class_dim(input, target)
+            grad_input, grad_target = ops.cross_entropy_bwd(
+                grad_output, x, t, weight, lse, ignore_index, label_smoothing,
+                reduction_enum(reduction), want_input, probs and want_target)
+            forward_grads = (_none_if_empty(grad_input, want_input),
+                             _none_if_empty(grad_target, probs and want_target))
+        else:
+            for grad in forward_grads:
+                if grad is not None:
+                    ops.scale_grad_(grad, grad_output)
+        grad_input, grad_target = (None if g is None else g.view(shape) for g in forward_grads)
+        return grad_input, grad_target, None, None, None, None, None

@@ -1,0 +1,64 @@
+"""Fake (meta) kernels of the torch_losses ops: output shapes and dtypes only, so that
+torch.compile, torch.export and FakeTensor tracing see through the ops without running them."""
+import torch
+from torch.library import register_fake
+
+_NONE = 0
+_POINTWISE = ("bce_with_logits", "huber", "mse", "l1", "smooth_l1", "bce", "hinge", "kl_div")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_or_empty(like, wanted):
+    return torch.empty_like(like) if wanted else like.new_empty((0,))
+
+
+def _pointwise_fwd_fake(input, target, *args):
+    *_, reduction, input_grad, target_grad = args
+    torch._check(input.shape == target.shape, lambda: "input and target shapes differ")
+    loss = input.new_empty(input.shape) if reduction == _NONE else input.new_empty(())
+    return loss, _grad_or_empty(input, input_grad), _grad_or_empty(target, target_grad)
+
+
+def _pointwise_bwd_fake(grad_output, input, target, *args):
+    *_, reduction, input_grad, target_grad = args
+    return _grad_or_empty(input, input_grad), _grad_or_empty(target, target_grad)
+
+
+for _name in _POINTWISE:
+    register_fake(f"torch_losses::{_name}_fwd")(_pointwise_fwd_fake)
+    register_fake(f"torch_losses::{_name}_bwd")(_pointwise_bwd_fake)
+
+
+def _ce_outputs(input, reduction):
+    n, _, d = input.shape
+    loss = input.new_empty((n, d)) if reduction == _NONE else input.new_empty(())
+    lse = input.new_empty((n, d), dtype=_acc_dtype(input.dtype))
+    return loss, lse
+
+
+@register_fake("torch_losses::cross_entropy_fwd")
+def _cross_entropy_fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction,
+                            input_grad, target_grad):
+    torch._check(input.dim() == 3, lambda: "cross_entropy ops take input (N, C, D)")
+    loss, lse = _ce_outputs(input, reduction)
+    return loss, lse, _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
+
+
+@register_fake("torch_losses::cross_entropy_fwd_inplace")
+def _cross_entropy_fwd_inplace_fake(input, target, weight, ignore_index, label_smoothing,
+                                    reduction):
+    return _ce_outputs(input, reduction)
+
+
+@register_fake("torch_losses::cross_entropy_bwd")
+def _cross_entropy_bwd_fake(grad_output, input, target, weight, lse, ignore_index,
+                            label_smoothing, reduction, input_grad, target_grad):
+    return _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
+
+
+@register_fake("torch_losses::scale_grad_")
+def _scale_grad_fake(grad, grad_output):
+    return None
