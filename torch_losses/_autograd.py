@@ -267,6 +267,8 @@ class CrossEntropyFunction(Function):
         if ctx.inplace:
             loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red)
+            # Tell autograd: any other node that saved these logits now raises in backward.
+            torch.autograd.graph.increment_version(input)
             grad_input, grad_target = x, None
             ctx.save_for_backward(None, target, weight, lse)  # input now holds its gradient
         else:

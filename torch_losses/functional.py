@@ -50,11 +50,15 @@ def _check_same_device(*tensors):
 
 
 def _promote(input, target, name):
-    dtype = torch.result_type(input, target)
+    dtype = torch.promote_types(input.dtype, target.dtype)
     if not dtype.is_floating_point:
         raise RuntimeError(f"{name}: expected floating point input and target, got "
                            f"{input.dtype} and {target.dtype}")
-    return input.to(dtype), target.to(dtype)
+    if input.dtype != dtype:
+        input = input.to(dtype)
+    if target.dtype != dtype:
+        target = target.to(dtype)
+    return input, target
 
 
 def _warn_size_mismatch(input, target):
