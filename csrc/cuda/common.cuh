@@ -1,0 +1,168 @@
+// Device helpers shared by the torch_losses CUDA kernels (torch-free: CUDA headers only).
+#pragma once
+
+#include <assert.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launchers.h"
+
+namespace torch_losses {
+namespace cuda {
+
+// A device-side assert that is not compiled out by NDEBUG (as torch's CUDA_KERNEL_ASSERT): the
+// message names the failed check; the kernel stops and the next CUDA call reports
+// "device-side assert triggered".
+#define TL_DEVICE_ASSERT(cond, msg)                      \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      __assert_fail(msg, __FILE__, __LINE__, __func__);  \
+    }                                                    \
+  } while (0)
+
+// ---- conversions ----------------------------------------------------------------------------
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- 16-byte vectors ------------------------------------------------------------------------
+template <typename T>
+struct VecTraits {
+  static constexpr int kVec = 16 / sizeof(T);
+};
+
+template <typename T>
+struct alignas(16) Vec {
+  T v[VecTraits<T>::kVec];
+};
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// ---- block reductions (fixed order: deterministic) ------------------------------------------
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; the result is valid in thread 0. blockDim.x a multiple of 32, <= 1024.
+// Ends with a __syncthreads-free path for thread 0; callers that reuse `smem` must sync.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* smem /* >= 32 */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x >> 5;
+  if (warp == 0) {
+    v = lane < nwarps ? smem[lane] : A(0);
+    v = warp_sum(v);
+  }
+  return v;
+}
+
+// ---- deterministic two-stage sums -----------------------------------------------------------
+template <typename A>
+struct ArrayLoad {
+  const A* p;
+  __device__ __forceinline__ A operator()(int64_t i) const { return p[i]; }
+};
+
+constexpr int kReduceThreads = 256;
+static_assert(kReduceChunk % kReduceThreads == 0, "chunk must be a multiple of the block");
+
+// Stage 1: partials[k] = sum of load(i) over chunk k, in a fixed order.
+template <typename A, typename Load>
+__global__ void __launch_bounds__(kReduceThreads)
+    chunk_sum_kernel(Load load, int64_t n, int64_t num_chunks, A* __restrict__ partials) {
+  __shared__ A smem[32];
+  for (int64_t k = blockIdx.x; k < num_chunks; k += gridDim.x) {
+    const int64_t base = k * kReduceChunk;
+    A s = 0;
+#pragma unroll 4
+    for (int j = 0; j < kReduceChunk / kReduceThreads; ++j) {
+      const int64_t i = base + int64_t(j) * kReduceThreads + threadIdx.x;
+      if (i < n) s += load(i);
+    }
+    s = block_sum(s, smem);
+    if (threadIdx.x == 0) partials[k] = s;
+  }
+}
+
+// Stage 2 (one block): total = sum of load(i), i < n, in a fixed order; writes
+// total / denom (denom read from *denom_ptr when given) to out (as T) and/or out_acc.
+constexpr int kFinalThreads = 1024;
+template <typename A, typename T, typename Load>
+__global__ void __launch_bounds__(kFinalThreads)
+    final_sum_kernel(Load load, int64_t n, const A* denom_ptr, A denom, T* out, A* out_acc) {
+  __shared__ A smem[32];
+  A s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kFinalThreads) s += load(i);
+  s = block_sum(s, smem);
+  if (threadIdx.x == 0) {
+    const A d = denom_ptr != nullptr ? *denom_ptr : denom;
+    const A r = s / d;
+    if (out != nullptr) *out = from_acc<T>(r);
+    if (out_acc != nullptr) *out_acc = r;
+  }
+}
+
+inline int num_sms() {
+  static int cache[128] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 128) dev = 0;
+  if (cache[dev] == 0) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+    cache[dev] = v > 0 ? v : 108;
+  }
+  return cache[dev];
+}
+
+// sum over i < n of load(i), divided by denom (or *denom_ptr); written to out / out_acc.
+// partials: reduce_num_chunks(n) values of scratch (used only for large n).
+template <typename A, typename T, typename Load>
+void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A denom, T* out,
+                       A* out_acc, cudaStream_t stream) {
+  if (n <= 16 * kReduceChunk) {
+    final_sum_kernel<A, T, Load><<<1, kFinalThreads, 0, stream>>>(load, n, denom_ptr, denom, out,
+                                                                 out_acc);
+    return;
+  }
+  const int64_t chunks = reduce_num_chunks(n);
+  const int64_t grid = chunks < int64_t(num_sms()) * 8 ? chunks : int64_t(num_sms()) * 8;
+  chunk_sum_kernel<A, Load><<<unsigned(grid), kReduceThreads, 0, stream>>>(load, n, chunks,
+                                                                         partials);
+  final_sum_kernel<A, T, ArrayLoad<A>><<<1, kFinalThreads, 0, stream>>>(
+      ArrayLoad<A>{partials}, chunks, denom_ptr, denom, out, out_acc);
+}
+
+inline unsigned grid_for(int64_t blocks, int64_t cap) {
+  if (blocks < 1) blocks = 1;
+  return unsigned(blocks < cap ? blocks : cap);
+}
+
+}  // namespace cuda
+}  // namespace torch_losses

@@ -1,0 +1,123 @@
+// The CUDA kernels' entry points: plain pointers, int64 sizes and a stream, nothing from torch.
+// csrc/ops_cuda.cpp (compiled by the host compiler, with torch) allocates and dispatches; the
+// csrc/cuda/*.cu files (compiled by nvcc, without torch) define and explicitly instantiate these
+// launchers for T = double, float, __half, __nv_bfloat16.
+//
+// Every launcher only enqueues kernels on `stream`: no host synchronization, no allocation, so
+// they can be captured in CUDA graphs. Scratch buffers are passed in by the caller, sized by the
+// inline functions below. All reductions are deterministic: fixed-size chunks whose partial sums
+// do not depend on the grid size, then a second kernel that adds them in a fixed order.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace torch_losses {
+namespace cuda {
+
+// Accumulation type: double for double, float otherwise.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic sums: elements are grouped in chunks of kReduceChunk; each chunk's partial sum
+// has a fixed order, and the partials are added by one block in a fixed order.
+constexpr int64_t kReduceChunk = 4096;
+inline int64_t reduce_num_chunks(int64_t n) { return (n + kReduceChunk - 1) / kReduceChunk; }
+
+// ---------------------------------------------------------------------------------------------
+// Pointwise losses.
+enum class PointwiseKind : int {
+  BCEWithLogits,
+  Huber,
+  SmoothL1,
+  MSE,
+  L1,
+  BCE,
+  Hinge,
+  KLDiv,
+  KLDivLogTarget,
+};
+
+// Elements handled by one reduction chunk of the pointwise kernel (16-byte vectors, 256
+// threads, 4 vectors per thread): the partial sums depend on this only.
+template <typename T>
+constexpr int64_t pointwise_chunk() {
+  return int64_t(256) * (16 / int64_t(sizeof(T))) * 4;
+}
+template <typename T>
+inline int64_t pointwise_num_partials(int64_t n) {
+  return (n + pointwise_chunk<T>() - 1) / pointwise_chunk<T>();
+}
+
+template <typename T>
+struct PointwiseArgs {
+  const T* input = nullptr;
+  const T* target = nullptr;
+  const T* weight = nullptr;       // element weight or nullptr (1)
+  const T* aux = nullptr;          // pos_weight or nullptr (1)
+  const T* grad_output = nullptr;  // backward: scalar (grad_output_scalar) or per element
+  bool grad_output_scalar = false;
+  T* loss = nullptr;         // forward: n elements (reduction none) or 1 (mean/sum); else null
+  T* grad_input = nullptr;   // nullptr when not wanted
+  T* grad_target = nullptr;  // nullptr when not wanted
+  acc_t<T>* partials = nullptr;  // pointwise_num_partials<T>(n) values, for mean/sum forwards
+  int64_t n = 0;
+  double param = 0;
+  int reduction = 1;  // 0 none, 1 mean, 2 sum
+};
+
+template <PointwiseKind K, typename T>
+void launch_pointwise(const PointwiseArgs<T>& args, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over input (N, C, D): element (n, c, d) at n*C*D + c*D + d; a "row" is (n, d).
+template <typename T>
+struct CrossEntropyArgs {
+  const T* input = nullptr;
+  const int64_t* target_index = nullptr;  // (N, D) class indices, or
+  const T* target_prob = nullptr;         // (N, C, D) probabilities
+  const acc_t<T>* weight = nullptr;       // (C) or nullptr
+  const T* grad_output = nullptr;         // backward: scalar (grad_output_scalar) or (N, D)
+  bool grad_output_scalar = false;
+  T* loss = nullptr;                       // forward: (N, D) for none, 1 for mean/sum
+  acc_t<T>* lse = nullptr;                 // (N, D): written by the forward, read by the backward
+  T* grad_input = nullptr;                 // may alias input (in-place forward)
+  T* grad_target = nullptr;
+  // Scratch, sized by ce_scratch_size(): row losses, reduction partials and device scalars.
+  acc_t<T>* scratch = nullptr;
+  int64_t N = 0, C = 0, D = 0;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0;
+  int reduction = 1;
+};
+
+// Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows.
+inline int64_t ce_scratch_size(int64_t rows) {
+  // [0, 4): device scalars (W, sum of class weights); then one loss per row; then partials.
+  return 4 + rows + reduce_num_chunks(rows);
+}
+
+template <typename T>
+void launch_cross_entropy(const CrossEntropyArgs<T>& args, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// grad *= grad_output in place. mode 0: grad_output is a scalar (nothing is done when it equals
+// 1, read on the device); mode 1: per element; mode 2: grad is (N, C, D) and grad_output (N, D).
+template <typename T>
+void launch_scale_grad(T* grad, const T* grad_output, int mode, int64_t numel, int64_t N,
+                       int64_t C, int64_t D, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace torch_losses
