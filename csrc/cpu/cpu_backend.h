@@ -12,6 +12,10 @@ struct CpuBackend {
   static void scale_grad(at::Tensor& grad, const at::Tensor& grad_output);  // register_cpu.cpp
 };
 
+// Large fresh outputs are faulted in page by page on first write; on Linux ask for transparent
+// huge pages (before the first touch), which cuts that cost several-fold. Advisory only.
+void advise_huge_pages(const at::Tensor& t);
+
 // Work units of the CPU kernels: fixed sizes, so that results do not depend on the thread count.
 constexpr int64_t kCpuChunk = 2048;
 

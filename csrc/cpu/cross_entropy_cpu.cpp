@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/cpu_backend.h"
+#include "cpu/vec_math.h"
 
 namespace torch_losses {
 namespace {
@@ -121,7 +122,7 @@ void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C, ac
   const Vec lse_v(lse), a_v(a), b_v(b);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = a_v * (Vec::loadu(x + i) - lse_v).exp();
+    Vec gv = a_v * Math<Vec>::fast_exp(Vec::loadu(x + i) - lse_v);
     if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
     else if (b != 0) gv = gv - b_v;
     gv.store(grad + i);
@@ -143,7 +144,7 @@ void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, a
     const Vec wv = w ? Vec::loadu(w + i) : Vec(1);
     if (gx) {
       const Vec tv = Vec::loadu(t + i) * keep_v + spread_v;
-      (a_v * (xv - lse_v).exp() - s_v * wv * tv).store(gx + i);
+      (a_v * Math<Vec>::fast_exp(xv - lse_v) - s_v * wv * tv).store(gx + i);
     }
     if (gt) (gt_v * wv * (lse_v - xv)).store(gt + i);
   }
@@ -162,7 +163,7 @@ const acc_t* load_row(const scalar_t* base, int64_t C, int64_t D, acc_t* buffer)
     if (D == 1) return base;
   }
   if (D == 1) {
-    at::vec::convert(base, buffer, C);
+    convert_to_acc(base, buffer, C);
   } else {
     for (int64_t c = 0; c < C; ++c) buffer[c] = static_cast<acc_t>(base[c * D]);
   }
@@ -229,6 +230,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   if (p.grad_output.defined() && !per_row_g) {
     scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
   }
+
+  if (p.grad_input.defined() && !p.grad_input.is_same(p.input)) advise_huge_pages(p.grad_input);
+  advise_huge_pages(p.grad_target);
 
   std::vector<acc_t> row_loss(forward ? rows : 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));

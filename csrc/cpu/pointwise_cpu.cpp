@@ -21,7 +21,7 @@ const acc_t* load_chunk(const scalar_t* src, acc_t* buffer, int64_t len) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     return src;
   } else {
-    at::vec::convert(src, buffer, len);
+    convert_to_acc(src, buffer, len);
     return buffer;
   }
 }
@@ -75,6 +75,10 @@ void pointwise_kernel(const PointwiseProblem& p) {
     scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
   }
 
+  advise_huge_pages(p.grad_input);
+  advise_huge_pages(p.grad_target);
+  if (loss_none) advise_huge_pages(p.loss);
+
   const Loss<acc_t> fs(p.param);
   const Loss<Vec> fv(p.param);
   const int64_t chunks = (n + kCpuChunk - 1) / kCpuChunk;
@@ -103,14 +107,15 @@ void pointwise_kernel(const PointwiseProblem& p) {
         const Vec xv = Vec::loadu(xc + i), yv = Vec::loadu(yc + i);
         const Vec av = ac ? Vec::loadu(ac + i) : one;
         const Vec wv = wc ? Vec::loadu(wc + i) : one;
+        const Vec sv = fv.shared(xv, yv);
         if (lc || reduce) {
-          const Vec l = wv * fv.value(xv, yv, av);
+          const Vec l = wv * fv.value(xv, yv, av, sv);
           if (lc) l.store(lc + i);
           sum = sum + l;
         }
         const Vec s = gc ? wv * scale_v * Vec::loadu(gc + i) : wv * scale_v;
-        if (gxc) (s * fv.grad_input(xv, yv, av)).store(gxc + i);
-        if (gyc) (s * fv.grad_target(xv, yv, av)).store(gyc + i);
+        if (gxc) (s * fv.grad_input(xv, yv, av, sv)).store(gxc + i);
+        if (gyc) (s * fv.grad_target(xv, yv, av, sv)).store(gyc + i);
         if constexpr (Loss<acc_t>::kChecksDomain) bad = bad | fv.invalid(xv, yv);
       }
       acc_t lanes[kLanes];
@@ -126,14 +131,15 @@ void pointwise_kernel(const PointwiseProblem& p) {
         const acc_t xs = xc[i], ys = yc[i];
         const acc_t as = ac ? ac[i] : acc_t(1);
         const acc_t ws = wc ? wc[i] : acc_t(1);
+        const acc_t ss = fs.shared(xs, ys);
         if (lc || reduce) {
-          const acc_t l = ws * fs.value(xs, ys, as);
+          const acc_t l = ws * fs.value(xs, ys, as, ss);
           if (lc) lc[i] = l;
           chunk_sum += l;
         }
         const acc_t s = gc ? ws * scale * gc[i] : ws * scale;
-        if (gxc) gxc[i] = s * fs.grad_input(xs, ys, as);
-        if (gyc) gyc[i] = s * fs.grad_target(xs, ys, as);
+        if (gxc) gxc[i] = s * fs.grad_input(xs, ys, as, ss);
+        if (gyc) gyc[i] = s * fs.grad_target(xs, ys, as, ss);
         if constexpr (Loss<acc_t>::kChecksDomain) chunk_bad |= fs.invalid(xs, ys) != acc_t(0);
       }
       if (lc) finish_store(loss_none + begin, lc, len);

@@ -2,12 +2,14 @@
 // double (CPU scalar code and CUDA), or an at::vec::Vectorized of them (CPU vector code).
 //
 // Every functor has
-//   value(x, y, a)        the unweighted, unreduced loss of one element
-//   grad_input(x, y, a)   d value / d x
-//   grad_target(x, y, a)  d value / d y
-// where x is the input, y the target and a the per-element auxiliary weight (pos_weight for
-// BCE-with-logits; 1 for the others). A functor that restricts its inputs sets kChecksDomain and
-// gives invalid(x, y), true where an element is outside the domain, and kDomainError.
+//   shared(x, y)             a term the three below share, computed once per element
+//   value(x, y, a, s)        the unweighted, unreduced loss of one element
+//   grad_input(x, y, a, s)   d value / d x
+//   grad_target(x, y, a, s)  d value / d y
+// where x is the input, y the target, a the per-element auxiliary weight (pos_weight for
+// BCE-with-logits; 1 for the others) and s = shared(x, y). A functor that restricts its inputs
+// sets kChecksDomain and gives invalid(x, y), true where an element is outside the domain, and
+// kDomainError.
 // The generic kernels apply the element weight, the reduction and grad_output.
 #pragma once
 
@@ -29,19 +31,16 @@ struct BCEWithLogits : NoDomainCheck {
   explicit TL_HD BCEWithLogits(double = 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
-  TL_HD T value(T x, T y, T a) const {
-    T e = M::exp(-M::abs(x));
+  TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
+  TL_HD T value(T x, T y, T a, T e) const {
     return (T(1) - y) * x - (T(1) + (a - T(1)) * y) * log_sigmoid(x, e);
   }
-  TL_HD T grad_input(T x, T y, T a) const {
-    T e = M::exp(-M::abs(x));
-    T sigmoid = M::where(x >= T(0), T(1) / (T(1) + e), e / (T(1) + e));
+  TL_HD T grad_input(T x, T y, T a, T e) const {
+    T r = T(1) / (T(1) + e);
+    T sigmoid = M::where(x >= T(0), r, e * r);
     return (T(1) + (a - T(1)) * y) * sigmoid - a * y;
   }
-  TL_HD T grad_target(T x, T, T a) const {
-    T e = M::exp(-M::abs(x));
-    return -x - (a - T(1)) * log_sigmoid(x, e);
-  }
+  TL_HD T grad_target(T x, T, T a, T e) const { return -x - (a - T(1)) * log_sigmoid(x, e); }
 };
 
 // huber_loss: 0.5 z^2 if |z| < delta else delta (|z| - 0.5 delta), z = x - y.
@@ -50,17 +49,16 @@ struct Huber : NoDomainCheck {
   using M = Math<T>;
   T delta;
   explicit TL_HD Huber(double delta_) : delta(T(delta_)) {}
-  TL_HD T value(T x, T y, T) const {
-    T z = x - y;
+  TL_HD T shared(T x, T y) const { return x - y; }
+  TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
     return M::where(az < delta, T(0.5) * z * z, delta * (az - T(0.5) * delta));
   }
   // clamp(z, -delta, delta), NaN passing through as in torch.
-  TL_HD T grad_input(T x, T y, T) const {
-    T z = x - y;
+  TL_HD T grad_input(T, T, T, T z) const {
     return M::where(z < -delta, -delta, M::where(z > delta, delta, z));
   }
-  TL_HD T grad_target(T x, T y, T a) const { return -grad_input(x, y, a); }
+  TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
 
 // smooth_l1_loss: 0.5 z^2 / beta if |z| < beta else |z| - 0.5 beta; beta = 0 is l1.
@@ -69,26 +67,26 @@ struct SmoothL1 : NoDomainCheck {
   using M = Math<T>;
   T beta;
   explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
-  TL_HD T value(T x, T y, T) const {
-    T z = x - y;
+  TL_HD T shared(T x, T y) const { return x - y; }
+  TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
     return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
   }
-  TL_HD T grad_input(T x, T y, T) const {
-    T z = x - y;
+  TL_HD T grad_input(T, T, T, T z) const {
     // For beta = 0 the middle branch is never taken: sign(z), 0 at z = 0 as torch's l1.
     return M::where(z < -beta, T(-1), M::where(z > beta, T(1), M::where(z == T(0), T(0), z / beta)));
   }
-  TL_HD T grad_target(T x, T y, T a) const { return -grad_input(x, y, a); }
+  TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
 
 // mse_loss: z^2 (no 1/2 factor, as torch).
 template <typename T>
 struct MSE : NoDomainCheck {
   explicit TL_HD MSE(double = 0) {}
-  TL_HD T value(T x, T y, T) const { return (x - y) * (x - y); }
-  TL_HD T grad_input(T x, T y, T) const { return T(2) * (x - y); }
-  TL_HD T grad_target(T x, T y, T) const { return T(-2) * (x - y); }
+  TL_HD T shared(T x, T y) const { return x - y; }
+  TL_HD T value(T, T, T, T z) const { return z * z; }
+  TL_HD T grad_input(T, T, T, T z) const { return T(2) * z; }
+  TL_HD T grad_target(T, T, T, T z) const { return T(-2) * z; }
 };
 
 // l1_loss: |z|; the subgradient at z = 0 is 0 (torch's sign).
@@ -97,9 +95,10 @@ struct L1 : NoDomainCheck {
   using M = Math<T>;
   explicit TL_HD L1(double = 0) {}
   TL_HD static T sign(T z) { return M::where(z > T(0), T(1), M::where(z < T(0), T(-1), T(0))); }
-  TL_HD T value(T x, T y, T) const { return M::abs(x - y); }
-  TL_HD T grad_input(T x, T y, T) const { return sign(x - y); }
-  TL_HD T grad_target(T x, T y, T) const { return -sign(x - y); }
+  TL_HD T shared(T x, T y) const { return x - y; }
+  TL_HD T value(T, T, T, T z) const { return M::abs(z); }
+  TL_HD T grad_input(T, T, T, T z) const { return sign(z); }
+  TL_HD T grad_target(T, T, T, T z) const { return -sign(z); }
 };
 
 // binary_cross_entropy on probabilities: -(y max(log x, -100) + (1 - y) max(log(1 - x), -100)).
@@ -114,15 +113,16 @@ struct BCE {
   TL_HD T invalid(T x, T y) const {
     return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1));
   }
-  TL_HD T value(T x, T y, T) const {
-    return (y - T(1)) * clamp_log(M::log1p(-x)) - y * clamp_log(M::log(x));
+  TL_HD T shared(T x, T) const { return M::log1p(-x); }  // log(1 - x)
+  TL_HD T value(T x, T y, T, T log1m) const {
+    return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log(x));
   }
-  TL_HD T grad_input(T x, T y, T) const {
+  TL_HD T grad_input(T x, T y, T, T) const {
     T d = x * (T(1) - x);
     return (x - y) / M::where(d < T(1e-12), T(1e-12), d);
   }
   // -logit(x), as torch (not clamped).
-  TL_HD T grad_target(T x, T, T) const { return M::log1p(-x) - M::log(x); }
+  TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
 };
 
 // Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. At the kink (margin - y x = 0) the
@@ -135,12 +135,10 @@ struct Hinge {
   T margin;
   explicit TL_HD Hinge(double margin_) : margin(T(margin_)) {}
   TL_HD T invalid(T, T y) const { return (y != T(1)) & (y != T(-1)); }
-  TL_HD T value(T x, T y, T) const {
-    T v = margin - y * x;
-    return M::where(v < T(0), T(0), v);  // NaN propagates
-  }
-  TL_HD T grad_input(T x, T y, T) const { return M::where(margin - y * x >= T(0), -y, T(0)); }
-  TL_HD T grad_target(T x, T y, T) const { return M::where(margin - y * x >= T(0), -x, T(0)); }
+  TL_HD T shared(T x, T y) const { return margin - y * x; }
+  TL_HD T value(T, T, T, T v) const { return M::where(v < T(0), T(0), v); }  // NaN propagates
+  TL_HD T grad_input(T, T y, T, T v) const { return M::where(v >= T(0), -y, T(0)); }
+  TL_HD T grad_target(T x, T, T, T v) const { return M::where(v >= T(0), -x, T(0)); }
 };
 
 // kl_div with probability targets: xlogy(y, y) - y x. At y = 0 torch's target gradient is nan
@@ -149,12 +147,11 @@ template <typename T>
 struct KLDiv : NoDomainCheck {
   using M = Math<T>;
   explicit TL_HD KLDiv(double = 0) {}
-  TL_HD static T xlogx(T y) { return M::where(y == T(0), T(0), y * M::log(y)); }
-  TL_HD T value(T x, T y, T) const { return xlogx(y) - y * x; }
-  TL_HD T grad_input(T, T y, T) const { return -y; }
-  TL_HD T grad_target(T x, T y, T) const {
-    return M::where(y == T(0), T(0), M::log(y)) + y / y - x;
-  }
+  // log(y), 0 where y == 0 (xlogy's convention)
+  TL_HD T shared(T, T y) const { return M::where(y == T(0), T(0), M::log(y)); }
+  TL_HD T value(T x, T y, T, T log_y) const { return y * log_y - y * x; }
+  TL_HD T grad_input(T, T y, T, T) const { return -y; }
+  TL_HD T grad_target(T x, T y, T, T log_y) const { return log_y + y / y - x; }
 };
 
 // kl_div with log-probability targets: exp(y) (y - x).
@@ -162,9 +159,10 @@ template <typename T>
 struct KLDivLogTarget : NoDomainCheck {
   using M = Math<T>;
   explicit TL_HD KLDivLogTarget(double = 0) {}
-  TL_HD T value(T x, T y, T) const { return M::exp(y) * (y - x); }
-  TL_HD T grad_input(T, T y, T) const { return -M::exp(y); }
-  TL_HD T grad_target(T x, T y, T) const { return M::exp(y) * (y - x + T(1)); }
+  TL_HD T shared(T, T y) const { return M::exp(y); }
+  TL_HD T value(T x, T y, T, T exp_y) const { return exp_y * (y - x); }
+  TL_HD T grad_input(T, T, T, T exp_y) const { return -exp_y; }
+  TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x + T(1)); }
 };
 
 }  // namespace torch_losses
