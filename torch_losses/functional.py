@@ -18,6 +18,7 @@ from ._autograd import (
     L1Function,
     MSEFunction,
     SmoothL1Function,
+    _reduce,
     reduction_enum,
 )
 
@@ -81,14 +82,6 @@ def _check_not_differentiable(tensor, fn, argument):
     if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"The function '{fn}' is not differentiable with respect to argument "
                            f"'{argument}'. This input cannot have requires_grad True.")
-
-
-def _reduce(loss, reduction):
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    return loss
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
