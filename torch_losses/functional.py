@@ -62,6 +62,17 @@ def _promote(input, target, name):
     return input, target
 
 
+def _check_no_integral(name, *tensors):
+    if any(not t.is_floating_point() for t in tensors):
+        raise RuntimeError(f"{name}: Integral inputs not supported.")
+
+
+def _check_no_bool(name, *tensors):
+    if any(t.dtype == torch.bool for t in tensors):
+        raise RuntimeError(f"{name}: boolean tensors are not supported (torch cannot subtract "
+                           "them either)")
+
+
 def _warn_size_mismatch(input, target):
     if target.size() != input.size():
         warnings.warn(
@@ -149,12 +160,20 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     _check_same_device(input, target, weight, pos_weight)
     _check_not_differentiable(weight, "binary_cross_entropy_with_logits", "weight")
     _check_not_differentiable(pos_weight, "binary_cross_entropy_with_logits", "pos_weight")
+    if not input.is_floating_point():
+        raise NotImplementedError("binary_cross_entropy_with_logits: input must be floating "
+                                  f"point, got {input.dtype}")
+    if not target.is_floating_point():
+        raise RuntimeError("binary_cross_entropy_with_logits: target must be floating point, "
+                           f"got {target.dtype}")
+    result_dtype = target.dtype  # torch's result takes the target's dtype
     input, target = _promote(input, target, "binary_cross_entropy_with_logits")
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     if pos_weight is not None:
         pos_weight = pos_weight.to(input.dtype).expand(input.shape)
-    return BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    loss = BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    return loss if loss.dtype == result_dtype else loss.to(result_dtype)
 
 
 def _elementwise_weighted(function, input, target, weight, scalars, reduction, mean_by_weight):
@@ -181,6 +200,9 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
     reduction_enum(reduction)
     _check_same_device(input, target, weight)
+    if not input.is_floating_point():
+        raise RuntimeError(f"huber_loss: expected floating point input, got {input.dtype}")
+    target = target.to(input.dtype)  # torch's result takes the input's dtype
     if weight is not None:
         return _elementwise_weighted(HuberFunction, input, target, weight, (float(delta),),
                                      reduction, mean_by_weight=False)
@@ -203,6 +225,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
     """torch.nn.functional.l1_loss, fused."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
+    _check_no_bool("l1_loss", input, target)
     if weight is not None:
         return _elementwise_weighted(L1Function, input, target, weight, (), reduction,
                                      mean_by_weight=True)
@@ -231,7 +254,9 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
                          "size.")
     _check_same_device(input, target, weight)
     _check_not_differentiable(weight, "binary_cross_entropy", "weight")
-    input, target = _promote(input, target, "binary_cross_entropy")
+    if target.dtype != input.dtype or not input.is_floating_point():
+        raise RuntimeError(f"binary_cross_entropy: Found dtype {target.dtype} but expected "
+                           f"{input.dtype} (input and target must share a floating dtype)")
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     return BCEFunction.apply(input, target, weight, reduction)
@@ -240,6 +265,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
     """torch.nn.functional.kl_div (input: log-probabilities), fused; 'batchmean' divides the
     sum by input.size(0)."""
+    _check_no_integral("kl_div", input, target)
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     elif reduction == "mean":

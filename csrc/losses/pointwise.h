@@ -25,22 +25,28 @@ struct NoDomainCheck {
 };
 
 // binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight.
+// The pos_weight terms are skipped where a == 1, as torch does without pos_weight (so that an
+// infinite target gives torch's inf, not 0 * inf).
 template <typename T>
 struct BCEWithLogits : NoDomainCheck {
   using M = Math<T>;
   explicit TL_HD BCEWithLogits(double = 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
+  TL_HD static T pos_weight_term(T a, T v) { return M::where(a == T(1), T(0), (a - T(1)) * v); }
   TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
   TL_HD T value(T x, T y, T a, T e) const {
-    return (T(1) - y) * x - (T(1) + (a - T(1)) * y) * log_sigmoid(x, e);
+    T ls = log_sigmoid(x, e);
+    return (T(1) - y) * x - ls - pos_weight_term(a, y * ls);
   }
   TL_HD T grad_input(T x, T y, T a, T e) const {
     T r = T(1) / (T(1) + e);
     T sigmoid = M::where(x >= T(0), r, e * r);
-    return (T(1) + (a - T(1)) * y) * sigmoid - a * y;
+    return M::where(a == T(1), sigmoid - y, (a * y + T(1) - y) * sigmoid - a * y);
   }
-  TL_HD T grad_target(T x, T, T a, T e) const { return -x - (a - T(1)) * log_sigmoid(x, e); }
+  TL_HD T grad_target(T x, T, T a, T e) const {
+    return -x - pos_weight_term(a, log_sigmoid(x, e));
+  }
 };
 
 // huber_loss: 0.5 z^2 if |z| < delta else delta (|z| - 0.5 delta), z = x - y.
