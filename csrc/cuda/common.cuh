@@ -141,6 +141,19 @@ inline int num_sms() {
   return cache[dev];
 }
 
+inline int64_t l2_bytes() {
+  static int64_t cache[128] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 128) dev = 0;
+  if (cache[dev] == 0) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev);
+    cache[dev] = v > 0 ? v : (40 << 20);
+  }
+  return cache[dev];
+}
+
 // sum over i < n of load(i), divided by denom (or *denom_ptr); written to out / out_acc.
 // partials: reduce_num_chunks(n) values of scratch (used only for large n).
 template <typename A, typename T, typename Load>

@@ -11,6 +11,7 @@
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
 //    main kernel so the fused gradient can use 1/W without a host sync), the class-weight sum and
 //    the reduction of the per-row losses.
+#include <algorithm>
 #include <cstring>
 
 #include "cuda/common.cuh"
@@ -490,7 +491,12 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
-      const unsigned grid = grid_for(P.rows, sms * (2048 / threads) * 2);
+      // Rows in flight at once = grid (grid-stride loop). Pass 2 re-reads a row from L2 only if
+      // the rows in flight fit in it: cap the grid at ~60% of L2 / row bytes (but >= 1 per SM).
+      const int64_t row_bytes = a.C * int64_t(sizeof(T)) * (kProb ? 2 : 1);
+      int64_t cap = sms * (2048 / threads);
+      cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
+      const unsigned grid = grid_for(P.rows, cap);
       if (vec) ce_row_kernel<T, kProb, true, 0><<<grid, threads, 0, stream>>>(P);
       else ce_row_kernel<T, kProb, false, 0><<<grid, threads, 0, stream>>>(P);
     }

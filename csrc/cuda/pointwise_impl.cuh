@@ -49,23 +49,26 @@ __device__ __forceinline__ acc_t<T> pw_element(const Loss& f, const PointwiseArg
   if (Loss::kChecksDomain) {
     TL_DEVICE_ASSERT(!(f.invalid(x, y) != A(0)), Loss::kDomainError);
   }
+  const A sh = f.shared(x, y);
   A l = 0;
   if (want_loss) {
-    l = w * f.value(x, y, av);
+    l = w * f.value(x, y, av, sh);
     if (loss_elem) a.loss[i] = from_acc<T>(l);
   }
-  if (a.grad_input != nullptr) a.grad_input[i] = from_acc<T>(w * f.grad_input(x, y, av) * gfac);
+  if (a.grad_input != nullptr) {
+    a.grad_input[i] = from_acc<T>(w * f.grad_input(x, y, av, sh) * gfac);
+  }
   if (a.grad_target != nullptr) {
-    a.grad_target[i] = from_acc<T>(w * f.grad_target(x, y, av) * gfac);
+    a.grad_target[i] = from_acc<T>(w * f.grad_target(x, y, av, sh) * gfac);
   }
   return l;
 }
 
-// kVec: every pointer is 16-byte aligned, so whole vectors are loaded and stored with one
+// kVecPath: every pointer is 16-byte aligned, so whole vectors are loaded and stored with one
 // instruction. Both paths use the same element-to-thread map and summation order: thread t of
 // the block handles, in chunk k, the elements k*CH + (u*256 + t)*V + v for u < 4, v < V.
 template <typename Loss, typename T, bool kVecPath>
-__global__ void __launch_bounds__(kPwThreads) pointwise_kernel(const PwParams<T> P) {
+__global__ void __launch_bounds__(kPwThreads, 3) pointwise_kernel(const PwParams<T> P) {
   using A = acc_t<T>;
   constexpr int V = VecTraits<T>::kVec;
   constexpr int64_t CH = int64_t(kPwThreads) * V * kPwUnroll;
@@ -93,41 +96,38 @@ __global__ void __launch_bounds__(kPwThreads) pointwise_kernel(const PwParams<T>
     const int64_t base = k * CH;
     A sum = 0;
     if (kVecPath) {
-      Vec<T> xv[kPwUnroll], yv[kPwUnroll];
-      // All loads of the two main streams first (memory-level parallelism).
-#pragma unroll
+      // One vector of each stream at a time: the register budget (launch bounds: 80) keeps 3 blocks
+      // of 256 threads per SM, whose loads in flight cover the memory latency.
+#pragma unroll 1
       for (int u = 0; u < kPwUnroll; ++u) {
         const int64_t i0 = base + (int64_t(u) * kPwThreads + threadIdx.x) * V;
         if (i0 + V <= n) {
-          xv[u] = *reinterpret_cast<const Vec<T>*>(xp + i0);
-          yv[u] = *reinterpret_cast<const Vec<T>*>(yp + i0);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kPwUnroll; ++u) {
-        const int64_t i0 = base + (int64_t(u) * kPwThreads + threadIdx.x) * V;
-        if (i0 + V <= n) {
+          const Vec<T> xu = *reinterpret_cast<const Vec<T>*>(xp + i0);
+          const Vec<T> yu = *reinterpret_cast<const Vec<T>*>(yp + i0);
           Vec<T> wv, av, gv, lv, giv, gtv;
           if (wp != nullptr) wv = *reinterpret_cast<const Vec<T>*>(wp + i0);
           if (ap != nullptr) av = *reinterpret_cast<const Vec<T>*>(ap + i0);
           if (g_elem) gv = *reinterpret_cast<const Vec<T>*>(gp + i0);
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            const A x = to_acc(xv[u].v[v]), y = to_acc(yv[u].v[v]);
+            const A x = to_acc(xu.v[v]), y = to_acc(yu.v[v]);
             const A w = wp != nullptr ? to_acc(wv.v[v]) : A(1);
             const A aux = ap != nullptr ? to_acc(av.v[v]) : A(1);
             const A gfac = g_elem ? gscale * to_acc(gv.v[v]) : gscale;
             if (Loss::kChecksDomain) {
               TL_DEVICE_ASSERT(!(f.invalid(x, y) != A(0)), Loss::kDomainError);
             }
+            const A sh = f.shared(x, y);
             if (want_loss) {
-              const A l = w * f.value(x, y, aux);
+              const A l = w * f.value(x, y, aux, sh);
               lv.v[v] = from_acc<T>(l);
               sum += l;
             }
-            if (a.grad_input != nullptr) giv.v[v] = from_acc<T>(w * f.grad_input(x, y, aux) * gfac);
+            if (a.grad_input != nullptr) {
+              giv.v[v] = from_acc<T>(w * f.grad_input(x, y, aux, sh) * gfac);
+            }
             if (a.grad_target != nullptr) {
-              gtv.v[v] = from_acc<T>(w * f.grad_target(x, y, aux) * gfac);
+              gtv.v[v] = from_acc<T>(w * f.grad_target(x, y, aux, sh) * gfac);
             }
           }
           if (loss_elem) *reinterpret_cast<Vec<T>*>(a.loss + i0) = lv;
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kPwThreads) pointwise_kernel(const PwParams<T>
         }
       }
     } else {
-#pragma unroll
+#pragma unroll 1
       for (int u = 0; u < kPwUnroll; ++u) {
         const int64_t i0 = base + (int64_t(u) * kPwThreads + threadIdx.x) * V;
 #pragma unroll
