@@ -79,7 +79,8 @@ def cuda_arch_list():
 
 
 sources = [os.path.join("csrc", "torch_losses.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17"] + cpu_isa_flags()
+# No -std: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20).
+cxx_flags = ["-O3"] + cpu_isa_flags()
 include_dirs = [os.path.join(HERE, "csrc")]
 
 if with_cuda:
@@ -91,7 +92,7 @@ if with_cuda:
         include_dirs=include_dirs,
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            "nvcc": ["-O3", "-lineinfo"],
         },
     )
 else:
