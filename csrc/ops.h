@@ -178,7 +178,7 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
     p.weight = weight->to(accumulation_type(input.scalar_type())).contiguous();
   }
   p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
+  p.label_smoothing = label_smoothing > 0 ? label_smoothing : 0.0;  // torch: <= 0 means none
   p.reduction = reduction;
   return p;
 }

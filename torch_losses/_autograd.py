@@ -10,6 +10,8 @@ A second backward through a retained graph recomputes the gradients with the *_b
 backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
 place torch's own loss implementations are used.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -240,9 +242,9 @@ class KLDivFunction(Function):
 def fold_class_dim(input, target):
     """input (C), (N, C) or (N, C, d1..dk) -> (N, C, D); target to (N, D) or (N, C, D)."""
     if input.dim() == 1:
-        x = input.reshape(1, -1, 1)
+        x = input.reshape(1, input.shape[0], 1)
     else:
-        x = input.reshape(input.shape[0], input.shape[1], -1)
+        x = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
     probs = target.shape == input.shape
     t = target.reshape(x.shape) if probs else target.reshape(x.shape[0], x.shape[2])
     return x, t, probs

@@ -42,6 +42,15 @@ def _resolve_reduction(size_average, reduce, reduction):
     return reduction
 
 
+def _detach_without_grad_mode(*tensors):
+    """Under no_grad an autograd.Function still reports needs_input_grad for inputs that
+    require grad, and would write gradients nobody asked for (or, with inplace_backward,
+    overwrite the input). Detached inputs make the forward compute the loss only."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
 def _check_same_device(*tensors):
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
@@ -104,9 +113,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
     if not input.is_floating_point():
-        raise RuntimeError(f"cross_entropy: expected floating point input, got {input.dtype}")
+        raise NotImplementedError(
+            f"cross_entropy: expected floating point input, got {input.dtype}")
     if input.dim() == 0:
-        raise ValueError("cross_entropy: input must have at least one dimension (the classes)")
+        raise RuntimeError("cross_entropy: input must have at least one dimension (the classes)")
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if input.shape == target.shape:
         if not target.is_floating_point():
@@ -146,6 +156,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                "grad; use it on logits computed by the model")
         if not input.is_contiguous():
             raise RuntimeError("inplace_backward=True needs contiguous logits")
+    input, target = _detach_without_grad_mode(input, target)
     return CrossEntropyFunction.apply(input, target, weight, ignore_index, float(label_smoothing),
                                       reduction, bool(inplace_backward))
 
@@ -172,6 +183,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         weight = weight.to(input.dtype).expand(input.shape)
     if pos_weight is not None:
         pos_weight = pos_weight.to(input.dtype).expand(input.shape)
+    input, target = _detach_without_grad_mode(input, target)
     loss = BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
     return loss if loss.dtype == result_dtype else loss.to(result_dtype)
 
@@ -182,7 +194,7 @@ def _elementwise_weighted(function, input, target, weight, scalars, reduction, m
     takes torch's composite route (our elementwise loss times weight) to get its gradient."""
     if weight.size() != input.size():
         raise ValueError("Weights and input must have the same size.")
-    x, y = _broadcast(input, target, function.__name__)
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, function.__name__))
     if weight.requires_grad and torch.is_grad_enabled():
         loss = function.apply(x, y, None, *scalars, "none") * weight
         if reduction == "mean" and mean_by_weight:
@@ -206,7 +218,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     if weight is not None:
         return _elementwise_weighted(HuberFunction, input, target, weight, (float(delta),),
                                      reduction, mean_by_weight=False)
-    x, y = _broadcast(input, target, "huber_loss")
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, "huber_loss"))
     return HuberFunction.apply(x, y, None, float(delta), reduction)
 
 
@@ -217,7 +229,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     if weight is not None:
         return _elementwise_weighted(MSEFunction, input, target, weight, (), reduction,
                                      mean_by_weight=True)
-    x, y = _broadcast(input, target, "mse_loss")
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, "mse_loss"))
     return MSEFunction.apply(x, y, None, reduction)
 
 
@@ -229,7 +241,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
     if weight is not None:
         return _elementwise_weighted(L1Function, input, target, weight, (), reduction,
                                      mean_by_weight=True)
-    x, y = _broadcast(input, target, "l1_loss")
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, "l1_loss"))
     return L1Function.apply(x, y, None, reduction)
 
 
@@ -239,7 +251,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     if beta < 0:
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
     _check_same_device(input, target)
-    x, y = _broadcast(input, target, "smooth_l1_loss")
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, "smooth_l1_loss"))
     return SmoothL1Function.apply(x, y, float(beta), reduction)
 
 
@@ -259,6 +271,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
                            f"{input.dtype} (input and target must share a floating dtype)")
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
+    input, target = _detach_without_grad_mode(input, target)
     return BCEFunction.apply(input, target, weight, reduction)
 
 
@@ -278,12 +291,13 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         )
     if reduction == "batchmean":
         _check_same_device(input, target)
-        x, y = torch.broadcast_tensors(*_promote(input, target, "kl_div"))
+        x, y = _detach_without_grad_mode(
+            *torch.broadcast_tensors(*_promote(input, target, "kl_div")))
         loss = KLDivFunction.apply(x, y, bool(log_target), "sum")
         return loss / input.size(0) if input.dim() != 0 else loss
     reduction_enum(reduction)
     _check_same_device(input, target)
-    x, y = torch.broadcast_tensors(*_promote(input, target, "kl_div"))
+    x, y = _detach_without_grad_mode(*torch.broadcast_tensors(*_promote(input, target, "kl_div")))
     return KLDivFunction.apply(x, y, bool(log_target), reduction)
 
 
@@ -297,4 +311,5 @@ def hinge_loss(input, target, margin=1.0, reduction="mean"):
                          f"size ({input.size()})")
     _check_same_device(input, target)
     input, target = _promote(input, target, "hinge_loss")
+    input, target = _detach_without_grad_mode(input, target)
     return HingeFunction.apply(input, target, float(margin), reduction)
