@@ -1,0 +1,149 @@
+"""torch.library.opcheck of every torch_losses op (schema, fake kernel, dispatch), with
+several argument combinations each."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import torch_losses  # noqa: F401  (registers the ops)
+
+ops = torch.ops.torch_losses
+# The full opcheck (with test_aot_dispatch_dynamic) costs ~1 s a call on 2 cores: it runs on
+# one combination per op; every other combination gets the schema and fake-tensor checks.
+FAST = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def check(op, args, full=False):
+    if full:
+        opcheck(op, args)
+    else:
+        opcheck(op, args, test_utils=FAST)
+NONE, MEAN, SUM = 0, 1, 2
+POINTWISE = {
+    # name: (extra args between target and reduction, input maker, target maker)
+    "bce_with_logits": lambda x: [[None, None], [torch.rand_like(x) + 0.5, None],
+                                  [None, torch.rand_like(x) + 0.5],
+                                  [torch.rand_like(x), torch.rand_like(x) + 0.5]],
+    "huber": lambda x: [[None, 1.0], [None, 0.3], [torch.rand_like(x), 2.0]],
+    "mse": lambda x: [[None], [torch.rand_like(x)]],
+    "l1": lambda x: [[None], [torch.rand_like(x)]],
+    "smooth_l1": lambda x: [[1.0], [0.0], [0.5]],
+    "bce": lambda x: [[None], [torch.rand_like(x)]],
+    "hinge": lambda x: [[1.0], [0.5]],
+    "kl_div": lambda x: [[False], [True]],
+}
+
+
+def _inputs(name, shape, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    y = torch.rand(shape, dtype=dtype, device=device)
+    if name == "bce":
+        x = torch.rand(shape, dtype=dtype, device=device) * 0.9 + 0.05
+    if name == "hinge":
+        y = (torch.randint(0, 2, shape, device=device) * 2 - 1).to(dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_pointwise_ops(name, dtype, device):
+    for shape in [(3, 5), ()]:
+        x, y = _inputs(name, shape, dtype, device)
+        for k, extra in enumerate(POINTWISE[name](x)):
+            for reduction in (NONE, MEAN, SUM):
+                full = dtype == torch.float32 and shape == (3, 5) and k == 0 and \
+                    reduction == MEAN
+                for ig, tg in [(True, True), (True, False), (False, False)]:
+                    check(getattr(ops, f"{name}_fwd"), (x, y, *extra, reduction, ig, tg),
+                          full and ig and tg)
+                g = torch.randn(shape if reduction == NONE else (), dtype=dtype, device=device)
+                for ig, tg in [(True, True), (True, False), (False, True)]:
+                    check(getattr(ops, f"{name}_bwd"), (g, x, y, *extra, reduction, ig, tg),
+                          full and ig and tg)
+
+
+def _ce_inputs(N, C, D, probs, dtype, device):
+    x = torch.randn(N, C, D, dtype=dtype, device=device)
+    if probs:
+        t = torch.randn(N, C, D, dtype=dtype, device=device).softmax(1)
+    else:
+        t = torch.randint(0, C, (N, D), device=device)
+        t[0, 0] = min(1, C - 1)
+    return x, t
+
+
+CE_COMBOS = [
+    # (N, C, D, probs, weighted, ignore_index, label_smoothing)
+    (4, 7, 1, False, False, -100, 0.0),
+    (4, 7, 1, False, True, 1, 0.1),
+    (2, 5, 3, False, True, -100, 0.2),
+    (2, 5, 3, True, False, -100, 0.0),
+    (3, 6, 1, True, True, -100, 0.1),
+    (1, 1, 2, False, False, -100, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("combo", CE_COMBOS, ids=str)
+def test_cross_entropy_ops(combo, dtype, device):
+    N, C, D, probs, weighted, ii, ls = combo
+    x, t = _ce_inputs(N, C, D, probs, dtype, device)
+    w = torch.rand(C, dtype=dtype, device=device) + 0.5 if weighted else None
+    for reduction in (NONE, MEAN, SUM):
+        full = dtype == torch.float32 and reduction == MEAN and combo in (CE_COMBOS[1],
+                                                                          CE_COMBOS[3])
+        for ig, tg in [(True, probs), (False, False), (True, False)]:
+            check(ops.cross_entropy_fwd, (x, t, w, ii, ls, reduction, ig, tg), full and ig)
+        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False)
+        g = torch.randn((N, D) if reduction == NONE else (), dtype=dtype, device=device)
+        for ig, tg in [(True, probs), (True, False), (False, probs)]:
+            check(ops.cross_entropy_bwd, (g, x, t, w, lse, ii, ls, reduction, ig, tg),
+                  full and ig and tg == probs)
+        if not probs:
+            check(ops.cross_entropy_fwd_inplace, (x.clone(), t, w, ii, ls, reduction), full)
+
+
+def test_cross_entropy_fwd_inplace_writes_torch_gradient(device):
+    x, t = _ce_inputs(4, 7, 2, False, torch.float64, device)
+    w = torch.rand(7, dtype=torch.float64, device=device)
+    buf = x.clone()
+    loss, lse = ops.cross_entropy_fwd_inplace(buf, t, w, -100, 0.1, MEAN)
+    xr = x.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xr, t, w, label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(buf, xr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, x.logsumexp(1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_scale_grad_(dtype, device):
+    grad = torch.randn(4, 5, 3, dtype=dtype, device=device)
+    cases = [torch.tensor(1.0, dtype=dtype, device=device),
+             torch.tensor(0.5, dtype=dtype, device=device),
+             torch.randn(4, 5, 3, dtype=dtype, device=device),
+             torch.randn(4, 3, dtype=dtype, device=device)]  # per position, over dim 1
+    for g in cases:
+        check(ops.scale_grad_, (grad.clone(), g), full=dtype == torch.float32)
+        out = grad.clone()
+        ops.scale_grad_(out, g)
+        expected = grad * (g.unsqueeze(1) if g.dim() == 2 else g)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_pointwise_fwd_poisoned_outputs_and_values(device):
+    """The fwd op's loss and grads against torch, on outputs nothing was pre-filled into:
+    call twice with different inputs to catch stale buffers."""
+    for _ in range(2):
+        x = torch.randn(2049, dtype=torch.float64, device=device)
+        y = torch.randn(2049, dtype=torch.float64, device=device)
+        loss, gx, gy = ops.huber_fwd(x, y, None, 0.7, NONE, True, True)
+        xr = x.clone().requires_grad_()
+        yr = y.clone().requires_grad_()
+        ref = torch.nn.functional.huber_loss(xr, yr, reduction="none", delta=0.7)
+        ref.sum().backward()
+        torch.testing.assert_close(loss, ref.detach())
+        torch.testing.assert_close(gx, xr.grad)
+        torch.testing.assert_close(gy, yr.grad)
+        loss, gx, gy = ops.huber_fwd(x, y, None, 0.7, MEAN, False, False)
+        assert gx.numel() == 0 and gy.numel() == 0
+        torch.testing.assert_close(loss, ref.detach().mean())
