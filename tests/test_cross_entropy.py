@@ -166,8 +166,6 @@ def test_low_precision(shape, probs, dtype, device):
 # Edge cases
 
 
-@pytest.mark.xfail(reason="bug: backward of an empty batch with reduction='none' fails to "
-                          "reshape grad_output", strict=True)
 @pytest.mark.parametrize("probs", [False, True])
 def test_empty_batch(probs, device):
     for shape in [(0, 5), (0, 5, 3), (2, 5, 0)]:

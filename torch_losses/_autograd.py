@@ -295,7 +295,8 @@ class CrossEntropyFunction(Function):
         ignore_index, label_smoothing, reduction = ctx.options
         shape = ctx.input_shape
         if reduction == "none":
-            grad_output = grad_output.reshape(1 if len(shape) == 1 else shape[0], -1)
+            rows = (1, 1) if len(shape) == 1 else (shape[0], math.prod(shape[2:]))
+            grad_output = grad_output.reshape(rows)
         if forward_grads is None or torch.is_grad_enabled():
             if ctx.inplace:
                 raise RuntimeError(
