@@ -80,7 +80,9 @@ def cuda_arch_list():
 
 sources = [os.path.join("csrc", "torch_losses.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20).
-cxx_flags = ["-O3"] + cpu_isa_flags()
+# -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
+cxx_flags = ["-O3", "-fopenmp"] + cpu_isa_flags()
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(HERE, "csrc")]
 
 if with_cuda:
@@ -94,10 +96,15 @@ if with_cuda:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo"],
         },
+        extra_link_args=link_flags,
     )
 else:
     extension = CppExtension(
-        "torch_losses._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        "torch_losses._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(
