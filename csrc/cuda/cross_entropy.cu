@@ -37,6 +37,22 @@ template <typename A>
 struct Stats {
   A m, s;  // running max and sum of exp(x - m)
   A a, b;  // class index: a = sum w_c (x_c - x0); probabilities: a = sum w t', b = sum w t' (x - x0)
+
+  // The online softmax step: fold N more logits into the running max and sum of exp.
+  template <int N>
+  __device__ __forceinline__ void push(const A (&v)[N]) {
+    A vmax = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);
+    if (vmax > m) {
+      s *= fexp(m - vmax);
+      m = vmax;
+    }
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) s += fexp(v[i] - m);
+    }
+  }
 };
 
 template <typename A>
@@ -131,20 +147,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (x_c - x
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
     A v[N];
-    A vmax = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      v[i] = to_acc(xv.v[i]);
-      vmax = fmax_(vmax, v[i]);
-    }
-    if (vmax > st.m) {
-      st.s *= fexp(st.m - vmax);
-      st.m = vmax;
-    }
-    if (st.m != -INFINITY) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) st.s += fexp(v[i] - st.m);
-    }
+    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+    st.push(v);
     if (smooth) {
 #pragma unroll
       for (int i = 0; i < N; ++i) st.a += (weight != nullptr ? weight[c + i] : A(1)) * (v[i] - x0);
@@ -176,19 +181,11 @@ struct Pass1Prob {  // probability target: online max/sum (forward), sum w t', s
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
     if (fwd) {
       A v[N];
-      A vmax = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+      st.push(v);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        v[i] = to_acc(xv.v[i]);
-        vmax = fmax_(vmax, v[i]);
-      }
-      if (vmax > st.m) {
-        st.s *= fexp(st.m - vmax);
-        st.m = vmax;
-      }
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        if (st.m != -INFINITY) st.s += fexp(v[i] - st.m);
         const A wt = (weight != nullptr ? weight[c + i] : A(1)) *
                      (one_m_eps * to_acc(tv.v[i]) + eps_c);
         st.a += wt;
