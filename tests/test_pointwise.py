@@ -10,8 +10,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_losses as TL
 import torch_losses.functional as TLF
-from tl_helpers import (HAS_CUDA, LOW_PRECISION, assert_close, assert_flash_rule,
-                        assert_same_exception, bitwise_equal, leaf, requires_cuda)
+from tl_helpers import (LOW_PRECISION, assert_close, assert_deterministic, assert_flash_rule,
+                        assert_same_exception, leaf, requires_cuda)
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
 
@@ -704,19 +704,7 @@ def test_deterministic_and_thread_count_independent(loss, device):
         out.backward()
         return out.detach(), xs.grad, ys.grad
 
-    first, second = run(), run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c, d in zip(first, second, one, two):
-        assert bitwise_equal(a, b)
-        assert bitwise_equal(c, d)
-        assert bitwise_equal(a, c)
+    assert_deterministic(run)
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,3 +89,21 @@ def bitwise_equal(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
         torch.nan_to_num(a, nan=0.5), torch.nan_to_num(b, nan=0.5)) and torch.equal(
         a.isnan(), b.isnan())
+
+
+def assert_deterministic(run):
+    """run() -> tensors: bitwise the same twice, and with 1 or 2 threads. Returns the first."""
+    first, second = run(), run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c, d in zip(first, second, one, two):
+        assert bitwise_equal(a, b)
+        assert bitwise_equal(c, d)
+        assert bitwise_equal(a, c)
+    return first
