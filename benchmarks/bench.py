@@ -251,29 +251,42 @@ class Timer:
 
     def run(self, step, setup, reps, warmup):
         """Median ms of step() over reps after warmup; setup() runs before each, untimed."""
+        (ms, times), = self.run_interleaved({"step": (step, setup)}, reps, warmup).values()
+        return ms, times
+
+    def run_interleaved(self, steps, reps, warmup):
+        """{name: (step, setup)} -> {name: (median ms, times)}. The implementations take turns,
+        rep by rep, so that drifts of the machine (a fresh process faulting in memory, clock
+        changes) fall on all of them alike instead of on whichever runs first."""
         for _ in range(warmup):
-            setup()
-            step()
+            for step, setup in steps.values():
+                setup()
+                step()
+        times = {name: [] for name in steps}
         if self.device == "cuda":
             torch.cuda.synchronize()
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-            for i in range(reps):
-                setup()
-                self.flush.zero_()  # evict L2
-                starts[i].record()
-                step()
-                ends[i].record()
-            torch.cuda.synchronize()
-            times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-        else:
-            times = []
+            events = {name: [] for name in steps}
             for _ in range(reps):
-                setup()
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), times
+                for name, (step, setup) in steps.items():
+                    setup()
+                    self.flush.zero_()  # evict L2
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step()
+                    end.record()
+                    events[name].append((start, end))
+            torch.cuda.synchronize()
+            for name, pairs in events.items():
+                times[name] = [s.elapsed_time(e) for s, e in pairs]
+        else:
+            for _ in range(reps):
+                for name, (step, setup) in steps.items():
+                    setup()
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: (statistics.median(t), t) for name, t in times.items()}
 
 
 def copy_bandwidth(timer, device, nbytes, reps, warmup):
@@ -372,29 +385,32 @@ def run_case(loss, shape, dtype, device, timer, args, copy_gbs, liger_fn, compil
         impls["liger"] = liger_fn
         x_pristine = x.detach().clone()  # Liger writes the gradient over the logits
 
+    steps = {}
     for impl, fn in impls.items():
         def step(fn=fn):
             fn(x, y).backward()
 
-        if impl == "liger":
-            def setup():
-                x.grad = None
+        def setup():
+            x.grad = None
+            if x_pristine is not None:  # Liger overwrote the logits on its last turn
                 with torch.no_grad():
                     x.copy_(x_pristine)
-        else:
-            def setup():
-                x.grad = None
-        try:
-            ms, times = timer.run(step, setup, reps, warmup)
-            row["ms"][impl], row["times_ms"][impl] = ms, times
-            if device == "cuda":
-                row["extra_mb"][impl] = peak_extra_mb(step, setup)
+
+        try:  # one untimed call: an implementation that fails is reported and left out
+            setup()
+            step()
+            steps[impl] = (step, setup)
         except Exception as e:  # noqa: BLE001
             row["errors"][impl] = f"{type(e).__name__}: {e}"
             print(f"[bench]   {impl} failed: {row['errors'][impl]}", file=sys.stderr)
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
+    for impl, (ms, times) in timer.run_interleaved(steps, reps, warmup).items():
+        row["ms"][impl], row["times_ms"][impl] = ms, times
+    if device == "cuda":
+        for impl, (step, setup) in steps.items():
+            row["extra_mb"][impl] = peak_extra_mb(step, setup)
         x.grad = None
     if liger_fn is not None and loss == "ce":
         with torch.no_grad():
