@@ -94,10 +94,6 @@ __device__ __forceinline__ Stats<A> block_allreduce(Stats<A> v, Stats<A>* smem /
 }
 
 // ---- vector memory helpers ------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ Vec<T> ld_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
-}
 // Last read of a row: evict-first.
 template <typename T>
 __device__ __forceinline__ Vec<T> ld_vec_last(const T* p) {
@@ -483,8 +479,8 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      if (vec) ce_row_kernel<T, kProb, true, 32><<<grid, kThreads, 0, stream>>>(P);
-      else ce_row_kernel<T, kProb, false, 32><<<grid, kThreads, 0, stream>>>(P);
+      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 32>>(grid, kThreads, 0, stream, P);
+      else launch_kernel<ce_row_kernel<T, kProb, false, 32>>(grid, kThreads, 0, stream, P);
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
@@ -494,12 +490,12 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       int64_t cap = sms * (2048 / threads);
       cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
-      if (vec) ce_row_kernel<T, kProb, true, 0><<<grid, threads, 0, stream>>>(P);
-      else ce_row_kernel<T, kProb, false, 0><<<grid, threads, 0, stream>>>(P);
+      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0>>(grid, threads, 0, stream, P);
+      else launch_kernel<ce_row_kernel<T, kProb, false, 0>>(grid, threads, 0, stream, P);
     }
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
-    ce_column_kernel<T, kProb><<<grid, 256, 0, stream>>>(P);
+    launch_kernel<ce_column_kernel<T, kProb>>(grid, 256, 0, stream, P);
   }
 }
 
