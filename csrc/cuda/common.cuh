@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/launchers.h"
@@ -159,30 +160,31 @@ __global__ void __launch_bounds__(kFinalThreads)
   }
 }
 
-inline int num_sms() {
-  static int cache[128] = {0};
+constexpr int kMaxDevices = 128;
+
+// Per-device attributes, read once. Atomics: launches may come from several host threads
+// (relaxed: every thread that misses reads and stores the same value).
+inline int cached_device_attribute(cudaDeviceAttr attr, std::atomic<int>* cache, int fallback) {
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 128) dev = 0;
-  if (cache[dev] == 0) {
-    int v = 0;
-    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = v > 0 ? v : 108;
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaDeviceGetAttribute(&v, attr, dev);
+    if (v <= 0) v = fallback;
+    cache[dev].store(v, std::memory_order_relaxed);
   }
-  return cache[dev];
+  return v;
+}
+
+inline int num_sms() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cache, 108);
 }
 
 inline int64_t l2_bytes() {
-  static int64_t cache[128] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 128) dev = 0;
-  if (cache[dev] == 0) {
-    int v = 0;
-    cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev);
-    cache[dev] = v > 0 ? v : (40 << 20);
-  }
-  return cache[dev];
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrL2CacheSize, cache, 40 << 20);
 }
 
 // sum over i < n of load(i), divided by denom (or *denom_ptr); written to out / out_acc.

@@ -363,8 +363,14 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
 template <int kGroup, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
   if (kGroup == 1) return v;
-  if (kGroup == 32) return warp_allreduce(v);
-  return block_allreduce(v, smem);
+  if (kGroup == 32) {
+    const Stats<A> r = warp_allreduce(v);
+    // Shuffles exchange registers but do not order memory: the leader's read of x[y] must
+    // happen before the other lanes write the gradient over it (in-place).
+    __syncwarp();
+    return r;
+  }
+  return block_allreduce(v, smem);  // its __syncthreads order the same
 }
 
 // One row: `base` = offset of element (n, 0, d), `stride` = D.
