@@ -33,7 +33,6 @@
 // One copy per function: the blocks run one after another, so it is one copy per block.
 #define __shared__ static
 #define __align__(n) alignas(n)
-#define __CUDA_ARCH__ 900
 
 // ---- built-in types and variables ------------------------------------------------------------
 struct uint3 {
@@ -45,9 +44,6 @@ struct dim3 {
 };
 struct alignas(16) int4 {
   int x, y, z, w;
-};
-struct alignas(16) float4 {
-  float x, y, z, w;
 };
 
 typedef struct CUstream_st* cudaStream_t;
@@ -202,7 +198,7 @@ inline void __stcs(T* p, T v) {
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
-// Roundings that must not be contracted into an FMA (the emulator build allows contraction, as
+// Products that must not be contracted into an FMA (the emulator build allows contraction, as
 // nvcc does): the result passes through memory.
 inline float __fmul_rn(float a, float b) {
   volatile float r = a * b;
@@ -210,13 +206,5 @@ inline float __fmul_rn(float a, float b) {
 }
 inline double __dmul_rn(double a, double b) {
   volatile double r = a * b;
-  return r;
-}
-inline float __fadd_rn(float a, float b) {
-  volatile float r = a + b;
-  return r;
-}
-inline double __dadd_rn(double a, double b) {
-  volatile double r = a + b;
   return r;
 }
