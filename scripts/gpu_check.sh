@@ -91,7 +91,7 @@ if [[ $BUILD_RC -ne 0 ]]; then
   print_summary
   exit $BUILD_RC
 fi
-"$PY" -c "import torch, torch_losses; print('ops:', torch.ops.torch_losses.cross_entropy_fwd.default)" \
+"$PY" -c "import torch_losses, torch; print(torch.ops.torch_losses.cross_entropy_fwd.default)" \
   | tee -a "$OUT/build.txt"
 note "build: ok"
 
@@ -123,7 +123,9 @@ BENCH_S=$(( BUDGET_S - ($(date +%s) - START) ))
 stamp "benchmark (timeout ${BENCH_S}s)"
 timeout -s INT -k 20 "$BENCH_S" "$PY" benchmarks/bench.py --device cuda --out "$OUT/bench" \
   >"$OUT/bench.txt" 2>&1 || BENCH_RC=$?
-note "bench: rc $BENCH_RC$([[ $BENCH_RC -eq 124 || $BENCH_RC -eq 137 ]] && echo " (timed out after ${BENCH_S}s)")"
+BENCH_NOTE=""
+[[ $BENCH_RC -eq 124 || $BENCH_RC -eq 137 ]] && BENCH_NOTE=" (timed out after ${BENCH_S}s)"
+note "bench: rc ${BENCH_RC}${BENCH_NOTE}"
 mkdir -p "$OUT/bench"
 cp -f "$OUT"/bench/results.* "$OUT/" 2>/dev/null || true
 if [[ -f "$OUT/bench/results.md" ]]; then cat "$OUT/bench/results.md" >>"$SUMMARY"

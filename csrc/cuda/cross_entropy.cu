@@ -3,9 +3,11 @@
 // Kernels:
 //  - row kernel (D == 1, C >= 64): a warp (C small) or a block (C large) per row. Pass 1 reads the
 //    row once with 16-byte vector loads and keeps an online max / sum of exp (plus the sums the
-//    label-smoothing and probability-target terms need); one fixed-order group reduction; pass 2
-//    re-reads the row (an L2 hit) and writes the gradient. The row is entirely read before any
-//    gradient element is written (the group reduction is a barrier), so grad_input may alias input.
+//    label-smoothing and probability-target terms need, relative to the running max); one
+//    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
+//    The row is entirely read before any gradient element is written (the group reduction is a
+//    barrier), so grad_input may alias input. A float backward op runs pass 1 again (see
+//    CeParams::stats).
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
@@ -235,8 +237,10 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
 
 // softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart (a double backward has only
 // lse: m = lse, log_s = 0).
+// Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
+// for C = 1.
 template <typename T>
-struct Pass2Index {  // class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c))
+struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
   T* gi;

@@ -469,7 +469,7 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t bits, int arg, int width, co
 
 }  // namespace tl_emu
 
-// ---- the C interface used by the tests -----------------------------------------------------------
+// ---- the C interface used by the tests ---------------------------------------------------------
 using namespace tl_emu;
 
 extern "C" {
