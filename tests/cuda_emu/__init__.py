@@ -104,6 +104,10 @@ class Session:
             numel *= s
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         offset = -1 if layout == "tight" else int(layout)
+        elem = torch.empty((), dtype=dtype).element_size()
+        if offset > 0 and offset % elem:
+            raise ValueError(f"offset {offset} is not a multiple of the {elem}-byte element "
+                             "(no tensor has such a pointer)")
         ptr = self.lib.tl_emu_alloc(nbytes, offset)
         if not ptr:
             raise MemoryError("tl_emu_alloc failed")
