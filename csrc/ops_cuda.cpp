@@ -114,7 +114,7 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
   dispatch_floating(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = tc::acc_t<T>;
-    Tensor scratch = at::empty({tc::ce_scratch_size(rows)},
+    Tensor scratch = at::empty({tc::ce_scratch_size(rows, p.C)},
                                x.options().dtype(accumulation_type(x.scalar_type())));
     tc::CrossEntropyArgs<T> a;
     a.input = cptr<T>(p.input);

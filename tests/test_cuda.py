@@ -351,3 +351,111 @@ def test_scale_grad_scalar_one_and_other():
     ref2 = g2 * go2[:, None]
     torch.ops.torch_losses.scale_grad_(g2, go2)
     torch.testing.assert_close(g2, ref2)
+
+
+# ---- the review's and the fuzzer's cross-entropy defects, on the GPU (the emulator suite,
+# tests/test_cuda_emu.py, runs the same kernels on the CPU in CI) ---------------------------------
+def _misaligned_copy(x):
+    buf = torch.empty(x.numel() + 1, device=DEV, dtype=x.dtype)
+    buf[1:].copy_(x.reshape(-1))
+    return buf[1:].view(x.shape)
+
+
+@pytest.mark.parametrize("path,C,D,misaligned", [
+    ("column", 5, None, False), ("column_d3", 6, 3, False), ("warp", 100, None, False),
+    ("warp_misaligned", 100, None, True), ("block", 3000, None, False),
+    ("block_misaligned", 3000, None, True)])
+def test_cross_entropy_nan_inf_at_every_position(path, C, D, misaligned):
+    """NaN and +-inf at every class position on every kernel path: torch's loss and gradient
+    (a NaN folded first by a thread was dropped by fmaxf(-inf, NaN))."""
+    positions = sorted({0, 1, 2, 3, 4, 7, 8, 9, C // 2, C - 1}) if C > 16 else range(C)
+    for special in (float("nan"), float("inf"), -float("inf")):
+        for pos in positions:
+            shape = (2, C) if D is None else (2, C, D)
+            x = torch.randn(shape, device=DEV)
+            x[1, pos] = special
+            t = torch.tensor([2, pos], device=DEV)
+            if D is not None:
+                t = t[:, None].expand(2, D).contiguous()
+            if misaligned:
+                x = _misaligned_copy(x)
+            for ls in (0.0, 0.1):
+                xo = x.detach().requires_grad_(True)
+                ours = TLF.cross_entropy(xo, t, label_smoothing=ls, reduction="sum")
+                ours.backward()
+                xr = x.detach().double().requires_grad_(True)
+                ref = F.cross_entropy(xr, t, label_smoothing=ls, reduction="sum")
+                ref.backward()
+                msg = f"{path} x[1, {pos}] = {special} ls={ls}"
+                torch.testing.assert_close(ours.double(), ref.detach(), equal_nan=True,
+                                           rtol=1e-5, atol=1e-5, msg=msg)
+                torch.testing.assert_close(xo.grad.double(), xr.grad, equal_nan=True,
+                                           rtol=1e-5, atol=1e-6, msg=msg)
+                none = TLF.cross_entropy(x, t, label_smoothing=ls, reduction="none")
+                ref_none = F.cross_entropy(x.double(), t, label_smoothing=ls, reduction="none")
+                torch.testing.assert_close(none.double(), ref_none, equal_nan=True, rtol=1e-5,
+                                           atol=1e-5, msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_weight_smoothing_more_than_65536_classes(dtype):
+    """The class-weight sum's partials (one per 4096 classes) fit the scratch."""
+    c = 70001
+    x = torch.randn(2, c, device=DEV, dtype=dtype)
+    t = torch.randint(0, c, (2,), device=DEV)
+    w = torch.rand(c, device=DEV) + 0.5
+    xo = x.detach().requires_grad_(True)
+    ours = TLF.cross_entropy(xo, t, weight=w.to(dtype), label_smoothing=0.1, reduction="sum")
+    ours.backward()
+    xr = x.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(xr, t, weight=w.to(dtype).double(), label_smoothing=0.1,
+                          reduction="sum")
+    ref.backward()
+    torch.cuda.synchronize()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(ours.double(), ref.detach(), **tol)
+    torch.testing.assert_close(xo.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("c", [50, 1000, 5000])
+@pytest.mark.parametrize("target", ["index", "index_smooth", "prob_smooth"])
+def test_cross_entropy_large_logits_float32(c, target):
+    """Logits near 1e4 in float32: no worse than 2x torch's float32 error (ref: float64)."""
+    from tl_helpers import assert_flash_rule
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(4, c, generator=g, dtype=torch.float64) + 1e4).float().to(DEV)
+    if target.startswith("prob"):
+        t = torch.softmax(torch.randn(4, c, generator=g, dtype=torch.float64), 1).float()
+    else:
+        t = torch.randint(0, c, (4,), generator=g)
+    t = t.to(DEV)
+    ls = 0.1 if "smooth" in target else 0.0
+    for reduction in ("mean", "none"):
+        res = []  # ours (float32), torch (float32), torch (float64)
+        for fn, xx in ((TLF.cross_entropy, x), (F.cross_entropy, x), (F.cross_entropy, x.double())):
+            tt = t.to(xx.dtype) if t.is_floating_point() else t
+            xg = xx.detach().requires_grad_(True)
+            loss = fn(xg, tt, label_smoothing=ls, reduction=reduction)
+            go = torch.linspace(-1, 1, loss.numel(), device=DEV).view(loss.shape) + 0.1
+            (grad,) = torch.autograd.grad(loss, [xg], go.to(loss.dtype))
+            res.append((loss.detach(), grad))
+        (ours_l, ours_g), (torch_l, torch_g), (ref_l, ref_g) = res
+        assert_flash_rule(ours_l, torch_l, ref_l, name=f"{target} {c} {reduction} loss")
+        assert_flash_rule(ours_g, torch_g, ref_g, name=f"{target} {c} {reduction} grad")
+
+
+@pytest.mark.parametrize("c", [300, 5000])
+def test_cross_entropy_lanes_agree_on_lse(c):
+    """Two classes with the same logit in different lanes get bitwise the same gradient (the
+    butterfly merge must not be contracted into an FMA)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(256, c, generator=g) * 3
+    cols = [0, 37, 130, 181, c - 1]
+    x[:, cols] = x[:, :1]
+    t = torch.randint(1, 30, (256,), generator=g)
+    x, t = x.to(DEV), t.to(DEV)
+    for ls in (0.0, 0.1):
+        xo = x.detach().requires_grad_(True)
+        TLF.cross_entropy(xo, t, label_smoothing=ls).backward()
+        for col in cols[1:]:
+            assert torch.equal(xo.grad[:, col], xo.grad[:, 0]), (col, ls)

@@ -525,6 +525,9 @@ def test_bad_arguments_raise_like_torch(case, device):
 
 @pytest.mark.parametrize("bad", [0.0, 0.5, 2.0, float("nan")])
 def test_hinge_target_outside_pm1_raises(bad, device):
+    if device != "cpu":
+        pytest.skip("CUDA reports the hinge domain error with a device-side assert (kills the "
+                    "context); test_cuda.py checks it in a subprocess")
     x = torch.randn(4, 5, device=device)
     y = torch.randint(0, 2, (4, 5), device=device).float() * 2 - 1
     y[1, 2] = bad

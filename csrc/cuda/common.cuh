@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/launchers.h"
@@ -42,6 +43,21 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// ---- launches --------------------------------------------------------------------------------
+// Every kernel is launched through here: <<<...>>> under nvcc, the CPU emulator's launch in its
+// build (tests/cuda_emu compiles these sources unchanged with the host compiler).
+template <auto kKernel, typename... Args>
+inline void launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+#if defined(__CUDACC__)
+  kKernel<<<grid, block, smem, stream>>>(args...);
+#elif defined(TL_CUDA_EMULATOR)
+  tl_emu::launch<kKernel>(grid, block, smem, stream, args...);
+#else
+#error "csrc/cuda is compiled by nvcc, or by the host compiler with tests/cuda_emu/include"
+#endif
+}
+
 // ---- 16-byte vectors ------------------------------------------------------------------------
 template <typename T>
 struct VecTraits {
@@ -55,6 +71,22 @@ struct alignas(16) Vec {
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// One 16-byte load or store: on the GPU a misaligned address faults; the emulator checks it.
+template <typename T>
+__device__ __forceinline__ Vec<T> ld_vec(const T* p) {
+#if defined(TL_CUDA_EMULATOR)
+  tl_emu::check_aligned(p, 16, "16-byte vector load");
+#endif
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+template <typename T>
+__device__ __forceinline__ void st_vec(T* p, const Vec<T>& v) {
+#if defined(TL_CUDA_EMULATOR)
+  tl_emu::check_aligned(p, 16, "16-byte vector store");
+#endif
+  *reinterpret_cast<Vec<T>*>(p) = v;
 }
 
 // ---- block reductions (fixed order: deterministic) ------------------------------------------
@@ -128,30 +160,31 @@ __global__ void __launch_bounds__(kFinalThreads)
   }
 }
 
-inline int num_sms() {
-  static int cache[128] = {0};
+constexpr int kMaxDevices = 128;
+
+// Per-device attributes, read once. Atomics: launches may come from several host threads
+// (relaxed: every thread that misses reads and stores the same value).
+inline int cached_device_attribute(cudaDeviceAttr attr, std::atomic<int>* cache, int fallback) {
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 128) dev = 0;
-  if (cache[dev] == 0) {
-    int v = 0;
-    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = v > 0 ? v : 108;
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaDeviceGetAttribute(&v, attr, dev);
+    if (v <= 0) v = fallback;
+    cache[dev].store(v, std::memory_order_relaxed);
   }
-  return cache[dev];
+  return v;
+}
+
+inline int num_sms() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cache, 108);
 }
 
 inline int64_t l2_bytes() {
-  static int64_t cache[128] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 128) dev = 0;
-  if (cache[dev] == 0) {
-    int v = 0;
-    cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev);
-    cache[dev] = v > 0 ? v : (40 << 20);
-  }
-  return cache[dev];
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrL2CacheSize, cache, 40 << 20);
 }
 
 // sum over i < n of load(i), divided by denom (or *denom_ptr); written to out / out_acc.
@@ -160,16 +193,17 @@ template <typename A, typename T, typename Load>
 void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A denom, T* out,
                        A* out_acc, cudaStream_t stream) {
   if (n <= 16 * kReduceChunk) {
-    final_sum_kernel<A, T, Load><<<1, kFinalThreads, 0, stream>>>(load, n, denom_ptr, denom, out,
-                                                                 out_acc);
+    launch_kernel<final_sum_kernel<A, T, Load>>(1, kFinalThreads, 0, stream, load, n, denom_ptr,
+                                                denom, out, out_acc);
     return;
   }
   const int64_t chunks = reduce_num_chunks(n);
   const int64_t grid = chunks < int64_t(num_sms()) * 8 ? chunks : int64_t(num_sms()) * 8;
-  chunk_sum_kernel<A, Load><<<unsigned(grid), kReduceThreads, 0, stream>>>(load, n, chunks,
-                                                                         partials);
-  final_sum_kernel<A, T, ArrayLoad<A>><<<1, kFinalThreads, 0, stream>>>(
-      ArrayLoad<A>{partials}, chunks, denom_ptr, denom, out, out_acc);
+  launch_kernel<chunk_sum_kernel<A, Load>>(unsigned(grid), kReduceThreads, 0, stream, load, n,
+                                           chunks, partials);
+  launch_kernel<final_sum_kernel<A, T, ArrayLoad<A>>>(1, kFinalThreads, 0, stream,
+                                                      ArrayLoad<A>{partials}, chunks, denom_ptr,
+                                                      denom, out, out_acc);
 }
 
 inline unsigned grid_for(int64_t blocks, int64_t cap) {

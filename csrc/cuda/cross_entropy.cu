@@ -3,9 +3,11 @@
 // Kernels:
 //  - row kernel (D == 1, C >= 64): a warp (C small) or a block (C large) per row. Pass 1 reads the
 //    row once with 16-byte vector loads and keeps an online max / sum of exp (plus the sums the
-//    label-smoothing and probability-target terms need); one fixed-order group reduction; pass 2
-//    re-reads the row (an L2 hit) and writes the gradient. The row is entirely read before any
-//    gradient element is written (the group reduction is a barrier), so grad_input may alias input.
+//    label-smoothing and probability-target terms need, relative to the running max); one
+//    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
+//    The row is entirely read before any gradient element is written (the group reduction is a
+//    barrier), so grad_input may alias input. A float backward op runs pass 1 again (see
+//    CeParams::stats).
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
@@ -33,36 +35,71 @@ __device__ __forceinline__ double flog(double v) { return log(v); }
 __device__ __forceinline__ float fmax_(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double fmax_(double a, double b) { return fmax(a, b); }
 
+// Products the online-softmax merge must not contract into an FMA (nvcc does by default): both
+// butterfly partners then round alike.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// The row statistics, kept relative to the running max m so that no large logit enters a
+// difference of two large numbers: the loss is formed at the end as (m - x) + log(s).
 template <typename A>
 struct Stats {
-  A m, s;  // running max and sum of exp(x - m)
-  A a, b;  // class index: a = sum w_c (x_c - x0); probabilities: a = sum w t', b = sum w t' (x - x0)
+  A m, s;  // running max and sum of exp(x - m); a NaN logit makes s NaN
+  A u, d;  // linear terms: weights u_c folded so far, and d = sum u_c (m - x_c)
 
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
     A vmax = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);
+    for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
     if (vmax > m) {
       s *= fexp(m - vmax);
+      if (m != -INFINITY) d += (vmax - m) * u;
       m = vmax;
     }
     if (m != -INFINITY) {
 #pragma unroll
       for (int i = 0; i < N; ++i) s += fexp(v[i] - m);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (v[i] != v[i]) s = v[i];  // nothing but -inf and NaN so far: keep the NaN
+      }
+    }
+  }
+
+  // Folds u_c (m - x_c) for N logits already pushed (m covers them). While m is -inf, every
+  // logit so far is -inf (or NaN) and its term is +inf (NaN).
+  template <int N>
+  __device__ __forceinline__ void push_linear(const A (&v)[N], const A (&w)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      u += w[i];
+      d += w[i] * (m == -INFINITY ? -v[i] : m - v[i]);
     }
   }
 };
+
+// p.d moved to the max m (>= p.m).
+template <typename A>
+__device__ __forceinline__ A rebased_d(const Stats<A>& p, A m) {
+  return p.m == -INFINITY ? p.d : p.d + (m - p.m) * p.u;
+}
 
 template <typename A>
 __device__ __forceinline__ Stats<A> merge(const Stats<A>& p, const Stats<A>& q) {
   // Commutative bit for bit, so a butterfly gives every lane the same result.
   Stats<A> r;
   r.m = fmax_(p.m, q.m);
-  r.s = r.m == -INFINITY ? A(0) : p.s * fexp(p.m - r.m) + q.s * fexp(q.m - r.m);
-  r.a = p.a + q.a;
-  r.b = p.b + q.b;
+  if (r.m == -INFINITY) {
+    r.s = p.s + q.s;  // 0, or NaN
+    r.d = p.d + q.d;
+  } else {
+    r.s = mul_rn(p.s, fexp(p.m - r.m)) + mul_rn(q.s, fexp(q.m - r.m));
+    r.d = rebased_d(p, r.m) + rebased_d(q, r.m);
+  }
+  r.u = p.u + q.u;
   return r;
 }
 
@@ -73,8 +110,8 @@ __device__ __forceinline__ Stats<A> warp_allreduce(Stats<A> v) {
     Stats<A> q;
     q.m = __shfl_xor_sync(0xffffffffu, v.m, o);
     q.s = __shfl_xor_sync(0xffffffffu, v.s, o);
-    q.a = __shfl_xor_sync(0xffffffffu, v.a, o);
-    q.b = __shfl_xor_sync(0xffffffffu, v.b, o);
+    q.u = __shfl_xor_sync(0xffffffffu, v.u, o);
+    q.d = __shfl_xor_sync(0xffffffffu, v.d, o);
     v = merge(v, q);
   }
   return v;
@@ -94,10 +131,6 @@ __device__ __forceinline__ Stats<A> block_allreduce(Stats<A> v, Stats<A>* smem /
 }
 
 // ---- vector memory helpers ------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ Vec<T> ld_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
-}
 // Last read of a row: evict-first.
 template <typename T>
 __device__ __forceinline__ Vec<T> ld_vec_last(const T* p) {
@@ -122,7 +155,11 @@ struct CeParams {
   const acc_t<T>* W;    // device scalar: class-index mean denominator, else nullptr
   const acc_t<T>* Wsum; // device scalar: sum of the class weights, else nullptr (then C)
   acc_t<T>* row_loss;   // per-row losses for mean/sum
-  bool fwd;             // forward op: compute lse (else read it)
+  bool fwd;             // forward op: compute the loss and lse
+  // Row statistics (max, sum of exp) from the logits: in the forward, and in a float backward,
+  // where lse = m + log(s) rounded to float would cost the softmax up to ulp(lse)/2 of relative
+  // accuracy (5e-4 for logits near 1e4). A double backward uses the forward's lse.
+  bool stats;
   int64_t rows;
 };
 
@@ -131,12 +168,11 @@ struct CeParams {
 // offset c*stride) or N = V (a vector of V consecutive classes, stride 1).
 
 template <typename T>
-struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (x_c - x0) when smoothing
+struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c) when smoothing
   using A = acc_t<T>;
   const T* x;
   const A* weight;
   int64_t stride;
-  A x0;
   bool smooth;
   Stats<A> st;
   template <int N>
@@ -151,63 +187,66 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (x_c - x
     for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
     st.push(v);
     if (smooth) {
+      A w[N];
 #pragma unroll
-      for (int i = 0; i < N; ++i) st.a += (weight != nullptr ? weight[c + i] : A(1)) * (v[i] - x0);
+      for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
+      st.push_linear(v, w);
     }
   }
 };
 
 template <typename T>
-struct Pass1Prob {  // probability target: online max/sum (forward), sum w t', sum w t' (x - x0)
+struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum, sum w t' (m - x)
   using A = acc_t<T>;
   const T* x;
   const T* t;
   const A* weight;
   int64_t stride;
-  A x0, one_m_eps, eps_c;
-  bool fwd;
+  A one_m_eps, eps_c;
+  bool stats;
   Stats<A> st;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
-      if (fwd) xv.v[0] = x[c * stride];
+      if (stats) xv.v[0] = x[c * stride];
       tv.v[0] = t[c * stride];
     } else {
-      if (fwd) xv = ld_vec(x + c);
+      if (stats) xv = ld_vec(x + c);
       tv = ld_vec(t + c);
     }
   }
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
-    if (fwd) {
+    A wt[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      wt[i] = (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
+    }
+    if (stats) {
       A v[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
       st.push(v);
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const A wt = (weight != nullptr ? weight[c + i] : A(1)) *
-                     (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        st.a += wt;
-        st.b += wt * (v[i] - x0);
-      }
+      st.push_linear(v, wt);
     } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        st.a += (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-      }
+      for (int i = 0; i < N; ++i) st.u += wt[i];
     }
   }
 };
 
+// softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart (a double backward has only
+// lse: m = lse, log_s = 0).
+// Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
+// for C = 1.
 template <typename T>
-struct Pass2Index {  // class-index gradient: sg * (coef_a * softmax_c - coef_b [c == y] - eps_c w_c)
+struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
   T* gi;
   const A* weight;
   int64_t stride, y;
-  A lse, coef_a, coef_b, eps_c, sg;
+  A m, log_s, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y
   bool ignored;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
@@ -222,10 +261,9 @@ struct Pass2Index {  // class-index gradient: sg * (coef_a * softmax_c - coef_b 
     for (int i = 0; i < N; ++i) {
       A g = 0;
       if (!ignored) {
-        const A p = fexp(to_acc(xv.v[i]) - lse);
-        g = coef_a * p;
-        if (c + i == y) g -= coef_b;
-        if (eps_c != A(0)) g -= eps_c * (weight != nullptr ? weight[c + i] : A(1));
+        const A p = fexp((to_acc(xv.v[i]) - m) - log_s);
+        g = wy1 * (c + i == y ? p - A(1) : p);
+        if (eps_c != A(0)) g += eps_c * (wsum * p - (weight != nullptr ? weight[c + i] : A(1)));
         g *= sg;
       }
       out.v[i] = from_acc<T>(g);
@@ -244,7 +282,7 @@ struct Pass2Prob {  // probability target gradients
   T* gt;
   const A* weight;
   int64_t stride;
-  A lse, tw, one_m_eps, eps_c, sg;
+  A m, log_s, tw, one_m_eps, eps_c, sg;  // tw = sum w t'
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -260,13 +298,13 @@ struct Pass2Prob {  // probability target gradients
     Vec<T> oi, ot;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const A xx = to_acc(xv.v[i]);
+      const A xm = to_acc(xv.v[i]) - m;
       const A w = weight != nullptr ? weight[c + i] : A(1);
       if (gi != nullptr) {
         const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        oi.v[i] = from_acc<T>(sg * (fexp(xx - lse) * tw - wt));
+        oi.v[i] = from_acc<T>(sg * (fexp(xm - log_s) * tw - wt));
       }
-      if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (lse - xx));
+      if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
     }
     if (N == 1) {
       if (gi != nullptr) gi[c * stride] = oi.v[0];
@@ -329,8 +367,14 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
 template <int kGroup, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
   if (kGroup == 1) return v;
-  if (kGroup == 32) return warp_allreduce(v);
-  return block_allreduce(v, smem);
+  if (kGroup == 32) {
+    const Stats<A> r = warp_allreduce(v);
+    // Shuffles exchange registers but do not order memory: the leader's read of x[y] must
+    // happen before the other lanes write the gradient over it (in-place).
+    __syncwarp();
+    return r;
+  }
+  return block_allreduce(v, smem);  // its __syncthreads order the same
 }
 
 // One row: `base` = offset of element (n, 0, d), `stride` = D.
@@ -350,75 +394,75 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
   }
   // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
   A sg = P.W != nullptr ? A(1) / *P.W : P.s_host;
-  if (a.grad_output != nullptr) sg *= to_acc(a.grad_output_scalar ? a.grad_output[0] : a.grad_output[row]);
-  const A one_m_eps = A(1) - P.eps;
-  // A reference logit for the label-smoothing / probability sums (less cancellation).
-  A x0 = 0;
-  if (P.fwd) {
-    x0 = to_acc(xr[0]);
-    if (!isfinite(x0)) x0 = 0;
+  if (a.grad_output != nullptr) {
+    sg *= to_acc(a.grad_output_scalar ? a.grad_output[0] : a.grad_output[row]);
   }
+  const A one_m_eps = A(1) - P.eps;
   Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
+  // The row's max and log(sum of exp(x - max)).
+  A m, log_s;
 
   if (!kProb) {
     const int64_t y = a.target_index[row];
     const bool ignored = y == a.ignore_index;
     if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
     const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
-    A lse;
-    if (P.fwd) {
+    if (P.stats) {
       A xy = 0;
-      if (leader && !ignored) xy = to_acc(xr[y * stride]);  // read before any gradient write
-      Pass1Index<T> f{a.input + base, a.weight, stride, x0, P.eps != A(0), st};
+      if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
+      Pass1Index<T> f{a.input + base, a.weight, stride, P.fwd && P.eps != A(0), st};
       walk<T, kVec>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
-      lse = st.m + flog(st.s);
-      if (leader) {
-        a.lse[row] = lse;
+      m = st.m;
+      log_s = flog(st.s);
+      if (P.fwd && leader) {
+        a.lse[row] = m + log_s;
         A l = 0;
         if (!ignored) {
-          l = one_m_eps * wy * (lse - xy);
-          if (P.eps != A(0)) {
-            const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-            l += P.eps_c * (wsum * (lse - x0) - st.a);
-          }
+          // -log_softmax_y = (m - x_y) + log_s; the smoothing term sum_c w_c (lse - x_c) =
+          // d + (sum_c w_c) log_s.
+          l = one_m_eps * wy * ((m - xy) + log_s);
+          if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
         }
         if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
         else P.row_loss[row] = l;
       }
     } else {
-      lse = a.lse[row];
+      m = a.lse[row];
+      log_s = 0;
     }
     if (a.grad_input != nullptr) {
       const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-      Pass2Index<T> f{a.input + base, a.grad_input + base, a.weight, stride, y, lse,
-                      one_m_eps * wy + P.eps_c * wsum, one_m_eps * wy, P.eps_c, sg, ignored};
+      Pass2Index<T> f{a.input + base, a.grad_input + base, a.weight, stride, y, m, log_s,
+                      one_m_eps * wy, wsum, P.eps_c, sg, ignored};
       walk<T, kVec>(f, C, head, gt, G);
     }
   } else {
-    const bool need_tw = P.fwd || a.grad_input != nullptr;
+    const bool need_tw = P.stats || a.grad_input != nullptr;
     if (need_tw) {
-      Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, x0, one_m_eps,
-                     P.eps_c, P.fwd, st};
+      Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
+                     P.eps_c, P.stats, st};
       walk<T, kVec>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
     }
-    A lse;
-    if (P.fwd) {
-      lse = st.m + flog(st.s);
-      if (leader) {
-        a.lse[row] = lse;
-        const A l = st.a * (lse - x0) - st.b;
+    if (P.stats) {
+      m = st.m;
+      log_s = flog(st.s);
+      if (P.fwd && leader) {
+        a.lse[row] = m + log_s;
+        const A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
         if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
         else P.row_loss[row] = l;
       }
     } else {
-      lse = a.lse[row];
+      m = a.lse[row];
+      log_s = 0;
     }
     if (a.grad_input != nullptr || a.grad_target != nullptr) {
-      Pass2Prob<T> f{a.input + base, a.target_prob + base, a.grad_input ? a.grad_input + base : nullptr,
-                     a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, lse, st.a,
-                     one_m_eps, P.eps_c, sg};
+      Pass2Prob<T> f{a.input + base, a.target_prob + base,
+                     a.grad_input ? a.grad_input + base : nullptr,
+                     a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m, log_s,
+                     st.u, one_m_eps, P.eps_c, sg};
       walk<T, kVec>(f, C, head, gt, G);
     }
   }
@@ -483,8 +527,8 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      if (vec) ce_row_kernel<T, kProb, true, 32><<<grid, kThreads, 0, stream>>>(P);
-      else ce_row_kernel<T, kProb, false, 32><<<grid, kThreads, 0, stream>>>(P);
+      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 32>>(grid, kThreads, 0, stream, P);
+      else launch_kernel<ce_row_kernel<T, kProb, false, 32>>(grid, kThreads, 0, stream, P);
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
@@ -494,12 +538,12 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       int64_t cap = sms * (2048 / threads);
       cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
-      if (vec) ce_row_kernel<T, kProb, true, 0><<<grid, threads, 0, stream>>>(P);
-      else ce_row_kernel<T, kProb, false, 0><<<grid, threads, 0, stream>>>(P);
+      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0>>(grid, threads, 0, stream, P);
+      else launch_kernel<ce_row_kernel<T, kProb, false, 0>>(grid, threads, 0, stream, P);
     }
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
-    ce_column_kernel<T, kProb><<<grid, 256, 0, stream>>>(P);
+    launch_kernel<ce_column_kernel<T, kProb>>(grid, 256, 0, stream, P);
   }
 }
 
@@ -527,6 +571,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.Wsum = nullptr;
   P.row_loss = row_loss;
   P.fwd = fwd;
+  P.stats = fwd || sizeof(A) == 4;
   P.rows = rows;
 
   if (!prob && mean) {

@@ -103,10 +103,13 @@ struct CrossEntropyArgs {
   int reduction = 1;
 };
 
-// Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows.
-inline int64_t ce_scratch_size(int64_t rows) {
-  // [0, 4): device scalars (W, sum of class weights); then one loss per row; then partials.
-  return 4 + rows + reduce_num_chunks(rows);
+// Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows of C classes.
+inline int64_t ce_scratch_size(int64_t rows, int64_t C) {
+  // [0, 4): device scalars (W, sum of class weights); then one loss per row; then the partials
+  // of the two-stage sums, one after another: over rows (W, the loss) and over classes (the
+  // class-weight sum).
+  const int64_t partials = reduce_num_chunks(rows > C ? rows : C);
+  return 4 + rows + partials;
 }
 
 template <typename T>

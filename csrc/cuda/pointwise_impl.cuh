@@ -102,12 +102,12 @@ __global__ void __launch_bounds__(kPwThreads, 3) pointwise_kernel(const PwParams
       for (int u = 0; u < kPwUnroll; ++u) {
         const int64_t i0 = base + (int64_t(u) * kPwThreads + threadIdx.x) * V;
         if (i0 + V <= n) {
-          const Vec<T> xu = *reinterpret_cast<const Vec<T>*>(xp + i0);
-          const Vec<T> yu = *reinterpret_cast<const Vec<T>*>(yp + i0);
+          const Vec<T> xu = ld_vec(xp + i0);
+          const Vec<T> yu = ld_vec(yp + i0);
           Vec<T> wv, av, gv, lv, giv, gtv;
-          if (wp != nullptr) wv = *reinterpret_cast<const Vec<T>*>(wp + i0);
-          if (ap != nullptr) av = *reinterpret_cast<const Vec<T>*>(ap + i0);
-          if (g_elem) gv = *reinterpret_cast<const Vec<T>*>(gp + i0);
+          if (wp != nullptr) wv = ld_vec(wp + i0);
+          if (ap != nullptr) av = ld_vec(ap + i0);
+          if (g_elem) gv = ld_vec(gp + i0);
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             const A x = to_acc(xu.v[v]), y = to_acc(yu.v[v]);
@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(kPwThreads, 3) pointwise_kernel(const PwParams
               gtv.v[v] = from_acc<T>(w * f.grad_target(x, y, aux, sh) * gfac);
             }
           }
-          if (loss_elem) *reinterpret_cast<Vec<T>*>(a.loss + i0) = lv;
-          if (a.grad_input != nullptr) *reinterpret_cast<Vec<T>*>(a.grad_input + i0) = giv;
-          if (a.grad_target != nullptr) *reinterpret_cast<Vec<T>*>(a.grad_target + i0) = gtv;
+          if (loss_elem) st_vec(a.loss + i0, lv);
+          if (a.grad_input != nullptr) st_vec(a.grad_input + i0, giv);
+          if (a.grad_target != nullptr) st_vec(a.grad_target + i0, gtv);
         } else {
           for (int v = 0; v < V; ++v) {
             const int64_t i = i0 + v;
@@ -190,15 +190,17 @@ void launch_pointwise(const PointwiseArgs<T>& a, cudaStream_t stream) {
                      aligned16(a.grad_target);
     const unsigned grid = grid_for(P.num_chunks, int64_t(num_sms()) * (2048 / kPwThreads));
     if (vec) {
-      pointwise_kernel<Loss, T, true><<<grid, kPwThreads, 0, stream>>>(P);
+      launch_kernel<pointwise_kernel<Loss, T, true>>(grid, kPwThreads, 0, stream, P);
     } else {
-      pointwise_kernel<Loss, T, false><<<grid, kPwThreads, 0, stream>>>(P);
+      launch_kernel<pointwise_kernel<Loss, T, false>>(grid, kPwThreads, 0, stream, P);
     }
   }
   if (reduce) {
     // Fixed-order second stage over the per-chunk partials; mean of 0 elements is 0/0 = nan.
-    final_sum_kernel<A, T, ArrayLoad<A>><<<1, kFinalThreads, 0, stream>>>(
-        ArrayLoad<A>{a.partials}, P.num_chunks, nullptr, mean ? A(n) : A(1), a.loss, nullptr);
+    launch_kernel<final_sum_kernel<A, T, ArrayLoad<A>>>(1, kFinalThreads, 0, stream,
+                                                        ArrayLoad<A>{a.partials}, P.num_chunks,
+                                                        nullptr, mean ? A(n) : A(1), a.loss,
+                                                        nullptr);
   }
 }
 

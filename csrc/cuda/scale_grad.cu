@@ -28,14 +28,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i0 = k * CH + (int64_t(u) * kThreads + threadIdx.x) * V;
       if (kVec && i0 + V <= n) {
-        Vec<T> a = *reinterpret_cast<const Vec<T>*>(grad + i0);
+        Vec<T> a = ld_vec(grad + i0);
         Vec<T> b;
-        if (kElem) b = *reinterpret_cast<const Vec<T>*>(g + i0);
+        if (kElem) b = ld_vec(g + i0);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           a.v[v] = from_acc<T>(to_acc(a.v[v]) * (kElem ? to_acc(b.v[v]) : gs));
         }
-        *reinterpret_cast<Vec<T>*>(grad + i0) = a;
+        st_vec(grad + i0, a);
       } else {
         for (int v = 0; v < V; ++v) {
           const int64_t i = i0 + v;
@@ -67,10 +67,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j0 = k * CH + (int64_t(u) * kThreads + threadIdx.x) * V;
       if (kVec && kD1 && j0 + V <= CD) {
-        Vec<T> a = *reinterpret_cast<const Vec<T>*>(row + j0);
+        Vec<T> a = ld_vec(row + j0);
 #pragma unroll
         for (int v = 0; v < V; ++v) a.v[v] = from_acc<T>(to_acc(a.v[v]) * g1);
-        *reinterpret_cast<Vec<T>*>(row + j0) = a;
+        st_vec(row + j0, a);
       } else {
         for (int v = 0; v < V; ++v) {
           const int64_t j = j0 + v;
@@ -96,12 +96,14 @@ void launch_scale_grad(T* grad, const T* g, int mode, int64_t numel, int64_t N, 
   if (mode == 0 || mode == 1) {
     const unsigned grid = grid_for((numel + CH - 1) / CH, cap);
     const bool vec = aligned16(grad) && (mode == 0 || aligned16(g));
-    if (mode == 0) {
-      if (vec) scale_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(grad, g, numel);
-      else scale_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(grad, g, numel);
+    if (mode == 0 && vec) {
+      launch_kernel<scale_kernel<T, false, true>>(grid, kThreads, 0, stream, grad, g, numel);
+    } else if (mode == 0) {
+      launch_kernel<scale_kernel<T, false, false>>(grid, kThreads, 0, stream, grad, g, numel);
+    } else if (vec) {
+      launch_kernel<scale_kernel<T, true, true>>(grid, kThreads, 0, stream, grad, g, numel);
     } else {
-      if (vec) scale_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(grad, g, numel);
-      else scale_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(grad, g, numel);
+      launch_kernel<scale_kernel<T, true, false>>(grid, kThreads, 0, stream, grad, g, numel);
     }
     return;
   }
@@ -109,11 +111,15 @@ void launch_scale_grad(T* grad, const T* g, int mode, int64_t numel, int64_t N, 
   const unsigned grid = grid_for(N * ((CD + CH - 1) / CH), cap);
   // Rows start 16-byte aligned when the base is and C*D*sizeof(T) is a multiple of 16.
   const bool vec = aligned16(grad) && (CD * int64_t(sizeof(T))) % 16 == 0;
-  if (D == 1) {
-    if (vec) scale_position_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(grad, g, N, CD, D);
-    else scale_position_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(grad, g, N, CD, D);
+  if (D == 1 && vec) {
+    launch_kernel<scale_position_kernel<T, true, true>>(grid, kThreads, 0, stream, grad, g, N, CD,
+                                                        D);
+  } else if (D == 1) {
+    launch_kernel<scale_position_kernel<T, true, false>>(grid, kThreads, 0, stream, grad, g, N,
+                                                         CD, D);
   } else {
-    scale_position_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(grad, g, N, CD, D);
+    launch_kernel<scale_position_kernel<T, false, false>>(grid, kThreads, 0, stream, grad, g, N,
+                                                          CD, D);
   }
 }
 

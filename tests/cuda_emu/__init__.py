@@ -1,0 +1,275 @@
+"""The CUDA-on-CPU emulator, driven from Python: build (build.py), load with ctypes, and call
+the launchers of csrc/cuda with buffers that end at a guard page.
+
+    emu = Emulator(build.build())
+    with emu.session() as s:            # frees the session's buffers at the end
+        out = s.cross_entropy(x, t, label_smoothing=0.1, want_grad=True)
+
+Every kernel error (device assert, barrier misuse, misaligned vector access, access to a guard
+page) raises EmulatorError with the emulator's report.
+"""
+import contextlib
+import ctypes
+
+import torch
+
+from . import build  # noqa: F401  (re-exported for the tests)
+
+DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+POINTWISE_KIND = {name: i for i, name in enumerate(
+    ["bce_with_logits", "huber", "smooth_l1", "mse", "l1", "bce", "hinge", "kl_div",
+     "kl_div_log_target"])}
+REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+NUM_DEVICES = 8
+
+
+class EmulatorError(RuntimeError):
+    pass
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Emulator:
+    def __init__(self, lib_path):
+        lib = ctypes.CDLL(lib_path)
+        vp, i64, i32, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        lib.tl_emu_alloc.restype = vp
+        lib.tl_emu_alloc.argtypes = [ctypes.c_size_t, i32]
+        lib.tl_emu_free.argtypes = [vp]
+        lib.tl_emu_padding_intact.argtypes = [vp]
+        lib.tl_emu_take_error.restype = ctypes.c_char_p
+        lib.tl_emu_set_device.argtypes = [i32]
+        lib.tl_emu_device_sms.argtypes = [i32]
+        lib.tl_emu_device_l2.argtypes = [i32]
+        lib.tl_emu_ce_scratch_size.restype = i64
+        lib.tl_emu_ce_scratch_size.argtypes = [i64, i64]
+        lib.tl_emu_pointwise_num_partials.restype = i64
+        lib.tl_emu_pointwise_num_partials.argtypes = [i32, i64]
+        lib.tl_emu_cross_entropy.argtypes = [i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, vp,
+                                             i64, i64, i64, i64, dbl, i32]
+        lib.tl_emu_pointwise.argtypes = [i32, i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, i64,
+                                         dbl, i32]
+        lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
+        self.lib = lib
+
+    @contextlib.contextmanager
+    def session(self, device=0):
+        s = Session(self, device)
+        try:
+            yield s
+        finally:
+            s.close()
+
+    def device_sms(self, device):
+        return self.lib.tl_emu_device_sms(device)
+
+    def device_l2(self, device):
+        return self.lib.tl_emu_device_l2(device)
+
+
+class Buffer:
+    """A tensor in memory that ends at a guard page. ptr is what the kernels get (for 0 bytes:
+    the guard page itself, so any access faults)."""
+
+    def __init__(self, ptr, tensor):
+        self.ptr = ptr
+        self.t = tensor
+
+
+class Session:
+    """Buffers and launches of one test; `layout` of each buffer:
+    "tight"   its last byte touches the guard page (the start falls where it falls),
+    int k     its start is k bytes past a 16-byte boundary (k = 0: aligned, as torch allocates),
+              the end within 16 bytes of the guard page, the gap checked for stray writes."""
+
+    def __init__(self, emu, device):
+        self.emu = emu
+        self.lib = emu.lib
+        self.buffers = []
+        if self.lib.tl_emu_set_device(device) != 0:
+            raise ValueError(f"no emulated device {device}")
+
+    def close(self):
+        for b in self.buffers:
+            self.lib.tl_emu_free(b.ptr)
+        self.buffers = []
+
+    # ---- buffers ------------------------------------------------------------------------------
+    def empty(self, shape, dtype, layout=0):
+        shape = tuple(shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        offset = -1 if layout == "tight" else int(layout)
+        elem = torch.empty((), dtype=dtype).element_size()
+        if offset > 0 and offset % elem:
+            raise ValueError(f"offset {offset} is not a multiple of the {elem}-byte element "
+                             "(no tensor has such a pointer)")
+        ptr = self.lib.tl_emu_alloc(nbytes, offset)
+        if not ptr:
+            raise MemoryError("tl_emu_alloc failed")
+        if nbytes == 0:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            raw = (ctypes.c_ubyte * nbytes).from_address(ptr)
+            t = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+        b = Buffer(ptr, t)
+        self.buffers.append(b)
+        return b
+
+    def poisoned(self, shape, dtype, layout=0):
+        """An output buffer filled with NaN (or 0x7f.. bytes for integers): a value the kernel
+        did not write shows."""
+        b = self.empty(shape, dtype, layout)
+        if b.t.numel():
+            b.t.fill_(float("nan") if b.t.is_floating_point() else -7)
+        return b
+
+    def copy(self, t, layout=0):
+        b = self.empty(t.shape, t.dtype, layout)
+        if t.numel():
+            b.t.copy_(t)
+        return b
+
+    def check_padding(self):
+        for b in self.buffers:
+            if self.lib.tl_emu_padding_intact(b.ptr) != 1:
+                raise EmulatorError(f"a write past the end of the buffer at {b.ptr:#x} "
+                                    "(its padding changed)")
+
+    def _check(self, rc):
+        err = self.lib.tl_emu_take_error().decode()
+        if rc != 0 or err:
+            raise EmulatorError(err or "launch failed")
+        self.check_padding()
+
+    @staticmethod
+    def _ptr(b):
+        return None if b is None else b.ptr
+
+    # ---- launchers ----------------------------------------------------------------------------
+    def cross_entropy(self, x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                      reduction="mean", want_grad=False, want_target_grad=False, inplace=False,
+                      grad_output=None, lse=None, layout=0, target_layout=None,
+                      out_layout=None):
+        """One launch_cross_entropy call, set up as csrc/ops.h does. x: (N, C, D) or (N, C).
+        Forward: grad_output None; returns loss, lse and the gradients asked for (grad_output
+        1). Backward: grad_output (0-dim, or (N, D) for 'none') and the forward's lse."""
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(2)
+            if target.dim() == 2 and target.is_floating_point():
+                target = target.unsqueeze(2)
+            elif not target.is_floating_point():
+                target = target.unsqueeze(1)
+            if grad_output is not None and grad_output.dim() == 1:
+                grad_output = grad_output.unsqueeze(1)
+        N, C, D = x.shape
+        dt = x.dtype
+        prob = target.is_floating_point()
+        target_layout = layout if target_layout is None else target_layout
+        out_layout = layout if out_layout is None else out_layout
+        xb = self.copy(x.contiguous(), layout)
+        tb = self.copy(target.contiguous(), target_layout)
+        wb = None if weight is None else self.copy(weight.to(acc_dtype(dt)))
+        fwd = grad_output is None
+        gob = None
+        if not fwd:
+            gob = self.copy(grad_output.to(dt).contiguous())
+        rows = N * D
+        loss = None
+        if fwd:
+            loss = self.poisoned((N, D) if reduction == "none" else (), dt, out_layout)
+            lseb = self.poisoned((N, D), acc_dtype(dt), out_layout)
+        else:
+            lseb = self.copy(lse.contiguous())
+        gi = None
+        if inplace:
+            gi = xb
+        elif want_grad:
+            gi = self.poisoned((N, C, D), dt, out_layout)
+        gt = self.poisoned((N, C, D), dt, out_layout) if want_target_grad else None
+        scratch = self.poisoned((self.lib.tl_emu_ce_scratch_size(rows, C),), acc_dtype(dt),
+                                "tight")
+        ls = label_smoothing if label_smoothing > 0 else 0.0
+        rc = self.lib.tl_emu_cross_entropy(
+            DTYPE_CODE[dt], xb.ptr, None if prob else tb.ptr, tb.ptr if prob else None,
+            self._ptr(wb), self._ptr(gob), int(gob is not None and grad_output.dim() == 0),
+            self._ptr(loss), lseb.ptr, self._ptr(gi), self._ptr(gt), scratch.ptr, N, C, D,
+            ignore_index, ls, REDUCTION[reduction])
+        self._check(rc)
+
+        def out(b, row_shaped=False):
+            if b is None:
+                return None
+            t = b.t.clone()
+            if squeeze and t.dim() > 0:
+                t = t.squeeze(1 if row_shaped else 2)
+            return t
+        r = {"grad_input": out(gi), "grad_target": out(gt)}
+        if fwd:
+            r["loss"] = out(loss, row_shaped=True)
+            r["lse"] = out(lseb, row_shaped=True)
+        return r
+
+    def pointwise(self, kind, x, y, weight=None, aux=None, param=0.0, reduction="mean",
+                  want_grad_input=False, want_grad_target=False, grad_output=None,
+                  layouts=None):
+        """One launch_pointwise call. layouts: per array (x, y, weight, aux, grad_output, loss,
+        grad_input, grad_target), default 0 (aligned)."""
+        lay = dict.fromkeys(["x", "y", "weight", "aux", "grad_output", "loss", "grad_input",
+                             "grad_target"], 0)
+        lay.update(layouts or {})
+        dt = x.dtype
+        n = x.numel()
+        xb = self.copy(x.contiguous().view(-1), lay["x"])
+        yb = self.copy(y.contiguous().view(-1), lay["y"])
+        wb = None if weight is None else self.copy(weight.contiguous().view(-1), lay["weight"])
+        ab = None if aux is None else self.copy(aux.contiguous().view(-1), lay["aux"])
+        gob = None
+        loss = partials = None
+        if grad_output is None:
+            loss = self.poisoned((n,) if reduction == "none" else (), dt, lay["loss"])
+            if reduction != "none":
+                partials = self.poisoned(
+                    (max(1, self.lib.tl_emu_pointwise_num_partials(DTYPE_CODE[dt], n)),),
+                    acc_dtype(dt), "tight")
+        else:
+            go = grad_output.to(dt)
+            gob = self.copy(go.contiguous().view(-1) if go.dim() else go, lay["grad_output"])
+        gi = self.poisoned((n,), dt, lay["grad_input"]) if want_grad_input else None
+        gt = self.poisoned((n,), dt, lay["grad_target"]) if want_grad_target else None
+        rc = self.lib.tl_emu_pointwise(
+            POINTWISE_KIND[kind], DTYPE_CODE[dt], xb.ptr, yb.ptr, self._ptr(wb), self._ptr(ab),
+            self._ptr(gob), int(gob is not None and grad_output.dim() == 0), self._ptr(loss),
+            self._ptr(gi), self._ptr(gt), self._ptr(partials), n, float(param),
+            REDUCTION[reduction])
+        self._check(rc)
+        shape = x.shape
+        r = {"grad_input": None if gi is None else gi.t.clone().view(shape),
+             "grad_target": None if gt is None else gt.t.clone().view(shape)}
+        if loss is not None:
+            r["loss"] = loss.t.clone().view(shape if reduction == "none" else ())
+        return r
+
+    def scale_grad(self, grad, grad_output, layout=0):
+        """launch_scale_grad as csrc/ops_cuda.cpp calls it; returns the scaled copy of grad."""
+        gb = self.copy(grad.contiguous(), layout)
+        gob = self.copy(grad_output.contiguous())
+        numel = grad.numel()
+        mode, N, C, D = 2, 0, 0, 0
+        if grad_output.dim() == 0:
+            mode = 0
+        elif grad_output.shape == grad.shape:
+            mode = 1
+        else:
+            N, C = grad.shape[0], grad.shape[1]
+            D = 0 if N * C == 0 else numel // (N * C)
+        if numel:
+            rc = self.lib.tl_emu_scale_grad(DTYPE_CODE[grad.dtype], gb.ptr, gob.ptr, mode, numel,
+                                            N, C, D)
+            self._check(rc)
+        return gb.t.clone()

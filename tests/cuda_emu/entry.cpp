@@ -1,0 +1,121 @@
+// C entry points of the emulator library for ctypes (tests/cuda_emu/__init__.py): each calls a
+// launcher of csrc/cuda/launchers.h exactly as csrc/ops_cuda.cpp does, with the caller's
+// buffers, and returns 0, or 1 with the error in tl_emu_take_error().
+#include <cuda_runtime.h>
+
+#include "cuda/launchers.h"
+
+namespace tc = torch_losses::cuda;
+
+namespace {
+
+// dtype codes: 0 float64, 1 float32, 2 float16, 3 bfloat16.
+template <typename F>
+int dispatch(int dtype, const F& f) {
+  switch (dtype) {
+    case 0: f(double{}); break;
+    case 1: f(float{}); break;
+    case 2: f(__half{}); break;
+    case 3: f(__nv_bfloat16{}); break;
+    default: return 1;
+  }
+  return cudaGetLastError() == cudaSuccess ? 0 : 1;
+}
+
+template <tc::PointwiseKind K, typename T>
+void pointwise(const tc::PointwiseArgs<T>& a) {
+  tc::launch_pointwise<K, T>(a, nullptr);
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t tl_emu_ce_scratch_size(int64_t rows, int64_t C) { return tc::ce_scratch_size(rows, C); }
+
+int64_t tl_emu_pointwise_num_partials(int dtype, int64_t n) {
+  switch (dtype) {
+    case 0: return tc::pointwise_num_partials<double>(n);
+    case 1: return tc::pointwise_num_partials<float>(n);
+    case 2: return tc::pointwise_num_partials<__half>(n);
+    default: return tc::pointwise_num_partials<__nv_bfloat16>(n);
+  }
+}
+
+int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
+                         const void* target_prob, const void* weight, const void* grad_output,
+                         int grad_output_scalar, void* loss, void* lse, void* grad_input,
+                         void* grad_target, void* scratch, int64_t N, int64_t C, int64_t D,
+                         int64_t ignore_index, double label_smoothing, int reduction) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = tc::acc_t<T>;
+    tc::CrossEntropyArgs<T> a;
+    a.input = static_cast<const T*>(input);
+    a.target_index = target_index;
+    a.target_prob = static_cast<const T*>(target_prob);
+    a.weight = static_cast<const A*>(weight);
+    a.grad_output = static_cast<const T*>(grad_output);
+    a.grad_output_scalar = grad_output_scalar != 0;
+    a.loss = static_cast<T*>(loss);
+    a.lse = static_cast<A*>(lse);
+    a.grad_input = static_cast<T*>(grad_input);
+    a.grad_target = static_cast<T*>(grad_target);
+    a.scratch = static_cast<A*>(scratch);
+    a.N = N;
+    a.C = C;
+    a.D = D;
+    a.ignore_index = ignore_index;
+    a.label_smoothing = label_smoothing;
+    a.reduction = reduction;
+    tc::launch_cross_entropy<T>(a, nullptr);
+  });
+}
+
+// kind: the order of tc::PointwiseKind.
+int tl_emu_pointwise(int kind, int dtype, const void* input, const void* target,
+                     const void* weight, const void* aux, const void* grad_output,
+                     int grad_output_scalar, void* loss, void* grad_input, void* grad_target,
+                     void* partials, int64_t n, double param, int reduction) {
+  if (kind < 0 || kind > int(tc::PointwiseKind::KLDivLogTarget)) return 1;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    tc::PointwiseArgs<T> a;
+    a.input = static_cast<const T*>(input);
+    a.target = static_cast<const T*>(target);
+    a.weight = static_cast<const T*>(weight);
+    a.aux = static_cast<const T*>(aux);
+    a.grad_output = static_cast<const T*>(grad_output);
+    a.grad_output_scalar = grad_output_scalar != 0;
+    a.loss = static_cast<T*>(loss);
+    a.grad_input = static_cast<T*>(grad_input);
+    a.grad_target = static_cast<T*>(grad_target);
+    a.partials = static_cast<tc::acc_t<T>*>(partials);
+    a.n = n;
+    a.param = param;
+    a.reduction = reduction;
+    using K = tc::PointwiseKind;
+    switch (K(kind)) {
+      case K::BCEWithLogits: pointwise<K::BCEWithLogits>(a); break;
+      case K::Huber: pointwise<K::Huber>(a); break;
+      case K::SmoothL1: pointwise<K::SmoothL1>(a); break;
+      case K::MSE: pointwise<K::MSE>(a); break;
+      case K::L1: pointwise<K::L1>(a); break;
+      case K::BCE: pointwise<K::BCE>(a); break;
+      case K::Hinge: pointwise<K::Hinge>(a); break;
+      case K::KLDiv: pointwise<K::KLDiv>(a); break;
+      case K::KLDivLogTarget: pointwise<K::KLDivLogTarget>(a); break;
+    }
+  });
+}
+
+int tl_emu_scale_grad(int dtype, void* grad, const void* grad_output, int mode, int64_t numel,
+                      int64_t N, int64_t C, int64_t D) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    tc::launch_scale_grad<T>(static_cast<T*>(grad), static_cast<const T*>(grad_output), mode,
+                             numel, N, C, D, nullptr);
+  });
+}
+
+}  // extern "C"

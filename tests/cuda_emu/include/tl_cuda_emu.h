@@ -1,0 +1,210 @@
+// The CUDA-on-CPU emulator used by the tests (tests/cuda_emu): what the torch_losses kernels
+// (csrc/cuda/*.cu) need from CUDA, for the host C++ compiler. The .cu files are compiled
+// unchanged with `g++ -x c++ -I tests/cuda_emu/include -I csrc`; the shim headers cuda_runtime.h,
+// cuda_runtime_api.h, cuda_fp16.h and cuda_bf16.h of this folder include this file.
+//
+// Execution model (runtime.cpp): the blocks of a launch run one after another; the threads of a
+// block are fibers (64 KiB stacks) that switch only at barriers. Every __syncthreads is a
+// rendezvous of the whole block and every warp intrinsic one of the 32 lanes of a warp; a thread
+// that skips a barrier, exits while others wait, or meets another barrier is reported as an error
+// naming the kernel, the block and the thread. Errors are sticky (as CUDA's): the launch and
+// every later one do nothing until tl_emu_take_error() is called.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#define TL_CUDA_EMULATOR 1
+
+// ---- declaration specifiers ------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+// One copy per function: the blocks run one after another, so it is one copy per block.
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+// ---- built-in types and variables ------------------------------------------------------------
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+
+typedef struct CUstream_st* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrL2CacheSize = 38 };
+
+// Set by the scheduler before a fiber runs (all fibers share one OS thread).
+extern uint3 threadIdx;
+extern uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+constexpr int warpSize = 32;
+
+// ---- runtime API (the emulated devices: tl_emu_configure_device) ------------------------------
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetLastError();
+
+// A failed device assert: reported as the launch's error; the thread stops (the block is
+// abandoned, as a CUDA kernel stops at a trap). Named by the macro below because glibc's
+// <assert.h> declares __assert_fail itself.
+extern "C" [[noreturn]] void tl_emu_assert_fail(const char* msg, const char* file,
+                                                unsigned int line, const char* func) noexcept;
+#define __assert_fail tl_emu_assert_fail
+
+namespace tl_emu {
+
+// The scheduler: runs body(ctx) once per thread of every block of the grid.
+void run_grid(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), void* ctx);
+
+// Reports an error in the running thread (kernel, block, thread) and stops it.
+[[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+void sync_block(const char* file, int line);
+
+enum WarpOp : int { kShflXor, kShflDown, kShflUp, kShflIdx, kBallot, kSyncWarp };
+// One warp intrinsic: a rendezvous of the 32 lanes; returns this lane's result bits.
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t bits, int arg, int width, const char* file,
+                 int line);
+
+inline void check_aligned(const void* p, size_t align, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) {
+    fail("misaligned address %p for a %s (needs %zu-byte alignment)", p, what, align);
+  }
+}
+
+template <auto kKernel, typename Tuple>
+void run_kernel(void* ctx) {
+  // Each thread gets its own copy of the arguments, as kernel parameters are.
+  Tuple args = *static_cast<const Tuple*>(ctx);
+  std::apply(kKernel, args);
+}
+
+// The kernel's name from the template argument (__PRETTY_FUNCTION__: "... [with auto kKernel =
+// NAME; ...]").
+template <auto kKernel>
+const char* kernel_name() {
+  static char name[512];
+  if (name[0] == 0) {
+    const char* s = __PRETTY_FUNCTION__;
+    const char* b = strstr(s, "kKernel = ");
+    b = b != nullptr ? b + 10 : s;
+    size_t n = strcspn(b, ";]");
+    if (n >= sizeof(name)) n = sizeof(name) - 1;
+    memcpy(name, b, n);
+    name[n] = 0;
+  }
+  return name;
+}
+
+template <auto kKernel, typename... Args>
+void launch(dim3 grid, dim3 block, size_t /*dynamic smem: unused*/, cudaStream_t,
+            const Args&... args) {
+  using Tuple = std::tuple<Args...>;
+  Tuple t(args...);
+  run_grid(kernel_name<kKernel>(), grid, block, &run_kernel<kKernel, Tuple>, &t);
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of <= 8 bytes");
+  uint64_t b = 0;
+  memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+inline T from_bits(uint64_t b) {
+  T v;
+  memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+}  // namespace tl_emu
+
+// ---- barriers and warp intrinsics ------------------------------------------------------------
+// The call site (file, line) identifies a barrier: every thread must meet the same one.
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  tl_emu::sync_block(file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+  tl_emu::warp_op(tl_emu::kSyncWarp, mask, 0, 0, 32, file, line);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
+                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return tl_emu::from_bits<T>(
+      tl_emu::warp_op(tl_emu::kShflXor, mask, tl_emu::to_bits(v), lane_mask, width, file, line));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                          const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::kShflDown, mask, tl_emu::to_bits(v),
+                                              int(delta), width, file, line));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return tl_emu::from_bits<T>(tl_emu::warp_op(tl_emu::kShflUp, mask, tl_emu::to_bits(v),
+                                              int(delta), width, file, line));
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32,
+                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return tl_emu::from_bits<T>(
+      tl_emu::warp_op(tl_emu::kShflIdx, mask, tl_emu::to_bits(v), src_lane, width, file, line));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  return unsigned(tl_emu::warp_op(tl_emu::kBallot, mask, pred != 0, 0, 32, file, line));
+}
+
+// ---- memory intrinsics: CUDA's alignment rule is checked -------------------------------------
+template <typename T>
+inline T __ldg(const T* p) {
+  tl_emu::check_aligned(p, alignof(T) > sizeof(T) ? alignof(T) : sizeof(T), "__ldg");
+  return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
+  tl_emu::check_aligned(p, alignof(T) > sizeof(T) ? alignof(T) : sizeof(T), "__ldcs");
+  return *p;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  tl_emu::check_aligned(p, alignof(T) > sizeof(T) ? alignof(T) : sizeof(T), "__stcs");
+  *p = v;
+}
+
+// ---- math: the host libm; fast intrinsics map to the accurate functions ----------------------
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+// Products that must not be contracted into an FMA (the emulator build allows contraction, as
+// nvcc does): the result passes through memory.
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+inline double __dmul_rn(double a, double b) {
+  volatile double r = a * b;
+  return r;
+}

@@ -1,0 +1,620 @@
+"""The CUDA kernels (csrc/cuda, unchanged sources) run on the CPU under the emulator of
+tests/cuda_emu, against torch: every launcher, loss and option, every cross-entropy kernel path,
+dtypes f64/f32/f16/bf16, sizes around the vector width and the path boundaries, misaligned
+pointers, buffers ending at a guard page, several emulated SM counts. No GPU needed.
+
+What this proves: the kernels' arithmetic, indexing, bounds, alignment and barrier/shuffle
+structure. What it cannot: real concurrency (fibers switch only at barriers, so races and
+memory-ordering bugs do not show), timing, and nvcc's libm (host expf/logf are used)."""
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_emu import NUM_DEVICES, Emulator, EmulatorError, build
+from tl_helpers import assert_flash_rule, bitwise_equal
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+VEC = {torch.float64: 2, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # per 16 bytes
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emulator(build.build())
+
+
+@pytest.fixture
+def s(emu):
+    with emu.session() as sess:
+        yield sess
+
+
+def elem(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ==== the emulator itself ======================================================================
+def _lib_call(s, name, *args):
+    rc = getattr(s.lib, name)(*args)
+    err = s.lib.tl_emu_take_error().decode()
+    return rc, err
+
+
+def test_warp_intrinsics_are_cudas(s):
+    threads = 64
+    out = s.poisoned((threads, 5), torch.int32)
+    rc, err = _lib_call(s, "tl_emu_selftest_warp_ops", threads, ctypes.c_void_p(out.ptr))
+    assert rc == 0 and not err, err
+    o = out.t
+    for t in range(threads):
+        lane, base = t % 32, t - t % 32
+        assert o[t, 0] == base + (lane ^ 1)
+        assert o[t, 1] == (t + 3 if lane + 3 < 32 else t)
+        assert o[t, 2] == (t - 2 if lane >= 2 else t)
+        assert o[t, 3] == base + (lane & ~7) + 7
+        ballot = sum(1 << l for l in range(32) if (base + l) % 3 == 0)
+        assert o[t, 4] == (ballot if ballot < 2**31 else ballot - 2**32)
+
+
+def test_shared_memory_is_per_block(s):
+    blocks, threads = 5, 256
+    out = s.poisoned((blocks,), torch.int32)
+    rc, err = _lib_call(s, "tl_emu_selftest_shared", blocks, threads, ctypes.c_void_p(out.ptr))
+    assert rc == 0 and not err, err
+    for b in range(blocks):
+        assert out.t[b] == sum(b * 1000 + i for i in range(threads))
+
+
+@pytest.mark.parametrize("case,threads,message", [
+    (0, 64, "thread (5,0,0): exited while 5 thread(s) wait at __syncthreads"),
+    (1, 64, "thread (40,0,0): exited while"),
+    (2, 128, "reached __syncthreads at"),
+    (3, 32, "exited while"),
+    (4, 32, "(same warp) waits at __shfl_down_sync"),
+    (5, 32, "whole warps only"),
+    (6, 32, "deadlock"),
+])
+def test_barrier_misuse_is_reported(s, case, threads, message):
+    """A thread that skips a barrier, exits while others wait, meets another barrier or
+    shuffle, or deadlocks: an error naming the kernel and a thread, never a hang."""
+    out = s.poisoned((2 * threads,), torch.float32)
+    rc, err = _lib_call(s, "tl_emu_selftest_barrier", case, 2, threads, ctypes.c_void_p(out.ptr))
+    assert rc != 0
+    assert "barrier_misuse_kernel" in err and "thread (" in err and message in err, err
+    # The error was taken: the next launch runs.
+    rc, err = _lib_call(s, "tl_emu_selftest_warp_ops", 32,
+                        ctypes.c_void_p(s.poisoned((32, 5), torch.int32).ptr))
+    assert rc == 0 and not err, err
+
+
+def test_read_past_the_end_is_caught(s):
+    x = s.copy(torch.rand(1000), "tight")
+    out = s.poisoned((128,), torch.float32)
+    rc, err = _lib_call(s, "tl_emu_selftest_read", ctypes.c_void_p(x.ptr), 1000, 128,
+                        ctypes.c_void_p(out.ptr))
+    assert rc == 0 and not err, err
+    torch.testing.assert_close(out.t.double().sum(), x.t.double().sum(), rtol=1e-5, atol=0)
+    rc, err = _lib_call(s, "tl_emu_selftest_read", ctypes.c_void_p(x.ptr), 1001, 128,
+                        ctypes.c_void_p(out.ptr))
+    assert rc != 0 and "read_kernel" in err and "0 bytes past the end of the 4000-byte" in err, err
+
+
+def test_misaligned_vector_load_is_caught(s):
+    x = s.copy(torch.rand(16), 4)
+    out = s.poisoned((32,), torch.float32)
+    rc, err = _lib_call(s, "tl_emu_selftest_vector_load", ctypes.c_void_p(x.ptr),
+                        ctypes.c_void_p(out.ptr))
+    assert rc != 0 and "misaligned address" in err and "vector_load_kernel" in err, err
+
+
+def test_device_assert_is_reported(s):
+    x = torch.rand(64)
+    x[17] = -1
+    xb = s.copy(x)
+    out = s.poisoned((64,), torch.float32)
+    rc, err = _lib_call(s, "tl_emu_selftest_assert", ctypes.c_void_p(xb.ptr),
+                        ctypes.c_void_p(out.ptr))
+    assert rc != 0 and "device-side assert" in err and "selftest: negative input" in err, err
+    assert "thread (17,0,0)" in err, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_bfloat16_round_to_nearest_even(s, dtype):
+    """Products of two half (bfloat16) values are exact in float32, so the kernel's only
+    rounding is float -> half: it must be torch's (round to nearest even), subnormals, overflow
+    and NaN included."""
+    g = torch.Generator().manual_seed(1)
+    n = 40000
+    a = (torch.randn(n, generator=g) * torch.exp2(torch.randint(-20, 20, (n,), generator=g)))
+    b = (torch.randn(n, generator=g) * torch.exp2(torch.randint(-20, 20, (n,), generator=g)))
+    a, b = a.to(dtype), b.to(dtype)
+    a[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    out = s.scale_grad(a, b)
+    ref = (a.float() * b.float()).to(dtype)
+    assert bitwise_equal(out, ref)
+
+
+# ==== references ================================================================================
+def ce_reference(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                 reduction="mean", grad_output=None):
+    """torch in float64: loss and the gradients (input; target for probabilities) for
+    grad_output (1 when None)."""
+    prob = target.is_floating_point()
+    x64 = x.double().requires_grad_(True)
+    t64 = target.double().requires_grad_(True) if prob else target
+    w64 = None if weight is None else weight.double()
+    loss = F.cross_entropy(x64, t64, weight=w64, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    grads = torch.autograd.grad(loss, [x64, t64] if prob else [x64], go, allow_unused=True)
+    return loss.detach(), grads[0], grads[1] if prob else None
+
+
+def ce_torch(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+             grad_output=None):
+    """torch in x's dtype (for the flash rule): loss and input gradient."""
+    prob = target.is_floating_point()
+    xl = x.detach().clone().requires_grad_(True)
+    tl = target.detach().clone().requires_grad_(True) if prob else target
+    w = None if weight is None else weight.to(x.dtype)
+    loss = F.cross_entropy(xl, tl, weight=w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(x.dtype)
+    grads = torch.autograd.grad(loss, [xl, tl] if prob else [xl], go)
+    return loss.detach(), grads[0], grads[1] if prob else None
+
+
+def check(name, ours, ref64, lowp, dtype):
+    """float64: tight; low precision: no worse than 2x torch's own error (flash-attn rule)."""
+    assert ours.dtype == dtype and ours.shape == ref64.shape, (name, ours.dtype, ours.shape)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours, ref64, rtol=1e-10, atol=1e-12, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        # NaN where torch in float64 has NaN (the rule is for the finite values).
+        nan = ref64.isnan()
+        assert torch.equal(ours.isnan(), nan), f"{name}: NaN positions differ"
+        assert_flash_rule(ours[~nan], lowp[~nan], ref64[~nan], name=name)
+
+
+# ==== cross-entropy =============================================================================
+def ce_inputs(N, C, D, dtype, prob, g, scale=2.0, ignore_index=-100):
+    shape = (N, C) if D is None else (N, C, D)
+    x = (torch.randn(shape, generator=g) * scale).to(dtype)
+    if prob:
+        t = torch.softmax(torch.randn(shape, generator=g) * 3, 1).to(dtype)
+    else:
+        t = torch.randint(0, max(C, 1), shape[:1] + shape[2:], generator=g)
+        if t.numel() > 2:
+            t.view(-1)[::5] = ignore_index
+    w = torch.rand(C, generator=g) + 0.5
+    return x, t, w
+
+
+def ce_path(C, D, dtype):
+    if D not in (None, 1) or C < 64:
+        return "column"
+    return "warp" if C // VEC[dtype] <= 512 else "block"
+
+
+# (N, C, D): D None is an (N, C) input. Around every path boundary: the column kernel (C < 64
+# or D > 1), warp per row (C / vec <= 512), block per row; sizes at the vector width +- 1.
+def _ce_shapes(dtype):
+    v = VEC[dtype]
+    shapes = [(0, 5, None), (1, 1, None), (7, 1, None), (37, 5, None), (9, 63, None),
+              (9, 64, None), (5, v + 1, None), (5, 64 + v - 1, None), (11, 129, None),
+              (5, 512 * v, None), (4, 512 * v + v + 1, None), (3, 4097, None),
+              (4, 3, 7), (3, 64, 5), (2, 1, 33), (0, 4, 3), (5, 0, 0)]
+    return shapes
+
+
+OPTIONS = {
+    "index_mean": dict(prob=False),
+    "index_weight_smooth_sum": dict(prob=False, weight=True, label_smoothing=0.1,
+                                    reduction="sum"),
+    "index_weight_mean": dict(prob=False, weight=True, ignore_index=1),
+    "index_smooth_none": dict(prob=False, label_smoothing=0.2, reduction="none"),
+    "prob_smooth_mean": dict(prob=True, label_smoothing=0.05),
+    "prob_weight_sum": dict(prob=True, weight=True, reduction="sum"),
+    "prob_none": dict(prob=True, reduction="none"),
+}
+
+
+def run_ce_case(s, dtype, N, C, D, opts, layout=0, target_layout=None, out_layout=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prob = opts["prob"]
+    x, t, w = ce_inputs(N, C, D, dtype, prob, g, ignore_index=opts.get("ignore_index", -100))
+    kw = dict(weight=w if opts.get("weight") else None,
+              ignore_index=opts.get("ignore_index", -100),
+              label_smoothing=opts.get("label_smoothing", 0.0),
+              reduction=opts.get("reduction", "mean"))
+    lay = dict(layout=layout, target_layout=target_layout, out_layout=out_layout)
+    name = f"{dtype} {N}x{C}x{D} {opts}"
+    # Forward (with the fused gradient for mean/sum, as autograd asks for it).
+    fused = kw["reduction"] != "none"
+    r = s.cross_entropy(x, t, **kw, want_grad=fused, want_target_grad=fused and prob, **lay)
+    ref_loss, ref_gx, ref_gt = ce_reference(x, t, **kw)
+    lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None, None, None)
+    check(name + " loss", r["loss"], ref_loss, lowp[0], dtype)
+    if fused:
+        check(name + " grad_input", r["grad_input"], ref_gx, lowp[1], dtype)
+        if prob:
+            check(name + " grad_target", r["grad_target"], ref_gt, lowp[2], dtype)
+    # Backward op: grad_output (a scalar, or one per row) with the forward's lse.
+    go = (torch.randn(ref_loss.shape, generator=g) if kw["reduction"] == "none"
+          else torch.tensor(0.75)).to(dtype)
+    rb = s.cross_entropy(x, t, **kw, grad_output=go, lse=r["lse"], want_grad=True,
+                         want_target_grad=prob, **lay)
+    ref_loss, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
+    lowp = ce_torch(x, t, **kw, grad_output=go) if dtype != torch.float64 else (None,) * 3
+    check(name + " bwd grad_input", rb["grad_input"], ref_gx, lowp[1], dtype)
+    if prob:
+        check(name + " bwd grad_target", rb["grad_target"], ref_gt, lowp[2], dtype)
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_matrix(s, dtype, opt):
+    for N, C, D in _ce_shapes(dtype):
+        if C == 0 and N * (D or 1) > 0:
+            continue
+        run_ce_case(s, dtype, N, C, D, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("layout", ["tight", "mixed", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_misaligned(s, dtype, layout):
+    """Buffers ending at a guard page ("tight": every array equally misaligned, so the vector
+    path runs with a head and a tail), or misaligned differently ("mixed": input one element off
+    a 16-byte boundary, the rest aligned: the scalar path; "odd": each array its own offset)."""
+    e = elem(dtype)
+    for N, C, D in [(3, 5, None), (6, 64 + VEC[dtype] + 1, None), (2, 512 * VEC[dtype] + 3, None),
+                    (3, 7, 3)]:
+        for opt in ("index_weight_smooth_sum", "prob_smooth_mean", "index_smooth_none"):
+            # int64 class indices, float32 lse: natural alignment only
+            te = (2 * e) % 16 if OPTIONS[opt]["prob"] else 8
+            lays = {"tight": ("tight", "tight", "tight"), "mixed": (e, 0, 0),
+                    "odd": (e, te, 8 if e < 8 else 0)}[layout]
+            run_ce_case(s, dtype, N, C, D, OPTIONS[opt], *lays)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_large_vocabulary(s, dtype):
+    for opt in ("index_weight_smooth_sum", "prob_smooth_mean"):
+        run_ce_case(s, dtype, 3, 32000, None, OPTIONS[opt])
+    run_ce_case(s, dtype, 2, 32000, None, OPTIONS["index_mean"], "tight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [7, 300, 5000])
+def test_cross_entropy_inplace(s, dtype, C):
+    """inplace_backward: the gradient overwrites the logits (grad_input aliases input)."""
+    g = torch.Generator().manual_seed(3)
+    x, t, w = ce_inputs(9, C, None, dtype, False, g)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1, reduction="sum")):
+        r = s.cross_entropy(x, t, **kw, inplace=True)
+        r2 = s.cross_entropy(x, t, **kw, want_grad=True)
+        assert bitwise_equal(r["loss"], r2["loss"])
+        ref_loss, ref_gx, _ = ce_reference(x, t, **kw)
+        lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None,) * 3
+        check(f"inplace {dtype} C={C} {kw}", r["grad_input"], ref_gx, lowp[1], dtype)
+
+
+def test_cross_entropy_target_out_of_bounds_asserts(s):
+    for C, D in [(10, None), (5000, None), (4, 9)]:
+        x = torch.randn(4, C) if D is None else torch.randn(4, C, D)
+        t = torch.zeros(4, dtype=torch.long) if D is None else torch.zeros(4, D, dtype=torch.long)
+        t.view(-1)[2] = C
+        for reduction in ("mean", "none"):
+            with pytest.raises(EmulatorError, match="target class index out of bounds"):
+                s.cross_entropy(x, t, reduction=reduction, want_grad=reduction != "none")
+
+
+# ==== pointwise losses ==========================================================================
+def pw_inputs(kind, n, dtype, g):
+    x = torch.randn(n, generator=g)
+    y = torch.randn(n, generator=g)
+    if kind == "bce":
+        x = torch.rand(n, generator=g) * 0.98 + 0.01
+        y = torch.rand(n, generator=g)
+    elif kind == "bce_with_logits":
+        y = torch.rand(n, generator=g)
+    elif kind == "hinge":
+        y = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    elif kind == "kl_div":
+        y = torch.rand(n, generator=g)
+        if n > 3:
+            y[3] = 0
+    return x.to(dtype), y.to(dtype)
+
+
+def pw_elementwise(kind, x, y, aux, param):
+    """Unweighted, unreduced loss of each element, written with torch ops."""
+    if kind == "bce_with_logits":
+        return F.binary_cross_entropy_with_logits(x, y, pos_weight=aux, reduction="none")
+    if kind == "huber":
+        return F.huber_loss(x, y, delta=param, reduction="none")
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(x, y, beta=param, reduction="none")
+    if kind == "mse":
+        return F.mse_loss(x, y, reduction="none")
+    if kind == "l1":
+        return F.l1_loss(x, y, reduction="none")
+    if kind == "bce":
+        return F.binary_cross_entropy(x, y, reduction="none")
+    if kind == "hinge":
+        return torch.clamp_min(param - y * x, 0)
+    if kind == "kl_div":
+        return F.kl_div(x, y, reduction="none")
+    return F.kl_div(x, y, reduction="none", log_target=True)
+
+
+def pw_reduce(l, reduction):
+    return l if reduction == "none" else (l.mean() if reduction == "mean" else l.sum())
+
+
+def pw_run_torch(kind, x, y, w, aux, param, reduction, go, dtype):
+    xs = x.to(dtype).detach().requires_grad_(True)
+    ys = y.to(dtype).detach().requires_grad_(True)
+    a = None if aux is None else aux.to(dtype)
+    l = pw_elementwise(kind, xs, ys, a, param)
+    if w is not None:
+        l = l * w.to(dtype)
+    l = pw_reduce(l, reduction)
+    gi, gt = torch.autograd.grad(l, [xs, ys], go.to(dtype))
+    return l.detach(), gi, gt
+
+
+PW_PARAMS = {"huber": 0.7, "smooth_l1": 0.5, "hinge": 0.8}
+PW_KINDS = ["bce_with_logits", "huber", "smooth_l1", "mse", "l1", "bce", "hinge", "kl_div",
+            "kl_div_log_target"]
+
+
+def run_pw_case(s, kind, dtype, n, reduction, weighted, layouts=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = pw_inputs(kind, n, dtype, g)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype) if weighted else None
+    aux = ((torch.rand(n, generator=g) + 0.5).to(dtype)
+           if weighted and kind == "bce_with_logits" else None)
+    param = PW_PARAMS.get(kind, 0.0)
+    name = f"{kind} {dtype} n={n} {reduction} w={weighted} {layouts}"
+    go1 = torch.ones(()) if reduction != "none" else torch.ones(n)
+    ref = pw_run_torch(kind, x.double(), y.double(), None if w is None else w.double(),
+                       None if aux is None else aux.double(), param, reduction, go1,
+                       torch.float64)
+    lowp = (pw_run_torch(kind, x, y, w, aux, param, reduction, go1, dtype)
+            if dtype != torch.float64 else (None,) * 3)
+    fused = reduction != "none"
+    r = s.pointwise(kind, x, y, w, aux, param, reduction, want_grad_input=fused,
+                    want_grad_target=fused, layouts=layouts)
+    check(name + " loss", r["loss"], ref[0], lowp[0], dtype)
+    if fused:
+        check(name + " grad_input", r["grad_input"], ref[1], lowp[1], dtype)
+        check(name + " grad_target", r["grad_target"], ref[2], lowp[2], dtype)
+    go = (torch.randn(n, generator=g) if reduction == "none" else torch.tensor(-1.5)).to(dtype)
+    ref = pw_run_torch(kind, x.double(), y.double(), None if w is None else w.double(),
+                       None if aux is None else aux.double(), param, reduction, go.double(),
+                       torch.float64)
+    lowp = (pw_run_torch(kind, x, y, w, aux, param, reduction, go, dtype)
+            if dtype != torch.float64 else (None,) * 3)
+    rb = s.pointwise(kind, x, y, w, aux, param, reduction, want_grad_input=True,
+                     want_grad_target=True, grad_output=go, layouts=layouts)
+    check(name + " bwd grad_input", rb["grad_input"], ref[1], lowp[1], dtype)
+    check(name + " bwd grad_target", rb["grad_target"], ref[2], lowp[2], dtype)
+
+
+@pytest.mark.parametrize("kind", PW_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pointwise_matrix(s, kind, dtype):
+    v = VEC[dtype]
+    chunk = 256 * v * 4
+    for n in (0, 1, v - 1, v + 1, 4097, chunk + 3):
+        for reduction, weighted in (("mean", False), ("sum", True), ("none", True)):
+            run_pw_case(s, kind, dtype, n, reduction, weighted)
+
+
+@pytest.mark.parametrize("kind", ["bce_with_logits", "huber", "bce", "kl_div_log_target"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pointwise_misaligned(s, kind, dtype):
+    e = elem(dtype)
+    for layouts in (dict.fromkeys(["x", "y", "weight", "aux", "grad_output", "loss",
+                                   "grad_input", "grad_target"], "tight"),
+                    {"x": e, "grad_target": (16 - e) % 16}, {"loss": e}, {"grad_output": e}):
+        for n in (VEC[dtype] + 1, 1027):
+            for reduction in ("mean", "none"):
+                run_pw_case(s, kind, dtype, n, reduction, True, layouts)
+
+
+@pytest.mark.parametrize("kind,bad", [("bce", "x"), ("bce", "y"), ("hinge", "y")])
+def test_pointwise_domain_asserts(s, kind, bad):
+    g = torch.Generator().manual_seed(0)
+    x, y = pw_inputs(kind, 1000, torch.float32, g)
+    (x if bad == "x" else y)[517] = 1.5
+    with pytest.raises(EmulatorError, match="device-side assert"):
+        s.pointwise(kind, x, y, param=PW_PARAMS.get(kind, 0.0), reduction="sum")
+
+
+# ==== scale_grad ================================================================================
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad(s, dtype):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1000, 33), (5,), (4, 7, 5), (6, 300), (3, 64)]:
+        grad = torch.randn(shape, generator=g).to(dtype)
+        one = torch.tensor(1.0, dtype=dtype)
+        assert bitwise_equal(s.scale_grad(grad, one), grad)
+        half = torch.tensor(0.5, dtype=dtype)
+        assert bitwise_equal(s.scale_grad(grad, half), (grad.double() * 0.5).to(dtype))
+        per = torch.randn(shape, generator=g).to(dtype)
+        assert bitwise_equal(s.scale_grad(grad, per, "tight"),
+                             (grad.double() * per.double()).to(dtype))
+        if len(shape) >= 2:
+            pos = torch.randn((shape[0],) + shape[2:], generator=g).to(dtype)
+            ref = (grad.double() * pos.double().unsqueeze(1)).to(dtype)
+            assert bitwise_equal(s.scale_grad(grad, pos), ref)
+
+
+# ==== grid sizes ================================================================================
+def _grid_cases(s):
+    """Results of launches whose grid depends on the SM count (and L2 size)."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    x = torch.randn(300, 700, generator=g)  # warp per row: grid ~ rows / 8, capped
+    t = torch.randint(0, 700, (300,), generator=g)
+    r = s.cross_entropy(x, t, label_smoothing=0.1, want_grad=True, reduction="sum")
+    out += [r["loss"], r["grad_input"]]
+    x = torch.randn(40, 5000, generator=g).bfloat16()  # block per row, L2-based cap
+    t = torch.randint(0, 5000, (40,), generator=g)
+    r = s.cross_entropy(x, t, want_grad=True)
+    out += [r["loss"], r["grad_input"]]
+    x = torch.randn(70000, 2, generator=g)  # column kernel; 70000 row losses: two-stage sum
+    t = torch.randint(0, 2, (70000,), generator=g)
+    out.append(s.cross_entropy(x, t)["loss"])
+    p = torch.softmax(torch.randn(8, 5, 300, generator=g), 1)
+    out.append(s.cross_entropy(torch.randn(8, 5, 300, generator=g), p)["loss"])
+    x, y = torch.randn(50000, generator=g), torch.randn(50000, generator=g)
+    r = s.pointwise("huber", x, y, param=1.0, want_grad_input=True)
+    out += [r["loss"], r["grad_input"]]
+    out.append(s.scale_grad(torch.randn(30000, generator=g), torch.randn(30000, generator=g)))
+    return out
+
+
+def test_results_bitwise_equal_across_sm_counts(emu):
+    """The reductions have a fixed order: every emulated device (1 to 132 SMs, L2 64 KiB to
+    50 MiB) gives the same bits."""
+    results = []
+    for dev in range(NUM_DEVICES):
+        with emu.session(dev) as s:
+            results.append(_grid_cases(s))
+    for dev in range(1, NUM_DEVICES):
+        for a, b in zip(results[0], results[dev]):
+            assert bitwise_equal(a, b), f"device {dev} ({emu.device_sms(dev)} SMs) differs"
+
+
+# ==== review and fuzzer defects (each failed before its fix) ===================================
+# (C, D, layout): one per kernel path. Vector path with a head (input one element off a 16-byte
+# boundary, everything else equally off); scalar path (gradient buffer aligned differently).
+NONFINITE_PATHS = {
+    "column": (5, 1, 0), "column_d3": (6, 3, 0), "warp_vec": (100, None, "tight"),
+    "warp_scalar": (100, None, "mixed"), "block_vec": (3000, None, "tight"),
+    "block_scalar": (3000, None, "mixed"),
+}
+
+
+@pytest.mark.parametrize("path", list(NONFINITE_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cross_entropy_nan_inf_at_every_position(s, dtype, path):
+    """A NaN or +-inf logit at any class position, on every kernel path: torch's loss and
+    gradient (NaN rows stay NaN; fmaxf(-inf, NaN) = -inf once dropped a NaN folded first)."""
+    C, D, layout = NONFINITE_PATHS[path]
+    e = elem(dtype)
+    lay = (("tight",) * 3 if layout == "tight" else (e, 8, 0) if layout == "mixed" else (0,) * 3)
+    g = torch.Generator().manual_seed(7)
+    v = VEC[dtype]
+    positions = (sorted({0, 1, 2, v - 1, v, v + 1, C // 2, C - 2, C - 1}) if C > 16
+                 else range(C))
+    for special in (float("nan"), float("inf"), -float("inf")):
+        for pos in positions:
+            shape = (2, C) if D is None else (2, C, D)
+            x = (torch.randn(shape, generator=g) * 2).to(dtype)
+            t = torch.tensor([2, pos]) if D is None else torch.tensor([[2] * D, [pos] * D])
+            x[1, pos] = special
+            for kw in (dict(reduction="sum"), dict(label_smoothing=0.1, reduction="sum")):
+                r = s.cross_entropy(x, t, **kw, want_grad=True, layout=lay[0],
+                                    target_layout=lay[1], out_layout=lay[2])
+                rn = s.cross_entropy(x, t, **{**kw, "reduction": "none"}, layout=lay[0],
+                                     target_layout=lay[1], out_layout=lay[2])
+                ref_loss, ref_gx, _ = ce_reference(x, t, **kw)
+                ref_none, _, _ = ce_reference(x, t, **{**kw, "reduction": "none"})
+                name = f"{path} {dtype} x[1, {pos}] = {special} {kw}"
+                torch.testing.assert_close(rn["loss"].double(), ref_none, equal_nan=True,
+                                           rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(r["loss"].double(), ref_loss, equal_nan=True,
+                                           rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(r["grad_input"].double(), ref_gx, equal_nan=True,
+                                           rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_cross_entropy_nan_first_minimal_case(s):
+    """The review's minimal case: x = [NaN, 1, 2, 0.5, -1], y = 2 (column kernel)."""
+    x = torch.tensor([[float("nan"), 1, 2, 0.5, -1]])
+    r = s.cross_entropy(x, torch.tensor([2]), want_grad=True)
+    assert r["loss"].isnan().all() and r["grad_input"].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_weight_smoothing_more_than_65536_classes(s, dtype):
+    """The class-weight sum writes one partial per 4096 classes: the scratch must hold them
+    (it was sized by rows only, so C > 65536 with one row wrote past its end)."""
+    run_ce_case(s, dtype, 1, 70001, None, OPTIONS["index_weight_smooth_sum"])
+
+
+@pytest.mark.parametrize("C", [300, 5000])
+def test_cross_entropy_lanes_agree_on_lse(s, C):
+    """Every lane of a row's group must use the same lse: two classes with the same logit get
+    bitwise the same gradient. (The online-softmax merge p.s e^(p.m - m) + q.s e^(q.m - m) was
+    contracted into an FMA, so the butterfly partners rounded differently.)"""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(256, C, generator=g) * 3
+    cols = [0, 37, 130, 181, C - 1]  # different lanes (and warps for C = 5000)
+    x[:, cols] = x[:, :1]
+    t = torch.randint(1, 30, (256,), generator=g)
+    for kw in (dict(), dict(label_smoothing=0.1)):
+        gi = s.cross_entropy(x, t, **kw, want_grad=True)["grad_input"]
+        for c in cols[1:]:
+            assert torch.equal(gi[:, c], gi[:, 0]), f"class {c} vs 0: lanes disagree ({kw})"
+
+
+@pytest.mark.parametrize("C,D", [(50, None), (1000, None), (5000, None), (50, 3)])
+@pytest.mark.parametrize("target", ["index", "index_smooth", "prob", "prob_weight_smooth"])
+def test_cross_entropy_large_logits_float32(s, C, D, target):
+    """Logits around 1e4 in float32: the loss is formed from (max - x) and log(sum), never from
+    two large numbers, and the softmax from x - max and log(sum) (recomputed in the backward
+    op: lse rounded to float32 is off by up to 5e-4 there); no worse than 2x torch's float32
+    error (plus the project's slack of 1e-6 of the largest value)."""
+    g = torch.Generator().manual_seed(13)
+    shape = (4, C) if D is None else (4, C, D)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + 1e4).float()
+    prob = target.startswith("prob")
+    if prob:
+        t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), 1).float()
+    else:
+        t = torch.randint(0, C, shape[:1] + shape[2:], generator=g)
+    kw = dict(label_smoothing=0.1 if "smooth" in target else 0.0,
+              weight=torch.rand(C, generator=g) + 0.5 if "weight" in target else None)
+    for reduction in ("mean", "none"):
+        r = s.cross_entropy(x, t, **kw, reduction=reduction, want_grad=reduction == "mean",
+                            want_target_grad=prob and reduction == "mean")
+        ref = ce_reference(x, t, **kw, reduction=reduction)
+        lowp = ce_torch(x, t, **kw, reduction=reduction)
+        name = f"{target} C={C} D={D} {reduction}"
+        assert_flash_rule(r["loss"], lowp[0], ref[0], name=name + " loss")
+        if reduction == "mean":
+            assert_flash_rule(r["grad_input"], lowp[1], ref[1], name=name + " grad_input")
+        # The backward op (per-row grad_output) from the forward's lse.
+        go = torch.randn(ref[0].shape, generator=g)
+        rb = s.cross_entropy(x, t, **kw, reduction=reduction, grad_output=go, lse=r["lse"],
+                             want_grad=True, want_target_grad=prob)
+        ref = ce_reference(x, t, **kw, reduction=reduction, grad_output=go)
+        lowp = ce_torch(x, t, **kw, reduction=reduction, grad_output=go)
+        assert_flash_rule(rb["grad_input"], lowp[1], ref[1], name=name + " bwd grad_input")
+        if prob:
+            assert_flash_rule(rb["grad_target"], lowp[2], ref[2], name=name + " bwd grad_target")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_one_class_is_exactly_zero(s, dtype):
+    """C = 1: log_softmax is exactly 0, so the loss and the gradient are exactly 0 (torch)."""
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(6, 1, generator=g) * 1e3).to(dtype)
+    t = torch.zeros(6, dtype=torch.long)
+    p = torch.ones(6, 1, dtype=dtype)
+    w = torch.tensor([0.7])
+    for target, kw in ((t, {}), (t, dict(weight=w, label_smoothing=0.3)), (p, {}),
+                       (p, dict(weight=w, label_smoothing=0.2))):
+        for reduction in ("mean", "sum", "none"):
+            r = s.cross_entropy(x, target, **kw, reduction=reduction,
+                                want_grad=reduction != "none")
+            assert (r["loss"] == 0).all(), (kw, reduction, r["loss"])
+            if reduction != "none":
+                assert (r["grad_input"] == 0).all(), (kw, reduction, r["grad_input"])
