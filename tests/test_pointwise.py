@@ -303,23 +303,11 @@ def test_low_precision(loss, opts, dtype, device):
     _check_low_precision(loss, opts, dtype, device, scalar_grad_output=False)
 
 
-# (loss, grid index, dtype) where the gradient is rounded twice on the CPU (see /tmp/bugs.md).
-DOUBLE_ROUNDING = {("l1", 0, torch.bfloat16), ("smooth_l1", 0, torch.bfloat16),
-                   ("smooth_l1", 0, torch.float16), ("smooth_l1", 1, torch.float16),
-                   ("smooth_l1", 2, torch.bfloat16), ("smooth_l1", 3, torch.bfloat16),
-                   ("smooth_l1", 3, torch.float16), ("hinge", 0, torch.float16),
-                   ("hinge", 1, torch.float16), ("hinge", 2, torch.float16),
-                   ("kl_div", 1, torch.float16)}
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("loss,opts", list(_grid()))
-def test_low_precision_scaled_grad_output(loss, opts, dtype, device, request):
-    """The same with a random scalar grad_output in [0.5, 1.5) for mean/sum (a loss scale)."""
-    if device == "cpu" and (loss.name, loss.grid.index(opts), dtype) in DOUBLE_ROUNDING:
-        request.applymarker(pytest.mark.xfail(
-            reason="bug: low-precision gradient rounded twice (forward buffer, then scale_grad_)",
-            strict=True))
+def test_low_precision_scaled_grad_output(loss, opts, dtype, device):
+    """The same with a random scalar grad_output in [0.5, 1.5) for mean/sum (a loss scale):
+    half/bfloat16 gradients are recomputed with grad_output folded in, rounded once."""
     _check_low_precision(loss, opts, dtype, device, scalar_grad_output=True)
 
 

@@ -24,8 +24,9 @@ struct NoDomainCheck {
   TL_HD T invalid(T, T) const { return T(0); }
 };
 
-// binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight.
-// The pos_weight terms are skipped where a == 1, as torch does without pos_weight (so that an
+// binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight,
+// in torch's order of operations (so that non-finite inputs give torch's inf or nan). The
+// pos_weight terms are skipped where a == 1, as torch does without pos_weight (so that an
 // infinite target gives torch's inf, not 0 * inf).
 template <typename T>
 struct BCEWithLogits : NoDomainCheck {
@@ -33,19 +34,20 @@ struct BCEWithLogits : NoDomainCheck {
   explicit TL_HD BCEWithLogits(double = 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
-  TL_HD static T pos_weight_term(T a, T v) { return M::where(a == T(1), T(0), (a - T(1)) * v); }
   TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
   TL_HD T value(T x, T y, T a, T e) const {
     T ls = log_sigmoid(x, e);
-    return (T(1) - y) * x - ls - pos_weight_term(a, y * ls);
+    return (T(1) - y) * x - M::where(a == T(1), ls, ((a - T(1)) * y + T(1)) * ls);
   }
   TL_HD T grad_input(T x, T y, T a, T e) const {
     T r = T(1) / (T(1) + e);
     T sigmoid = M::where(x >= T(0), r, e * r);
     return M::where(a == T(1), sigmoid - y, (a * y + T(1) - y) * sigmoid - a * y);
   }
+  // -x, or logsigmoid(-x) - a logsigmoid(x) with pos_weight (the same for finite x; torch's
+  // form gives inf, not inf - inf, at x = -inf). e = exp(-|x|) serves both log-sigmoids.
   TL_HD T grad_target(T x, T, T a, T e) const {
-    return -x - pos_weight_term(a, log_sigmoid(x, e));
+    return M::where(a == T(1), -x, log_sigmoid(-x, e) - a * log_sigmoid(x, e));
   }
 };
 
@@ -72,15 +74,16 @@ template <typename T>
 struct SmoothL1 : NoDomainCheck {
   using M = Math<T>;
   T beta;
-  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
+  bool l1;  // beta = 0: exactly l1_loss (torch routes it there), NaN included
+  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)), l1(beta_ == 0) {}
   TL_HD T shared(T x, T y) const { return x - y; }
   TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
     return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
   }
   TL_HD T grad_input(T, T, T, T z) const {
-    // For beta = 0 the middle branch is never taken: sign(z), 0 at z = 0 as torch's l1.
-    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), M::where(z == T(0), T(0), z / beta)));
+    if (l1) return M::where(z > T(0), T(1), M::where(z < T(0), T(-1), T(0)));  // torch's sign
+    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), z / beta));
   }
   TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
@@ -117,7 +120,7 @@ struct BCE {
   explicit TL_HD BCE(double = 0) {}
   TL_HD static T clamp_log(T v) { return M::where(v < T(-100), T(-100), v); }
   TL_HD T invalid(T x, T y) const {
-    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1));
+    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1)) | (y != y);
   }
   TL_HD T shared(T x, T) const { return M::log1p(-x); }  // log(1 - x)
   TL_HD T value(T x, T y, T, T log1m) const {
@@ -131,8 +134,9 @@ struct BCE {
   TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
 };
 
-// Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. At the kink (margin - y x = 0) the
-// gradient -y is passed, as torch's clamp_min does.
+// Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. The gradients are those torch's
+// autograd gives for (margin - y x).clamp_min(0): the mask (v >= 0, so the kink passes -y) times
+// the inner derivative, so NaN/inf inputs give torch's 0 * inf = nan in the other gradient.
 template <typename T>
 struct Hinge {
   using M = Math<T>;
@@ -143,8 +147,9 @@ struct Hinge {
   TL_HD T invalid(T, T y) const { return (y != T(1)) & (y != T(-1)); }
   TL_HD T shared(T x, T y) const { return margin - y * x; }
   TL_HD T value(T, T, T, T v) const { return M::where(v < T(0), T(0), v); }  // NaN propagates
-  TL_HD T grad_input(T, T y, T, T v) const { return M::where(v >= T(0), -y, T(0)); }
-  TL_HD T grad_target(T x, T, T, T v) const { return M::where(v >= T(0), -x, T(0)); }
+  TL_HD static T pass(T v) { return M::where(v >= T(0), T(1), T(0)); }
+  TL_HD T grad_input(T, T y, T, T v) const { return pass(v) * -y; }
+  TL_HD T grad_target(T x, T, T, T v) const { return pass(v) * -x; }
 };
 
 // kl_div with probability targets: xlogy(y, y) - y x. At y = 0 torch's target gradient is nan
