@@ -338,12 +338,12 @@ void register_ops(torch::Library& m) {
 
   m.impl("bce_with_logits_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w,
                                    const OptTensor& pw, int64_t r, bool gx, bool gy) {
-    return pointwise_fwd<BCEWithLogits, Backend>(x, y, w, pw, 0, r, gx, gy);
+    return pointwise_fwd<BCEWithLogits, Backend>(x, y, w, pw, pw.has_value(), r, gx, gy);
   });
   m.impl("bce_with_logits_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y,
                                    const OptTensor& w, const OptTensor& pw, int64_t r, bool gx,
                                    bool gy) {
-    return pointwise_bwd<BCEWithLogits, Backend>(g, x, y, w, pw, 0, r, gx, gy);
+    return pointwise_bwd<BCEWithLogits, Backend>(g, x, y, w, pw, pw.has_value(), r, gx, gy);
   });
   m.impl("huber_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, double delta,
                          int64_t r, bool gx, bool gy) {
@@ -413,7 +413,7 @@ void register_ops(torch::Library& m) {
   // The *_bwd_into_ ops: the backward of a mean/sum forward that wrote the gradients.
   m.impl("bce_with_logits_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t r) {
-    pointwise_bwd_into<BCEWithLogits, Backend>(gx, gy, g, x, y, w, pw, 0, r);
+    pointwise_bwd_into<BCEWithLogits, Backend>(gx, gy, g, x, y, w, pw, pw.has_value(), r);
   });
   m.impl("huber_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, const OptTensor& w, double delta, int64_t r) {

@@ -149,13 +149,14 @@ void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C,
   for (; i < C; ++i) grad[i] = a * softmax(x[i], st) - b * (w ? w[i] : acc_t(1));
 }
 
-// Probability targets: grad_x_c = s (softmax_c * sum_c v_c - w_c t'_c),
-// grad_t_c = s (1 - eps) w_c (-log_softmax_c).
+// Probability targets: grad_x_c = s (softmax_c sum_c v_c - w_c t'_c),
+// grad_t_c = s (1 - eps) w_c (-log_softmax_c). The difference is formed before the scale s
+// (exactly 0 where torch's is: one class).
 template <typename acc_t>
 void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, acc_t* gt,
                     int64_t C, const RowStats<acc_t>& st, acc_t s, acc_t keep, acc_t spread) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec a_v(s * st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
+  const Vec weight_v(st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
       max_v(st.max), log_sum_v(st.log_sum);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
@@ -163,13 +164,13 @@ void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, a
     const Vec wv = w ? Vec::loadu(w + i) : Vec(1);
     if (gx) {
       const Vec tv = Vec::loadu(t + i) * keep_v + spread_v;
-      (a_v * softmax(xv, st) - s_v * wv * tv).store(gx + i);
+      (s_v * (weight_v * softmax(xv, st) - wv * tv)).store(gx + i);
     }
     if (gt) (gt_v * wv * ((max_v - xv) + log_sum_v)).store(gt + i);
   }
   for (; i < C; ++i) {
     const acc_t ws = w ? w[i] : acc_t(1);
-    if (gx) gx[i] = s * st.weight * softmax(x[i], st) - s * ws * (t[i] * keep + spread);
+    if (gx) gx[i] = s * (st.weight * softmax(x[i], st) - ws * (t[i] * keep + spread));
     if (gt) gt[i] = s * keep * ws * st.nll(x[i]);
   }
 }
@@ -296,7 +297,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         row_grad_probs(xr, w, tr, gxr, gtr, C, st, s, keep, spread);
         if (gt) store_row(gt + offset, C, D, gtr);
       } else if (ignored) {
-        std::fill(gxr, gxr + C, acc_t(0));
+        // 0 * softmax, as torch's log_softmax backward: NaN where the row's softmax is NaN.
+        std::fill(gxr, gxr + C, std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0));
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
         const acc_t x_y = xr[y];  // read before the row is overwritten (in-place gradient)

@@ -24,30 +24,31 @@ struct NoDomainCheck {
   TL_HD T invalid(T, T) const { return T(0); }
 };
 
-// binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight,
-// in torch's order of operations (so that non-finite inputs give torch's inf or nan). The
-// pos_weight terms are skipped where a == 1, as torch does without pos_weight (so that an
-// infinite target gives torch's inf, not 0 * inf).
+// binary_cross_entropy_with_logits: (1 - y) x - logsigmoid(x), or with a pos_weight tensor a:
+// (1 - y) x - ((a - 1) y + 1) logsigmoid(x), in torch's order of operations, so that non-finite
+// inputs give torch's inf or nan (a pos_weight of 1 is not the same as none: 0 * inf). The
+// parameter says whether a pos_weight tensor is given (the kernels pass a = 1 without one).
 template <typename T>
 struct BCEWithLogits : NoDomainCheck {
   using M = Math<T>;
-  explicit TL_HD BCEWithLogits(double = 0) {}
+  bool pos_weight;
+  explicit TL_HD BCEWithLogits(double has_pos_weight) : pos_weight(has_pos_weight != 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
   TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
   TL_HD T value(T x, T y, T a, T e) const {
-    T ls = log_sigmoid(x, e);
-    return (T(1) - y) * x - M::where(a == T(1), ls, ((a - T(1)) * y + T(1)) * ls);
+    const T ls = log_sigmoid(x, e);
+    return (T(1) - y) * x - (pos_weight ? ((a - T(1)) * y + T(1)) * ls : ls);
   }
   TL_HD T grad_input(T x, T y, T a, T e) const {
-    T r = T(1) / (T(1) + e);
-    T sigmoid = M::where(x >= T(0), r, e * r);
-    return M::where(a == T(1), sigmoid - y, (a * y + T(1) - y) * sigmoid - a * y);
+    const T r = T(1) / (T(1) + e);
+    const T sigmoid = M::where(x >= T(0), r, e * r);
+    return pos_weight ? (a * y + T(1) - y) * sigmoid - a * y : sigmoid - y;
   }
   // -x, or logsigmoid(-x) - a logsigmoid(x) with pos_weight (the same for finite x; torch's
   // form gives inf, not inf - inf, at x = -inf). e = exp(-|x|) serves both log-sigmoids.
   TL_HD T grad_target(T x, T, T a, T e) const {
-    return M::where(a == T(1), -x, log_sigmoid(-x, e) - a * log_sigmoid(x, e));
+    return pos_weight ? log_sigmoid(-x, e) - a * log_sigmoid(x, e) : -x;
   }
 };
 
