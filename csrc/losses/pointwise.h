@@ -127,9 +127,10 @@ struct BCE {
   TL_HD T value(T x, T y, T, T log1m) const {
     return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log(x));
   }
+  // (x - y) / max(x (1 - x), 1e-12), the bound a float 1e-12 as in torch (also for double).
   TL_HD T grad_input(T x, T y, T, T) const {
     T d = x * (T(1) - x);
-    return (x - y) / M::where(d < T(1e-12), T(1e-12), d);
+    return (x - y) / M::where(d < T(1e-12f), T(1e-12f), d);
   }
   // -logit(x), as torch (not clamped).
   TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
@@ -174,7 +175,9 @@ struct KLDivLogTarget : NoDomainCheck {
   TL_HD T shared(T, T y) const { return M::exp(y); }
   TL_HD T value(T x, T y, T, T exp_y) const { return exp_y * (y - x); }
   TL_HD T grad_input(T, T, T, T exp_y) const { return -exp_y; }
-  TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x + T(1)); }
+  // exp(y) (y - x) + exp(y): the two branches of torch's autograd, summed as it does (so that
+  // exp(y) = inf with y - x < 0 gives its nan)
+  TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x) + exp_y; }
 };
 
 }  // namespace torch_losses
