@@ -305,7 +305,9 @@ void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tenso
   p.grad_output = backward_grad_output(grad_output, input, reduction, {});
   p.lse = lse.contiguous();
   p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
-  if (p.probability_target) p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
+  if (p.probability_target) {
+    p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
+  }
   TORCH_CHECK(p.probability_target || grad_target.numel() == 0,
               "torch_losses: class-index targets have no gradient");
   p.skip_if_grad_output_is_one = true;
@@ -411,8 +413,9 @@ void register_ops(torch::Library& m) {
   });
 
   // The *_bwd_into_ ops: the backward of a mean/sum forward that wrote the gradients.
-  m.impl("bce_with_logits_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
-                                  const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t r) {
+  m.impl("bce_with_logits_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g,
+                                         const Tensor& x, const Tensor& y, const OptTensor& w,
+                                         const OptTensor& pw, int64_t r) {
     pointwise_bwd_into<BCEWithLogits, Backend>(gx, gy, g, x, y, w, pw, pw.has_value(), r);
   });
   m.impl("huber_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
@@ -442,7 +445,8 @@ void register_ops(torch::Library& m) {
   m.impl("kl_div_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                  const Tensor& y, bool log_target, int64_t r) {
     if (log_target) {
-      pointwise_bwd_into<KLDivLogTarget, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
+      pointwise_bwd_into<KLDivLogTarget, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt,
+                                                  0, r);
     } else {
       pointwise_bwd_into<KLDiv, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
     }

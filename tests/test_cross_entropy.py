@@ -659,3 +659,42 @@ def test_nonfinite_logit_at_every_class(C, bad, ls, D, device):
             gt = torch.autograd.grad(lt, xt, g)[0]
             assert torch.equal(go.isnan(), gt.isnan()), f"pos {pos} {reduction}"
             assert_close(go, gt, equal_nan=True, msg=f"pos {pos} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("probs", [False, True])
+def test_first_backward_equals_retained_second(probs, dtype, device):
+    """grad_output != 1: the first backward recomputes into the forward's buffer, a retained
+    second one runs cross_entropy_bwd: the same numbers, bit for bit, for every reduction."""
+    x, t = make_inputs((6, 11, 3), device, dtype, probs=probs, ignore_hit=None if probs else 2)
+    for reduction in REDUCTIONS:
+        xo = leaf(x)
+        to = leaf(t) if probs else t
+        out = TLF.cross_entropy(xo, to, label_smoothing=0.1, reduction=reduction)
+        g = (torch.rand_like(out, dtype=torch.float64) + 0.3).to(dtype)
+        ins = [xo, to] if probs else [xo]
+        first = torch.autograd.grad(out, ins, g, retain_graph=True)
+        second = torch.autograd.grad(out, ins, g)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), reduction
+
+
+def test_expanded_grad_output_of_none_is_read_as_a_scalar(device):
+    """loss.sum() of a 'none' loss hands backward an expanded grad_output: the same gradient
+    as a materialized one."""
+    x, t = make_inputs((4, 9, 2, 3), device)
+    xo, xt = leaf(x), leaf(x)
+    TLF.cross_entropy(xo, t, reduction="none").sum().backward()
+    g = torch.ones(4, 2, 3, dtype=x.dtype, device=device)
+    TLF.cross_entropy(xt, t, reduction="none").backward(g)
+    assert torch.equal(xo.grad, xt.grad)
+    _, lse, _, _ = torch.ops.torch_losses.cross_entropy_fwd(
+        x.reshape(4, 9, 6), t.reshape(4, 6), None, -100, 0.0, 0, False, False)
+    bwd = torch.ops.torch_losses.cross_entropy_bwd
+    scalar = torch.tensor(0.5, dtype=x.dtype, device=device)
+    for go in (scalar.expand(4, 6), scalar):
+        got = bwd(go, x.reshape(4, 9, 6), t.reshape(4, 6), None, lse, -100, 0.0, 0, True, False)
+        want = bwd(scalar.expand(4, 6).contiguous(), x.reshape(4, 9, 6), t.reshape(4, 6), None,
+                   lse, -100, 0.0, 0, True, False)
+        assert torch.equal(got[0], want[0])

@@ -251,7 +251,11 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       denominator += w ? static_cast<double>(w[y]) : 1.0;
     }
   }
-  acc_t scale = p.reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+  // A mean over a zero total weight is torch's 0 / 0 = nan (its nll part), label smoothing
+  // or not: the loss and every gradient of a row that is not ignored.
+  const double mean_factor =
+      denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / denominator;
+  acc_t scale = p.reduction == kMean ? static_cast<acc_t>(mean_factor) : acc_t(1);
   if (p.grad_output.defined() && !per_row_g) {
     scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
   }
@@ -319,7 +323,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   } else {
     double total = 0;  // fixed order: the same bits for any thread count
     for (acc_t l : row_loss) total += l;
-    if (p.reduction == kMean) total /= denominator;  // nothing counted: 0 / 0 = nan, as torch
+    if (p.reduction == kMean) total *= mean_factor;
     p.loss.fill_(total);
   }
 }
