@@ -414,7 +414,8 @@ def run_pointwise(spec, device):
         kw64["log_target"] = spec["opts"]["log_target"]
     kw64["reduction"] = reduction
     kw = {k: (v.to(dtype).to(device) if torch.is_tensor(v) else v) for k, v in kw64.items()}
-    kw64 = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw64.items()}
+    # the float64 reference sees exactly the (rounded) weights ours and torch get
+    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
     x = _expandable(_layout_view(x64.to(dtype).to(device), spec["layout_x"], gen),
                     spec["layout_x"])
     y = _expandable(_layout_view(y64.to(dtype).to(device), spec["layout_y"], gen),
