@@ -584,8 +584,13 @@ def run_cross_entropy(spec, device):
     go = torch.autograd.grad(ours, [(xo, to_)[i] for i in wanted], g)
     gt = torch.autograd.grad(theirs, [(xt, tt)[i] for i in wanted], g)
     gr = torch.autograd.grad(ref, [(xr, tr)[i] for i in wanted], g.double())
+    # The softmax divides by a sum over C classes: its error (ours and torch's) grows as
+    # ~sqrt(C) eps relative to the largest gradient.
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
     for i, a, b, c in zip(wanted, go, gt, gr):
-        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}")
+        finite = c[torch.isfinite(c)]
+        scale = math.sqrt(C) / 2 * finite.abs().max().item() if finite.numel() else None
+        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}", scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
