@@ -5,16 +5,20 @@ PYTHON ?= python
 # torch==2.13.0 is the CPU build on the project's machines; any installed torch >= 2.4 is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test bench cuda-compile cuda-emulate clean
+.PHONY: install test fuzz bench cuda-compile cuda-emulate clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy expecttest
+	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy expecttest hypothesis
 	# --no-build-isolation: compile against the torch installed above, not a second one.
 	$(PYTHON) -m pip install --no-build-isolation -e .
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The randomized differential tests' long profile (tests/test_fuzz.py): ~24,000 cases.
+fuzz: install
+	TL_FUZZ_PROFILE=fuzz $(PYTHON) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 bench: install
 	$(PYTHON) -m pip install --quiet matplotlib || true

@@ -81,7 +81,10 @@ def cuda_arch_list():
 sources = [os.path.join("csrc", "torch_losses.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20).
 # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
-cxx_flags = ["-O3", "-fopenmp"] + cpu_isa_flags()
+# -ffp-contract=off: no fused multiply-adds the source does not ask for, as torch's own CPU
+# kernels; a contracted x * y - z skips the overflow of x * y, where torch gives inf - inf = nan
+# (issue 13's fuzzer), and the vector and scalar paths would round differently.
+cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + cpu_isa_flags()
 link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(HERE, "csrc")]
 

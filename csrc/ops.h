@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -32,6 +33,9 @@ struct PointwiseProblem {
   Tensor grad_input, grad_target;
   double param = 0;    // the loss' scalar (delta, beta, margin)
   int64_t reduction = kMean;
+  // Backward into the forward's gradient buffers (which hold the gradient for grad_output = 1):
+  // the kernel reads the scalar grad_output itself and does nothing when it is exactly 1.
+  bool skip_if_grad_output_is_one = false;
 };
 
 // One cross-entropy call over input (N, C, D).
@@ -47,6 +51,7 @@ struct CrossEntropyProblem {
   double label_smoothing = 0;
   int64_t reduction = kMean;
   bool probability_target = false;
+  bool skip_if_grad_output_is_one = false;  // as in PointwiseProblem
   int64_t N = 0, C = 0, D = 0;
 };
 
@@ -119,25 +124,66 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_fwd(const Tensor& input, const Tens
   return {p.loss, or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
 }
 
+// grad_output of a backward op in the input's dtype: 0-dim for mean/sum; for 'none' the loss'
+// shape, or 0-dim. An expanded grad_output (every stride 0, as from loss.sum()) is the scalar it
+// is, never materialized.
+inline Tensor backward_grad_output(const Tensor& grad_output, const Tensor& input,
+                                   int64_t reduction, at::IntArrayRef loss_shape) {
+  TORCH_CHECK(grad_output.device() == input.device(),
+              "torch_losses: grad_output is on another device than input");
+  Tensor g = grad_output;
+  if (reduction == kNone && g.dim() > 0 && g.numel() > 0) {
+    TORCH_CHECK(g.sizes() == loss_shape, "torch_losses: grad_output has shape ", g.sizes(),
+                ", expected ", loss_shape);
+    const auto strides = g.strides();
+    if (std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; })) {
+      g = g.as_strided({}, {});
+    }
+  } else if (reduction == kNone) {
+    TORCH_CHECK(g.dim() == 0 || g.sizes() == loss_shape, "torch_losses: grad_output has shape ",
+                g.sizes(), ", expected ", loss_shape, " or a scalar");
+  } else {
+    TORCH_CHECK(g.dim() == 0, "torch_losses: grad_output must be a scalar");
+  }
+  return g.to(input.scalar_type()).contiguous();
+}
+
+// A gradient buffer that a *_bwd_into_ op writes: the forward's (contiguous, input's shape), or
+// an empty tensor when that gradient is not wanted.
+inline Tensor forward_grad_buffer(const Tensor& buffer, const Tensor& like, const char* name) {
+  if (buffer.numel() == 0) return Tensor();
+  check_like_input(like, buffer, name);
+  TORCH_CHECK(buffer.is_contiguous(), "torch_losses: ", name, " must be contiguous");
+  return buffer;
+}
+
 template <template <typename> class Loss, typename Backend>
 std::tuple<Tensor, Tensor> pointwise_bwd(const Tensor& grad_output, const Tensor& input,
                                          const Tensor& target, const OptTensor& weight,
                                          const OptTensor& aux, double param, int64_t reduction,
                                          bool input_grad, bool target_grad) {
   PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
-  TORCH_CHECK(grad_output.device() == input.device(),
-              "torch_losses: grad_output is on another device than input");
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_output.sizes() == input.sizes(), "torch_losses: grad_output has shape ",
-                grad_output.sizes(), ", expected ", input.sizes());
-  } else {
-    TORCH_CHECK(grad_output.dim() == 0, "torch_losses: grad_output must be a scalar");
-  }
-  p.grad_output = grad_output.to(input.scalar_type()).contiguous();
+  p.grad_output = backward_grad_output(grad_output, input, reduction, input.sizes());
   p.grad_input = grad_like(p.input, input_grad);
   p.grad_target = grad_like(p.target, target_grad);
   Backend::template pointwise<Loss>(p);
   return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+// The backward of a mean/sum forward that wrote the gradients for grad_output = 1: recomputes
+// them into those buffers with grad_output folded in before the one rounding, unless the scalar
+// grad_output is exactly 1 (read by the kernel: no host sync on CUDA).
+template <template <typename> class Loss, typename Backend>
+void pointwise_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& grad_output,
+                        const Tensor& input, const Tensor& target, const OptTensor& weight,
+                        const OptTensor& aux, double param, int64_t reduction) {
+  TORCH_CHECK(reduction != kNone, "torch_losses: the *_bwd_into_ ops take reduction mean or sum");
+  PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {});
+  p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
+  p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
+  p.skip_if_grad_output_is_one = true;
+  if (p.grad_input.defined() || p.grad_target.defined()) Backend::template pointwise<Loss>(p);
 }
 
 inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tensor& target,
@@ -181,6 +227,13 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
   p.label_smoothing = label_smoothing > 0 ? label_smoothing : 0.0;  // torch: <= 0 means none
   p.reduction = reduction;
   return p;
+}
+
+inline void check_saved_lse(const CrossEntropyProblem& p, const Tensor& lse) {
+  TORCH_CHECK(lse.device() == p.input.device() &&
+                  lse.scalar_type() == accumulation_type(p.input.scalar_type()) &&
+                  lse.sizes() == at::IntArrayRef({p.N, p.D}),
+              "torch_losses: lse must be the forward's (N, D) log-sum-exp");
 }
 
 template <typename Backend>
@@ -229,25 +282,36 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
       cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
   TORCH_CHECK(!target_grad || p.probability_target,
               "torch_losses: class-index targets have no gradient");
-  TORCH_CHECK(lse.device() == input.device() &&
-                  lse.scalar_type() == accumulation_type(input.scalar_type()) &&
-                  lse.sizes() == at::IntArrayRef({p.N, p.D}),
-              "torch_losses: lse must be the forward's (N, D) log-sum-exp");
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, p.D}),
-                "torch_losses: grad_output has shape ", grad_output.sizes(), ", expected (",
-                p.N, ", ", p.D, ")");
-  } else {
-    TORCH_CHECK(grad_output.dim() == 0, "torch_losses: grad_output must be a scalar");
-  }
-  TORCH_CHECK(grad_output.device() == input.device(),
-              "torch_losses: grad_output is on another device than input");
-  p.grad_output = grad_output.to(input.scalar_type()).contiguous();
+  check_saved_lse(p, lse);
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {p.N, p.D});
   p.lse = lse.contiguous();
   p.grad_input = grad_like(p.input, input_grad);
   if (target_grad) p.grad_target = grad_like(p.target, true);
   Backend::cross_entropy(p);
   return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+}
+
+// As pointwise_bwd_into, for cross-entropy with reduction mean or sum.
+template <typename Backend>
+void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& grad_output,
+                            const Tensor& input, const Tensor& target, const OptTensor& weight,
+                            const Tensor& lse, int64_t ignore_index, double label_smoothing,
+                            int64_t reduction) {
+  TORCH_CHECK(reduction != kNone,
+              "torch_losses: cross_entropy_bwd_into_ takes reduction mean or sum");
+  CrossEntropyProblem p =
+      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  check_saved_lse(p, lse);
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {});
+  p.lse = lse.contiguous();
+  p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
+  if (p.probability_target) {
+    p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
+  }
+  TORCH_CHECK(p.probability_target || grad_target.numel() == 0,
+              "torch_losses: class-index targets have no gradient");
+  p.skip_if_grad_output_is_one = true;
+  if (p.grad_input.defined() || p.grad_target.defined()) Backend::cross_entropy(p);
 }
 
 template <typename Backend>
@@ -271,16 +335,17 @@ void register_ops(torch::Library& m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd<Backend>);
   m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace<Backend>);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd<Backend>);
+  m.impl("cross_entropy_bwd_into_", &cross_entropy_bwd_into<Backend>);
   m.impl("scale_grad_", &scale_grad_<Backend>);
 
   m.impl("bce_with_logits_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w,
                                    const OptTensor& pw, int64_t r, bool gx, bool gy) {
-    return pointwise_fwd<BCEWithLogits, Backend>(x, y, w, pw, 0, r, gx, gy);
+    return pointwise_fwd<BCEWithLogits, Backend>(x, y, w, pw, pw.has_value(), r, gx, gy);
   });
   m.impl("bce_with_logits_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y,
                                    const OptTensor& w, const OptTensor& pw, int64_t r, bool gx,
                                    bool gy) {
-    return pointwise_bwd<BCEWithLogits, Backend>(g, x, y, w, pw, 0, r, gx, gy);
+    return pointwise_bwd<BCEWithLogits, Backend>(g, x, y, w, pw, pw.has_value(), r, gx, gy);
   });
   m.impl("huber_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, double delta,
                          int64_t r, bool gx, bool gy) {
@@ -345,6 +410,46 @@ void register_ops(torch::Library& m) {
                                                         r, gx, gy)
                : pointwise_bwd<KLDiv, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx,
                                                gy);
+  });
+
+  // The *_bwd_into_ ops: the backward of a mean/sum forward that wrote the gradients.
+  m.impl("bce_with_logits_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g,
+                                         const Tensor& x, const Tensor& y, const OptTensor& w,
+                                         const OptTensor& pw, int64_t r) {
+    pointwise_bwd_into<BCEWithLogits, Backend>(gx, gy, g, x, y, w, pw, pw.has_value(), r);
+  });
+  m.impl("huber_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, const OptTensor& w, double delta, int64_t r) {
+    pointwise_bwd_into<Huber, Backend>(gx, gy, g, x, y, w, std::nullopt, delta, r);
+  });
+  m.impl("mse_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, const OptTensor& w, int64_t r) {
+    pointwise_bwd_into<MSE, Backend>(gx, gy, g, x, y, w, std::nullopt, 0, r);
+  });
+  m.impl("l1_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, const OptTensor& w, int64_t r) {
+    pointwise_bwd_into<L1, Backend>(gx, gy, g, x, y, w, std::nullopt, 0, r);
+  });
+  m.impl("smooth_l1_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, double beta, int64_t r) {
+    pointwise_bwd_into<SmoothL1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, beta, r);
+  });
+  m.impl("bce_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, const OptTensor& w, int64_t r) {
+    pointwise_bwd_into<BCE, Backend>(gx, gy, g, x, y, w, std::nullopt, 0, r);
+  });
+  m.impl("hinge_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                  const Tensor& y, double margin, int64_t r) {
+    pointwise_bwd_into<Hinge, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, margin, r);
+  });
+  m.impl("kl_div_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
+                                 const Tensor& y, bool log_target, int64_t r) {
+    if (log_target) {
+      pointwise_bwd_into<KLDivLogTarget, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt,
+                                                  0, r);
+    } else {
+      pointwise_bwd_into<KLDiv, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
+    }
   });
 }
 

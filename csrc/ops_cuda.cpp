@@ -89,6 +89,7 @@ void CudaBackend::pointwise(const PointwiseProblem& p) {
     a.aux = cptr<T>(p.aux);
     a.grad_output = cptr<T>(p.grad_output);
     a.grad_output_scalar = p.grad_output.defined() && p.grad_output.dim() == 0;
+    a.skip_if_grad_output_is_one = p.skip_if_grad_output_is_one;
     a.loss = mptr<T>(p.loss);
     a.grad_input = mptr<T>(p.grad_input);
     a.grad_target = mptr<T>(p.grad_target);
@@ -126,6 +127,7 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
     a.weight = cptr<A>(p.weight);
     a.grad_output = cptr<T>(p.grad_output);
     a.grad_output_scalar = p.grad_output.defined() && p.grad_output.dim() == 0;
+    a.skip_if_grad_output_is_one = p.skip_if_grad_output_is_one;
     a.loss = mptr<T>(p.loss);
     a.lse = mptr<A>(p.lse);
     a.grad_input = mptr<T>(p.grad_input);

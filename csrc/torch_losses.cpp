@@ -8,6 +8,10 @@
 //   grad_target): the gradients of the loss for grad_output = 1, written in the same pass when
 //   input_grad / target_grad ask for them, else empty tensors.
 // - *_bwd ops compute the gradients from the inputs and grad_output without a saved buffer.
+//   grad_output is 0-dim for mean/sum; for 'none' the loss' shape, or 0-dim (an expanded
+//   grad_output, every stride 0, is read as that scalar).
+// - *_bwd_into_ ops recompute into the buffers a mean/sum forward wrote, for backward with a
+//   scalar grad_output other than 1 (see below).
 // - scale_grad_ multiplies a gradient written by a forward by grad_output, in place; it returns
 //   at once when grad_output is the scalar 1.
 #include <Python.h>
@@ -70,6 +74,31 @@ TORCH_LIBRARY(torch_losses, m) {
         "bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
   m.def("kl_div_bwd(Tensor grad_output, Tensor input, Tensor target, bool log_target, "
         "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+
+  // The backward of a mean/sum forward that wrote the gradients (for grad_output = 1) into
+  // grad_input / grad_target (an empty tensor: not wanted): recomputed in place with the scalar
+  // grad_output folded in before the one rounding; nothing is done when grad_output is exactly
+  // 1 (read by the kernel, no host sync).
+  m.def("bce_with_logits_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, "
+        "Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+        "int reduction) -> ()");
+  m.def("huber_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, Tensor? weight, float delta, int reduction) -> ()");
+  m.def("mse_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, Tensor? weight, int reduction) -> ()");
+  m.def("l1_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, Tensor? weight, int reduction) -> ()");
+  m.def("smooth_l1_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, float beta, int reduction) -> ()");
+  m.def("bce_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, Tensor? weight, int reduction) -> ()");
+  m.def("hinge_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, float margin, int reduction) -> ()");
+  m.def("kl_div_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
+        "Tensor input, Tensor target, bool log_target, int reduction) -> ()");
+  m.def("cross_entropy_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, "
+        "Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+        "int ignore_index, float label_smoothing, int reduction) -> ()");
 
   // grad *= grad_output, in place. grad_output is a scalar, the shape of grad, or the shape of
   // grad without its dim 1 (per-position cross-entropy 'none').

@@ -147,3 +147,77 @@ def test_pointwise_fwd_poisoned_outputs_and_values(device):
         loss, gx, gy = ops.huber_fwd(x, y, None, 0.7, MEAN, False, False)
         assert gx.numel() == 0 and gy.numel() == 0
         torch.testing.assert_close(loss, ref.detach().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_pointwise_bwd_into_ops(name, dtype, device):
+    """*_bwd_into_: nothing written when grad_output is exactly 1 (a poisoned buffer stays
+    poisoned); else the *_bwd op's gradients, bit for bit, in the given buffers."""
+    x, y = _inputs(name, (3, 5), dtype, device)
+    into, bwd = getattr(ops, f"{name}_bwd_into_"), getattr(ops, f"{name}_bwd")
+    for k, extra in enumerate(POINTWISE[name](x)):
+        for reduction in (MEAN, SUM):
+            for ig, tg in [(True, True), (True, False), (False, True)]:
+                def buffers():
+                    return [torch.full_like(x, 7.0) if want else x.new_empty((0,))
+                            for want in (ig, tg)]
+                one = torch.tensor(1.0, dtype=dtype, device=device)
+                check(into, (*buffers(), one, x, y, *extra, reduction),
+                      full=dtype == torch.float32 and k == 0 and reduction == MEAN and ig and tg)
+                gx, gy = buffers()
+                into(gx, gy, one, x, y, *extra, reduction)
+                assert all((b == 7).all() for b in (gx, gy))
+                g = torch.tensor(0.75, dtype=dtype, device=device)
+                gx, gy = buffers()
+                into(gx, gy, g, x, y, *extra, reduction)
+                ex, ey = bwd(g, x, y, *extra, reduction, ig, tg)
+                for got, expected, want in [(gx, ex, ig), (gy, ey, tg)]:
+                    if want:
+                        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_pointwise_bwd_expanded_grad_output_is_a_scalar(name, device):
+    """reduction 'none' with an expanded grad_output (loss.sum()'s): read as the scalar, the
+    same gradients as the materialized one; a 0-dim grad_output means the same."""
+    x, y = _inputs(name, (4, 6), torch.float64, device)
+    extra = POINTWISE[name](x)[0]
+    g = torch.tensor(0.3, dtype=torch.float64, device=device)
+    expected = getattr(ops, f"{name}_bwd")(g.expand(4, 6).contiguous(), x, y, *extra, NONE,
+                                           True, True)
+    for go in (g.expand(4, 6), g):
+        got = getattr(ops, f"{name}_bwd")(go, x, y, *extra, NONE, True, True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check(getattr(ops, f"{name}_bwd"), (g.expand(4, 6), x, y, *extra, NONE, True, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("combo", CE_COMBOS, ids=str)
+def test_cross_entropy_bwd_into_op(combo, dtype, device):
+    N, C, D, probs, weighted, ii, ls = combo
+    x, t = _ce_inputs(N, C, D, probs, dtype, device)
+    w = torch.rand(C, dtype=dtype, device=device) + 0.5 if weighted else None
+    for reduction in (MEAN, SUM):
+        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False)
+        for ig, tg in [(True, probs), (True, False), (False, probs)]:
+            if not (ig or tg):
+                continue
+
+            def buffers():
+                return [torch.full_like(x, 7.0) if want else x.new_empty((0,))
+                        for want in (ig, tg)]
+            one = torch.tensor(1.0, dtype=dtype, device=device)
+            check(ops.cross_entropy_bwd_into_, (*buffers(), one, x, t, w, lse, ii, ls, reduction),
+                  full=dtype == torch.float32 and reduction == MEAN and combo == CE_COMBOS[3])
+            gx, gt = buffers()
+            ops.cross_entropy_bwd_into_(gx, gt, one, x, t, w, lse, ii, ls, reduction)
+            assert all((b == 7).all() for b in (gx, gt))
+            g = torch.tensor(1.5, dtype=dtype, device=device)
+            gx, gt = buffers()
+            ops.cross_entropy_bwd_into_(gx, gt, g, x, t, w, lse, ii, ls, reduction)
+            ex, et = ops.cross_entropy_bwd(g, x, t, w, lse, ii, ls, reduction, ig, tg)
+            for got, expected, want in [(gx, ex, ig), (gt, et, tg)]:
+                if want:
+                    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -1,10 +1,16 @@
 """torch.autograd.Function classes: thin shells that move tensors between the forward and
-backward ops.
+backward ops. The decisions (which gradients the forward writes, how backward finishes them)
+live in the module-level helpers below.
 
-The fast path: when an input needs a gradient, the forward op writes it (for grad_output = 1)
-in the same pass that computes the loss. backward() then scales that buffer by grad_output in
-place (free when grad_output is the scalar 1) and hands it back, dropping its own reference so
-that autograd can adopt the buffer as `.grad` without a copy.
+The fast path (reduction mean or sum, whose grad_output is a scalar): the forward op writes the
+gradients for grad_output = 1 in the same pass that computes the loss. backward() hands that
+buffer back untouched when grad_output is exactly 1 (decided by the kernel, no host sync);
+otherwise it scales it in place (float32/float64) or recomputes into it with grad_output folded
+in before the one rounding (half/bfloat16, and cross-entropy always). It drops its own reference
+so that autograd can adopt the buffer as `.grad` without a copy.
+
+reduction='none': the forward writes no gradient; backward is one fused *_bwd pass reading
+grad_output per element (an expanded grad_output is read as the scalar it is).
 
 A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
 backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
@@ -46,6 +52,34 @@ def _none_if_empty(grad, wanted):
     return grad if wanted else None
 
 
+def _forward_writes_grads(reduction):
+    """Whether the forward op writes the gradients (for grad_output = 1) in its own pass: only
+    for mean/sum, whose grad_output is a scalar. For 'none' a per-element grad_output comes,
+    and one fused backward pass reading it costs less than scaling a saved buffer, and rounds
+    once."""
+    return reduction != "none"
+
+
+def _empty_if_none(grad, like):
+    return like.new_empty((0,)) if grad is None else grad
+
+
+def _finish_forward_grads(forward_grads, grad_output, recompute_into, always_recompute=False):
+    """The gradients for the scalar grad_output, from the forward's (None where not wanted),
+    in the same buffers. float32/float64 scale them in place; half/bfloat16 (and
+    always_recompute) recompute into them with grad_output folded in before the one rounding:
+    scaling a rounded half gradient rounds twice and can overflow before it is scaled. Both
+    ops do nothing when grad_output is exactly 1, read by the kernel (no host sync)."""
+    grad = next(g for g in forward_grads if g is not None)
+    if always_recompute or grad.dtype in (torch.float16, torch.bfloat16):
+        recompute_into(*(_empty_if_none(g, grad) for g in forward_grads))
+    else:
+        for g in forward_grads:
+            if g is not None:
+                ops.scale_grad_(g, grad_output)
+    return forward_grads
+
+
 def _take_forward_grads(ctx):
     """The gradients the forward wrote: handed out once, None afterwards."""
     grads = ctx.forward_grads
@@ -65,20 +99,24 @@ def _composite_grads(loss, grad_output, inputs_wanted):
 
 
 def _pointwise_forward(ctx, fwd, input, target, tensors, scalars, reduction):
-    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    writes = _forward_writes_grads(reduction)
+    want_input = writes and ctx.needs_input_grad[0]
+    want_target = writes and ctx.needs_input_grad[1]
     loss, grad_input, grad_target = fwd(
         input, target, *tensors, *scalars, reduction_enum(reduction), want_input, want_target
     )
     ctx.save_for_backward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
-    ctx.forward_grads = (
-        _none_if_empty(grad_input, want_input),
-        _none_if_empty(grad_target, want_target),
-    )
+    ctx.forward_grads = None
+    if want_input or want_target:
+        ctx.forward_grads = (
+            _none_if_empty(grad_input, want_input),
+            _none_if_empty(grad_target, want_target),
+        )
     return loss
 
 
-def _pointwise_backward(ctx, grad_output, bwd, reference):
+def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
     if torch.is_grad_enabled():
@@ -92,10 +130,13 @@ def _pointwise_backward(ctx, grad_output, bwd, reference):
             reduction_enum(ctx.reduction), want_input, want_target,
         )
         return _none_if_empty(grad_input, want_input), _none_if_empty(grad_target, want_target)
-    for grad in forward_grads:
-        if grad is not None:
-            ops.scale_grad_(grad, grad_output)
-    return forward_grads
+    input, target, *tensors = ctx.saved_tensors
+
+    def recompute_into(grad_input, grad_target):
+        bwd_into(grad_input, grad_target, grad_output, input, target, *tensors, *ctx.scalars,
+                 reduction_enum(ctx.reduction))
+
+    return _finish_forward_grads(forward_grads, grad_output, recompute_into)
 
 
 class BCEWithLogitsFunction(Function):
@@ -114,7 +155,8 @@ class BCEWithLogitsFunction(Function):
         def reference(x, y, w, pw, reduction):
             return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd,
+                                    ops.bce_with_logits_bwd_into_, reference)
         return (*grads, None, None, None)
 
 
@@ -132,7 +174,8 @@ class HuberFunction(Function):
             return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
                            reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd,
+                                    ops.huber_bwd_into_, reference)
         return (*grads, None, None, None)
 
 
@@ -149,7 +192,8 @@ class MSEFunction(Function):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y) ** 2, w), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd,
+                                    ops.mse_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -165,7 +209,8 @@ class L1Function(Function):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y).abs(), w), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd,
+                                    ops.l1_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -181,7 +226,8 @@ class SmoothL1Function(Function):
         def reference(x, y, beta, reduction):
             return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd,
+                                    ops.smooth_l1_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -197,7 +243,8 @@ class BCEFunction(Function):
         def reference(x, y, w, reduction):
             return F.binary_cross_entropy(x, y, w, reduction=reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd,
+                                    ops.bce_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -213,7 +260,8 @@ class HingeFunction(Function):
         def reference(x, y, margin, reduction):
             return _reduce((margin - y * x).clamp_min(0), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd,
+                                    ops.hinge_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -231,7 +279,8 @@ class KLDivFunction(Function):
         def reference(x, y, log_target, reduction):
             return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd,
+                                    ops.kl_div_bwd_into_, reference)
         return (*grads, None, None)
 
 
@@ -250,6 +299,51 @@ def fold_class_dim(input, target):
     return x, t, probs
 
 
+def _cross_entropy_backward(ctx, grad_output):
+    """CrossEntropyFunction.backward: the forward's gradients finished for grad_output (always
+    recomputed into the same buffers: that costs the bytes scaling would, and rounds once), or
+    one cross_entropy_bwd pass ('none', a retained graph), or the composite for double
+    backward."""
+    want_input = ctx.needs_input_grad[0]
+    want_target = ctx.needs_input_grad[1]
+    forward_grads = _take_forward_grads(ctx)
+    ignore_index, label_smoothing, reduction = ctx.options
+    shape = ctx.input_shape
+    if reduction == "none":
+        rows = (1, 1) if len(shape) == 1 else (shape[0], math.prod(shape[2:]))
+        grad_output = grad_output.reshape(rows)
+    if ctx.inplace:
+        if forward_grads is None or torch.is_grad_enabled():
+            raise RuntimeError(
+                "torch_losses.cross_entropy: with inplace_backward=True the logits are "
+                "overwritten by their gradient, which backward hands out once; a second "
+                "backward (retain_graph) or double backward (create_graph) needs "
+                "inplace_backward=False")
+        ops.scale_grad_(forward_grads[0], grad_output)  # the logits are gone: scale, not recompute
+        return forward_grads[0].view(shape), None
+    input, target, weight, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        loss = F.cross_entropy(
+            input, target, None if weight is None else weight.to(input.dtype),
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        return _composite_grads(loss, grad_output.reshape(loss.shape),
+                                [(input, want_input), (target, want_target)])
+    x, t, probs = fold_class_dim(input, target)
+    if forward_grads is None:
+        grad_input, grad_target = ops.cross_entropy_bwd(
+            grad_output, x, t, weight, lse, ignore_index, label_smoothing,
+            reduction_enum(reduction), want_input, probs and want_target)
+        forward_grads = (_none_if_empty(grad_input, want_input),
+                         _none_if_empty(grad_target, probs and want_target))
+    else:
+        def recompute_into(grad_input, grad_target):
+            ops.cross_entropy_bwd_into_(grad_input, grad_target, grad_output, x, t, weight, lse,
+                                        ignore_index, label_smoothing, reduction_enum(reduction))
+
+        _finish_forward_grads(forward_grads, grad_output, recompute_into, always_recompute=True)
+    return tuple(None if g is None else g.view(shape) for g in forward_grads)
+
+
 class CrossEntropyFunction(Function):
     """cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
     inplace_backward).
@@ -263,65 +357,31 @@ class CrossEntropyFunction(Function):
                 reduction="mean", inplace_backward=False):
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
-        want_input = ctx.needs_input_grad[0]
-        want_target = probs and ctx.needs_input_grad[1]
-        ctx.inplace = inplace_backward and want_input
+        writes = _forward_writes_grads(reduction)
+        want_input = writes and ctx.needs_input_grad[0]
+        want_target = writes and probs and ctx.needs_input_grad[1]
+        ctx.inplace = inplace_backward and ctx.needs_input_grad[0]
+        ctx.forward_grads = None
         if ctx.inplace:
             loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red)
             # Tell autograd: any other node that saved these logits now raises in backward.
             torch.autograd.graph.increment_version(input)
-            grad_input, grad_target = x, None
+            ctx.forward_grads = (x, None)
             ctx.save_for_backward(None, target, weight, lse)  # input now holds its gradient
         else:
             loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
                 x, t, weight, ignore_index, label_smoothing, red, want_input, want_target)
             ctx.save_for_backward(input, target, weight, lse)
+            if want_input or want_target:
+                ctx.forward_grads = (_none_if_empty(grad_input, want_input),
+                                     _none_if_empty(grad_target, want_target))
         ctx.options = (ignore_index, label_smoothing, reduction)
         ctx.input_shape = input.shape
-        ctx.forward_grads = (
-            _none_if_empty(grad_input, want_input),
-            _none_if_empty(grad_target, want_target),
-        )
         if red == 0:
             return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        want_input = ctx.needs_input_grad[0]
-        want_target = ctx.needs_input_grad[1]
-        forward_grads = _take_forward_grads(ctx)
-        ignore_index, label_smoothing, reduction = ctx.options
-        shape = ctx.input_shape
-        if reduction == "none":
-            rows = (1, 1) if len(shape) == 1 else (shape[0], math.prod(shape[2:]))
-            grad_output = grad_output.reshape(rows)
-        if forward_grads is None or torch.is_grad_enabled():
-            if ctx.inplace:
-                raise RuntimeError(
-                    "torch_losses.cross_entropy: with inplace_backward=True the logits are "
-                    "overwritten by their gradient, which backward hands out once; a second "
-                    "backward (retain_graph) or double backward (create_graph) needs "
-                    "inplace_backward=False")
-            input, target, weight, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            loss = F.cross_entropy(
-                input, target, None if weight is None else weight.to(input.dtype),
-                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
-            grads = _composite_grads(loss, grad_output.reshape(loss.shape),
-                                     [(input, want_input), (target, want_target)])
-            return (*grads, None, None, None, None, None)
-        if forward_grads is None:
-            x, t, probs = fold_class_dim(input, target)
-            grad_input, grad_target = ops.cross_entropy_bwd(
-                grad_output, x, t, weight, lse, ignore_index, label_smoothing,
-                reduction_enum(reduction), want_input, probs and want_target)
-            forward_grads = (_none_if_empty(grad_input, want_input),
-                             _none_if_empty(grad_target, probs and want_target))
-        else:
-            for grad in forward_grads:
-                if grad is not None:
-                    ops.scale_grad_(grad, grad_output)
-        grad_input, grad_target = (None if g is None else g.view(shape) for g in forward_grads)
-        return grad_input, grad_target, None, None, None, None, None
+        return (*_cross_entropy_backward(ctx, grad_output), None, None, None, None, None)

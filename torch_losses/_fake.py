@@ -27,9 +27,15 @@ def _pointwise_bwd_fake(grad_output, input, target, *args):
     return _grad_or_empty(input, input_grad), _grad_or_empty(target, target_grad)
 
 
+def _bwd_into_fake(grad_input, grad_target, grad_output, *args):
+    return None  # writes the forward's buffers in place
+
+
 for _name in _POINTWISE:
     register_fake(f"torch_losses::{_name}_fwd")(_pointwise_fwd_fake)
     register_fake(f"torch_losses::{_name}_bwd")(_pointwise_bwd_fake)
+    register_fake(f"torch_losses::{_name}_bwd_into_")(_bwd_into_fake)
+register_fake("torch_losses::cross_entropy_bwd_into_")(_bwd_into_fake)
 
 
 def _ce_outputs(input, reduction):

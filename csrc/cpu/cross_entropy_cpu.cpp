@@ -23,30 +23,43 @@ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-// Sums over one row that the loss needs besides the lse.
+// The statistics of one row. The max and the log of the sum are kept apart, and the weighted
+// sums are taken relative to the max, so that the loss and the softmax are formed from
+// differences (x - max) as torch's log_softmax does: with logits of 1e4 in float32, max + log(sum)
+// alone is 1e-3 off.
 template <typename acc_t>
-struct RowSums {
-  acc_t lse = 0;
-  acc_t weighted_x = 0;        // sum_c w_c x_c (class index, smoothing) or sum_c w_c t'_c x_c
-  acc_t weighted_target = 0;   // sum_c w_c t'_c (probability targets)
+struct RowStats {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t log_sum = 0;   // log(sum_c exp(x_c - max))
+  acc_t weight = 0;    // sum_c v_c
+  acc_t shifted = 0;   // sum_c v_c (x_c - max)
+  // -log_softmax of a class with logit x
+  acc_t nll(acc_t x) const { return (max - x) + log_sum; }
+  acc_t lse() const { return max + log_sum; }
 };
 
-// Online log-sum-exp of x[0, C), and the weighted sums in the same pass. w may be null (1);
-// t (probability targets) may be null. eps / C blends the targets: t' = (1 - eps) t + eps / C.
+// The statistics of x[0, C) in one online pass (a running max and sum of exp, block by block).
+// When `weighted`, also the sums of v_c and v_c (x_c - max) with v_c = w_c t'_c (probability
+// targets t, blended t' = keep t + spread) or v_c = w_c (class-index label smoothing); w may
+// be null (1). A sum kept relative to a running max m is moved to a new max m' by subtracting
+// (m' - m) sum v.
 template <typename acc_t>
-RowSums<acc_t> row_forward(const acc_t* x, const acc_t* w, const acc_t* t, int64_t C,
-                           acc_t keep, acc_t spread, bool want_weighted_x) {
+RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_t C, acc_t keep,
+                          acc_t spread, bool weighted) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   constexpr int64_t kBlock = 512;  // in L1 between the max and the exp sweeps
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t max = kNegInf;
   acc_t sum = 0;
-  Vec wx(0), wt(0);
-  acc_t wx_tail = 0, wt_tail = 0;
+  Vec vw(0), vs(0);  // per-lane sum v and sum v (x - ref)
+  acc_t vw_tail = 0, vs_tail = 0;
+  // The sums are relative to ref: the running max, or 0 while every logit so far is -inf.
+  acc_t ref = 0;
   for (int64_t begin = 0; begin < C; begin += kBlock) {
     const int64_t len = std::min(kBlock, C - begin);
     const acc_t* xb = x + begin;
-    Vec mv(-std::numeric_limits<acc_t>::infinity());
+    Vec mv(kNegInf);
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) mv = at::vec::maximum(mv, Vec::loadu(xb + i));
     acc_t lanes[kLanes];
@@ -56,22 +69,26 @@ RowSums<acc_t> row_forward(const acc_t* x, const acc_t* w, const acc_t* t, int64
     for (; i < len; ++i) block_max = nan_max(block_max, xb[i]);
     const acc_t new_max = nan_max(max, block_max);
     if (new_max != max) {
-      sum = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum * std::exp(max - new_max);
+      sum = max == kNegInf ? acc_t(0) : sum * std::exp(max - new_max);
       max = new_max;
+      if (weighted && max != kNegInf) {
+        const acc_t move = max - ref;
+        vs = vs - vw * Vec(move);
+        vs_tail -= vw_tail * move;
+        ref = max;
+      }
     }
-    const Vec max_v(max);
+    const Vec max_v(max), ref_v(ref);
     Vec sv(0);
     i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       const Vec xv = Vec::loadu(xb + i);
       sv = sv + (xv - max_v).exp();
-      if (t) {
-        Vec tv = Vec::loadu(t + begin + i) * Vec(keep) + Vec(spread);
-        if (w) tv = tv * Vec::loadu(w + begin + i);
-        wt = wt + tv;
-        wx = wx + tv * xv;
-      } else if (want_weighted_x) {
-        wx = wx + (w ? Vec::loadu(w + begin + i) * xv : xv);
+      if (weighted) {
+        Vec v = w ? Vec::loadu(w + begin + i) : Vec(1);
+        if (t) v = v * (Vec::loadu(t + begin + i) * Vec(keep) + Vec(spread));
+        vw = vw + v;
+        vs = vs + v * (xv - ref_v);
       }
     }
     sv.store(lanes);
@@ -80,78 +97,81 @@ RowSums<acc_t> row_forward(const acc_t* x, const acc_t* w, const acc_t* t, int64
     for (; i < len; ++i) {
       const acc_t xs = xb[i];
       block_sum += std::exp(xs - max);
-      const acc_t ws = w ? w[begin + i] : acc_t(1);
-      if (t) {
-        const acc_t ts = ws * (t[begin + i] * keep + spread);
-        wt_tail += ts;
-        wx_tail += ts * xs;
-      } else if (want_weighted_x) {
-        wx_tail += ws * xs;
+      if (weighted) {
+        acc_t v = w ? w[begin + i] : acc_t(1);
+        if (t) v *= t[begin + i] * keep + spread;
+        vw_tail += v;
+        vs_tail += v * (xs - ref);
       }
     }
     sum += block_sum;
   }
-  RowSums<acc_t> r;
+  RowStats<acc_t> r;
+  r.max = max;
   // An all -inf row (max -inf) gives nan, as torch's log_softmax.
-  r.lse = max == -std::numeric_limits<acc_t>::infinity()
-              ? std::numeric_limits<acc_t>::quiet_NaN()
-              : max + std::log(sum);
+  r.log_sum = max == kNegInf ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(sum);
   acc_t lanes[kLanes];
-  wx.store(lanes);
-  r.weighted_x = wx_tail;
-  for (int64_t k = 0; k < kLanes; ++k) r.weighted_x += lanes[k];
-  wt.store(lanes);
-  r.weighted_target = wt_tail;
-  for (int64_t k = 0; k < kLanes; ++k) r.weighted_target += lanes[k];
+  vw.store(lanes);
+  r.weight = vw_tail;
+  for (int64_t k = 0; k < kLanes; ++k) r.weight += lanes[k];
+  vs.store(lanes);
+  r.shifted = vs_tail;
+  for (int64_t k = 0; k < kLanes; ++k) r.shifted += lanes[k];
   return r;
 }
 
-// sum_c w_c t'_c over one row: what the backward op needs besides the saved lse.
+// exp((x - max) - log_sum) for a vector: the softmax without forming max + log_sum.
 template <typename acc_t>
-acc_t row_weighted_target(const acc_t* w, const acc_t* t, int64_t C, acc_t keep, acc_t spread) {
-  acc_t s = 0;
-  for (int64_t c = 0; c < C; ++c) s += (w ? w[c] : acc_t(1)) * (t[c] * keep + spread);
-  return s;
+at::vec::Vectorized<acc_t> softmax(const at::vec::Vectorized<acc_t>& x,
+                                   const RowStats<acc_t>& st) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return Math<Vec>::fast_exp((x - Vec(st.max)) - Vec(st.log_sum));
+}
+
+template <typename acc_t>
+acc_t softmax(acc_t x, const RowStats<acc_t>& st) {
+  return std::exp((x - st.max) - st.log_sum);
 }
 
 // grad_c = a * softmax_c - b * w_c (class-index targets; the target entry is fixed after).
 template <typename acc_t>
-void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C, acc_t lse,
-                      acc_t a, acc_t b) {
+void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C,
+                      const RowStats<acc_t>& st, acc_t a, acc_t b) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec lse_v(lse), a_v(a), b_v(b);
+  const Vec a_v(a), b_v(b);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = a_v * Math<Vec>::fast_exp(Vec::loadu(x + i) - lse_v);
+    Vec gv = a_v * softmax(Vec::loadu(x + i), st);
     if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
     else if (b != 0) gv = gv - b_v;
     gv.store(grad + i);
   }
-  for (; i < C; ++i) grad[i] = a * std::exp(x[i] - lse) - b * (w ? w[i] : acc_t(1));
+  for (; i < C; ++i) grad[i] = a * softmax(x[i], st) - b * (w ? w[i] : acc_t(1));
 }
 
-// Probability targets: grad_x_c = s (softmax_c * sum_wt - w_c t'_c),
-// grad_t_c = s (1 - eps) w_c (lse - x_c).
+// Probability targets: grad_x_c = s (softmax_c sum_c v_c - w_c t'_c),
+// grad_t_c = s (1 - eps) w_c (-log_softmax_c). The difference is formed before the scale s
+// (exactly 0 where torch's is: one class).
 template <typename acc_t>
 void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, acc_t* gt,
-                    int64_t C, acc_t lse, acc_t sum_wt, acc_t s, acc_t keep, acc_t spread) {
+                    int64_t C, const RowStats<acc_t>& st, acc_t s, acc_t keep, acc_t spread) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec lse_v(lse), a_v(s * sum_wt), s_v(s), keep_v(keep), spread_v(spread),
-      gt_v(s * keep);
+  const Vec weight_v(st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
+      max_v(st.max), log_sum_v(st.log_sum);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
     const Vec wv = w ? Vec::loadu(w + i) : Vec(1);
     if (gx) {
       const Vec tv = Vec::loadu(t + i) * keep_v + spread_v;
-      (a_v * Math<Vec>::fast_exp(xv - lse_v) - s_v * wv * tv).store(gx + i);
+      (s_v * (weight_v * softmax(xv, st) - wv * tv)).store(gx + i);
     }
-    if (gt) (gt_v * wv * (lse_v - xv)).store(gt + i);
+    if (gt) (gt_v * wv * ((max_v - xv) + log_sum_v)).store(gt + i);
   }
   for (; i < C; ++i) {
     const acc_t ws = w ? w[i] : acc_t(1);
-    if (gx) gx[i] = s * sum_wt * std::exp(x[i] - lse) - s * ws * (t[i] * keep + spread);
-    if (gt) gt[i] = s * keep * ws * (lse - x[i]);
+    if (gx) gx[i] = s * (st.weight * softmax(x[i], st) - ws * (t[i] * keep + spread));
+    if (gt) gt[i] = s * keep * ws * st.nll(x[i]);
   }
 }
 
@@ -203,11 +223,16 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t* labels = probs ? nullptr : p.target.const_data_ptr<int64_t>();
   const scalar_t* t = probs ? p.target.const_data_ptr<scalar_t>() : nullptr;
-  acc_t* lse = p.lse.mutable_data_ptr<acc_t>();
+  acc_t* lse = forward ? p.lse.mutable_data_ptr<acc_t>() : nullptr;
   scalar_t* gx = p.grad_input.defined() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = p.grad_target.defined() ? p.grad_target.mutable_data_ptr<scalar_t>() : nullptr;
-  const bool per_row_g = p.grad_output.defined() && p.reduction == kNone;
+  const bool per_row_g = p.grad_output.defined() && p.grad_output.dim() != 0;
   const scalar_t* g = per_row_g ? p.grad_output.const_data_ptr<scalar_t>() : nullptr;
+  // Backward into the forward's buffers: they already hold the gradient for grad_output = 1.
+  if (p.skip_if_grad_output_is_one &&
+      static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]) == acc_t(1)) {
+    return;
+  }
 
   acc_t weight_sum = static_cast<acc_t>(C);
   if (w) {
@@ -226,7 +251,11 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       denominator += w ? static_cast<double>(w[y]) : 1.0;
     }
   }
-  acc_t scale = p.reduction == kMean ? static_cast<acc_t>(1.0 / denominator) : acc_t(1);
+  // A mean over a zero total weight is torch's 0 / 0 = nan (its nll part), label smoothing
+  // or not: the loss and every gradient of a row that is not ignored.
+  const double mean_factor =
+      denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / denominator;
+  acc_t scale = p.reduction == kMean ? static_cast<acc_t>(mean_factor) : acc_t(1);
   if (p.grad_output.defined() && !per_row_g) {
     scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
   }
@@ -246,24 +275,22 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
 
-      RowSums<acc_t> sums;
+      // The backward op recomputes the row's statistics rather than reading the saved lse:
+      // max + log_sum rounded to one number would cost the softmax its precision.
+      const RowStats<acc_t> st = row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
       if (forward) {
-        sums = row_forward(xr, w, tr, C, keep, spread, !probs && eps != 0);
-        lse[r] = sums.lse;
+        lse[r] = st.lse();
         acc_t l;
         if (probs) {
-          l = sums.lse * sums.weighted_target - sums.weighted_x;
+          l = st.weight * st.log_sum - st.shifted;  // sum_c v_c (-log_softmax_c)
         } else if (ignored) {
           l = 0;
         } else {
           const acc_t wy = w ? w[y] : acc_t(1);
-          l = keep * wy * (sums.lse - xr[y]);
-          if (eps != 0) l += spread * (weight_sum * sums.lse - sums.weighted_x);
+          l = keep * wy * st.nll(xr[y]);
+          if (eps != 0) l += spread * (st.weight * st.log_sum - st.shifted);
         }
         row_loss[r] = l;
-      } else {
-        sums.lse = lse[r];
-        if (probs) sums.weighted_target = row_weighted_target(w, tr, C, keep, spread);
       }
       if (!gx && !gt) continue;
 
@@ -271,19 +298,19 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
       if (probs) {
         acc_t* gtr = gt ? row_out(gt + offset, D, gt_buf.data()) : nullptr;
-        row_grad_probs(xr, w, tr, gxr, gtr, C, sums.lse, sums.weighted_target, s, keep, spread);
+        row_grad_probs(xr, w, tr, gxr, gtr, C, st, s, keep, spread);
         if (gt) store_row(gt + offset, C, D, gtr);
       } else if (ignored) {
-        std::fill(gxr, gxr + C, acc_t(0));
+        // 0 * softmax, as torch's log_softmax backward: NaN where the row's softmax is NaN.
+        std::fill(gxr, gxr + C, std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0));
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
-        const acc_t target_part = keep * wy * s;
         const acc_t x_y = xr[y];  // read before the row is overwritten (in-place gradient)
-        row_grad_softmax(xr, w, gxr, C, sums.lse, target_part + spread * weight_sum * s,
-                         spread * s);
-        // (p_y - 1)-type term in the accumulation type, before rounding.
-        gxr[y] = (target_part + spread * weight_sum * s) * std::exp(x_y - sums.lse) -
-                 spread * s * (w ? w[y] : acc_t(1)) - target_part;
+        row_grad_softmax(xr, w, gxr, C, st, s * (keep * wy + spread * weight_sum), s * spread);
+        // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y)), the differences
+        // formed before the scale (C = 1 gives exactly 0).
+        const acc_t p_y = softmax(x_y, st);
+        gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy));
       }
       if (gx) store_row(gx + offset, C, D, gxr);
     }
@@ -296,7 +323,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   } else {
     double total = 0;  // fixed order: the same bits for any thread count
     for (acc_t l : row_loss) total += l;
-    if (p.reduction == kMean) total /= denominator;  // nothing counted: 0 / 0 = nan, as torch
+    if (p.reduction == kMean) total *= mean_factor;
     p.loss.fill_(total);
   }
 }

@@ -67,12 +67,15 @@ void pointwise_kernel(const PointwiseProblem& p) {
   const bool reduce = forward && p.reduction != kNone;
   scalar_t* gx = mut_ptr_or_null<scalar_t>(p.grad_input);
   scalar_t* gy = mut_ptr_or_null<scalar_t>(p.grad_target);
-  const bool per_element_g = p.grad_output.defined() && p.reduction == kNone;
+  const bool per_element_g = p.grad_output.defined() && p.grad_output.dim() != 0;
   const scalar_t* g = per_element_g ? p.grad_output.const_data_ptr<scalar_t>() : nullptr;
 
   acc_t scale = p.reduction == kMean && n > 0 ? acc_t(1) / acc_t(n) : acc_t(1);
   if (p.grad_output.defined() && !per_element_g) {
-    scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
+    const acc_t g_scalar = static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
+    // Backward into the forward's buffers: they already hold the gradient for grad_output = 1.
+    if (p.skip_if_grad_output_is_one && g_scalar == acc_t(1)) return;
+    scale *= g_scalar;
   }
 
   advise_huge_pages(p.grad_input);

@@ -19,9 +19,10 @@ struct Math<at::vec::Vectorized<S>> {
   static V abs(const V& x) { return x.abs(); }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   // exp within 20 ulp for float (at::vec's polynomial, no Sleef call): for softmax gradients.
+  // The polynomial does not keep a NaN (issue 7: a NaN logit gave inf gradients): blended back.
   static V fast_exp(const V& x) {
     if constexpr (std::is_same_v<S, float>) {
-      return x.exp_u20();
+      return V::blendv(x.exp_u20(), x, x != x);
     } else {
       return x.exp();
     }

@@ -468,11 +468,19 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
   }
 }
 
+// A backward into the forward's gradient buffers with a scalar grad_output of exactly 1 (read
+// on the device, no host sync): those buffers already hold the gradient (issue 13).
+template <typename T>
+__device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
+  return a.skip_if_grad_output_is_one && to_acc(a.grad_output[0]) == acc_t<T>(1);
+}
+
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
 // loads in flight); the probability-target and double ones get 128 (no spills).
 template <typename T, bool kProb, bool kVec, int kGroup>
 __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
+  if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
   const int G = kGroup == 32 ? 32 : blockDim.x;
   const int gt = kGroup == 32 ? (threadIdx.x & 31) : threadIdx.x;
@@ -487,6 +495,7 @@ __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row
 // One thread per position (n, d): coalesced over d for D > 1.
 template <typename T, bool kProb>
 __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
+  if (skip_backward(P.a)) return;  // issue 13
   const int64_t D = P.a.D;
   const int64_t CD = P.a.C * D;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < P.rows;

@@ -69,6 +69,9 @@ struct PointwiseArgs {
   const T* aux = nullptr;          // pos_weight or nullptr (1)
   const T* grad_output = nullptr;  // backward: scalar (grad_output_scalar) or per element
   bool grad_output_scalar = false;
+  // Backward into the forward's gradient buffers (*_bwd_into_ ops, issue 13): the kernel returns
+  // at once when the scalar grad_output, read on the device, is exactly 1.
+  bool skip_if_grad_output_is_one = false;
   T* loss = nullptr;         // forward: n elements (reduction none) or 1 (mean/sum); else null
   T* grad_input = nullptr;   // nullptr when not wanted
   T* grad_target = nullptr;  // nullptr when not wanted
@@ -91,6 +94,7 @@ struct CrossEntropyArgs {
   const acc_t<T>* weight = nullptr;       // (C) or nullptr
   const T* grad_output = nullptr;         // backward: scalar (grad_output_scalar) or (N, D)
   bool grad_output_scalar = false;
+  bool skip_if_grad_output_is_one = false;  // as in PointwiseArgs (issue 13)
   T* loss = nullptr;                       // forward: (N, D) for none, 1 for mean/sum
   acc_t<T>* lse = nullptr;                 // (N, D): written by the forward, read by the backward
   T* grad_input = nullptr;                 // may alias input (in-place forward)

@@ -84,6 +84,8 @@ __global__ void __launch_bounds__(kPwThreads, 3) pointwise_kernel(const PwParams
   // The scalar grad_output is read on the device (no host sync; CUDA-graph safe).
   const A g_scalar =
       (a.grad_output != nullptr && a.grad_output_scalar) ? to_acc(a.grad_output[0]) : A(1);
+  // Backward into the forward's buffers, which hold the gradient for grad_output = 1 (issue 13).
+  if (a.skip_if_grad_output_is_one && g_scalar == A(1)) return;
   const A gscale = P.scale * g_scalar;
 
   const T* __restrict__ xp = a.input;

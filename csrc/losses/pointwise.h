@@ -24,28 +24,31 @@ struct NoDomainCheck {
   TL_HD T invalid(T, T) const { return T(0); }
 };
 
-// binary_cross_entropy_with_logits: (1 - y) x - (1 + (a - 1) y) logsigmoid(x), a = pos_weight.
-// The pos_weight terms are skipped where a == 1, as torch does without pos_weight (so that an
-// infinite target gives torch's inf, not 0 * inf).
+// binary_cross_entropy_with_logits: (1 - y) x - logsigmoid(x), or with a pos_weight tensor a:
+// (1 - y) x - ((a - 1) y + 1) logsigmoid(x), in torch's order of operations, so that non-finite
+// inputs give torch's inf or nan (a pos_weight of 1 is not the same as none: 0 * inf). The
+// parameter says whether a pos_weight tensor is given (the kernels pass a = 1 without one).
 template <typename T>
 struct BCEWithLogits : NoDomainCheck {
   using M = Math<T>;
-  explicit TL_HD BCEWithLogits(double = 0) {}
+  bool pos_weight;
+  explicit TL_HD BCEWithLogits(double has_pos_weight) : pos_weight(has_pos_weight != 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
-  TL_HD static T pos_weight_term(T a, T v) { return M::where(a == T(1), T(0), (a - T(1)) * v); }
   TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
   TL_HD T value(T x, T y, T a, T e) const {
-    T ls = log_sigmoid(x, e);
-    return (T(1) - y) * x - ls - pos_weight_term(a, y * ls);
+    const T ls = log_sigmoid(x, e);
+    return (T(1) - y) * x - (pos_weight ? ((a - T(1)) * y + T(1)) * ls : ls);
   }
   TL_HD T grad_input(T x, T y, T a, T e) const {
-    T r = T(1) / (T(1) + e);
-    T sigmoid = M::where(x >= T(0), r, e * r);
-    return M::where(a == T(1), sigmoid - y, (a * y + T(1) - y) * sigmoid - a * y);
+    const T r = T(1) / (T(1) + e);
+    const T sigmoid = M::where(x >= T(0), r, e * r);
+    return pos_weight ? (a * y + T(1) - y) * sigmoid - a * y : sigmoid - y;
   }
+  // -x, or logsigmoid(-x) - a logsigmoid(x) with pos_weight (the same for finite x; torch's
+  // form gives inf, not inf - inf, at x = -inf). e = exp(-|x|) serves both log-sigmoids.
   TL_HD T grad_target(T x, T, T a, T e) const {
-    return -x - pos_weight_term(a, log_sigmoid(x, e));
+    return pos_weight ? log_sigmoid(-x, e) - a * log_sigmoid(x, e) : -x;
   }
 };
 
@@ -72,15 +75,16 @@ template <typename T>
 struct SmoothL1 : NoDomainCheck {
   using M = Math<T>;
   T beta;
-  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
+  bool l1;  // beta = 0: exactly l1_loss (torch routes it there), NaN included
+  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)), l1(beta_ == 0) {}
   TL_HD T shared(T x, T y) const { return x - y; }
   TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
     return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
   }
   TL_HD T grad_input(T, T, T, T z) const {
-    // For beta = 0 the middle branch is never taken: sign(z), 0 at z = 0 as torch's l1.
-    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), M::where(z == T(0), T(0), z / beta)));
+    if (l1) return M::where(z > T(0), T(1), M::where(z < T(0), T(-1), T(0)));  // torch's sign
+    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), z / beta));
   }
   TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
@@ -117,22 +121,24 @@ struct BCE {
   explicit TL_HD BCE(double = 0) {}
   TL_HD static T clamp_log(T v) { return M::where(v < T(-100), T(-100), v); }
   TL_HD T invalid(T x, T y) const {
-    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1));
+    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1)) | (y != y);
   }
   TL_HD T shared(T x, T) const { return M::log1p(-x); }  // log(1 - x)
   TL_HD T value(T x, T y, T, T log1m) const {
     return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log(x));
   }
+  // (x - y) / max(x (1 - x), 1e-12), the bound a float 1e-12 as in torch (also for double).
   TL_HD T grad_input(T x, T y, T, T) const {
     T d = x * (T(1) - x);
-    return (x - y) / M::where(d < T(1e-12), T(1e-12), d);
+    return (x - y) / M::where(d < T(1e-12f), T(1e-12f), d);
   }
   // -logit(x), as torch (not clamped).
   TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
 };
 
-// Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. At the kink (margin - y x = 0) the
-// gradient -y is passed, as torch's clamp_min does.
+// Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. The gradients are those torch's
+// autograd gives for (margin - y x).clamp_min(0): the mask (v >= 0, so the kink passes -y) times
+// the inner derivative, so NaN/inf inputs give torch's 0 * inf = nan in the other gradient.
 template <typename T>
 struct Hinge {
   using M = Math<T>;
@@ -143,8 +149,9 @@ struct Hinge {
   TL_HD T invalid(T, T y) const { return (y != T(1)) & (y != T(-1)); }
   TL_HD T shared(T x, T y) const { return margin - y * x; }
   TL_HD T value(T, T, T, T v) const { return M::where(v < T(0), T(0), v); }  // NaN propagates
-  TL_HD T grad_input(T, T y, T, T v) const { return M::where(v >= T(0), -y, T(0)); }
-  TL_HD T grad_target(T x, T, T, T v) const { return M::where(v >= T(0), -x, T(0)); }
+  TL_HD static T pass(T v) { return M::where(v >= T(0), T(1), T(0)); }
+  TL_HD T grad_input(T, T y, T, T v) const { return pass(v) * -y; }
+  TL_HD T grad_target(T x, T, T, T v) const { return pass(v) * -x; }
 };
 
 // kl_div with probability targets: xlogy(y, y) - y x. At y = 0 torch's target gradient is nan
@@ -168,7 +175,9 @@ struct KLDivLogTarget : NoDomainCheck {
   TL_HD T shared(T, T y) const { return M::exp(y); }
   TL_HD T value(T x, T y, T, T exp_y) const { return exp_y * (y - x); }
   TL_HD T grad_input(T, T, T, T exp_y) const { return -exp_y; }
-  TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x + T(1)); }
+  // exp(y) (y - x) + exp(y): the two branches of torch's autograd, summed as it does (so that
+  // exp(y) = inf with y - x < 0 gives its nan)
+  TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x) + exp_y; }
 };
 
 }  // namespace torch_losses
