@@ -223,6 +223,8 @@ class Session:
         lay = dict.fromkeys(["x", "y", "weight", "aux", "grad_output", "loss", "grad_input",
                              "grad_target"], 0)
         lay.update(layouts or {})
+        if kind == "bce_with_logits":
+            param = float(aux is not None)  # as csrc/ops.h: the functor's "pos_weight given"
         dt = x.dtype
         n = x.numel()
         xb = self.copy(x.contiguous().view(-1), lay["x"])
