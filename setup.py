@@ -10,6 +10,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -39,7 +40,36 @@ if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402
+
+def import_installed_torch():
+    """The extension must be compiled against the torch it will be loaded into. Under pip's
+    build isolation (a plain `pip install .`) that torch is hidden: pyproject.toml does not list
+    torch as a build requirement (pip would fetch another one, maybe a CUDA build of another
+    version), so look for it in this interpreter's site-packages, which isolation only hides."""
+    import sysconfig
+
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    for key in ("purelib", "platlib"):
+        folder = sysconfig.get_paths()[key]
+        if os.path.isdir(os.path.join(folder, "torch")) and folder not in sys.path:
+            sys.path.append(folder)
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "torch_losses compiles against the installed torch, and none was found. Install "
+            "torch first (`pip install torch`), then build with:\n"
+            "    pip install --no-build-isolation -e .") from None
+    print(f"torch_losses: building against the installed torch {torch.__version__} "
+          f"({os.path.dirname(torch.__file__)})")
+    return torch
+
+
+torch = import_installed_torch()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = cuda_switch == "1" or (
@@ -106,6 +136,23 @@ else:
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )
+
+
+def write_build_info():
+    """torch_losses/_build_info.py: the torch this build compiles against, read at import to
+    name both versions when they differ (instead of a loader error)."""
+    path = os.path.join(HERE, "torch_losses", "_build_info.py")
+    text = ('"""Written by setup.py at build time (not in git)."""\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n"
+            f"WITH_CUDA_KERNELS = {bool(with_cuda)!r}\n")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # an unchanged file keeps its timestamp: nothing to reinstall
+        with open(path, "w") as f:
+            f.write(text)
+
+
+write_build_info()
 
 setup(
     name="torch-losses",
