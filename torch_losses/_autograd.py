@@ -9,7 +9,14 @@ that autograd can adopt the buffer as `.grad` without a copy.
 A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
 backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
 place torch's own loss implementations are used.
+
+torch.func: every Function has a forward without ctx, setup_context and generate_vmap_rule;
+the ops have vmap rules (_vmap.py). The forward writes the gradients of the inputs that require
+grad (under torch.func transforms it sees unwrapped tensors that do not, so backward recomputes)
+and returns them after the loss as non-differentiable outputs for setup_context; apply() returns
+the loss alone.
 """
+import contextvars
 import math
 
 import torch
@@ -18,6 +25,7 @@ from torch.autograd import Function
 
 from . import _C  # noqa: F401  (loads the library: registers the ops)
 from . import _fake  # noqa: F401  (registers their fake kernels)
+from . import _vmap  # noqa: F401  (registers their vmap rules)
 
 ops = torch.ops.torch_losses
 
@@ -46,6 +54,49 @@ def _none_if_empty(grad, wanted):
     return grad if wanted else None
 
 
+def _wants_grad(*tensors):
+    """Which gradients a forward writes: those of the inputs that require grad. (In a forward
+    without ctx this stands for ctx.needs_input_grad; under no_grad the functionals pass detached
+    inputs, under torch.func transforms the forward sees tensors that do not require grad.)"""
+    return tuple(t is not None and t.requires_grad for t in tensors)
+
+
+def _written_grads(ctx, grads, wanted):
+    """setup_context: the gradients the forward wrote (None when it wrote none)."""
+    ctx.mark_non_differentiable(*grads)
+    if not any(wanted):
+        return None
+    return tuple(_none_if_empty(g, w) for g, w in zip(grads, wanted))
+
+
+def loss_of(output):
+    """The loss from a Function's apply: torch.compile traces Function.apply itself rather than
+    LossFunction.apply, and so returns forward's whole tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+_APPLYING = contextvars.ContextVar("torch_losses_applying", default=False)
+
+
+class LossFunction(Function):
+    """Base of the Functions: forward returns (loss, *what backward needs), apply the loss.
+
+    torch.func calls apply() again from inside the outer call (one level down); those inner
+    calls must return forward's tuple, so only the outermost call picks the loss."""
+
+    generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        if _APPLYING.get():
+            return super().apply(*args, **kwargs)
+        token = _APPLYING.set(True)
+        try:
+            return loss_of(super().apply(*args, **kwargs))
+        finally:
+            _APPLYING.reset(token)
+
+
 def _take_forward_grads(ctx):
     """The gradients the forward wrote: handed out once, None afterwards."""
     grads = ctx.forward_grads
@@ -64,18 +115,18 @@ def _composite_grads(loss, grad_output, inputs_wanted):
 # Pointwise losses
 
 
-def _pointwise_forward(ctx, fwd, input, target, tensors, scalars, reduction):
-    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    loss, grad_input, grad_target = fwd(
-        input, target, *tensors, *scalars, reduction_enum(reduction), want_input, want_target
-    )
+def _pointwise_forward(fwd, input, target, tensors, scalars, reduction):
+    want_input, want_target = _wants_grad(input, target)
+    return fwd(input, target, *tensors, *scalars, reduction_enum(reduction), want_input,
+               want_target)
+
+
+def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduction):
+    _, grad_input, grad_target = output
     ctx.save_for_backward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
-    ctx.forward_grads = (
-        _none_if_empty(grad_input, want_input),
-        _none_if_empty(grad_target, want_target),
-    )
-    return loss
+    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target),
+                                       _wants_grad(input, target))
 
 
 def _pointwise_backward(ctx, grad_output, bwd, reference):
@@ -98,19 +149,24 @@ def _pointwise_backward(ctx, grad_output, bwd, reference):
     return forward_grads
 
 
-class BCEWithLogitsFunction(Function):
+class BCEWithLogitsFunction(LossFunction):
     """binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction).
 
     weight and pos_weight are None or of input's shape; reduction is 'none', 'mean' or 'sum'.
     Differentiable in input and target."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, pos_weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.bce_with_logits_fwd, input, target,
+    def forward(input, target, weight=None, pos_weight=None, reduction="mean"):
+        return _pointwise_forward(ops.bce_with_logits_fwd, input, target,
                                   (weight, pos_weight), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight, pos_weight), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, pw, reduction):
             return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
 
@@ -118,16 +174,21 @@ class BCEWithLogitsFunction(Function):
         return (*grads, None, None, None)
 
 
-class HuberFunction(Function):
+class HuberFunction(LossFunction):
     """huber_loss(input, target, weight, delta, reduction): weight None or of input's shape."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, delta=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.huber_fwd, input, target, (weight,), (delta,),
+    def forward(input, target, weight=None, delta=1.0, reduction="mean"):
+        return _pointwise_forward(ops.huber_fwd, input, target, (weight,), (delta,),
                                   reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, delta, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (delta,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, delta, reduction):
             return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
                            reduction)
@@ -136,16 +197,21 @@ class HuberFunction(Function):
         return (*grads, None, None, None)
 
 
-class MSEFunction(Function):
+class MSEFunction(LossFunction):
     """mse_loss(input, target, weight, reduction): (x - y)^2 times weight; 'mean' divides by
     the number of elements (the functional handles torch's weighted mean)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.mse_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.mse_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y) ** 2, w), reduction)
 
@@ -153,15 +219,20 @@ class MSEFunction(Function):
         return (*grads, None, None)
 
 
-class L1Function(Function):
+class L1Function(LossFunction):
     """l1_loss(input, target, weight, reduction): |x - y| times weight."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.l1_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.l1_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y).abs(), w), reduction)
 
@@ -169,15 +240,20 @@ class L1Function(Function):
         return (*grads, None, None)
 
 
-class SmoothL1Function(Function):
+class SmoothL1Function(LossFunction):
     """smooth_l1_loss(input, target, beta, reduction)."""
 
     @staticmethod
-    def forward(ctx, input, target, beta=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.smooth_l1_fwd, input, target, (), (beta,), reduction)
+    def forward(input, target, beta=1.0, reduction="mean"):
+        return _pointwise_forward(ops.smooth_l1_fwd, input, target, (), (beta,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, beta, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (beta,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, beta, reduction):
             return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
 
@@ -185,15 +261,20 @@ class SmoothL1Function(Function):
         return (*grads, None, None)
 
 
-class BCEFunction(Function):
+class BCEFunction(LossFunction):
     """binary_cross_entropy(input, target, weight, reduction) on probabilities."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.bce_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.bce_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return F.binary_cross_entropy(x, y, w, reduction=reduction)
 
@@ -201,15 +282,20 @@ class BCEFunction(Function):
         return (*grads, None, None)
 
 
-class HingeFunction(Function):
+class HingeFunction(LossFunction):
     """hinge_loss(input, target, margin, reduction): max(0, margin - y x), y in {-1, +1}."""
 
     @staticmethod
-    def forward(ctx, input, target, margin=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.hinge_fwd, input, target, (), (margin,), reduction)
+    def forward(input, target, margin=1.0, reduction="mean"):
+        return _pointwise_forward(ops.hinge_fwd, input, target, (), (margin,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, margin, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (margin,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, margin, reduction):
             return _reduce((margin - y * x).clamp_min(0), reduction)
 
@@ -217,17 +303,22 @@ class HingeFunction(Function):
         return (*grads, None, None)
 
 
-class KLDivFunction(Function):
+class KLDivFunction(LossFunction):
     """kl_div(input, target, log_target, reduction) with reduction 'none', 'mean' (over
     elements) or 'sum'; the functional adds 'batchmean'."""
 
     @staticmethod
-    def forward(ctx, input, target, log_target=False, reduction="mean"):
-        return _pointwise_forward(ctx, ops.kl_div_fwd, input, target, (), (log_target,),
+    def forward(input, target, log_target=False, reduction="mean"):
+        return _pointwise_forward(ops.kl_div_fwd, input, target, (), (log_target,),
                                   reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, log_target, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (log_target,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, log_target, reduction):
             return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
 
@@ -250,7 +341,7 @@ def fold_class_dim(input, target):
     return x, t, probs
 
 
-class CrossEntropyFunction(Function):
+class CrossEntropyFunction(LossFunction):
     """cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
     inplace_backward).
 
@@ -259,36 +350,46 @@ class CrossEntropyFunction(Function):
     targets. inplace_backward=True writes the gradient over input (class indices only)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+    def forward(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", inplace_backward=False):
+        """Returns (loss, lse, grad_input, grad_target); apply() returns the loss."""
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
-        want_input = ctx.needs_input_grad[0]
-        want_target = probs and ctx.needs_input_grad[1]
-        ctx.inplace = inplace_backward and want_input
-        if ctx.inplace:
+        want_input, want_target = _wants_grad(input, target)
+        if inplace_backward and want_input:
             loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red)
             # Tell autograd: any other node that saved these logits now raises in backward.
             torch.autograd.graph.increment_version(input)
-            grad_input, grad_target = x, None
-            ctx.save_for_backward(None, target, weight, lse)  # input now holds its gradient
+            # The gradient is the input itself now (setup_context takes it from there).
+            grad_input = grad_target = input.new_empty((0,))
         else:
             loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
-                x, t, weight, ignore_index, label_smoothing, red, want_input, want_target)
-            ctx.save_for_backward(input, target, weight, lse)
-        ctx.options = (ignore_index, label_smoothing, reduction)
-        ctx.input_shape = input.shape
-        ctx.forward_grads = (
-            _none_if_empty(grad_input, want_input),
-            _none_if_empty(grad_target, want_target),
-        )
+                x, t, weight, ignore_index, label_smoothing, red, want_input,
+                probs and want_target)
         if red == 0:
-            return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
-        return loss
+            loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+        return loss, lse, grad_input, grad_target
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward = inputs
+        _, lse, grad_input, grad_target = output
+        want_input, want_target = _wants_grad(input, target)
+        probs = target.shape == input.shape
+        ctx.inplace = inplace_backward and want_input
+        ctx.mark_non_differentiable(lse)
+        # With inplace_backward, input now holds its gradient: not saved.
+        ctx.save_for_backward(None if ctx.inplace else input, target, weight, lse)
+        ctx.options = (ignore_index, label_smoothing, reduction)
+        ctx.input_shape = input.shape
+        ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target),
+                                           (want_input, probs and want_target))
+        if ctx.inplace:
+            ctx.forward_grads = (input.detach(), None)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         want_input = ctx.needs_input_grad[0]
         want_target = ctx.needs_input_grad[1]
         forward_grads = _take_forward_grads(ctx)

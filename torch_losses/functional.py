@@ -19,6 +19,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
     _reduce,
+    loss_of,
     reduction_enum,
 )
 
@@ -157,8 +158,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         if not input.is_contiguous():
             raise RuntimeError("inplace_backward=True needs contiguous logits")
     input, target = _detach_without_grad_mode(input, target)
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, float(label_smoothing),
-                                      reduction, bool(inplace_backward))
+    return loss_of(CrossEntropyFunction.apply(input, target, weight, ignore_index,
+                                              float(label_smoothing), reduction,
+                                              bool(inplace_backward)))
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
@@ -184,7 +186,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     if pos_weight is not None:
         pos_weight = pos_weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    loss = BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    loss = loss_of(BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction))
     return loss if loss.dtype == result_dtype else loss.to(result_dtype)
 
 
@@ -196,14 +198,14 @@ def _elementwise_weighted(function, input, target, weight, scalars, reduction, m
         raise ValueError("Weights and input must have the same size.")
     x, y = _detach_without_grad_mode(*_broadcast(input, target, function.__name__))
     if weight.requires_grad and torch.is_grad_enabled():
-        loss = function.apply(x, y, None, *scalars, "none") * weight
+        loss = loss_of(function.apply(x, y, None, *scalars, "none")) * weight
         if reduction == "mean" and mean_by_weight:
             return loss.sum() / weight.sum()
         return _reduce(loss, reduction)
     w = weight.to(x.dtype).expand(x.shape)
     if reduction == "mean" and mean_by_weight:
-        return function.apply(x, y, w, *scalars, "sum") / weight.sum()
-    return function.apply(x, y, w, *scalars, reduction)
+        return loss_of(function.apply(x, y, w, *scalars, "sum")) / weight.sum()
+    return loss_of(function.apply(x, y, w, *scalars, reduction))
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
@@ -219,7 +221,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
         return _elementwise_weighted(HuberFunction, input, target, weight, (float(delta),),
                                      reduction, mean_by_weight=False)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, "huber_loss"))
-    return HuberFunction.apply(x, y, None, float(delta), reduction)
+    return loss_of(HuberFunction.apply(x, y, None, float(delta), reduction))
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
@@ -230,7 +232,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         return _elementwise_weighted(MSEFunction, input, target, weight, (), reduction,
                                      mean_by_weight=True)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, "mse_loss"))
-    return MSEFunction.apply(x, y, None, reduction)
+    return loss_of(MSEFunction.apply(x, y, None, reduction))
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
@@ -242,7 +244,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
         return _elementwise_weighted(L1Function, input, target, weight, (), reduction,
                                      mean_by_weight=True)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, "l1_loss"))
-    return L1Function.apply(x, y, None, reduction)
+    return loss_of(L1Function.apply(x, y, None, reduction))
 
 
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
@@ -252,7 +254,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
     _check_same_device(input, target)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, "smooth_l1_loss"))
-    return SmoothL1Function.apply(x, y, float(beta), reduction)
+    return loss_of(SmoothL1Function.apply(x, y, float(beta), reduction))
 
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
@@ -272,7 +274,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    return BCEFunction.apply(input, target, weight, reduction)
+    return loss_of(BCEFunction.apply(input, target, weight, reduction))
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
@@ -293,12 +295,12 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         _check_same_device(input, target)
         x, y = _detach_without_grad_mode(
             *torch.broadcast_tensors(*_promote(input, target, "kl_div")))
-        loss = KLDivFunction.apply(x, y, bool(log_target), "sum")
+        loss = loss_of(KLDivFunction.apply(x, y, bool(log_target), "sum"))
         return loss / input.size(0) if input.dim() != 0 else loss
     reduction_enum(reduction)
     _check_same_device(input, target)
     x, y = _detach_without_grad_mode(*torch.broadcast_tensors(*_promote(input, target, "kl_div")))
-    return KLDivFunction.apply(x, y, bool(log_target), reduction)
+    return loss_of(KLDivFunction.apply(x, y, bool(log_target), reduction))
 
 
 def hinge_loss(input, target, margin=1.0, reduction="mean"):
@@ -312,4 +314,4 @@ def hinge_loss(input, target, margin=1.0, reduction="mean"):
     _check_same_device(input, target)
     input, target = _promote(input, target, "hinge_loss")
     input, target = _detach_without_grad_mode(input, target)
-    return HingeFunction.apply(input, target, float(margin), reduction)
+    return loss_of(HingeFunction.apply(input, target, float(margin), reduction))
