@@ -154,9 +154,20 @@ def write_build_info():
 
 write_build_info()
 
+class PersistentBuildExtension(BuildExtension):
+    """Keeps ninja's object files in build/temp-<torch>-<python>/ instead of the temporary folder
+    that `pip install -e .` passes, so a reinstall recompiles only the sources that changed
+    (one folder per torch version: switching torch does not discard the other's objects)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
+
+
 setup(
     name="torch-losses",
     packages=find_packages(include=["torch_losses", "torch_losses.*"]),
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": PersistentBuildExtension},
 )

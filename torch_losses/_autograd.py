@@ -386,7 +386,7 @@ class CrossEntropyFunction(LossFunction):
         ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target),
                                            (want_input, probs and want_target))
         if ctx.inplace:
-            ctx.forward_grads = (input.detach(), None)
+            ctx.forward_grads = (fold_class_dim(input.detach(), target)[0], None)
 
     @staticmethod
     def backward(ctx, grad_output, *_unused):
