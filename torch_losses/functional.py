@@ -152,13 +152,12 @@ def _follow_autocast(torch_loss, input, target, *others):
                  else t for t in (input, target, *others))
 
 
+# Under torch.compile(fullgraph=True) dynamo runs this while tracing (it cannot trace
+# warnings.warn itself): the warning comes once per compilation, as torch's losses' warnings do.
+@torch._dynamo.assume_constant_result
 def _warn_broadcast(message):
     warnings.warn(message, UserWarning, stacklevel=4)
-
-
-# Under torch.compile(fullgraph=True) the warning is emitted after the graph runs, instead of
-# breaking the graph (dynamo cannot trace warnings.warn itself).
-torch._dynamo.config.reorderable_logging_functions.add(_warn_broadcast)
+    return True
 
 
 def _broadcast(input, target, torch_loss):
@@ -221,7 +220,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             _fail_like_torch(lambda: TF.cross_entropy(input.detach().cpu(), target.cpu()),
                              IndexError("Target is out of bounds (no classes)."))
     if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        _fail_like_torch(torch_call, RuntimeError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"))
     if weight is not None:
         if weight.dim() != 1 or weight.numel() != num_classes or weight.dtype != input.dtype:
             _fail_like_torch(torch_call, RuntimeError(
@@ -262,8 +262,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     """torch.nn.functional.binary_cross_entropy_with_logits, fused."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if target.size() != input.size():
-        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
-                         f"({input.size()})")
+        _fail_like_torch(lambda: TF.binary_cross_entropy_with_logits(input, target), ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"))
     _check_same_device(input, target, weight, pos_weight)
     _check_not_differentiable(weight, "binary_cross_entropy_with_logits", "weight")
     _check_not_differentiable(pos_weight, "binary_cross_entropy_with_logits", "pos_weight")
@@ -288,7 +288,8 @@ def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, 
     takes torch's composite route (our elementwise loss times weight) to get its gradient. The
     result takes the promoted dtype of the loss and weight, as torch's loss * weight."""
     if weight.size() != input.size():
-        raise ValueError("Weights and input must have the same size.")
+        _fail_like_torch(lambda: torch_loss(input, target, weight=weight),
+                         ValueError("Weights and input must have the same size."))
     x, y = _broadcast(input, target, torch_loss)
     dtype = torch.promote_types(x.dtype, weight.dtype)
     if weight.requires_grad and torch.is_grad_enabled():
@@ -307,7 +308,8 @@ def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """torch.nn.functional.huber_loss, fused (weight= included)."""
     if delta <= 0:
-        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+        _fail_like_torch(lambda: TF.huber_loss(input, target, delta=delta), RuntimeError(
+            "huber_loss does not support non-positive values for delta."))
     reduction_enum(reduction)
     _check_same_device(input, target, weight)
     _check_dtypes_like_torch(TF.huber_loss, input, target)
@@ -348,7 +350,8 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     """torch.nn.functional.smooth_l1_loss, fused (beta = 0 is l1)."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if beta < 0:
-        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
+        _fail_like_torch(lambda: TF.smooth_l1_loss(input, target, beta=beta), RuntimeError(
+            "smooth_l1_loss does not support negative values for beta."))
     _check_same_device(input, target)
     input, target = _follow_autocast(TF.smooth_l1_loss, input, target)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.smooth_l1_loss))
@@ -361,9 +364,9 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     outside [0, 1] raise (on CUDA: a device-side assert)."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if target.size() != input.size():
-        raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
-                         f"size ({input.size()}) is deprecated. Please ensure they have the same "
-                         "size.")
+        _fail_like_torch(lambda: TF.binary_cross_entropy(input, target), ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size."))
     _check_same_device(input, target, weight)
     _check_not_differentiable(weight, "binary_cross_entropy", "weight")
     input, target, weight = _follow_autocast(TF.binary_cross_entropy, input, target, weight)
