@@ -41,6 +41,16 @@ if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home
 
 
+def system_site_packages_visible():
+    """A venv made with --system-site-packages sees the base Python's packages."""
+    try:
+        with open(os.path.join(sys.prefix, "pyvenv.cfg")) as f:
+            return any(line.replace(" ", "").lower() == "include-system-site-packages=true"
+                       for line in f.read().splitlines())
+    except OSError:
+        return False
+
+
 def import_installed_torch():
     """The extension must be compiled against the torch it will be loaded into. Under pip's
     build isolation (a plain `pip install .`) that torch is hidden: pyproject.toml does not list
@@ -53,10 +63,14 @@ def import_installed_torch():
         return torch
     except ImportError:
         pass
-    for key in ("purelib", "platlib"):
-        folder = sysconfig.get_paths()[key]
-        if os.path.isdir(os.path.join(folder, "torch")) and folder not in sys.path:
-            sys.path.append(folder)
+    schemes = [{}]  # this environment's site-packages
+    if sys.prefix != sys.base_prefix and system_site_packages_visible():
+        schemes.append({"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    for scheme in schemes:
+        for key in ("purelib", "platlib"):
+            folder = sysconfig.get_paths(vars=scheme)[key]
+            if os.path.isdir(os.path.join(folder, "torch")) and folder not in sys.path:
+                sys.path.append(folder)
     try:
         import torch
     except ImportError:
