@@ -22,16 +22,28 @@ BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: install test bench test-newest-torch cuda-compile clean
+.PHONY: help install test bench test-newest-torch cuda-compile clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make test    the test suite (PYTEST_ARGS=\"-x -k huber\" passes options to pytest)"
+	@echo "make bench   the benchmark (BENCH_ARGS=\"--quick\" passes options to benchmarks/bench.py)"
+	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
+	@echo "Python: $(VENV) (the active venv, else .venv, created with python3 when missing)"
 
 $(PYTHON):
 	@echo "make: no active virtual environment: creating $(VENV) with python3 (activate a venv to use it instead)"
 	python3 -m venv $(VENV)
 
-# torch, the build tools and the test tools (once per venv).
+# torch and the build tools (once per venv).
 $(VENV)/.tools-installed: | $(PYTHON)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet "setuptools>=77" wheel ninja $(TEST_TOOLS)
+	$(PYTHON) -m pip install --quiet "setuptools>=77" wheel ninja
+	touch $@
+
+# The test tools (once per venv; make bench does not need them).
+$(VENV)/.test-tools-installed: | $(PYTHON)
+	$(PYTHON) -m pip install --quiet $(TEST_TOOLS)
 	touch $@
 
 # --no-build-isolation: compile against the torch installed above, not a second one.
@@ -46,7 +58,7 @@ install: $(INSTALLED)
 	  echo "make: the extension was built for another torch: rebuilding"; \
 	  $(PYTHON) -m pip install --no-build-isolation --no-deps -e . ; }
 
-test: install
+test: install $(VENV)/.test-tools-installed
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: install
