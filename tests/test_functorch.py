@@ -170,3 +170,32 @@ def test_function_apply_returns_the_loss_in_every_mode(device):
                  grad(F.mse_loss)(x.detach(), y))
     compiled = torch.compile(lambda a, b: TLF.mse_loss(a, b), fullgraph=True)
     assert_close(compiled(x.detach(), y), expected)
+
+
+class _ForwardGradPointers(TorchDispatchMode):
+    """Records the storage of the input gradient each torch_losses forward op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointers = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.namespace == "torch_losses" and name.endswith("_fwd"):
+            grad_input = out[2] if name == "cross_entropy_fwd" else out[1]
+            self.pointers.append(grad_input.data_ptr())
+        return out
+
+
+def test_forward_gradient_becomes_grad_without_a_copy(device):
+    """The gradient buffer the forward returns (a non-differentiable output) is adopted as
+    .grad: setup_context and backward keep no other reference to it."""
+    x = torch.randn(64, 33, device=device, requires_grad=True)
+    with _ForwardGradPointers() as log:
+        TLF.mse_loss(x, torch.randn(64, 33, device=device)).backward()
+    assert x.grad.data_ptr() == log.pointers[-1]
+    x.grad = None
+    with _ForwardGradPointers() as log:
+        TLF.cross_entropy(x, torch.randint(0, 33, (64,), device=device)).backward()
+    assert x.grad.data_ptr() == log.pointers[-1]
