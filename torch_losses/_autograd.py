@@ -120,8 +120,14 @@ def _composite_grads(loss, grad_output, inputs_wanted):
 # Pointwise losses
 
 
+def _pointwise_forward_grads_wanted(input, target, reduction):
+    """(input, target): which gradients the forward writes. The one place that decides it: the
+    forward and setup_context both ask here, so they always agree."""
+    return _wants_grad(input, target)
+
+
 def _pointwise_forward(fwd, input, target, tensors, scalars, reduction):
-    want_input, want_target = _wants_grad(input, target)
+    want_input, want_target = _pointwise_forward_grads_wanted(input, target, reduction)
     return fwd(input, target, *tensors, *scalars, reduction_enum(reduction), want_input,
                want_target)
 
@@ -130,8 +136,8 @@ def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduc
     _, grad_input, grad_target = output
     ctx.save_for_backward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
-    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target),
-                                       _wants_grad(input, target))
+    ctx.forward_grads = _written_grads(
+        ctx, (grad_input, grad_target), _pointwise_forward_grads_wanted(input, target, reduction))
 
 
 def _pointwise_backward(ctx, grad_output, bwd, reference):
