@@ -1,28 +1,81 @@
-# The two commands of the README, each installing what it needs on a fresh machine:
-#   make bench   the benchmark (CUDA when a GPU is visible, else CPU)
-#   make test    the test suite (every device present)
-PYTHON ?= python
-# torch==2.13.0 is the CPU build on the project's machines; any installed torch >= 2.4 is kept.
+# The two commands of the README, each setting up what it needs on a fresh machine:
+#   make bench   the benchmark (CUDA when a GPU is visible, else CPU); options: BENCH_ARGS="--quick"
+#   make test    the test suite (every device present); options: PYTEST_ARGS="-x -k huber"
+# Python: the active virtual environment when there is one ($VIRTUAL_ENV), else a project venv
+# in .venv, made with python3 on first use (so a system Python that refuses pip installs, PEP 668,
+# is never touched). VENV=path picks another venv folder.
+# Rebuilds: the package is installed once per venv (pip install -e); after that only changed C++
+# sources are recompiled (ninja's objects stay in build/temp-<torch>-<python>/).
+ifdef VIRTUAL_ENV
+VENV ?= $(VIRTUAL_ENV)
+else
+VENV ?= .venv
+endif
+PYTHON := $(VENV)/bin/python
+# torch==2.13.0 is the CPU build on the project's machines; an installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
+# The newest torch the tests ran on (make test-newest-torch), in its own venv.
+NEWEST_TORCH ?= 2.14.1
+TEST_TOOLS ?= pytest numpy expecttest hypothesis
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: install test fuzz bench cuda-compile cuda-emulate clean
+.PHONY: help install test fuzz bench test-newest-torch cuda-compile cuda-emulate clean
+.DEFAULT_GOAL := help
 
-install:
+help:
+	@echo "make test    the test suite (PYTEST_ARGS=\"-x -k huber\" passes options to pytest)"
+	@echo "make bench   the benchmark (BENCH_ARGS=\"--quick\" passes options to benchmarks/bench.py)"
+	@echo "make fuzz    the randomized differential tests' long profile (~24,000 cases)"
+	@echo "make cuda-emulate   the CUDA kernels on the CPU emulator (also part of make test)"
+	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
+	@echo "Python: $(VENV) (the active venv, else .venv, created with python3 when missing)"
+
+$(PYTHON):
+	@echo "make: no active virtual environment: creating $(VENV) with python3 (activate a venv to use it instead)"
+	python3 -m venv $(VENV)
+
+# torch and the build tools (once per venv).
+$(VENV)/.tools-installed: | $(PYTHON)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy expecttest hypothesis
-	# --no-build-isolation: compile against the torch installed above, not a second one.
-	$(PYTHON) -m pip install --no-build-isolation -e .
+	$(PYTHON) -m pip install --quiet "setuptools>=77" wheel ninja
+	touch $@
 
-test: install
-	$(PYTHON) -m pytest -q tests
+# The test tools (once per venv; make bench does not need them).
+$(VENV)/.test-tools-installed: | $(PYTHON)
+	$(PYTHON) -m pip install --quiet $(TEST_TOOLS)
+	touch $@
+
+# --no-build-isolation: compile against the torch installed above, not a second one.
+$(INSTALLED): $(VENV)/.tools-installed setup.py pyproject.toml $(CSRC)
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+# The in-place extension is shared by every venv of this clone: rebuild when the last build was
+# for another torch (import names both versions then).
+install: $(INSTALLED)
+	@$(PYTHON) -c "import torch_losses" 2>/dev/null || { \
+	  echo "make: the extension was built for another torch: rebuilding"; \
+	  $(PYTHON) -m pip install --no-build-isolation --no-deps -e . ; }
+
+test: install $(VENV)/.test-tools-installed
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
 # The randomized differential tests' long profile (tests/test_fuzz.py): ~24,000 cases.
-fuzz: install
+fuzz: install $(VENV)/.test-tools-installed
 	TL_FUZZ_PROFILE=fuzz $(PYTHON) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 bench: install
 	$(PYTHON) -m pip install --quiet matplotlib || true
-	$(PYTHON) benchmarks/bench.py
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+
+# The suite on the newest torch the registry serves (CPU-only build of ours: faster, and the
+# CUDA sources are compiled by cuda-compile anyway).
+test-newest-torch:
+	TORCH_LOSSES_CUDA=0 $(MAKE) test VENV=.venv-torch-$(NEWEST_TORCH) \
+	  TORCH_SPEC=torch==$(NEWEST_TORCH) PYTEST_ARGS="--ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)"
 
 # Every .cu compiles without a GPU and without torch headers (seconds each).
 cuda-compile:
@@ -34,8 +87,8 @@ cuda-compile:
 
 # The CUDA kernels run on the CPU under the emulator of tests/cuda_emu (no GPU, no nvcc, no
 # build of the extension; needs g++, torch and pytest): compile ~20 s (cached), tests ~2.5 min.
-cuda-emulate:
+cuda-emulate: $(VENV)/.tools-installed $(VENV)/.test-tools-installed
 	$(PYTHON) -m pytest -q -rfE tests/test_cuda_emu.py
 
 clean:
-	rm -rf build *.egg-info torch_losses/*.so
+	rm -rf build *.egg-info torch_losses/*.so torch_losses/_build_info.py

@@ -10,6 +10,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -39,7 +40,50 @@ if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402
+
+def system_site_packages_visible():
+    """A venv made with --system-site-packages sees the base Python's packages."""
+    try:
+        with open(os.path.join(sys.prefix, "pyvenv.cfg")) as f:
+            return any(line.replace(" ", "").lower() == "include-system-site-packages=true"
+                       for line in f.read().splitlines())
+    except OSError:
+        return False
+
+
+def import_installed_torch():
+    """The extension must be compiled against the torch it will be loaded into. Under pip's
+    build isolation (a plain `pip install .`) that torch is hidden: pyproject.toml does not list
+    torch as a build requirement (pip would fetch another one, maybe a CUDA build of another
+    version), so look for it in this interpreter's site-packages, which isolation only hides."""
+    import sysconfig
+
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    schemes = [{}]  # this environment's site-packages
+    if sys.prefix != sys.base_prefix and system_site_packages_visible():
+        schemes.append({"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    for scheme in schemes:
+        for key in ("purelib", "platlib"):
+            folder = sysconfig.get_paths(vars=scheme)[key]
+            if os.path.isdir(os.path.join(folder, "torch")) and folder not in sys.path:
+                sys.path.append(folder)
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "torch_losses compiles against the installed torch, and none was found. Install "
+            "torch first (`pip install torch`), then build with:\n"
+            "    pip install --no-build-isolation -e .") from None
+    print(f"torch_losses: building against the installed torch {torch.__version__} "
+          f"({os.path.dirname(torch.__file__)})")
+    return torch
+
+
+torch = import_installed_torch()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = cuda_switch == "1" or (
@@ -110,9 +154,37 @@ else:
         extra_link_args=link_flags,
     )
 
+
+def write_build_info():
+    """torch_losses/_build_info.py: the torch this build compiles against, read at import to
+    name both versions when they differ (instead of a loader error)."""
+    path = os.path.join(HERE, "torch_losses", "_build_info.py")
+    text = ('"""Written by setup.py at build time (not in git)."""\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n"
+            f"WITH_CUDA_KERNELS = {bool(with_cuda)!r}\n")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # an unchanged file keeps its timestamp: nothing to reinstall
+        with open(path, "w") as f:
+            f.write(text)
+
+
+write_build_info()
+
+class PersistentBuildExtension(BuildExtension):
+    """Keeps ninja's object files in build/temp-<torch>-<python>/ instead of the temporary folder
+    that `pip install -e .` passes, so a reinstall recompiles only the sources that changed
+    (one folder per torch version: switching torch does not discard the other's objects)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
+
+
 setup(
     name="torch-losses",
     packages=find_packages(include=["torch_losses", "torch_losses.*"]),
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": PersistentBuildExtension},
 )

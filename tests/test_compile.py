@@ -89,3 +89,44 @@ def test_compiled_functional_reduction_none(name, device):
     ours.backward(g)
     theirs.backward(g)
     assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["huber_loss", "mse_loss", "l1_loss", "smooth_l1_loss"])
+@pytest.mark.parametrize("target_shape", [(4, 1), ()], ids=["column", "scalar"])
+def test_compiled_broadcast_target_warns_without_graph_break(name, target_shape, device):
+    """A broadcast target under fullgraph: torch's loss and ours compile, match, and ours warns
+    as in eager (after the graph runs)."""
+    x = torch.randn(4, 3, device=device)
+    y = torch.randn(target_shape, device=device)
+    ours_f, torch_f = getattr(TLF, name), getattr(F, name)
+    with pytest.warns(UserWarning, match="Using a target size"):
+        ours = torch.compile(lambda a, b: ours_f(a, b), fullgraph=True)(x, y)
+    with pytest.warns(UserWarning, match="Using a target size"):
+        theirs = torch.compile(lambda a, b: torch_f(a, b), fullgraph=True)(x, y)
+    assert_close(ours, theirs)
+
+
+BAD_CALLS = {
+    "ce_probabilities_c_plus_1": lambda f, d: f.cross_entropy(
+        torch.randn(4, 3, device=d), torch.rand(4, 4, device=d)),
+    "ce_batch_mismatch": lambda f, d: f.cross_entropy(
+        torch.randn(4, 3, device=d), torch.zeros(5, dtype=torch.long, device=d)),
+    "huber_negative_delta": lambda f, d: f.huber_loss(
+        torch.rand(4, device=d), torch.rand(4, device=d), delta=-1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_compiled_validation_errors_as_torch(case, device):
+    """Under fullgraph, an invalid call fails as torch's loss fails there: the same exception
+    type, carrying torch's message (not dynamo's bare 'Observed exception')."""
+    call = BAD_CALLS[case]
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as theirs:
+        torch.compile(lambda: call(F, device), fullgraph=True)()
+    with pytest.raises(Exception) as ours:
+        torch.compile(lambda: call(TLF, device), fullgraph=True)()
+    assert type(ours.value) is type(theirs.value), f"{ours.value}\n---\n{theirs.value}"
+    with pytest.raises(Exception) as eager:
+        call(F, device)
+    assert str(eager.value) in str(ours.value)

@@ -1,6 +1,12 @@
 """torch_losses: fused C++/CUDA loss kernels, drop-in for torch.nn's losses."""
-from . import functional
-from ._autograd import (
+from ._version_check import load_extension
+
+# First: a clear ImportError (wrong torch, no compiled extension) instead of a loader error or a
+# circular-import message from the modules below.
+load_extension()
+
+from . import functional  # noqa: E402
+from ._autograd import (  # noqa: E402
     BCEFunction,
     BCEWithLogitsFunction,
     CrossEntropyFunction,
@@ -11,7 +17,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
 )
-from .modules import (
+from .modules import (  # noqa: E402
     BCELoss,
     BCEWithLogitsLoss,
     CrossEntropyLoss,
@@ -23,10 +29,12 @@ from .modules import (
     SmoothL1Loss,
 )
 
+from ._version_check import TESTED_TORCH_RANGE, UntestedTorchWarning  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional",
+    "functional", "TESTED_TORCH_RANGE", "UntestedTorchWarning",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "BCELoss", "KLDivLoss", "HingeLoss",
     "CrossEntropyFunction", "BCEWithLogitsFunction", "HuberFunction", "MSEFunction",

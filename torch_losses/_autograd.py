@@ -15,7 +15,14 @@ grad_output per element (an expanded grad_output is read as the scalar it is).
 A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
 backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
 place torch's own loss implementations are used.
+
+torch.func: every Function has a forward without ctx, setup_context and generate_vmap_rule;
+the ops have vmap rules (_vmap.py). The forward writes the gradients of the inputs that require
+grad (under torch.func transforms it sees unwrapped tensors that do not, so backward recomputes)
+and returns them after the loss as non-differentiable outputs for setup_context; apply() returns
+the loss alone.
 """
+import contextvars
 import math
 
 import torch
@@ -24,6 +31,7 @@ from torch.autograd import Function
 
 from . import _C  # noqa: F401  (loads the library: registers the ops)
 from . import _fake  # noqa: F401  (registers their fake kernels)
+from . import _vmap  # noqa: F401  (registers their vmap rules)
 
 ops = torch.ops.torch_losses
 
@@ -80,6 +88,54 @@ def _finish_forward_grads(forward_grads, grad_output, recompute_into, always_rec
     return forward_grads
 
 
+def _wants_grad(*tensors):
+    """Which gradients a forward writes: those of the inputs that require grad. (In a forward
+    without ctx this stands for ctx.needs_input_grad; under no_grad the functionals pass detached
+    inputs, under torch.func transforms the forward sees tensors that do not require grad.)"""
+    return tuple(t is not None and t.requires_grad for t in tensors)
+
+
+def _written_grads(ctx, grads, wanted):
+    """setup_context: the gradients the forward wrote (None when it wrote none)."""
+    ctx.mark_non_differentiable(*grads)
+    if not any(wanted):
+        return None
+    return tuple(_none_if_empty(g, w) for g, w in zip(grads, wanted))
+
+
+def loss_of(output):
+    """The loss from a Function's apply: torch.compile traces Function.apply itself rather than
+    LossFunction.apply, and so returns forward's whole tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+_APPLYING = contextvars.ContextVar("torch_losses_applying", default=False)
+
+
+class LossFunction(Function):
+    """Base of the Functions: forward returns (loss, *what backward needs), apply the loss.
+
+    torch.func calls apply() again from inside the outer call (one level down); those inner
+    calls must return forward's tuple, so only the outermost call picks the loss."""
+
+    generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        if _APPLYING.get():
+            return super().apply(*args, **kwargs)
+        if (not kwargs and len(args) == cls.forward.__code__.co_argcount
+                and not torch._C._are_functorch_transforms_active()):
+            # Every argument given: skip Function.apply's per-call signature binding (tens of
+            # microseconds) and go to the C++ apply, which is what it calls outside torch.func.
+            return loss_of(super(Function, cls).apply(*args))
+        token = _APPLYING.set(True)
+        try:
+            return loss_of(super().apply(*args, **kwargs))
+        finally:
+            _APPLYING.reset(token)
+
+
 def _take_forward_grads(ctx):
     """The gradients the forward wrote: handed out once, None afterwards."""
     grads = ctx.forward_grads
@@ -98,22 +154,25 @@ def _composite_grads(loss, grad_output, inputs_wanted):
 # Pointwise losses
 
 
-def _pointwise_forward(ctx, fwd, input, target, tensors, scalars, reduction):
+def _pointwise_forward_grads_wanted(input, target, reduction):
+    """(input, target): which gradients the forward writes. The one place that decides it: the
+    forward and setup_context both ask here, so they always agree."""
     writes = _forward_writes_grads(reduction)
-    want_input = writes and ctx.needs_input_grad[0]
-    want_target = writes and ctx.needs_input_grad[1]
-    loss, grad_input, grad_target = fwd(
-        input, target, *tensors, *scalars, reduction_enum(reduction), want_input, want_target
-    )
+    return tuple(writes and wanted for wanted in _wants_grad(input, target))
+
+
+def _pointwise_forward(fwd, input, target, tensors, scalars, reduction):
+    want_input, want_target = _pointwise_forward_grads_wanted(input, target, reduction)
+    return fwd(input, target, *tensors, *scalars, reduction_enum(reduction), want_input,
+               want_target)
+
+
+def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduction):
+    _, grad_input, grad_target = output
     ctx.save_for_backward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
-    ctx.forward_grads = None
-    if want_input or want_target:
-        ctx.forward_grads = (
-            _none_if_empty(grad_input, want_input),
-            _none_if_empty(grad_target, want_target),
-        )
-    return loss
+    ctx.forward_grads = _written_grads(
+        ctx, (grad_input, grad_target), _pointwise_forward_grads_wanted(input, target, reduction))
 
 
 def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
@@ -139,148 +198,188 @@ def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
     return _finish_forward_grads(forward_grads, grad_output, recompute_into)
 
 
-class BCEWithLogitsFunction(Function):
+class BCEWithLogitsFunction(LossFunction):
     """binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction).
 
     weight and pos_weight are None or of input's shape; reduction is 'none', 'mean' or 'sum'.
     Differentiable in input and target."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, pos_weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.bce_with_logits_fwd, input, target,
+    def forward(input, target, weight=None, pos_weight=None, reduction="mean"):
+        return _pointwise_forward(ops.bce_with_logits_fwd, input, target,
                                   (weight, pos_weight), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight, pos_weight), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, pw, reduction):
             return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd,
-                                    ops.bce_with_logits_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd, ops.bce_with_logits_bwd_into_,
+                                    reference)
         return (*grads, None, None, None)
 
 
-class HuberFunction(Function):
+class HuberFunction(LossFunction):
     """huber_loss(input, target, weight, delta, reduction): weight None or of input's shape."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, delta=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.huber_fwd, input, target, (weight,), (delta,),
+    def forward(input, target, weight=None, delta=1.0, reduction="mean"):
+        return _pointwise_forward(ops.huber_fwd, input, target, (weight,), (delta,),
                                   reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, delta, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (delta,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, delta, reduction):
             return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
                            reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd,
-                                    ops.huber_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd, ops.huber_bwd_into_,
+                                    reference)
         return (*grads, None, None, None)
 
 
-class MSEFunction(Function):
+class MSEFunction(LossFunction):
     """mse_loss(input, target, weight, reduction): (x - y)^2 times weight; 'mean' divides by
     the number of elements (the functional handles torch's weighted mean)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.mse_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.mse_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y) ** 2, w), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd,
-                                    ops.mse_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd, ops.mse_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
-class L1Function(Function):
+class L1Function(LossFunction):
     """l1_loss(input, target, weight, reduction): |x - y| times weight."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.l1_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.l1_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return _reduce(_weighted((x - y).abs(), w), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd,
-                                    ops.l1_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd, ops.l1_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
-class SmoothL1Function(Function):
+class SmoothL1Function(LossFunction):
     """smooth_l1_loss(input, target, beta, reduction)."""
 
     @staticmethod
-    def forward(ctx, input, target, beta=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.smooth_l1_fwd, input, target, (), (beta,), reduction)
+    def forward(input, target, beta=1.0, reduction="mean"):
+        return _pointwise_forward(ops.smooth_l1_fwd, input, target, (), (beta,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, beta, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (beta,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, beta, reduction):
             return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd,
-                                    ops.smooth_l1_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd, ops.smooth_l1_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
-class BCEFunction(Function):
+class BCEFunction(LossFunction):
     """binary_cross_entropy(input, target, weight, reduction) on probabilities."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, reduction="mean"):
-        return _pointwise_forward(ctx, ops.bce_fwd, input, target, (weight,), (), reduction)
+    def forward(input, target, weight=None, reduction="mean"):
+        return _pointwise_forward(ops.bce_fwd, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, w, reduction):
             return F.binary_cross_entropy(x, y, w, reduction=reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd,
-                                    ops.bce_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd, ops.bce_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
-class HingeFunction(Function):
+class HingeFunction(LossFunction):
     """hinge_loss(input, target, margin, reduction): max(0, margin - y x), y in {-1, +1}."""
 
     @staticmethod
-    def forward(ctx, input, target, margin=1.0, reduction="mean"):
-        return _pointwise_forward(ctx, ops.hinge_fwd, input, target, (), (margin,), reduction)
+    def forward(input, target, margin=1.0, reduction="mean"):
+        return _pointwise_forward(ops.hinge_fwd, input, target, (), (margin,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, margin, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (margin,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, margin, reduction):
             return _reduce((margin - y * x).clamp_min(0), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd,
-                                    ops.hinge_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd, ops.hinge_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
-class KLDivFunction(Function):
+class KLDivFunction(LossFunction):
     """kl_div(input, target, log_target, reduction) with reduction 'none', 'mean' (over
     elements) or 'sum'; the functional adds 'batchmean'."""
 
     @staticmethod
-    def forward(ctx, input, target, log_target=False, reduction="mean"):
-        return _pointwise_forward(ctx, ops.kl_div_fwd, input, target, (), (log_target,),
+    def forward(input, target, log_target=False, reduction="mean"):
+        return _pointwise_forward(ops.kl_div_fwd, input, target, (), (log_target,),
                                   reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, log_target, reduction = inputs
+        _pointwise_setup_context(ctx, output, input, target, (), (log_target,), reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         def reference(x, y, log_target, reduction):
             return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
 
-        grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd,
-                                    ops.kl_div_bwd_into_, reference)
+        grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd, ops.kl_div_bwd_into_,
+                                    reference)
         return (*grads, None, None)
 
 
@@ -344,7 +443,15 @@ def _cross_entropy_backward(ctx, grad_output):
     return tuple(None if g is None else g.view(shape) for g in forward_grads)
 
 
-class CrossEntropyFunction(Function):
+def _cross_entropy_grads_wanted(input, target, reduction):
+    """(input, target): which gradients the (not in-place) forward writes; forward and
+    setup_context both ask here."""
+    writes = _forward_writes_grads(reduction)
+    want_input, want_target = _wants_grad(input, target)
+    return writes and want_input, writes and want_target and target.shape == input.shape
+
+
+class CrossEntropyFunction(LossFunction):
     """cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
     inplace_backward).
 
@@ -353,35 +460,41 @@ class CrossEntropyFunction(Function):
     targets. inplace_backward=True writes the gradient over input (class indices only)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+    def forward(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", inplace_backward=False):
+        """Returns (loss, lse, grad_input, grad_target); apply() returns the loss."""
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
-        writes = _forward_writes_grads(reduction)
-        want_input = writes and ctx.needs_input_grad[0]
-        want_target = writes and probs and ctx.needs_input_grad[1]
-        ctx.inplace = inplace_backward and ctx.needs_input_grad[0]
-        ctx.forward_grads = None
-        if ctx.inplace:
+        if inplace_backward and input.requires_grad:
             loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red)
             # Tell autograd: any other node that saved these logits now raises in backward.
             torch.autograd.graph.increment_version(input)
-            ctx.forward_grads = (x, None)
-            ctx.save_for_backward(None, target, weight, lse)  # input now holds its gradient
+            # The gradient is the input itself now (setup_context takes it from there).
+            grad_input = grad_target = input.new_empty((0,))
         else:
+            want_input, want_target = _cross_entropy_grads_wanted(input, target, reduction)
             loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
                 x, t, weight, ignore_index, label_smoothing, red, want_input, want_target)
-            ctx.save_for_backward(input, target, weight, lse)
-            if want_input or want_target:
-                ctx.forward_grads = (_none_if_empty(grad_input, want_input),
-                                     _none_if_empty(grad_target, want_target))
-        ctx.options = (ignore_index, label_smoothing, reduction)
-        ctx.input_shape = input.shape
         if red == 0:
-            return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
-        return loss
+            loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+        return loss, lse, grad_input, grad_target
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward = inputs
+        _, lse, grad_input, grad_target = output
+        ctx.inplace = inplace_backward and input.requires_grad
+        ctx.mark_non_differentiable(lse)
+        # With inplace_backward, input now holds its gradient: not saved.
+        ctx.save_for_backward(None if ctx.inplace else input, target, weight, lse)
+        ctx.options = (ignore_index, label_smoothing, reduction)
+        ctx.input_shape = input.shape
+        ctx.forward_grads = _written_grads(
+            ctx, (grad_input, grad_target), _cross_entropy_grads_wanted(input, target, reduction))
+        if ctx.inplace:
+            ctx.forward_grads = (fold_class_dim(input.detach(), target)[0], None)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         return (*_cross_entropy_backward(ctx, grad_output), None, None, None, None, None)

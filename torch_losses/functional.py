@@ -2,10 +2,19 @@
 
 Argument checks, legacy size_average/reduce, dtype promotion and broadcasting happen here, as
 in torch; the loss itself runs in the fused torch_losses ops through the autograd Functions.
+
+Following the installed torch (not a version's behaviour):
+- invalid arguments raise what torch raises: where a check here fails, torch's own function is
+  called on the same arguments first and its exception (type and message) propagates; unusual
+  dtypes (integer, bool, complex) are probed on one-element tensors;
+- under autocast, inputs are cast to the dtype torch's loss computes in there (probed once per
+  dtype combination), so the result and its dtype are torch's.
 """
 import warnings
 
 import torch
+import torch._dynamo
+import torch.nn.functional as TF
 from torch.nn import _reduction as _Reduction
 
 from ._autograd import (
@@ -19,6 +28,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
     _reduce,
+    loss_of,
     reduction_enum,
 )
 
@@ -59,11 +69,37 @@ def _check_same_device(*tensors):
             + " and ".join(sorted(str(d) for d in devices)))
 
 
-def _promote(input, target, name):
+def _fail_like_torch(torch_call, error):
+    """An argument check failed: raise what torch raises for the same call (its exception type
+    and message follow the installed torch), or `error` where torch accepts the call."""
+    if torch.compiler.is_compiling():
+        torch_call()  # under torch.compile it fails the way torch's loss fails there
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_call()
+    raise error
+
+
+def _check_dtypes_like_torch(torch_loss, *tensors):
+    """Integer, bool or complex inputs: raise what torch's loss raises for these dtypes, probed
+    on one-element tensors (cheap, and exact for dtype errors)."""
+    if all(t.is_floating_point() for t in tensors):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_loss(*(t.new_zeros((1,)) for t in tensors))
+
+
+def _promote(input, target, torch_loss):
     dtype = torch.promote_types(input.dtype, target.dtype)
     if not dtype.is_floating_point:
-        raise RuntimeError(f"{name}: expected floating point input and target, got "
-                           f"{input.dtype} and {target.dtype}")
+        error = NotImplementedError(
+            f"torch_losses: floating point input and target expected, got {input.dtype} and "
+            f"{target.dtype}")
+        if torch_loss is None:
+            raise error
+        _fail_like_torch(lambda: _check_dtypes_like_torch(torch_loss, input, target), error)
     if input.dtype != dtype:
         input = input.to(dtype)
     if target.dtype != dtype:
@@ -71,30 +107,67 @@ def _promote(input, target, name):
     return input, target
 
 
-def _check_no_integral(name, *tensors):
-    if any(not t.is_floating_point() for t in tensors):
-        raise RuntimeError(f"{name}: Integral inputs not supported.")
+# torch's ScalarType names, as its messages spell them.
+_DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                torch.complex128: "ComplexDouble"}
 
 
-def _check_no_bool(name, *tensors):
-    if any(t.dtype == torch.bool for t in tensors):
-        raise RuntimeError(f"{name}: boolean tensors are not supported (torch cannot subtract "
-                           "them either)")
+def _dtype_name(dtype):
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _warn_size_mismatch(input, target):
+_AUTOCAST_RESULT_DTYPE = {}
+
+
+def _autocast_dtype(torch_loss, input, target):
+    """Under autocast: the dtype torch's loss computes in and returns for inputs of these dtypes
+    (e.g. float32 for bfloat16 logits), probed once per combination on one-element tensors.
+    None when autocast is off for input's device."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    key = (torch_loss, device_type, torch.get_autocast_dtype(device_type), input.dtype,
+           target.dtype, target.shape == input.shape)
+    if key not in _AUTOCAST_RESULT_DTYPE:
+        x = torch.full((1, 2), 0.5, dtype=input.dtype, device=input.device)
+        if target.is_floating_point():
+            y = torch.full((1, 2), 0.5, dtype=target.dtype, device=input.device)
+        else:
+            y = torch.zeros((1,), dtype=target.dtype, device=input.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _AUTOCAST_RESULT_DTYPE[key] = torch_loss(x, y).dtype
+    return _AUTOCAST_RESULT_DTYPE[key]
+
+
+def _follow_autocast(torch_loss, input, target, *others):
+    """Casts the floating inputs as torch's loss gets them under autocast (no-op outside)."""
+    dtype = _autocast_dtype(torch_loss, input, target)
+    if dtype is None:
+        return (input, target, *others)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype
+                 else t for t in (input, target, *others))
+
+
+# Under torch.compile(fullgraph=True) dynamo runs this while tracing (it cannot trace
+# warnings.warn itself): the warning comes once per compilation, as torch's losses' warnings do.
+@torch._dynamo.assume_constant_result
+def _warn_broadcast(message):
+    warnings.warn(message, UserWarning, stacklevel=4)
+    return True
+
+
+def _broadcast(input, target, torch_loss):
     if target.size() != input.size():
-        warnings.warn(
+        _warn_broadcast(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to "
-            "broadcasting. Please ensure they have the same size.",
-            stacklevel=3,
-        )
-
-
-def _broadcast(input, target, name):
-    _warn_size_mismatch(input, target)
-    input, target = _promote(input, target, name)
+            "broadcasting. Please ensure they have the same size.")
+    _check_dtypes_like_torch(torch_loss, input, target)
+    input, target = _promote(input, target, torch_loss)
     return torch.broadcast_tensors(input, target)
 
 
@@ -112,44 +185,55 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     and the graph can be backpropagated once."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
-    if not input.is_floating_point():
-        raise NotImplementedError(
-            f"cross_entropy: expected floating point input, got {input.dtype}")
-    if input.dim() == 0:
-        raise RuntimeError("cross_entropy: input must have at least one dimension (the classes)")
+
+    def torch_call():
+        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
+
+    if not input.is_floating_point() or input.dim() == 0:
+        _fail_like_torch(torch_call, NotImplementedError(
+            f"cross_entropy: floating point input of at least one dimension expected, got "
+            f"{input.dtype} of shape {list(input.shape)}"))
+    input, target, weight = _follow_autocast(TF.cross_entropy, input, target, weight)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if input.shape == target.shape:
-        if not target.is_floating_point():
-            raise RuntimeError("Expected floating point type for target with class probabilities, "
-                               f"got {str(target.dtype).replace('torch.', '').title()}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
+    probs = input.shape == target.shape
+    if probs:
+        if not target.is_floating_point() or ignore_index >= 0:
+            _fail_like_torch(torch_call, RuntimeError(
+                "cross_entropy: class-probability targets must be floating point, without "
+                "ignore_index"))
         if inplace_backward:
             raise ValueError("inplace_backward supports class-index targets only")
-        input, target = _promote(input, target, "cross_entropy")
+        input, target = _promote(input, target, TF.cross_entropy)
     else:
+        if input.dim() == 1 and target.shape == (1,) and not target.is_floating_point():
+            target = target.reshape(())  # torch takes one class index in a 1-element tensor
         if target.dtype == torch.uint8:
             target = target.long()
-        if target.dtype != torch.long:
-            raise RuntimeError("expected target dtype to be Long or Byte, but got "
-                               f"{str(target.dtype).replace('torch.', '').title()}")
         expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-        if input.dim() > 1 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
-                             f"batch_size ({target.shape[0] if target.dim() else 0}).")
-        if target.shape != expected:
-            raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")
+        if target.dtype != torch.long or target.shape != expected:
+            _fail_like_torch(torch_call, RuntimeError(
+                f"cross_entropy: expected a Long or Byte target of shape {list(expected)}, got "
+                f"{_dtype_name(target.dtype)} of shape {list(target.shape)}"))
+        if num_classes == 0 and target.numel() > 0:
+            # Every target is out of bounds; torch says which (on the CPU: no device assert).
+            _fail_like_torch(lambda: TF.cross_entropy(input.detach().cpu(), target.cpu()),
+                             IndexError("Target is out of bounds (no classes)."))
     if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        _fail_like_torch(torch_call, RuntimeError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"))
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != num_classes:
-            raise RuntimeError(
-                f"weight tensor should be defined either for all {num_classes} classes or no "
-                f"classes but got weight tensor of shape: {list(weight.shape)}")
+        if weight.dim() != 1 or weight.numel() != num_classes or weight.dtype != input.dtype:
+            _fail_like_torch(torch_call, RuntimeError(
+                f"cross_entropy: weight must be a {_dtype_name(input.dtype)} tensor of "
+                f"{num_classes} elements, got {_dtype_name(weight.dtype)} of shape "
+                f"{list(weight.shape)}"))
         if weight.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(
-                "torch_losses.cross_entropy does not differentiate with respect to weight; "
-                "pass weight.detach()")
+            if not probs:
+                _fail_like_torch(torch_call, RuntimeError(
+                    "cross_entropy: not differentiable with respect to weight"))
+            return _cross_entropy_differentiable_weight(input, target, weight, reduction,
+                                                        label_smoothing)
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise RuntimeError("inplace_backward=True would overwrite a leaf tensor that requires "
@@ -157,8 +241,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         if not input.is_contiguous():
             raise RuntimeError("inplace_backward=True needs contiguous logits")
     input, target = _detach_without_grad_mode(input, target)
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, float(label_smoothing),
-                                      reduction, bool(inplace_backward))
+    return loss_of(CrossEntropyFunction.apply(input, target, weight, ignore_index,
+                                              float(label_smoothing), reduction,
+                                              bool(inplace_backward)))
+
+
+def _cross_entropy_differentiable_weight(input, target, weight, reduction, label_smoothing):
+    """Probability targets with a weight that requires grad (torch differentiates it there):
+    the weighted loss is the unweighted one with target (smoothed target) * weight, so weight's
+    gradient flows through that product and the fused op's target gradient."""
+    num_classes = weight.shape[0]
+    if label_smoothing > 0:
+        target = target * (1 - label_smoothing) + label_smoothing / num_classes
+    class_shape = (num_classes,) + (1,) * (input.dim() - 2) if input.dim() > 1 else (-1,)
+    return cross_entropy(input, target * weight.reshape(class_shape), reduction=reduction)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
@@ -166,93 +262,100 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     """torch.nn.functional.binary_cross_entropy_with_logits, fused."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if target.size() != input.size():
-        raise ValueError(f"Target size ({target.size()}) must be the same as input size "
-                         f"({input.size()})")
+        _fail_like_torch(lambda: TF.binary_cross_entropy_with_logits(input, target), ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"))
     _check_same_device(input, target, weight, pos_weight)
     _check_not_differentiable(weight, "binary_cross_entropy_with_logits", "weight")
     _check_not_differentiable(pos_weight, "binary_cross_entropy_with_logits", "pos_weight")
-    if not input.is_floating_point():
-        raise NotImplementedError("binary_cross_entropy_with_logits: input must be floating "
-                                  f"point, got {input.dtype}")
-    if not target.is_floating_point():
-        raise RuntimeError("binary_cross_entropy_with_logits: target must be floating point, "
-                           f"got {target.dtype}")
+    _check_dtypes_like_torch(TF.binary_cross_entropy_with_logits, input, target)
+    input, target, weight, pos_weight = _follow_autocast(
+        TF.binary_cross_entropy_with_logits, input, target, weight, pos_weight)
     result_dtype = target.dtype  # torch's result takes the target's dtype
-    input, target = _promote(input, target, "binary_cross_entropy_with_logits")
+    input, target = _promote(input, target, TF.binary_cross_entropy_with_logits)
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     if pos_weight is not None:
         pos_weight = pos_weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    loss = BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction)
+    loss = loss_of(BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction))
     return loss if loss.dtype == result_dtype else loss.to(result_dtype)
 
 
-def _elementwise_weighted(function, input, target, weight, scalars, reduction, mean_by_weight):
+def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, reduction,
+                          mean_by_weight):
     """torch's optional elementwise weight= of mse/l1/huber. 'mean' divides by sum(weight)
     (mse, l1) or by the number of elements (huber), as torch. A weight that requires grad
-    takes torch's composite route (our elementwise loss times weight) to get its gradient."""
+    takes torch's composite route (our elementwise loss times weight) to get its gradient. The
+    result takes the promoted dtype of the loss and weight, as torch's loss * weight."""
     if weight.size() != input.size():
-        raise ValueError("Weights and input must have the same size.")
-    x, y = _detach_without_grad_mode(*_broadcast(input, target, function.__name__))
+        _fail_like_torch(lambda: torch_loss(input, target, weight=weight),
+                         ValueError("Weights and input must have the same size."))
+    x, y = _broadcast(input, target, torch_loss)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
     if weight.requires_grad and torch.is_grad_enabled():
-        loss = function.apply(x, y, None, *scalars, "none") * weight
+        x, y = _detach_without_grad_mode(x, y)
+        loss = loss_of(function.apply(x, y, None, *scalars, "none")) * weight
         if reduction == "mean" and mean_by_weight:
             return loss.sum() / weight.sum()
         return _reduce(loss, reduction)
-    w = weight.to(x.dtype).expand(x.shape)
+    x, y = _detach_without_grad_mode(x.to(dtype), y.to(dtype))
+    w = weight.to(dtype).expand(x.shape)
     if reduction == "mean" and mean_by_weight:
-        return function.apply(x, y, w, *scalars, "sum") / weight.sum()
-    return function.apply(x, y, w, *scalars, reduction)
+        return loss_of(function.apply(x, y, w, *scalars, "sum")) / weight.sum()
+    return loss_of(function.apply(x, y, w, *scalars, reduction))
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """torch.nn.functional.huber_loss, fused (weight= included)."""
     if delta <= 0:
-        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+        _fail_like_torch(lambda: TF.huber_loss(input, target, delta=delta), RuntimeError(
+            "huber_loss does not support non-positive values for delta."))
     reduction_enum(reduction)
     _check_same_device(input, target, weight)
-    if not input.is_floating_point():
-        raise RuntimeError(f"huber_loss: expected floating point input, got {input.dtype}")
+    _check_dtypes_like_torch(TF.huber_loss, input, target)
+    input, target, weight = _follow_autocast(TF.huber_loss, input, target, weight)
     target = target.to(input.dtype)  # torch's result takes the input's dtype
     if weight is not None:
-        return _elementwise_weighted(HuberFunction, input, target, weight, (float(delta),),
-                                     reduction, mean_by_weight=False)
-    x, y = _detach_without_grad_mode(*_broadcast(input, target, "huber_loss"))
-    return HuberFunction.apply(x, y, None, float(delta), reduction)
+        return _elementwise_weighted(HuberFunction, TF.huber_loss, input, target, weight,
+                                     (float(delta),), reduction, mean_by_weight=False)
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.huber_loss))
+    return loss_of(HuberFunction.apply(x, y, None, float(delta), reduction))
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """torch.nn.functional.mse_loss, fused: (x - y)^2 with no 1/2 factor, as torch."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
+    input, target, weight = _follow_autocast(TF.mse_loss, input, target, weight)
     if weight is not None:
-        return _elementwise_weighted(MSEFunction, input, target, weight, (), reduction,
-                                     mean_by_weight=True)
-    x, y = _detach_without_grad_mode(*_broadcast(input, target, "mse_loss"))
-    return MSEFunction.apply(x, y, None, reduction)
+        return _elementwise_weighted(MSEFunction, TF.mse_loss, input, target, weight, (),
+                                     reduction, mean_by_weight=True)
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.mse_loss))
+    return loss_of(MSEFunction.apply(x, y, None, reduction))
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """torch.nn.functional.l1_loss, fused."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
-    _check_no_bool("l1_loss", input, target)
+    input, target, weight = _follow_autocast(TF.l1_loss, input, target, weight)
     if weight is not None:
-        return _elementwise_weighted(L1Function, input, target, weight, (), reduction,
-                                     mean_by_weight=True)
-    x, y = _detach_without_grad_mode(*_broadcast(input, target, "l1_loss"))
-    return L1Function.apply(x, y, None, reduction)
+        return _elementwise_weighted(L1Function, TF.l1_loss, input, target, weight, (),
+                                     reduction, mean_by_weight=True)
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.l1_loss))
+    return loss_of(L1Function.apply(x, y, None, reduction))
 
 
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
     """torch.nn.functional.smooth_l1_loss, fused (beta = 0 is l1)."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if beta < 0:
-        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
+        _fail_like_torch(lambda: TF.smooth_l1_loss(input, target, beta=beta), RuntimeError(
+            "smooth_l1_loss does not support negative values for beta."))
     _check_same_device(input, target)
-    x, y = _detach_without_grad_mode(*_broadcast(input, target, "smooth_l1_loss"))
-    return SmoothL1Function.apply(x, y, float(beta), reduction)
+    input, target = _follow_autocast(TF.smooth_l1_loss, input, target)
+    x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.smooth_l1_loss))
+    return loss_of(SmoothL1Function.apply(x, y, float(beta), reduction))
 
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
@@ -261,55 +364,62 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     outside [0, 1] raise (on CUDA: a device-side assert)."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if target.size() != input.size():
-        raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
-                         f"size ({input.size()}) is deprecated. Please ensure they have the same "
-                         "size.")
+        _fail_like_torch(lambda: TF.binary_cross_entropy(input, target), ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size."))
     _check_same_device(input, target, weight)
     _check_not_differentiable(weight, "binary_cross_entropy", "weight")
+    input, target, weight = _follow_autocast(TF.binary_cross_entropy, input, target, weight)
     if target.dtype != input.dtype or not input.is_floating_point():
-        raise RuntimeError(f"binary_cross_entropy: Found dtype {target.dtype} but expected "
-                           f"{input.dtype} (input and target must share a floating dtype)")
+        _fail_like_torch(
+            lambda: TF.binary_cross_entropy(input, target, weight, reduction=reduction),
+            RuntimeError(f"binary_cross_entropy: Found dtype {_dtype_name(target.dtype)} but "
+                         f"expected {_dtype_name(input.dtype)}"))
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    return BCEFunction.apply(input, target, weight, reduction)
+    return loss_of(BCEFunction.apply(input, target, weight, reduction))
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
     """torch.nn.functional.kl_div (input: log-probabilities), fused; 'batchmean' divides the
-    sum by input.size(0)."""
-    _check_no_integral("kl_div", input, target)
+    sum by input.size(0) (also when the legacy size_average/reduce pick the reduction, as
+    torch)."""
+    if not (input.is_floating_point() and target.is_floating_point()):
+        _fail_like_torch(lambda: _check_dtypes_like_torch(TF.kl_div, input, target),
+                         RuntimeError("kl_div: floating point input and target expected"))
     if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    elif reduction == "mean":
-        warnings.warn(
-            "reduction: 'mean' divides the total loss by both the batch size and the support "
-            "size.'batchmean' divides only by the batch size, and aligns with the KL div math "
-            "definition.'mean' will be changed to behave the same as 'batchmean' in the next "
-            "major release.",
-            stacklevel=2,
-        )
-    if reduction == "batchmean":
-        _check_same_device(input, target)
-        x, y = _detach_without_grad_mode(
-            *torch.broadcast_tensors(*_promote(input, target, "kl_div")))
-        loss = KLDivFunction.apply(x, y, bool(log_target), "sum")
-        return loss / input.size(0) if input.dim() != 0 else loss
-    reduction_enum(reduction)
+        kernel_reduction = _Reduction.legacy_get_string(size_average, reduce)
+    else:
+        if reduction == "mean":
+            warnings.warn(
+                "reduction: 'mean' divides the total loss by both the batch size and the "
+                "support size.'batchmean' divides only by the batch size, and aligns with the KL "
+                "div math definition.'mean' will be changed to behave the same as 'batchmean' in "
+                "the next major release.",
+                stacklevel=2,
+            )
+        kernel_reduction = "sum" if reduction == "batchmean" else reduction
+    reduction_enum(kernel_reduction)
     _check_same_device(input, target)
-    x, y = _detach_without_grad_mode(*torch.broadcast_tensors(*_promote(input, target, "kl_div")))
-    return KLDivFunction.apply(x, y, bool(log_target), reduction)
+    input, target = _follow_autocast(TF.kl_div, input, target)
+    x, y = _detach_without_grad_mode(
+        *torch.broadcast_tensors(*_promote(input, target, TF.kl_div)))
+    loss = loss_of(KLDivFunction.apply(x, y, bool(log_target), kernel_reduction))
+    if reduction == "batchmean" and input.dim() != 0:
+        return loss / input.size(0)
+    return loss
 
 
 def hinge_loss(input, target, margin=1.0, reduction="mean"):
     """Binary SVM hinge loss max(0, margin - y * x) for raw scores x and labels y in {-1, +1}
     (torch has no module for it). At the kink the gradient -y is passed, as torch's
-    clamp_min(0) does."""
+    clamp_min(0) did up to torch 2.13."""
     reduction_enum(reduction)
     if target.size() != input.size():
         raise ValueError(f"hinge_loss: target size ({target.size()}) must be the same as input "
                          f"size ({input.size()})")
     _check_same_device(input, target)
-    input, target = _promote(input, target, "hinge_loss")
+    input, target = _promote(input, target, None)
     input, target = _detach_without_grad_mode(input, target)
-    return HingeFunction.apply(input, target, float(margin), reduction)
+    return loss_of(HingeFunction.apply(input, target, float(margin), reduction))

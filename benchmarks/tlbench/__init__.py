@@ -1,0 +1,2 @@
+"""The benchmark behind benchmarks/bench.py, one module per concern: cases, targets, timing,
+peers, machine, runner, report."""
