@@ -11,6 +11,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
 )
+from .linear import LinearCrossEntropyFunction, LinearCrossEntropyLoss
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -29,6 +30,7 @@ __all__ = [
     "functional",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "BCELoss", "KLDivLoss", "HingeLoss",
+    "LinearCrossEntropyLoss", "LinearCrossEntropyFunction",
     "CrossEntropyFunction", "BCEWithLogitsFunction", "HuberFunction", "MSEFunction",
     "L1Function", "SmoothL1Function", "BCEFunction", "KLDivFunction", "HingeFunction",
 ]
