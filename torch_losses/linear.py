@@ -170,6 +170,7 @@ def _linear_cross_entropy_fwd(
         if not want_logits_grad:
             loss, chunk_lse, _, _ = ops.cross_entropy_fwd(
                 ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, False, False)
+            grad = None
         elif probs:
             loss, chunk_lse, grad, grad_t = ops.cross_entropy_fwd(
                 ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, True, wants[3])
@@ -186,6 +187,7 @@ def _linear_cross_entropy_fwd(
             if grad.dtype != logits.dtype:
                 grad = logits.copy_(grad)
             acc.add_chunk(rows, grad, x, linear_weight, scale)
+        del logits, ce_input, ce_input3, grad  # else two chunks live while the next is made
     if reduction == _NONE:
         loss = row_loss
     else:
@@ -247,6 +249,7 @@ def _linear_cross_entropy_bwd(
             if grad.dtype != logits.dtype:
                 grad = logits.copy_(grad)
             acc.add_chunk(rows, grad, x, linear_weight, None)
+            del logits, ce_input, grad, grad_t  # else two chunks live while the next is made
     return tuple(acc.results(None, input))
 
 
@@ -283,6 +286,7 @@ class LinearCrossEntropyFunction(Function):
          reduction, wants, plan) = inputs
         loss, lse, *grads = output
         ctx.mark_non_differentiable(lse, *grads)
+        ctx.set_materialize_grads(False)  # else backward gets zeros of every gradient's size
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
         ctx.options = (ignore_index, label_smoothing, reduction, plan)
         ctx.forward_grads = None if reduction == "none" else tuple(
