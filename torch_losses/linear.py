@@ -298,6 +298,8 @@ class LinearCrossEntropyFunction(Function):
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3],
                   ctx.needs_input_grad[2])
         forward_grads = _take_forward_grads(ctx)
+        if grad_output is None:  # the loss got no gradient (grads are not materialized)
+            return (None,) * 10
         if torch.is_grad_enabled():  # create_graph=True: differentiate a composite
             input, linear_weight, target, linear_bias, weight, _ = ctx.saved_tensors
             logits = F.linear(input, linear_weight, linear_bias)
@@ -414,9 +416,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing)
     reduction_enum(reduction)  # ValueError naming an invalid value
-    if not input.is_floating_point():
-        raise RuntimeError(f"\"addmm_impl_cpu_\" not implemented for "
-                           f"'{str(input.dtype)[6:].title()}'")
+    if not input.is_floating_point():  # torch's linear runs; its log_softmax raises this
+        raise NotImplementedError(
+            f"linear_cross_entropy: expected floating point input, got {input.dtype}")
     _check_linear_dtypes(input, linear_weight, linear_bias)
     if probs:
         if not target.is_floating_point():
