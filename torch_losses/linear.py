@@ -59,7 +59,7 @@ def _mean_denominator(target, weight, ignore_index, num_classes, probs):
     """torch's 'mean' denominator, on the device: the number of rows for probability
     targets, else the sum of the class weights of the non-ignored targets."""
     if probs:
-        return torch.tensor(float(target.shape[0]), dtype=torch.float64, device=target.device)
+        return torch.full((), target.shape[0], dtype=torch.float64, device=target.device)
     kept = target != ignore_index
     if weight is None:
         return kept.sum().to(torch.float64)
@@ -479,40 +479,44 @@ class _LinearCrossEntropyForward:
             chunk_bytes=self.chunk_bytes)
 
 
+class PlainLinearCrossEntropyLoss(_LinearCrossEntropyForward,
+                                  torch.nn.modules.loss._WeightedLoss):
+    """torch 2.13's LinearCrossEntropyLoss for a torch without it (e.g. 2.11): the same
+    constructor, attributes (linear, num_classes, out_features, ...), state_dict and forward."""
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
+                 dtype=None, reduction="mean", weight=None, ignore_index=None,
+                 label_smoothing=0.0, options=None, chunk_bytes=None):
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got "
+                               f"{tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError("expected label_smoothing to be in range [0, 1], got "
+                               f"{label_smoothing}")
+        super().__init__(weight=weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
+        self.options = options
+        self.chunk_bytes = chunk_bytes
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}")
+
+
 if hasattr(torch.nn, "LinearCrossEntropyLoss"):
     class LinearCrossEntropyLoss(_LinearCrossEntropyForward, torch.nn.LinearCrossEntropyLoss):
-        """torch.nn.LinearCrossEntropyLoss, fused and chunked (see linear_cross_entropy)."""
+        """torch.nn.LinearCrossEntropyLoss, fused and chunked (see linear_cross_entropy).
+        chunk_bytes: the logits memory per chunk (default DEFAULT_CHUNK_BYTES)."""
 
         def __init__(self, in_features, num_classes, *, chunk_bytes=None, **kwargs):
             super().__init__(in_features, num_classes, **kwargs)
             self.chunk_bytes = chunk_bytes
 else:
-    class LinearCrossEntropyLoss(_LinearCrossEntropyForward,
-                                 torch.nn.modules.loss._WeightedLoss):
-        """torch 2.13's LinearCrossEntropyLoss for a torch without it: the same constructor,
-        attributes (linear, num_classes, out_features, ...) and forward."""
-
-        def __init__(self, in_features, num_classes, *, out_features=(), bias=False,
-                     device=None, dtype=None, reduction="mean", weight=None,
-                     ignore_index=None, label_smoothing=0.0, options=None, chunk_bytes=None):
-            if weight is not None and weight.shape != (num_classes,):
-                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got "
-                                   f"{tuple(weight.shape)}")
-            if label_smoothing < 0 or label_smoothing > 1.0:
-                raise RuntimeError("expected label_smoothing to be in range [0, 1], got "
-                                   f"{label_smoothing}")
-            super().__init__(weight=weight, reduction=reduction)
-            self.num_classes = num_classes
-            self.out_features = tuple(out_features)
-            self.ignore_index = ignore_index
-            self.label_smoothing = label_smoothing
-            self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
-                                          bias=bias, device=device, dtype=dtype)
-            self.options = options
-            self.chunk_bytes = chunk_bytes
-
-        def extra_repr(self):
-            return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                    f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
-                    f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
-                    f"label_smoothing={self.label_smoothing}, options={self.options}")
+    LinearCrossEntropyLoss = PlainLinearCrossEntropyLoss
