@@ -448,3 +448,28 @@ def test_class_weight_requiring_grad_not_implemented():
     x, w, b, t = make(4, 5, 6, "cpu", torch.float32)
     with pytest.raises(NotImplementedError):
         TLF.linear_cross_entropy(x, w, t, weight=torch.rand(6, requires_grad=True))
+
+
+def test_compile_second_backward(monkeypatch):
+    """Through a compiled graph a second backward (retain_graph) either raises torch's own
+    donated-buffer error (the default) or, with donated buffers off, sums correctly."""
+    import torch._functorch.config as functorch_config
+    x, w, b, t = make(20, 8, 30, "cpu", torch.float32)
+
+    def run():
+        torch._dynamo.reset()
+        xo, wo = leaf(x), leaf(w)
+        loss = torch.compile(lambda x, w: TLF.linear_cross_entropy(x, w, t, options=options(6)),
+                             fullgraph=True)(xo, wo)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return wo.grad
+
+    wr = leaf(w)
+    reference(x, wr, t).backward()
+    try:
+        assert_close(run(), 2 * wr.grad)
+    except RuntimeError as e:  # AOTAutograd donated a saved buffer to the first backward
+        assert "donated buffers" in str(e)
+    monkeypatch.setattr(functorch_config, "donated_buffer", False)
+    assert_close(run(), 2 * wr.grad)
