@@ -473,3 +473,17 @@ def test_compile_second_backward(monkeypatch):
         assert "donated buffers" in str(e)
     monkeypatch.setattr(functorch_config, "donated_buffer", False)
     assert_close(run(), 2 * wr.grad)
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=REDUCTIONS)
+def test_opcheck(probs, reduction, device):
+    x, w, b, t = make(9, 4, 7, device, torch.float32, probs=probs)
+    cw = class_weight(7, device, torch.float32)
+    args = (x, w, t, b, cw, -100, 0.1, reduction, False, 4, True, True, True, probs)
+    torch.library.opcheck(LIN._linear_cross_entropy_fwd, args)
+    _, lse, *_ = LIN._linear_cross_entropy_fwd(*args)
+    g = torch.rand(9, device=device) if reduction == 0 else torch.rand((), device=device)
+    torch.library.opcheck(LIN._linear_cross_entropy_bwd,
+                          (g, x, w, t, b, cw, lse, -100, 0.1, reduction, False, 4, True, True,
+                           True, probs))
