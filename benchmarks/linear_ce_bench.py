@@ -3,8 +3,9 @@ against torch's reference path (options=None), torch's chunked path
 (options=LinearCrossEntropyOptions()) and Liger-Kernel's fused linear cross-entropy when it
 imports and a GPU is present.
 
-Every implementation runs in a fresh subprocess. Time: the median of --reps fwd+bwd steps
-after a warm-up. Peak extra memory: CUDA, torch.cuda.max_memory_allocated() over one step
+Time: the median of --reps fwd+bwd steps, the implementations taking turns rep by rep in
+one subprocess (after a warm-up each), so that load from other processes falls on all alike.
+Peak extra memory, each implementation in a fresh subprocess: CUDA, torch.cuda.max_memory_allocated() over one step
 minus the memory held before it; CPU, the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) over one step minus the RSS before it, with glibc's mmap threshold
 pinned low so that freed tensors go back to the OS instead of hiding in the heap. Both count
@@ -50,51 +51,61 @@ def _loss_fn(impl):
     raise ValueError(impl)
 
 
-def run_one(impl, device, n, h, v, dtype_name, reps):
-    """In the subprocess: one implementation, one size. Returns a dict of results."""
+def _inputs(device, n, h, v, dtype_name):
     import torch
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, h, device=device, dtype=dtype) / h ** 0.5).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
-    loss_fn = _loss_fn(impl)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return x, w, t
 
-    def step():
-        x.grad = w.grad = None
-        loss = loss_fn(x, w, t)
-        loss.backward()
-        return loss
 
-    step()
-    step()
+def _step(loss_fn, x, w, t):
     x.grad = w.grad = None
-    sync()
+    loss_fn(x, w, t).backward()
+
+
+def measure_memory(impl, device, n, h, v, dtype_name):
+    """In a fresh subprocess: peak extra bytes of one fwd+bwd step after two warm-ups."""
+    import torch
+    x, w, t = _inputs(device, n, h, v, dtype_name)
+    loss_fn = _loss_fn(impl)
+    for _ in range(2):
+        _step(loss_fn, x, w, t)
+    x.grad = w.grad = None
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        step()
-        peak = (_rss_kib("VmHWM") - before) * 1024
-    times = []
+        _step(loss_fn, x, w, t)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    _step(loss_fn, x, w, t)
+    return (_rss_kib("VmHWM") - before) * 1024
+
+
+def measure_times(impls, device, n, h, v, dtype_name, reps):
+    """In one subprocess: the implementations take turns, rep by rep (after a warm-up
+    each), so that load from other processes falls on all of them alike."""
+    import torch
+    x, w, t = _inputs(device, n, h, v, dtype_name)
+    fns = {impl: _loss_fn(impl) for impl in impls}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in fns.values():
+        _step(fn, x, w, t)
+    times = {impl: [] for impl in impls}
     for _ in range(reps):
-        x.grad = w.grad = None
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"impl": impl, "device": device, "shape": [n, h, v], "dtype": dtype_name,
-            "median_ms": 1e3 * statistics.median(times),
-            "times_ms": [1e3 * s for s in times], "peak_extra_bytes": peak,
-            "threads": torch.get_num_threads()}
+        for impl, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            _step(fn, x, w, t)
+            sync()
+            times[impl].append(time.perf_counter() - start)
+    return times
 
 
 def _available(impl, device):
@@ -120,11 +131,15 @@ def main():
     parser.add_argument("--size", type=int, nargs=3, metavar=("N", "H", "V"), default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        impl, device, n, h, v, dtype = args.child
-        print(json.dumps(run_one(impl, device, int(n), int(h), int(v), dtype, args.reps)))
+        mode, device, n, h, v, dtype, *impls = args.child
+        shape = (device, int(n), int(h), int(v), dtype)
+        if mode == "memory":
+            print(json.dumps(measure_memory(impls[0], *shape)))
+        else:
+            print(json.dumps(measure_times(impls, *shape, args.reps)))
         return
 
     import torch
@@ -140,18 +155,30 @@ def main():
             n, h, v = args.size
         dtype = args.dtype or dtype
         print(f"{device}: linear {n}x{h} -> {v} {dtype}, fwd+bwd, median of {args.reps}")
+        impls = []
         for impl in IMPLS:
             why_not = _available(impl, device)
             if why_not:
                 print(f"  {impl:14s} skipped: {why_not}")
-                continue
+            else:
+                impls.append(impl)
+        shape = [device, str(n), str(h), str(v), dtype]
+
+        def child(*extra):
             cmd = [sys.executable, os.path.abspath(__file__), "--reps", str(args.reps),
-                   "--child", impl, device, str(n), str(h), str(v), dtype]
+                   "--child", *extra]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
             if out.returncode != 0:
-                print(f"  {impl:14s} failed:\n{out.stderr[-2000:]}")
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"{' '.join(extra)} failed:\n{out.stderr[-3000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        memory = {impl: child("memory", *shape, impl) for impl in impls}
+        times = child("time", *shape, *impls)
+        for impl in impls:
+            r = {"impl": impl, "device": device, "shape": [n, h, v], "dtype": dtype,
+                 "median_ms": 1e3 * statistics.median(times[impl]),
+                 "times_ms": [1e3 * s for s in times[impl]],
+                 "peak_extra_bytes": memory[impl], "threads": torch.get_num_threads()}
             results.append(r)
             print(f"  {impl:14s} {r['median_ms']:9.1f} ms   peak extra "
                   f"{r['peak_extra_bytes'] / 2**20:8.1f} MiB")
