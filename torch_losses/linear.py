@@ -40,14 +40,14 @@ _NONE, _MEAN, _SUM = 0, 1, 2
 _logits_chunk_hook = None
 
 
-def chunk_rows(num_classes, logits_dtype, device, chunk_bytes=None, buffers=1):
-    """Rows per chunk so that `buffers` (rows, num_classes) tensors of logits_dtype fit in
-    chunk_bytes (default: DEFAULT_CHUNK_BYTES for the device type). At least one row."""
+def chunk_rows(num_classes, bytes_per_logit, device, chunk_bytes=None):
+    """Rows per chunk so that a chunk's buffers, bytes_per_logit per logit (all buffers
+    together), fit in chunk_bytes (default: DEFAULT_CHUNK_BYTES for the device type). At
+    least one row."""
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(torch.device(device).type,
                                               DEFAULT_CHUNK_BYTES_OTHER)
-    row_bytes = max(1, num_classes) * logits_dtype.itemsize * buffers
-    rows = chunk_bytes // row_bytes
+    rows = chunk_bytes // (max(1, num_classes) * bytes_per_logit)
     return max(1, rows - rows % 8 if rows >= 16 else rows)  # multiples of 8 suit the matmuls
 
 
@@ -82,8 +82,10 @@ class _Accumulators:
     def __init__(self, input, linear_weight, target, linear_bias, wants):
         want_input, want_weight, want_bias, want_target = wants
         self.input = torch.empty_like(input) if want_input else None
-        self.weight = (torch.zeros(linear_weight.shape, dtype=_acc_dtype(linear_weight.dtype),
+        # written by the first chunk (zero-filling it would be one more pass over C x H)
+        self.weight = (torch.empty(linear_weight.shape, dtype=_acc_dtype(linear_weight.dtype),
                                    device=linear_weight.device) if want_weight else None)
+        self.weight_written = False
         self.bias = (torch.zeros(linear_bias.shape, dtype=_acc_dtype(linear_bias.dtype),
                                  device=linear_bias.device) if want_bias else None)
         self.target = torch.empty_like(target) if want_target else None
@@ -100,10 +102,17 @@ class _Accumulators:
             else:  # low precision: scale the float32 product, then round once more
                 self.input[rows] = torch.mm(grad_logits, linear_weight).float().mul_(scale)
         if self.weight is not None:
-            if self.weight.dtype == grad_logits.dtype:
+            if self.weight.dtype != grad_logits.dtype:
+                product = torch.mm(grad_logits.t(), x)
+                if self.weight_written:
+                    self.weight.add_(product)
+                else:
+                    self.weight.copy_(product)
+            elif self.weight_written:
                 self.weight.addmm_(grad_logits.t(), x)
             else:
-                self.weight.add_(torch.mm(grad_logits.t(), x))
+                torch.mm(grad_logits.t(), x, out=self.weight)
+            self.weight_written = True
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
 
@@ -111,6 +120,8 @@ class _Accumulators:
         """(grad_input, grad_weight, grad_bias, grad_target), empty where not wanted; scale
         (1/denominator for 'mean') applies to all but grad_input, which add_chunk scaled."""
         out = [like.new_empty((0,)) if self.input is None else self.input]
+        if self.weight is not None and not self.weight_written:  # no rows
+            self.weight.zero_()
         for grad, dtype in ((self.weight, self.out_dtypes[1]), (self.bias, self.out_dtypes[2]),
                             (self.target, self.out_dtypes[0])):
             if grad is None:
@@ -453,10 +464,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     grad_bytes = max(ce_bytes, logit_bytes)
     # forward: logits (+ a float32 copy under autocast) (+ a separate gradient for
     # probability targets); backward recompute: logits (+ copy) + a separate gradient.
-    fwd_rows = rows or chunk_rows(num_classes, torch.uint8, input.device, chunk_bytes,
-                                  logit_bytes + ce_bytes + (grad_bytes if probs else 0))
-    bwd_rows = rows or chunk_rows(num_classes, torch.uint8, input.device, chunk_bytes,
-                                  logit_bytes + ce_bytes + grad_bytes)
+    fwd_rows = rows or chunk_rows(num_classes, logit_bytes + ce_bytes +
+                                  (grad_bytes if probs else 0), input.device, chunk_bytes)
+    bwd_rows = rows or chunk_rows(num_classes, logit_bytes + ce_bytes + grad_bytes,
+                                  input.device, chunk_bytes)
     weight = None if weight is None else weight.detach()
     loss = LinearCrossEntropyFunction.apply(
         input, linear_weight, target, linear_bias, weight, ignore_index,
