@@ -5,6 +5,8 @@ imports and a GPU is present.
 
 Time: the median of --reps fwd+bwd steps, the implementations taking turns rep by rep in
 one subprocess (after a warm-up each), so that load from other processes falls on all alike.
+The process CPU time per step is printed too: on a machine shared with other work it varies
+less than the wall time (it counts OpenMP spin-waits, though).
 Peak extra memory, each implementation in a fresh subprocess: CUDA, torch.cuda.max_memory_allocated() over one step
 minus the memory held before it; CPU, the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) over one step minus the RSS before it, with glibc's mmap threshold
@@ -97,14 +99,15 @@ def measure_times(impls, device, n, h, v, dtype_name, reps):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in fns.values():
         _step(fn, x, w, t)
-    times = {impl: [] for impl in impls}
+    times = {impl: {"wall": [], "cpu": []} for impl in impls}
     for _ in range(reps):
         for impl, fn in fns.items():
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _step(fn, x, w, t)
             sync()
-            times[impl].append(time.perf_counter() - start)
+            times[impl]["wall"].append(time.perf_counter() - start)
+            times[impl]["cpu"].append(time.process_time() - start_cpu)
     return times
 
 
@@ -176,11 +179,13 @@ def main():
         times = child("time", *shape, *impls)
         for impl in impls:
             r = {"impl": impl, "device": device, "shape": [n, h, v], "dtype": dtype,
-                 "median_ms": 1e3 * statistics.median(times[impl]),
-                 "times_ms": [1e3 * s for s in times[impl]],
+                 "median_ms": 1e3 * statistics.median(times[impl]["wall"]),
+                 "times_ms": [1e3 * s for s in times[impl]["wall"]],
+                 "median_cpu_ms": 1e3 * statistics.median(times[impl]["cpu"]),
                  "peak_extra_bytes": memory[impl], "threads": torch.get_num_threads()}
             results.append(r)
-            print(f"  {impl:14s} {r['median_ms']:9.1f} ms   peak extra "
+            print(f"  {impl:14s} {r['median_ms']:9.1f} ms (process CPU time "
+                  f"{r['median_cpu_ms']:9.1f} ms)   peak extra "
                   f"{r['peak_extra_bytes'] / 2**20:8.1f} MiB")
         eager = next((r for r in results if r["impl"] == "torch_eager"
                       and r["device"] == device), None)
