@@ -243,6 +243,21 @@ def test_low_precision_flash_rule(dtype, probs, rows, device):
             assert_flash_rule(a, r, e, f"{name} grad {k}")
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_low_precision_grad_output_not_one(dtype, reduction, device):
+    """backward scales the rounded gradients by grad_output: still within 2x torch's error."""
+    x64, w64, b64, t = make(67, 32, 300, device, scale=4.0, ignore=-100)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    (ours, io), (theirs, it) = both(x, w, b, t, reduction=reduction, rows=16)
+    ref_in = [leaf(x.double()), leaf(w.double()), leaf(b.double())]
+    ref = reference(ref_in[0], ref_in[1], t, linear_bias=ref_in[2], reduction=reduction)
+    g = torch.tensor(0.7, dtype=dtype, device=device)
+    for k, (a, r, e) in enumerate(zip(grads_of(ours, io, g), grads_of(theirs, it, g),
+                                      grads_of(ref, ref_in, g.double()))):
+        assert_flash_rule(a, r, e, f"grad {k}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_many_chunks_accumulate_weight_grad_in_float32(dtype, device):
     """64 chunks: grad_W summed chunk by chunk in the weight's dtype would be ~4x torch's
