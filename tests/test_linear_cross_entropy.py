@@ -502,3 +502,18 @@ def test_opcheck(probs, reduction, device):
     torch.library.opcheck(LIN._linear_cross_entropy_bwd,
                           (g, x, w, t, b, cw, lse, -100, 0.1, reduction, False, 4, True, True,
                            True, probs))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_func_grad(reduction, device):
+    x, w, b, t = make(7, 5, 6, device)
+
+    def loss(fn, x, w, b):
+        out = fn(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1)
+        return out.sum() if reduction == "none" else out
+
+    ours = torch.func.grad(lambda *a: loss(TLF.linear_cross_entropy, *a), argnums=(0, 1, 2))
+    theirs = torch.func.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))
+    for a, r in zip(ours(x, w, b), theirs(x, w, b)):
+        assert_close(a, r)
+
