@@ -17,6 +17,7 @@ from ._autograd import (  # noqa: E402
     MSEFunction,
     SmoothL1Function,
 )
+from .linear import LinearCrossEntropyFunction, LinearCrossEntropyLoss  # noqa: E402
 from .modules import (  # noqa: E402
     BCELoss,
     BCEWithLogitsLoss,
@@ -37,6 +38,7 @@ __all__ = [
     "functional", "TESTED_TORCH_RANGE", "UntestedTorchWarning",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "HuberLoss", "MSELoss", "L1Loss", "SmoothL1Loss",
     "BCELoss", "KLDivLoss", "HingeLoss",
+    "LinearCrossEntropyLoss", "LinearCrossEntropyFunction",
     "CrossEntropyFunction", "BCEWithLogitsFunction", "HuberFunction", "MSEFunction",
     "L1Function", "SmoothL1Function", "BCEFunction", "KLDivFunction", "HingeFunction",
 ]

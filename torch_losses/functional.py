@@ -42,6 +42,7 @@ __all__ = [
     "binary_cross_entropy",
     "kl_div",
     "hinge_loss",
+    "linear_cross_entropy",
 ]
 
 
@@ -423,3 +424,6 @@ def hinge_loss(input, target, margin=1.0, reduction="mean"):
     input, target = _promote(input, target, None)
     input, target = _detach_without_grad_mode(input, target)
     return loss_of(HingeFunction.apply(input, target, float(margin), reduction))
+
+
+from .linear import linear_cross_entropy  # noqa: E402  (linear.py imports this module)
