@@ -22,12 +22,13 @@ BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: help install test fuzz bench test-newest-torch cuda-compile cuda-emulate clean
+.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch cuda-compile cuda-emulate clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make test    the test suite (PYTEST_ARGS=\"-x -k huber\" passes options to pytest)"
 	@echo "make bench   the benchmark (BENCH_ARGS=\"--quick\" passes options to benchmarks/bench.py)"
+	@echo "make bench-linear-ce   linear + cross-entropy (LLM head) time and memory"
 	@echo "make fuzz    the randomized differential tests' long profile (~24,000 cases)"
 	@echo "make cuda-emulate   the CUDA kernels on the CPU emulator (also part of make test)"
 	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
@@ -70,6 +71,11 @@ fuzz: install $(VENV)/.test-tools-installed
 bench: install
 	$(PYTHON) -m pip install --quiet matplotlib || true
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+
+# Linear layer + cross-entropy (LLM head): ours vs torch's reference and chunked paths (and
+# Liger on a GPU), time and peak extra memory; BENCH_ARGS="--size 2048 1024 32000" etc.
+bench-linear-ce: install
+	$(PYTHON) benchmarks/linear_ce_bench.py $(BENCH_ARGS)
 
 # The suite on the newest torch the registry serves (CPU-only build of ours: faster, and the
 # CUDA sources are compiled by cuda-compile anyway).
