@@ -5,7 +5,7 @@ PYTHON ?= python
 # torch==2.13.0 is the CPU build on the project's machines; any installed torch >= 2.4 is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test fuzz bench cuda-compile cuda-emulate clean
+.PHONY: install test fuzz bench cuda-compile cuda-emulate sass-report clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -36,6 +36,12 @@ cuda-compile:
 # build of the extension; needs g++, torch and pytest): compile ~20 s (cached), tests ~2.5 min.
 cuda-emulate:
 	$(PYTHON) -m pytest -q -rfE tests/test_cuda_emu.py
+
+# Registers, spills and SASS instructions per element of every kernel's hot loop (nvcc, no GPU;
+# method in scripts/sass_report.py). Self-contained: installs cuobjdump and nvdisasm itself.
+sass-report:
+	$(PYTHON) -m pip install --quiet nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+	$(PYTHON) scripts/sass_report.py
 
 clean:
 	rm -rf build *.egg-info torch_losses/*.so
