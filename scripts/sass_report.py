@@ -42,7 +42,8 @@ SHORT_T = {"__nv_bfloat16": "bf16", "__half": "f16", "float": "f32", "double": "
 
 INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 FUNC = re.compile(r"^\s*Function : (\S+)")
-BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+# "BRA 0x1f0", "@!P0 BRA 0x1f0", "BRA P1, 0x1f0", "BRA.DIV UR4, 0x1f0", "BRA !P2, 0x1f0".
+BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?[PR]\w+,\s*)?0x([0-9a-f]+)")
 PTXAS_FUNC = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
 PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -106,7 +107,7 @@ def hot_loops(insns):
     loops = []
     for i, (addr, op) in enumerate(insns):
         m = BRANCH.match(op)
-        if not m or m.group(1) is None:
+        if not m:
             continue
         target = int(m.group(1), 16)
         if target >= addr or target not in addr_index:
@@ -189,7 +190,9 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
     for mangled in sorted(funcs, key=lambda k: short_name(names[k])):
         name = short_name(names[mangled])
         pi = info.get(mangled, {"regs": -1, "spill_st": -1, "spill_ld": -1})
-        tname = next((t for t in VEC if re.search(r"<%s\b" % SHORT_T[t], name)), None)
+        # T: the first template argument of ce kernels, the second of pointwise_kernel.
+        m = re.match(r"\w+<(?:[\w:]+<\w+>, )?(bf16|f16|f32|f64)\b", name)
+        tname = next((t for t in VEC if m and SHORT_T[t] == m.group(1)), None)
         threads = block_size(name)
         loops = hot_loops(funcs[mangled]) if tname else []
         resident = resident_threads(pi["regs"], threads)
