@@ -35,6 +35,43 @@ __device__ __forceinline__ double flog(double v) { return log(v); }
 __device__ __forceinline__ float fmax_(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double fmax_(double a, double b) { return fmax(a, b); }
 
+// exp(d) for the hot loops' d <= 0 (a logit minus the row max): 2^(d log2 e) costs a multiply
+// and the MUFU.EX2 unit. float: exp2f (2 ulp, as expf, with its denormal handling); bf16/fp16
+// rows (kApprox): ex2.approx.ftz (2^-22 relative; results below 2^-126 flush to 0), far below
+// the 2^-8 / 2^-11 rounding of the output. The emulator runs the host's exp2f.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float ex2_approx_ftz(float e) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e));
+  return r;
+#else
+  return exp2f(e);
+#endif
+}
+template <bool kApprox>
+__device__ __forceinline__ float exp_hot(float d) {
+  return kApprox ? ex2_approx_ftz(d * kLog2e) : exp2f(d * kLog2e);
+}
+template <bool kApprox>
+__device__ __forceinline__ double exp_hot(double d) {
+  return exp(d);
+}
+// The hot loops use the approximate exp for 16-bit logits.
+template <typename T>
+constexpr bool kApproxExp = sizeof(T) == 2;
+
+// softmax_c = exp((x - m) - log_s) given ls2 = log_s log2(e): one FADD, one FFMA, one exp2.
+template <bool kApprox>
+__device__ __forceinline__ float softmax_hot(float x, float m, float log_s, float ls2) {
+  const float e = fmaf(x - m, kLog2e, -ls2);
+  return kApprox ? ex2_approx_ftz(e) : exp2f(e);
+}
+template <bool kApprox>
+__device__ __forceinline__ double softmax_hot(double x, double m, double log_s, double) {
+  return exp((x - m) - log_s);
+}
+
 // Products the online-softmax merge must not contract into an FMA (nvcc does by default): both
 // butterfly partners then round alike.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -48,7 +85,7 @@ struct Stats {
   A u, d;  // linear terms: weights u_c folded so far, and d = sum u_c (m - x_c)
 
   // The online softmax step: fold N more logits into the running max and sum of exp.
-  template <int N>
+  template <bool kApprox, int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
     A vmax = -INFINITY;
 #pragma unroll
@@ -60,7 +97,7 @@ struct Stats {
     }
     if (m != -INFINITY) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += fexp(v[i] - m);
+      for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - m);
     } else {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -167,13 +204,12 @@ struct CeParams {
 // Each functor: load<N>(c, xv, tv) then compute<N>(c, xv, tv) for N = 1 (scalar, element c at
 // offset c*stride) or N = V (a vector of V consecutive classes, stride 1).
 
-template <typename T>
+template <typename T, bool kSmooth>
 struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c) when smoothing
   using A = acc_t<T>;
   const T* x;
   const A* weight;
   int64_t stride;
-  bool smooth;
   Stats<A> st;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
@@ -185,8 +221,8 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     A v[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
-    st.push(v);
-    if (smooth) {
+    st.template push<kApproxExp<T>>(v);
+    if (kSmooth) {
       A w[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
@@ -226,7 +262,7 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
       A v[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
-      st.push(v);
+      st.template push<kApproxExp<T>>(v);
       st.push_linear(v, wt);
     } else {
 #pragma unroll
@@ -238,19 +274,26 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
 // softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart (a double backward has only
 // lse: m = lse, log_s = 0).
 // Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
-// for C = 1.
-template <typename T>
+// for C = 1. The walk writes every class as if c != y; the thread that walked class y then
+// rewrites it (index_grad, fix_target): no per-element compare with y.
+template <typename T, bool kSmooth>
+__device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> wy1, acc_t<T> wsum,
+                                               acc_t<T> eps_c, acc_t<T> w, acc_t<T> sg) {
+  acc_t<T> g = wy1 * p;
+  if (kSmooth) g += eps_c * (wsum * p - w);
+  return g * sg;
+}
+
+template <typename T, bool kSmooth>
 struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
   T* gi;
   const A* weight;
-  int64_t stride, y;
-  A m, log_s, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y
-  bool ignored;
+  int64_t stride;
+  A m, log_s, ls2, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y, ls2 = log_s log2(e)
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
-    if (ignored) return;
     if (N == 1) xv.v[0] = x[c * stride];
     else xv = ld_vec_last(x + c);
   }
@@ -259,15 +302,35 @@ struct Pass2Index {
     Vec<T> out;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      A g = 0;
-      if (!ignored) {
-        const A p = fexp((to_acc(xv.v[i]) - m) - log_s);
-        g = wy1 * (c + i == y ? p - A(1) : p);
-        if (eps_c != A(0)) g += eps_c * (wsum * p - (weight != nullptr ? weight[c + i] : A(1)));
-        g *= sg;
-      }
-      out.v[i] = from_acc<T>(g);
+      const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
+      const A w = kSmooth ? (weight != nullptr ? weight[c + i] : A(1)) : A(0);
+      out.v[i] = from_acc<T>(index_grad<T, kSmooth>(p, wy1, wsum, eps_c, w, sg));
     }
+    if (N == 1) gi[c * stride] = out.v[0];
+    else st_vec_stream(gi + c, out);
+  }
+  // The target's element, by the thread that wrote it (so after its own store).
+  __device__ __forceinline__ void fix_target(int64_t y, A xy) const {
+    const A p = softmax_hot<kApproxExp<T>>(xy, m, log_s, ls2);
+    const A w = kSmooth ? (weight != nullptr ? weight[y] : A(1)) : A(0);
+    A g = wy1 * (p - A(1));
+    if (kSmooth) g += eps_c * (wsum * p - w);
+    gi[y * stride] = from_acc<T>(g * sg);
+  }
+};
+
+// An ignored row's gradient: zeros, without reading the row.
+template <typename T>
+struct Pass2Zero {
+  T* gi;
+  int64_t stride;
+  template <int N>
+  __device__ __forceinline__ void load(int64_t, Vec<T>&, Vec<T>&) const {}
+  template <int N>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>&, const Vec<T>&) const {
+    Vec<T> out;
+#pragma unroll
+    for (int i = 0; i < N; ++i) out.v[i] = from_acc<T>(acc_t<T>(0));
     if (N == 1) gi[c * stride] = out.v[0];
     else st_vec_stream(gi + c, out);
   }
@@ -363,6 +426,18 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
   }
 }
 
+// The thread gt of walk<T, kVec>(..., C, head, gt, G) that visits class c.
+template <typename T, bool kVec>
+__device__ __forceinline__ int walk_owner(int64_t c, int64_t C, int head, int G) {
+  if (!kVec) return int(c % G);
+  constexpr int V = VecTraits<T>::kVec;
+  if (c < head) return int(c);
+  const int64_t nv = (C - head) / V;
+  const int64_t j = (c - head) / V;
+  if (j < nv) return int(j % G);
+  return int(c - head - nv * V);  // the scalar tail
+}
+
 // Group reductions: kGroup == 32: a warp per row; 0: the whole block per row; 1: one thread.
 template <int kGroup, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
@@ -407,12 +482,23 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     const bool ignored = y == a.ignore_index;
     if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
     const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+    // The thread that walks class y fixes its gradient up; it reads x_y before its own pass 2
+    // writes it (in place, no other thread writes element y).
+    const bool owns_y = !ignored && a.grad_input != nullptr &&
+                        gt == walk_owner<T, kVec>(y, C, head, G);
+    const A xy_own = owns_y ? to_acc(xr[y * stride]) : A(0);
     if (P.stats) {
       A xy = 0;
       if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
-      Pass1Index<T> f{a.input + base, a.weight, stride, P.fwd && P.eps != A(0), st};
-      walk<T, kVec>(f, C, head, gt, G);
-      st = group_allreduce<kGroup>(f.st, smem);
+      if (P.fwd && P.eps != A(0)) {
+        Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
+        walk<T, kVec>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      } else {
+        Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
+        walk<T, kVec>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      }
       m = st.m;
       log_s = flog(st.s);
       if (P.fwd && leader) {
@@ -432,10 +518,24 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       log_s = 0;
     }
     if (a.grad_input != nullptr) {
-      const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-      Pass2Index<T> f{a.input + base, a.grad_input + base, a.weight, stride, y, m, log_s,
-                      one_m_eps * wy, wsum, P.eps_c, sg, ignored};
-      walk<T, kVec>(f, C, head, gt, G);
+      if (ignored) {
+        Pass2Zero<T> f{a.grad_input + base, stride};
+        walk<T, kVec>(f, C, head, gt, G);
+      } else {
+        const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+        const A ls2 = log_s * A(kLog2e);
+        if (P.eps_c != A(0)) {
+          Pass2Index<T, true> f{a.input + base, a.grad_input + base, a.weight, stride, m, log_s,
+                                ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          walk<T, kVec>(f, C, head, gt, G);
+          if (owns_y) f.fix_target(y, xy_own);
+        } else {
+          Pass2Index<T, false> f{a.input + base, a.grad_input + base, a.weight, stride, m,
+                                 log_s, ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          walk<T, kVec>(f, C, head, gt, G);
+          if (owns_y) f.fix_target(y, xy_own);
+        }
+      }
     }
   } else {
     const bool need_tw = P.stats || a.grad_input != nullptr;
