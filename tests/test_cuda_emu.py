@@ -467,6 +467,11 @@ def _grid_cases(s):
     t = torch.randint(0, 5000, (40,), generator=g)
     r = s.cross_entropy(x, t, want_grad=True)
     out += [r["loss"], r["grad_input"]]
+    x = torch.randn(20000, 3, generator=g)  # class-index mean: W by the multi-block sum
+    t = torch.randint(0, 3, (20000,), generator=g)
+    t[::7] = -100
+    r = s.cross_entropy(x, t, weight=torch.rand(3, generator=g) + 0.5, want_grad=True)
+    out += [r["loss"], r["grad_input"]]
     x = torch.randn(70000, 2, generator=g)  # column kernel; 70000 row losses: two-stage sum
     t = torch.randint(0, 2, (70000,), generator=g)
     out.append(s.cross_entropy(x, t)["loss"])
@@ -618,3 +623,42 @@ def test_cross_entropy_one_class_is_exactly_zero(s, dtype):
             assert (r["loss"] == 0).all(), (kw, reduction, r["loss"])
             if reduction != "none":
                 assert (r["grad_input"] == 0).all(), (kw, reduction, r["grad_input"])
+
+
+# (C, layout) per row-kernel path: the thread that walked class y rewrites the target's
+# gradient (walk_owner), so the target sits in the scalar head, in vectors of many lanes (and
+# warps), in the scalar tail; "mixed": the scalar walk.
+TARGET_PATHS = {"warp_vec": (64 + 8 + 3, "tight"), "warp_scalar": (75, "mixed"),
+                "block_vec": (8 * 600 + 5, "tight"), "block_scalar": (8 * 600 + 5, "mixed"),
+                "column": (40, None)}
+
+
+@pytest.mark.parametrize("path", list(TARGET_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_target_at_every_position(s, dtype, path):
+    C, layout = TARGET_PATHS[path]
+    e = elem(dtype)
+    lay = {"tight": ("tight",) * 3, "mixed": (e, 8, 0), None: (0,) * 3}[layout]
+    positions = sorted(set(range(10)) | set(range(C - 10, C)) | set(range(0, C, 37)))
+    g = torch.Generator().manual_seed(19)
+    x = (torch.randn(len(positions), C, generator=g) * 2).to(dtype)
+    t = torch.tensor(positions)
+    w = torch.rand(C, generator=g) + 0.5
+    for kw in (dict(reduction="sum"), dict(weight=w, label_smoothing=0.1)):
+        r = s.cross_entropy(x, t, **kw, want_grad=True, layout=lay[0], target_layout=lay[1],
+                            out_layout=lay[2])
+        ref_loss, ref_gx, _ = ce_reference(x, t, **kw)
+        lowp = ce_torch(x, t, **kw)
+        name = f"{path} {dtype} {kw}"
+        check(name + " loss", r["loss"], ref_loss, lowp[0], dtype)
+        check(name + " grad_input", r["grad_input"], ref_gx, lowp[1], dtype)
+        go = torch.tensor(0.75).to(dtype)
+        rb = s.cross_entropy(x, t, **kw, grad_output=go, lse=r["lse"], want_grad=True,
+                             layout=lay[0], target_layout=lay[1], out_layout=lay[2])
+        _, ref_gx, _ = ce_reference(x, t, **kw, grad_output=go)
+        lowp = ce_torch(x, t, **kw, grad_output=go)
+        check(name + " bwd grad_input", rb["grad_input"], ref_gx, lowp[1], dtype)
+        if layout != "mixed":  # in place: input and gradient share one buffer
+            ri = s.cross_entropy(x, t, **kw, inplace=True, layout=lay[0],
+                                 target_layout=lay[1], out_layout=lay[2])
+            assert bitwise_equal(ri["grad_input"], r["grad_input"]), name + " in place"

@@ -192,7 +192,9 @@ inline int64_t l2_bytes() {
 template <typename A, typename T, typename Load>
 void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A denom, T* out,
                        A* out_acc, cudaStream_t stream) {
-  if (n <= 16 * kReduceChunk) {
+  // One block only while each of its threads loads <= 8 values: a longer serial chain of
+  // (possibly dependent) loads in one block costs more than the second launch.
+  if (n <= 2 * kReduceChunk) {
     launch_kernel<final_sum_kernel<A, T, Load>>(1, kFinalThreads, 0, stream, load, n, denom_ptr,
                                                 denom, out, out_acc);
     return;

@@ -91,7 +91,7 @@ struct Stats {
 #pragma unroll
     for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
     if (vmax > m) {
-      s *= fexp(m - vmax);
+      s *= exp_hot<kApprox>(m - vmax);
       if (m != -INFINITY) d += (vmax - m) * u;
       m = vmax;
     }
@@ -381,12 +381,14 @@ struct Pass2Prob {  // probability target gradients
 
 // Walks classes [0, C) of one row: thread gt of a group of G threads. kVec: the row is split
 // into a scalar head up to the first 16-byte boundary, whole vectors, and a scalar tail (the
-// caller checked that every array has the same misalignment). kWalkUnroll loads in flight per
-// thread and array (with >= 1024 threads per SM: >= 32 KB in flight per SM for one array).
-constexpr int kWalkUnroll = 2;
-template <typename T, bool kVec, class F>
+// caller checked that every array has the same misalignment). U loads in flight per thread and
+// array: class-index rows 4 x 16 B x 512 threads = 32 KB per SM even where one 512-thread block
+// per SM runs (rows of 128K+ bf16 classes, grid capped by L2), as an H100/H200 needs;
+// probability rows read two arrays, so 2 (more would spill at the register cap).
+constexpr int kWalkUnrollIndex = 4;
+constexpr int kWalkUnrollProb = 2;
+template <typename T, bool kVec, int U, class F>
 __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
-  constexpr int U = kWalkUnroll;
   Vec<T> xv[U], tv[U];
   if (kVec) {
     constexpr int V = VecTraits<T>::kVec;
@@ -472,6 +474,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
   if (a.grad_output != nullptr) {
     sg *= to_acc(a.grad_output_scalar ? a.grad_output[0] : a.grad_output[row]);
   }
+  // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
+  constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
   // The row's max and log(sum of exp(x - max)).
@@ -492,11 +496,11 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
       if (P.fwd && P.eps != A(0)) {
         Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
-        walk<T, kVec>(f, C, head, gt, G);
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       } else {
         Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
-        walk<T, kVec>(f, C, head, gt, G);
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       }
       m = st.m;
@@ -520,19 +524,19 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (a.grad_input != nullptr) {
       if (ignored) {
         Pass2Zero<T> f{a.grad_input + base, stride};
-        walk<T, kVec>(f, C, head, gt, G);
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       } else {
         const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
         const A ls2 = log_s * A(kLog2e);
         if (P.eps_c != A(0)) {
           Pass2Index<T, true> f{a.input + base, a.grad_input + base, a.weight, stride, m, log_s,
                                 ls2, one_m_eps * wy, wsum, P.eps_c, sg};
-          walk<T, kVec>(f, C, head, gt, G);
+          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         } else {
           Pass2Index<T, false> f{a.input + base, a.grad_input + base, a.weight, stride, m,
                                  log_s, ls2, one_m_eps * wy, wsum, P.eps_c, sg};
-          walk<T, kVec>(f, C, head, gt, G);
+          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         }
       }
@@ -542,7 +546,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (need_tw) {
       Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
                      P.eps_c, P.stats, st};
-      walk<T, kVec>(f, C, head, gt, G);
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
     }
     if (P.stats) {
@@ -563,7 +567,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
                      a.grad_input ? a.grad_input + base : nullptr,
                      a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m, log_s,
                      st.u, one_m_eps, P.eps_c, sg};
-      walk<T, kVec>(f, C, head, gt, G);
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     }
   }
 }
@@ -605,7 +609,8 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   }
 }
 
-// Weight of a row's target (0 when ignored): the class-index mean's denominator W.
+// Weight of a row's target (0 when ignored): the class-index mean's denominator W. A target out
+// of bounds counts 0 here (no assert in the sum's unrolled loop): the row kernel asserts on it.
 template <typename A>
 struct TargetWeightLoad {
   const int64_t* target;
@@ -613,8 +618,7 @@ struct TargetWeightLoad {
   int64_t C, ignore_index;
   __device__ __forceinline__ A operator()(int64_t i) const {
     const int64_t y = target[i];
-    if (y == ignore_index) return A(0);
-    TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
+    if (y == ignore_index || y < 0 || y >= C) return A(0);
     return weight != nullptr ? weight[y] : A(1);
   }
 };
