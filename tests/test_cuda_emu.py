@@ -472,6 +472,10 @@ def _grid_cases(s):
     t[::7] = -100
     r = s.cross_entropy(x, t, weight=torch.rand(3, generator=g) + 0.5, want_grad=True)
     out += [r["loss"], r["grad_input"]]
+    x = torch.randn(4, 40000, generator=g).bfloat16()  # split rows, S = 4
+    t = torch.randint(0, 40000, (4,), generator=g)
+    r = s.cross_entropy(x, t, label_smoothing=0.1, want_grad=True)
+    out += [r["loss"], r["grad_input"]]
     x = torch.randn(70000, 2, generator=g)  # column kernel; 70000 row losses: two-stage sum
     t = torch.randint(0, 2, (70000,), generator=g)
     out.append(s.cross_entropy(x, t)["loss"])
@@ -630,7 +634,8 @@ def test_cross_entropy_one_class_is_exactly_zero(s, dtype):
 # warps), in the scalar tail; "mixed": the scalar walk.
 TARGET_PATHS = {"warp_vec": (64 + 8 + 3, "tight"), "warp_scalar": (75, "mixed"),
                 "block_vec": (8 * 600 + 5, "tight"), "block_scalar": (8 * 600 + 5, "mixed"),
-                "column": (40, None)}
+                "column": (40, None), "split_vec": (3 * 8192 + 77, "tight"),
+                "split_scalar": (3 * 8192 + 77, "mixed")}
 
 
 @pytest.mark.parametrize("path", list(TARGET_PATHS))
@@ -639,7 +644,9 @@ def test_cross_entropy_target_at_every_position(s, dtype, path):
     C, layout = TARGET_PATHS[path]
     e = elem(dtype)
     lay = {"tight": ("tight",) * 3, "mixed": (e, 8, 0), None: (0,) * 3}[layout]
-    positions = sorted(set(range(10)) | set(range(C - 10, C)) | set(range(0, C, 37)))
+    # < 256 rows: the split paths split them (launchers.h: ce_split_count)
+    step = max(37, C // 100) | 1
+    positions = sorted(set(range(10)) | set(range(C - 10, C)) | set(range(0, C, step)))
     g = torch.Generator().manual_seed(19)
     x = (torch.randn(len(positions), C, generator=g) * 2).to(dtype)
     t = torch.tensor(positions)
@@ -662,3 +669,14 @@ def test_cross_entropy_target_at_every_position(s, dtype, path):
             ri = s.cross_entropy(x, t, **kw, inplace=True, layout=lay[0],
                                  target_layout=lay[1], out_layout=lay[2])
             assert bitwise_equal(ri["grad_input"], r["grad_input"]), name + " in place"
+
+
+@pytest.mark.parametrize("opt", ["index_mean", "index_weight_smooth_sum", "index_smooth_none"])
+@pytest.mark.parametrize("layout", [0, "tight", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cross_entropy_split_rows(s, dtype, layout, opt):
+    """Few long rows are split in S slices (2 kernels, partials merged in a fixed order): S = 2,
+    3 (a short last slice), 16 (the cap); vector and scalar walks; forward and backward."""
+    lays = {0: (0, 0, 0), "tight": ("tight",) * 3, "mixed": (elem(dtype), 8, 0)}[layout]
+    for N, C in [(1, 2 * 8192), (2, 3 * 8192 + 5), (3, 16 * 8192 + 9)]:
+        run_ce_case(s, dtype, N, C, None, OPTIONS[opt], *lays)

@@ -192,6 +192,7 @@ struct CeParams {
   const acc_t<T>* W;    // device scalar: class-index mean denominator, else nullptr
   const acc_t<T>* Wsum; // device scalar: sum of the class weights, else nullptr (then C)
   acc_t<T>* row_loss;   // per-row losses for mean/sum
+  acc_t<T>* split;      // split rows: rows x S partial Stats (m, s, u, d), then x_y per row
   bool fwd;             // forward op: compute the loss and lse
   // Row statistics (max, sum of exp) from the logits: in the forward, and in a float backward,
   // where lse = m + log(s) rounded to float would cost the softmax up to ulp(lse)/2 of relative
@@ -454,6 +455,24 @@ __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>*
   return block_allreduce(v, smem);  // its __syncthreads order the same
 }
 
+// Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
+template <typename T>
+__device__ __forceinline__ acc_t<T> grad_scale(const CeParams<T>& P, int64_t row) {
+  acc_t<T> sg = P.W != nullptr ? acc_t<T>(1) / *P.W : P.s_host;
+  if (P.a.grad_output != nullptr) {
+    sg *= to_acc(P.a.grad_output_scalar ? P.a.grad_output[0] : P.a.grad_output[row]);
+  }
+  return sg;
+}
+
+// Leading scalar elements of a row from p up to a 16-byte boundary (at most len).
+template <typename T, bool kVec>
+__device__ __forceinline__ int vec_head(const T* p, int64_t len) {
+  if (!kVec) return 0;
+  const int head = int(((16 - (reinterpret_cast<uintptr_t>(p) & 15)) & 15) / sizeof(T));
+  return head > len ? int(len) : head;
+}
+
 // One row: `base` = offset of element (n, 0, d), `stride` = D.
 template <typename T, bool kProb, bool kVec, int kGroup>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_t base,
@@ -463,17 +482,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
   const int64_t C = a.C;
   const T* xr = a.input + base;
   const bool leader = gt == 0;
-  int head = 0;
-  if (kVec) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(xr);
-    head = int(((16 - (addr & 15)) & 15) / sizeof(T));
-    if (head > C) head = int(C);
-  }
-  // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
-  A sg = P.W != nullptr ? A(1) / *P.W : P.s_host;
-  if (a.grad_output != nullptr) {
-    sg *= to_acc(a.grad_output_scalar ? a.grad_output[0] : a.grad_output[row]);
-  }
+  const int head = vec_head<T, kVec>(xr, C);
+  const A sg = grad_scale(P, row);
   // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
   constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
   const A one_m_eps = A(1) - P.eps;
@@ -623,6 +633,129 @@ struct TargetWeightLoad {
   }
 };
 
+// ---- split rows (class index, D == 1, float/half/bfloat16; launchers.h: ce_split_count) ----
+// Block b = row S + k walks classes [c0, c0 + len) of its row: k L up to (k + 1) L, L = C / S
+// rounded up to whole vectors.
+template <typename T>
+__device__ __forceinline__ void split_slice(int64_t C, int64_t S, int64_t k, int64_t& c0,
+                                            int64_t& len) {
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t L = ((C + S - 1) / S + V - 1) / V * V;
+  c0 = k * L < C ? k * L : C;
+  len = (c0 + L < C ? c0 + L : C) - c0;
+}
+
+// Kernel 1: each slice's statistics, and x_y (read before kernel 2 may write the gradient over
+// it in place).
+template <typename T, bool kVec, bool kSmooth>
+__global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P, int64_t S) {
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13
+  __shared__ Stats<A> smem[32];
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
+  int64_t c0, len;
+  split_slice<T>(a.C, S, k, c0, len);
+  const T* xs = a.input + row * a.C + c0;
+  Pass1Index<T, kSmooth> f{xs, a.weight != nullptr ? a.weight + c0 : nullptr, 1,
+                           Stats<A>{A(-INFINITY), A(0), A(0), A(0)}};
+  walk<T, kVec, kWalkUnrollIndex>(f, len, vec_head<T, kVec>(xs, len), threadIdx.x, blockDim.x);
+  const Stats<A> st = block_allreduce(f.st, smem);
+  if (threadIdx.x == 0) {
+    A* part = P.split + (row * S + k) * 4;
+    part[0] = st.m;
+    part[1] = st.s;
+    part[2] = st.u;
+    part[3] = st.d;
+    const int64_t y = a.target_index[row];
+    if (k == 0 && P.fwd && y != a.ignore_index && y >= 0 && y < a.C) {
+      P.split[a.N * a.D * S * 4 + row] = to_acc(a.input[row * a.C + y]);
+    }
+  }
+}
+
+// Kernel 2: the row's S partials merged in a fixed order (the same bits in every block), the
+// loss (block k = 0) and the slice's gradient.
+template <typename T, bool kVec, bool kSmooth>
+__global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P, int64_t S) {
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t C = a.C;
+  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
+  const int64_t y = a.target_index[row];
+  const bool ignored = y == a.ignore_index;
+  if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
+  const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+  const A one_m_eps = A(1) - P.eps;
+  const A* part = P.split + row * S * 4;
+  Stats<A> st{part[0], part[1], part[2], part[3]};
+  for (int64_t j = 1; j < S; ++j) {
+    st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+  }
+  const A m = st.m, log_s = flog(st.s);
+  if (P.fwd && k == 0 && threadIdx.x == 0) {
+    a.lse[row] = m + log_s;
+    A l = 0;
+    if (!ignored) {
+      const A xy = P.split[a.N * a.D * S * 4 + row];
+      l = one_m_eps * wy * ((m - xy) + log_s);
+      if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+    }
+    if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
+    else P.row_loss[row] = l;
+  }
+  if (a.grad_input == nullptr) return;
+  int64_t c0, len;
+  split_slice<T>(C, S, k, c0, len);
+  const T* xs = a.input + row * C + c0;
+  T* gs = a.grad_input + row * C + c0;
+  const int head = vec_head<T, kVec>(xs, len);
+  const int gt = threadIdx.x, G = blockDim.x;
+  if (ignored) {
+    Pass2Zero<T> f{gs, 1};
+    walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+    return;
+  }
+  // As in ce_row: the thread that walks class y reads x_y before writing it, then fixes it up.
+  const bool owns_y = y >= c0 && y < c0 + len && gt == walk_owner<T, kVec>(y - c0, len, head, G);
+  const A xy_own = owns_y ? to_acc(xs[y - c0]) : A(0);
+  const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+  Pass2Index<T, kSmooth> f{xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m, log_s,
+                           log_s * A(kLog2e), one_m_eps * wy, wsum, P.eps_c,
+                           grad_scale(P, row)};
+  walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+  if (owns_y) f.fix_target(y - c0, xy_own);
+}
+
+template <typename T, bool kVec, bool kSmooth>
+void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t nvec = (P.a.C / S) / V;
+  int threads = 64;
+  while (threads < 512 && threads * 16 < nvec) threads *= 2;
+  const unsigned grid = unsigned(P.rows * S);
+  launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
+  launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
+}
+
+// Splits the rows when there are too few (class index, float/half/bfloat16, with statistics).
+template <typename T, bool kProb>
+bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
+  if constexpr (!kProb && sizeof(T) <= 4) {
+    const int64_t S = ce_split_count(P.rows, P.a.C);
+    if (!P.stats || S <= 1) return false;
+    const bool smooth = P.eps != acc_t<T>(0);
+    if (vec && smooth) launch_split<T, true, true>(P, S, stream);
+    else if (vec) launch_split<T, true, false>(P, S, stream);
+    else if (smooth) launch_split<T, false, true>(P, S, stream);
+    else launch_split<T, false, false>(P, S, stream);
+    return true;
+  } else {
+    return false;
+  }
+}
+
 template <typename T, bool kProb>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
   const CrossEntropyArgs<T>& a = P.a;
@@ -637,6 +770,7 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     const bool vec = (xa % sizeof(T)) == 0 && same(a.target_prob) && same(a.grad_input) &&
                      same(a.grad_target);
     const int64_t nvec = a.C / V;
+    if (try_split<T, kProb>(P, vec, stream)) return;
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
@@ -673,6 +807,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   A* Wsum = a.scratch + 1;   // [1]: sum of class weights
   A* row_loss = a.scratch + 4;
   A* partials = a.scratch + 4 + rows;
+  A* split = partials + reduce_num_chunks(rows > a.C ? rows : a.C);
   if (!fwd && a.grad_input == nullptr && a.grad_target == nullptr) return;
 
   CeParams<T> P;
@@ -683,6 +818,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.W = nullptr;
   P.Wsum = nullptr;
   P.row_loss = row_loss;
+  P.split = split;
   P.fwd = fwd;
   P.stats = fwd || sizeof(A) == 4;
   P.rows = rows;
