@@ -208,6 +208,25 @@ void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A 
                                                       denom, out, out_acc);
 }
 
+// Blocks of kKernel (at `threads` threads, no dynamic shared memory) that one SM holds at once,
+// as its registers and shared memory allow: read once per device.
+template <auto kKernel>
+inline int resident_blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kKernel, threads, 0) != cudaSuccess ||
+        v <= 0) {
+      v = 1;
+    }
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
 inline unsigned grid_for(int64_t blocks, int64_t cap) {
   if (blocks < 1) blocks = 1;
   return unsigned(blocks < cap ? blocks : cap);
