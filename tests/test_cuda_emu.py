@@ -377,7 +377,8 @@ def run_pw_case(s, kind, dtype, n, reduction, weighted, layouts=None, seed=0):
     w = (torch.rand(n, generator=g) + 0.5).to(dtype) if weighted else None
     aux = ((torch.rand(n, generator=g) + 0.5).to(dtype)
            if weighted and kind == "bce_with_logits" else None)
-    param = PW_PARAMS.get(kind, 0.0)
+    # BCE-with-logits' scalar says whether pos_weight is given (csrc/ops.h: pw.has_value()).
+    param = float(aux is not None) if kind == "bce_with_logits" else PW_PARAMS.get(kind, 0.0)
     name = f"{kind} {dtype} n={n} {reduction} w={weighted} {layouts}"
     go1 = torch.ones(()) if reduction != "none" else torch.ones(n)
     ref = pw_run_torch(kind, x.double(), y.double(), None if w is None else w.double(),

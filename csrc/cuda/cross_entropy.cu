@@ -346,7 +346,7 @@ struct Pass2Prob {  // probability target gradients
   T* gt;
   const A* weight;
   int64_t stride;
-  A m, log_s, tw, one_m_eps, eps_c, sg;  // tw = sum w t'
+  A m, log_s, ls2, tw, one_m_eps, eps_c, sg;  // tw = sum w t', ls2 = log_s log2(e)
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -366,7 +366,8 @@ struct Pass2Prob {  // probability target gradients
       const A w = weight != nullptr ? weight[c + i] : A(1);
       if (gi != nullptr) {
         const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        oi.v[i] = from_acc<T>(sg * (fexp(xm - log_s) * tw - wt));
+        const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
+        oi.v[i] = from_acc<T>(sg * (p * tw - wt));
       }
       if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
     }
@@ -576,7 +577,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       Pass2Prob<T> f{a.input + base, a.target_prob + base,
                      a.grad_input ? a.grad_input + base : nullptr,
                      a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m, log_s,
-                     st.u, one_m_eps, P.eps_c, sg};
+                     log_s * A(kLog2e), st.u, one_m_eps, P.eps_c, sg};
       walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     }
   }
