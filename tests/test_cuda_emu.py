@@ -681,3 +681,30 @@ def test_cross_entropy_split_rows(s, dtype, layout, opt):
     lays = {0: (0, 0, 0), "tight": ("tight",) * 3, "mixed": (elem(dtype), 8, 0)}[layout]
     for N, C in [(1, 2 * 8192), (2, 3 * 8192 + 5), (3, 16 * 8192 + 9)]:
         run_ce_case(s, dtype, N, C, None, OPTIONS[opt], *lays)
+
+
+@pytest.mark.parametrize("path", list(NONFINITE_PATHS) + ["split_vec"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_ignored_row_nonfinite(s, dtype, path):
+    """An ignored row's gradient is torch's 0 * softmax: NaN where the softmax is NaN (a NaN,
+    +inf, or all -inf logits), zeros otherwise (written without reading the row)."""
+    C, D, layout = NONFINITE_PATHS.get(path, (3 * 8192 + 77, None, "tight"))
+    e = elem(dtype)
+    lay = (("tight",) * 3 if layout == "tight" else (e, 8, 0) if layout == "mixed" else (0,) * 3)
+    g = torch.Generator().manual_seed(29)
+    shape = (2, C) if D is None else (2, C, D)
+    t = torch.tensor([-100, 1]) if D is None else torch.tensor([[-100] * D, [1] * D])
+    for special, pos in ((None, 0), (float("nan"), C - 1), (float("inf"), C // 2),
+                         (-float("inf"), 0), ("all -inf", 0)):
+        x = (torch.randn(shape, generator=g) * 2).to(dtype)
+        if special == "all -inf":
+            x[0] = -float("inf")
+        elif special is not None:
+            x[0, pos] = special
+        for kw in (dict(reduction="sum"), dict(label_smoothing=0.1, reduction="sum")):
+            r = s.cross_entropy(x, t, **kw, want_grad=True, layout=lay[0], target_layout=lay[1],
+                                out_layout=lay[2])
+            _, ref_gx, _ = ce_reference(x, t, **kw)
+            name = f"{path} {dtype} x[0, {pos}] = {special} {kw}"
+            torch.testing.assert_close(r["grad_input"].double(), ref_gx, equal_nan=True,
+                                       rtol=2e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")

@@ -320,7 +320,14 @@ struct Pass2Index {
   }
 };
 
-// An ignored row's gradient: zeros, without reading the row.
+// An ignored row's gradient is torch's 0 * softmax_c: NaN where the softmax is NaN, which needs
+// a NaN or infinite logit, so the row's max or log-sum is not finite. Else zeros, written without
+// reading the row (ignored_grad).
+template <typename T>
+__device__ __forceinline__ bool ignored_row_reads(acc_t<T> m, acc_t<T> log_s) {
+  return !(isfinite(m) && isfinite(log_s));
+}
+
 template <typename T>
 struct Pass2Zero {
   T* gi;
@@ -533,7 +540,11 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       log_s = 0;
     }
     if (a.grad_input != nullptr) {
-      if (ignored) {
+      if (ignored && ignored_row_reads<T>(m, log_s)) {
+        Pass2Index<T, false> f{a.input + base, a.grad_input + base, nullptr, stride, m, log_s,
+                               log_s * A(kLog2e), A(0), A(0), A(0), A(1)};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+      } else if (ignored) {
         Pass2Zero<T> f{a.grad_input + base, stride};
         walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       } else {
@@ -713,6 +724,12 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
   T* gs = a.grad_input + row * C + c0;
   const int head = vec_head<T, kVec>(xs, len);
   const int gt = threadIdx.x, G = blockDim.x;
+  if (ignored && ignored_row_reads<T>(m, log_s)) {  // as in ce_row
+    Pass2Index<T, false> f{xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0), A(0),
+                           A(1)};
+    walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+    return;
+  }
   if (ignored) {
     Pass2Zero<T> f{gs, 1};
     walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
