@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch cuda-compile cuda-emulate clean
+.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch cuda-compile cuda-emulate sass-report clean
 .DEFAULT_GOAL := help
 
 help:
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-linear-ce   linear + cross-entropy (LLM head) time and memory"
 	@echo "make fuzz    the randomized differential tests' long profile (~24,000 cases)"
 	@echo "make cuda-emulate   the CUDA kernels on the CPU emulator (also part of make test)"
+	@echo "make sass-report   registers, spills and SASS instructions per element of every CUDA kernel"
 	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
 	@echo "Python: $(VENV) (the active venv, else .venv, created with python3 when missing)"
 
@@ -95,6 +96,12 @@ cuda-compile:
 # build of the extension; needs g++, torch and pytest): compile ~20 s (cached), tests ~2.5 min.
 cuda-emulate: $(VENV)/.tools-installed $(VENV)/.test-tools-installed
 	$(PYTHON) -m pytest -q -rfE tests/test_cuda_emu.py
+
+# Registers, spills and SASS instructions per element of every kernel's hot loop (nvcc, no GPU;
+# method in scripts/sass_report.py). Self-contained: installs cuobjdump and nvdisasm itself.
+sass-report: | $(PYTHON)
+	$(PYTHON) -m pip install --quiet nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+	$(PYTHON) scripts/sass_report.py
 
 clean:
 	rm -rf build *.egg-info torch_losses/*.so torch_losses/_build_info.py

@@ -137,6 +137,10 @@ def test_determinism_cross_entropy(dtype):
     x = torch.randn(8, 21, 96, 96, device=DEV, dtype=dtype)
     t = torch.randint(0, 21, (8, 96, 96), device=DEV)
     _assert_bitwise_reruns(lambda a: TLF.cross_entropy(a, t, weight=w[:21]), x)
+    # Few long rows: split in 16 slices (two kernels, partials merged in a fixed order).
+    x = torch.randn(16, 256000, device=DEV, dtype=dtype)
+    t = torch.randint(0, 256000, (16,), device=DEV)
+    _assert_bitwise_reruns(lambda a: TLF.cross_entropy(a, t, label_smoothing=0.1), x)
     # Probability targets, spatial.
     p = torch.softmax(torch.randn(8, 21, 32, 32, device=DEV), 1).to(dtype)
     _assert_bitwise_reruns(lambda a, b: TLF.cross_entropy(a, b, label_smoothing=0.2),
@@ -459,3 +463,39 @@ def test_cross_entropy_lanes_agree_on_lse(c):
         TLF.cross_entropy(xo, t, label_smoothing=ls).backward()
         for col in cols[1:]:
             assert torch.equal(xo.grad[:, col], xo.grad[:, 0]), (col, ls)
+
+
+@pytest.mark.parametrize("n,c,scale", [(16, 256000, 2.0), (3, 40001, 8.0), (512, 32000, 8.0),
+                                       (256, 1000, 30.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cross_entropy_fast_exp_and_split_rows(n, c, scale, dtype):
+    """The hot loops' exp2 (ex2.approx.ftz for 16-bit rows, exp2f for float32) over logits
+    spread wide (scale up to 30: softmax terms down to the float range's end), on the split-row
+    path (16 and 3 rows) and the row kernels: no worse than 2x torch's error (ref: float64).
+    The target sits at the first and last class and inside, and in-place gives the same bits."""
+    from tl_helpers import assert_flash_rule
+    g = torch.Generator().manual_seed(23)
+    x = (torch.randn(n, c, generator=g) * scale).to(dtype).to(DEV)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[0], t[-1] = 0, c - 1
+    t = t.to(DEV)
+    w = (torch.rand(c, generator=g) + 0.5).to(DEV)
+    for kw in ({}, {"weight": w, "label_smoothing": 0.1}):
+        res = []  # ours, torch (same dtype), torch (float64)
+        for fn, xx in ((TLF.cross_entropy, x), (F.cross_entropy, x),
+                       (F.cross_entropy, x.double())):
+            kk = {k: (v.to(xx.dtype) if torch.is_tensor(v) else v) for k, v in kw.items()}
+            xg = xx.detach().requires_grad_(True)
+            loss = fn(xg, t, reduction="sum", **kk)
+            (grad,) = torch.autograd.grad(loss, [xg])
+            res.append((loss.detach(), grad))
+        (ours_l, ours_g), (torch_l, torch_g), (ref_l, ref_g) = res
+        name = f"{dtype} {n}x{c} scale {scale} {list(kw)}"
+        assert_flash_rule(ours_l, torch_l, ref_l, name=name + " loss")
+        assert_flash_rule(ours_g, torch_g, ref_g, name=name + " grad")
+        xi = x.detach().clone().requires_grad_(True)
+        xc = xi.clone()
+        TLF.cross_entropy(xc, t, reduction="sum", inplace_backward=True,
+                          **{k: (v.to(dtype) if torch.is_tensor(v) else v)
+                             for k, v in kw.items()}).backward()
+        assert torch.equal(xi.grad, ours_g), name + " in place"

@@ -377,7 +377,8 @@ def run_pw_case(s, kind, dtype, n, reduction, weighted, layouts=None, seed=0):
     w = (torch.rand(n, generator=g) + 0.5).to(dtype) if weighted else None
     aux = ((torch.rand(n, generator=g) + 0.5).to(dtype)
            if weighted and kind == "bce_with_logits" else None)
-    param = PW_PARAMS.get(kind, 0.0)
+    # BCE-with-logits' scalar says whether pos_weight is given (csrc/ops.h: pw.has_value()).
+    param = PW_PARAMS.get(kind, 0.0)  # BCE-with-logits: the driver passes "pos_weight given"
     name = f"{kind} {dtype} n={n} {reduction} w={weighted} {layouts}"
     go1 = torch.ones(()) if reduction != "none" else torch.ones(n)
     ref = pw_run_torch(kind, x.double(), y.double(), None if w is None else w.double(),
@@ -466,6 +467,15 @@ def _grid_cases(s):
     x = torch.randn(40, 5000, generator=g).bfloat16()  # block per row, L2-based cap
     t = torch.randint(0, 5000, (40,), generator=g)
     r = s.cross_entropy(x, t, want_grad=True)
+    out += [r["loss"], r["grad_input"]]
+    x = torch.randn(20000, 3, generator=g)  # class-index mean: W by the multi-block sum
+    t = torch.randint(0, 3, (20000,), generator=g)
+    t[::7] = -100
+    r = s.cross_entropy(x, t, weight=torch.rand(3, generator=g) + 0.5, want_grad=True)
+    out += [r["loss"], r["grad_input"]]
+    x = torch.randn(4, 40000, generator=g).bfloat16()  # split rows, S = 4
+    t = torch.randint(0, 40000, (4,), generator=g)
+    r = s.cross_entropy(x, t, label_smoothing=0.1, want_grad=True)
     out += [r["loss"], r["grad_input"]]
     x = torch.randn(70000, 2, generator=g)  # column kernel; 70000 row losses: two-stage sum
     t = torch.randint(0, 2, (70000,), generator=g)
@@ -618,3 +628,83 @@ def test_cross_entropy_one_class_is_exactly_zero(s, dtype):
             assert (r["loss"] == 0).all(), (kw, reduction, r["loss"])
             if reduction != "none":
                 assert (r["grad_input"] == 0).all(), (kw, reduction, r["grad_input"])
+
+
+# (C, layout) per row-kernel path: the thread that walked class y rewrites the target's
+# gradient (walk_owner), so the target sits in the scalar head, in vectors of many lanes (and
+# warps), in the scalar tail; "mixed": the scalar walk.
+TARGET_PATHS = {"warp_vec": (64 + 8 + 3, "tight"), "warp_scalar": (75, "mixed"),
+                "block_vec": (8 * 600 + 5, "tight"), "block_scalar": (8 * 600 + 5, "mixed"),
+                "column": (40, None), "split_vec": (3 * 8192 + 77, "tight"),
+                "split_scalar": (3 * 8192 + 77, "mixed")}
+
+
+@pytest.mark.parametrize("path", list(TARGET_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_target_at_every_position(s, dtype, path):
+    C, layout = TARGET_PATHS[path]
+    e = elem(dtype)
+    lay = {"tight": ("tight",) * 3, "mixed": (e, 8, 0), None: (0,) * 3}[layout]
+    # < 256 rows: the split paths split them (launchers.h: ce_split_count)
+    step = max(37, C // 100) | 1
+    positions = sorted(set(range(10)) | set(range(C - 10, C)) | set(range(0, C, step)))
+    g = torch.Generator().manual_seed(19)
+    x = (torch.randn(len(positions), C, generator=g) * 2).to(dtype)
+    t = torch.tensor(positions)
+    w = torch.rand(C, generator=g) + 0.5
+    for kw in (dict(reduction="sum"), dict(weight=w, label_smoothing=0.1)):
+        r = s.cross_entropy(x, t, **kw, want_grad=True, layout=lay[0], target_layout=lay[1],
+                            out_layout=lay[2])
+        ref_loss, ref_gx, _ = ce_reference(x, t, **kw)
+        lowp = ce_torch(x, t, **kw)
+        name = f"{path} {dtype} {kw}"
+        check(name + " loss", r["loss"], ref_loss, lowp[0], dtype)
+        check(name + " grad_input", r["grad_input"], ref_gx, lowp[1], dtype)
+        go = torch.tensor(0.75).to(dtype)
+        rb = s.cross_entropy(x, t, **kw, grad_output=go, lse=r["lse"], want_grad=True,
+                             layout=lay[0], target_layout=lay[1], out_layout=lay[2])
+        _, ref_gx, _ = ce_reference(x, t, **kw, grad_output=go)
+        lowp = ce_torch(x, t, **kw, grad_output=go)
+        check(name + " bwd grad_input", rb["grad_input"], ref_gx, lowp[1], dtype)
+        if layout != "mixed":  # in place: input and gradient share one buffer
+            ri = s.cross_entropy(x, t, **kw, inplace=True, layout=lay[0],
+                                 target_layout=lay[1], out_layout=lay[2])
+            assert bitwise_equal(ri["grad_input"], r["grad_input"]), name + " in place"
+
+
+@pytest.mark.parametrize("opt", ["index_mean", "index_weight_smooth_sum", "index_smooth_none"])
+@pytest.mark.parametrize("layout", [0, "tight", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cross_entropy_split_rows(s, dtype, layout, opt):
+    """Few long rows are split in S slices (2 kernels, partials merged in a fixed order): S = 2,
+    3 (a short last slice), 16 (the cap); vector and scalar walks; forward and backward."""
+    lays = {0: (0, 0, 0), "tight": ("tight",) * 3, "mixed": (elem(dtype), 8, 0)}[layout]
+    for N, C in [(1, 2 * 8192), (2, 3 * 8192 + 5), (3, 16 * 8192 + 9)]:
+        run_ce_case(s, dtype, N, C, None, OPTIONS[opt], *lays)
+
+
+@pytest.mark.parametrize("path", list(NONFINITE_PATHS) + ["split_vec"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_ignored_row_nonfinite(s, dtype, path):
+    """An ignored row's gradient is torch's 0 * softmax: NaN where the softmax is NaN (a NaN,
+    +inf, or all -inf logits), zeros otherwise (written without reading the row)."""
+    C, D, layout = NONFINITE_PATHS.get(path, (3 * 8192 + 77, None, "tight"))
+    e = elem(dtype)
+    lay = (("tight",) * 3 if layout == "tight" else (e, 8, 0) if layout == "mixed" else (0,) * 3)
+    g = torch.Generator().manual_seed(29)
+    shape = (2, C) if D is None else (2, C, D)
+    t = torch.tensor([-100, 1]) if D is None else torch.tensor([[-100] * D, [1] * D])
+    for special, pos in ((None, 0), (float("nan"), C - 1), (float("inf"), C // 2),
+                         (-float("inf"), 0), ("all -inf", 0)):
+        x = (torch.randn(shape, generator=g) * 2).to(dtype)
+        if special == "all -inf":
+            x[0] = -float("inf")
+        elif special is not None:
+            x[0, pos] = special
+        for kw in (dict(reduction="sum"), dict(label_smoothing=0.1, reduction="sum")):
+            r = s.cross_entropy(x, t, **kw, want_grad=True, layout=lay[0], target_layout=lay[1],
+                                out_layout=lay[2])
+            _, ref_gx, _ = ce_reference(x, t, **kw)
+            name = f"{path} {dtype} x[0, {pos}] = {special} {kw}"
+            torch.testing.assert_close(r["grad_input"].double(), ref_gx, equal_nan=True,
+                                       rtol=2e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")

@@ -192,7 +192,9 @@ inline int64_t l2_bytes() {
 template <typename A, typename T, typename Load>
 void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A denom, T* out,
                        A* out_acc, cudaStream_t stream) {
-  if (n <= 16 * kReduceChunk) {
+  // One block only while each of its threads loads <= 8 values: a longer serial chain of
+  // (possibly dependent) loads in one block costs more than the second launch.
+  if (n <= 2 * kReduceChunk) {
     launch_kernel<final_sum_kernel<A, T, Load>>(1, kFinalThreads, 0, stream, load, n, denom_ptr,
                                                 denom, out, out_acc);
     return;
@@ -204,6 +206,25 @@ void deterministic_sum(Load load, int64_t n, A* partials, const A* denom_ptr, A 
   launch_kernel<final_sum_kernel<A, T, ArrayLoad<A>>>(1, kFinalThreads, 0, stream,
                                                       ArrayLoad<A>{partials}, chunks, denom_ptr,
                                                       denom, out, out_acc);
+}
+
+// Blocks of kKernel (at `threads` threads, no dynamic shared memory) that one SM holds at once,
+// as its registers and shared memory allow: read once per device.
+template <auto kKernel>
+inline int resident_blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kKernel, threads, 0) != cudaSuccess ||
+        v <= 0) {
+      v = 1;
+    }
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
 }
 
 inline unsigned grid_for(int64_t blocks, int64_t cap) {

@@ -35,6 +35,43 @@ __device__ __forceinline__ double flog(double v) { return log(v); }
 __device__ __forceinline__ float fmax_(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double fmax_(double a, double b) { return fmax(a, b); }
 
+// exp(d) for the hot loops' d <= 0 (a logit minus the row max): 2^(d log2 e) costs a multiply
+// and the MUFU.EX2 unit. float: exp2f (2 ulp, as expf, with its denormal handling); bf16/fp16
+// rows (kApprox): ex2.approx.ftz (2^-22 relative; results below 2^-126 flush to 0), far below
+// the 2^-8 / 2^-11 rounding of the output. The emulator runs the host's exp2f.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float ex2_approx_ftz(float e) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e));
+  return r;
+#else
+  return exp2f(e);
+#endif
+}
+template <bool kApprox>
+__device__ __forceinline__ float exp_hot(float d) {
+  return kApprox ? ex2_approx_ftz(d * kLog2e) : exp2f(d * kLog2e);
+}
+template <bool kApprox>
+__device__ __forceinline__ double exp_hot(double d) {
+  return exp(d);
+}
+// The hot loops use the approximate exp for 16-bit logits.
+template <typename T>
+constexpr bool kApproxExp = sizeof(T) == 2;
+
+// softmax_c = exp((x - m) - log_s) given ls2 = log_s log2(e): one FADD, one FFMA, one exp2.
+template <bool kApprox>
+__device__ __forceinline__ float softmax_hot(float x, float m, float log_s, float ls2) {
+  const float e = fmaf(x - m, kLog2e, -ls2);
+  return kApprox ? ex2_approx_ftz(e) : exp2f(e);
+}
+template <bool kApprox>
+__device__ __forceinline__ double softmax_hot(double x, double m, double log_s, double) {
+  return exp((x - m) - log_s);
+}
+
 // Products the online-softmax merge must not contract into an FMA (nvcc does by default): both
 // butterfly partners then round alike.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -48,19 +85,19 @@ struct Stats {
   A u, d;  // linear terms: weights u_c folded so far, and d = sum u_c (m - x_c)
 
   // The online softmax step: fold N more logits into the running max and sum of exp.
-  template <int N>
+  template <bool kApprox, int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
     A vmax = -INFINITY;
 #pragma unroll
     for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
     if (vmax > m) {
-      s *= fexp(m - vmax);
+      s *= exp_hot<kApprox>(m - vmax);
       if (m != -INFINITY) d += (vmax - m) * u;
       m = vmax;
     }
     if (m != -INFINITY) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += fexp(v[i] - m);
+      for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - m);
     } else {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -155,6 +192,7 @@ struct CeParams {
   const acc_t<T>* W;    // device scalar: class-index mean denominator, else nullptr
   const acc_t<T>* Wsum; // device scalar: sum of the class weights, else nullptr (then C)
   acc_t<T>* row_loss;   // per-row losses for mean/sum
+  acc_t<T>* split;      // split rows: rows x S partial Stats (m, s, u, d), then x_y per row
   bool fwd;             // forward op: compute the loss and lse
   // Row statistics (max, sum of exp) from the logits: in the forward, and in a float backward,
   // where lse = m + log(s) rounded to float would cost the softmax up to ulp(lse)/2 of relative
@@ -167,13 +205,12 @@ struct CeParams {
 // Each functor: load<N>(c, xv, tv) then compute<N>(c, xv, tv) for N = 1 (scalar, element c at
 // offset c*stride) or N = V (a vector of V consecutive classes, stride 1).
 
-template <typename T>
+template <typename T, bool kSmooth>
 struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c) when smoothing
   using A = acc_t<T>;
   const T* x;
   const A* weight;
   int64_t stride;
-  bool smooth;
   Stats<A> st;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
@@ -185,8 +222,8 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     A v[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
-    st.push(v);
-    if (smooth) {
+    st.template push<kApproxExp<T>>(v);
+    if (kSmooth) {
       A w[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
@@ -226,7 +263,7 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
       A v[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
-      st.push(v);
+      st.template push<kApproxExp<T>>(v);
       st.push_linear(v, wt);
     } else {
 #pragma unroll
@@ -238,19 +275,26 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
 // softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart (a double backward has only
 // lse: m = lse, log_s = 0).
 // Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
-// for C = 1.
-template <typename T>
+// for C = 1. The walk writes every class as if c != y; the thread that walked class y then
+// rewrites it (index_grad, fix_target): no per-element compare with y.
+template <typename T, bool kSmooth>
+__device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> wy1, acc_t<T> wsum,
+                                               acc_t<T> eps_c, acc_t<T> w, acc_t<T> sg) {
+  acc_t<T> g = wy1 * p;
+  if (kSmooth) g += eps_c * (wsum * p - w);
+  return g * sg;
+}
+
+template <typename T, bool kSmooth>
 struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
   T* gi;
   const A* weight;
-  int64_t stride, y;
-  A m, log_s, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y
-  bool ignored;
+  int64_t stride;
+  A m, log_s, ls2, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y, ls2 = log_s log2(e)
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
-    if (ignored) return;
     if (N == 1) xv.v[0] = x[c * stride];
     else xv = ld_vec_last(x + c);
   }
@@ -259,15 +303,42 @@ struct Pass2Index {
     Vec<T> out;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      A g = 0;
-      if (!ignored) {
-        const A p = fexp((to_acc(xv.v[i]) - m) - log_s);
-        g = wy1 * (c + i == y ? p - A(1) : p);
-        if (eps_c != A(0)) g += eps_c * (wsum * p - (weight != nullptr ? weight[c + i] : A(1)));
-        g *= sg;
-      }
-      out.v[i] = from_acc<T>(g);
+      const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
+      const A w = kSmooth ? (weight != nullptr ? weight[c + i] : A(1)) : A(0);
+      out.v[i] = from_acc<T>(index_grad<T, kSmooth>(p, wy1, wsum, eps_c, w, sg));
     }
+    if (N == 1) gi[c * stride] = out.v[0];
+    else st_vec_stream(gi + c, out);
+  }
+  // The target's element, by the thread that wrote it (so after its own store).
+  __device__ __forceinline__ void fix_target(int64_t y, A xy) const {
+    const A p = softmax_hot<kApproxExp<T>>(xy, m, log_s, ls2);
+    const A w = kSmooth ? (weight != nullptr ? weight[y] : A(1)) : A(0);
+    A g = wy1 * (p - A(1));
+    if (kSmooth) g += eps_c * (wsum * p - w);
+    gi[y * stride] = from_acc<T>(g * sg);
+  }
+};
+
+// An ignored row's gradient is torch's 0 * softmax_c: NaN where the softmax is NaN, which needs
+// a NaN or infinite logit, so the row's max or log-sum is not finite. Else zeros, written without
+// reading the row (ignored_grad).
+template <typename T>
+__device__ __forceinline__ bool ignored_row_reads(acc_t<T> m, acc_t<T> log_s) {
+  return !(isfinite(m) && isfinite(log_s));
+}
+
+template <typename T>
+struct Pass2Zero {
+  T* gi;
+  int64_t stride;
+  template <int N>
+  __device__ __forceinline__ void load(int64_t, Vec<T>&, Vec<T>&) const {}
+  template <int N>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>&, const Vec<T>&) const {
+    Vec<T> out;
+#pragma unroll
+    for (int i = 0; i < N; ++i) out.v[i] = from_acc<T>(acc_t<T>(0));
     if (N == 1) gi[c * stride] = out.v[0];
     else st_vec_stream(gi + c, out);
   }
@@ -282,7 +353,7 @@ struct Pass2Prob {  // probability target gradients
   T* gt;
   const A* weight;
   int64_t stride;
-  A m, log_s, tw, one_m_eps, eps_c, sg;  // tw = sum w t'
+  A m, log_s, ls2, tw, one_m_eps, eps_c, sg;  // tw = sum w t', ls2 = log_s log2(e)
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -302,7 +373,8 @@ struct Pass2Prob {  // probability target gradients
       const A w = weight != nullptr ? weight[c + i] : A(1);
       if (gi != nullptr) {
         const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        oi.v[i] = from_acc<T>(sg * (fexp(xm - log_s) * tw - wt));
+        const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
+        oi.v[i] = from_acc<T>(sg * (p * tw - wt));
       }
       if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
     }
@@ -318,12 +390,14 @@ struct Pass2Prob {  // probability target gradients
 
 // Walks classes [0, C) of one row: thread gt of a group of G threads. kVec: the row is split
 // into a scalar head up to the first 16-byte boundary, whole vectors, and a scalar tail (the
-// caller checked that every array has the same misalignment). kWalkUnroll loads in flight per
-// thread and array (with >= 1024 threads per SM: >= 32 KB in flight per SM for one array).
-constexpr int kWalkUnroll = 2;
-template <typename T, bool kVec, class F>
+// caller checked that every array has the same misalignment). U loads in flight per thread and
+// array: class-index rows 4 x 16 B x 512 threads = 32 KB per SM even where one 512-thread block
+// per SM runs (rows of 128K+ bf16 classes, grid capped by L2), as an H100/H200 needs;
+// probability rows read two arrays, so 2 (more would spill at the register cap).
+constexpr int kWalkUnrollIndex = 4;
+constexpr int kWalkUnrollProb = 2;
+template <typename T, bool kVec, int U, class F>
 __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
-  constexpr int U = kWalkUnroll;
   Vec<T> xv[U], tv[U];
   if (kVec) {
     constexpr int V = VecTraits<T>::kVec;
@@ -363,6 +437,18 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
   }
 }
 
+// The thread gt of walk<T, kVec>(..., C, head, gt, G) that visits class c.
+template <typename T, bool kVec>
+__device__ __forceinline__ int walk_owner(int64_t c, int64_t C, int head, int G) {
+  if (!kVec) return int(c % G);
+  constexpr int V = VecTraits<T>::kVec;
+  if (c < head) return int(c);
+  const int64_t nv = (C - head) / V;
+  const int64_t j = (c - head) / V;
+  if (j < nv) return int(j % G);
+  return int(c - head - nv * V);  // the scalar tail
+}
+
 // Group reductions: kGroup == 32: a warp per row; 0: the whole block per row; 1: one thread.
 template <int kGroup, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
@@ -377,6 +463,24 @@ __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>*
   return block_allreduce(v, smem);  // its __syncthreads order the same
 }
 
+// Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
+template <typename T>
+__device__ __forceinline__ acc_t<T> grad_scale(const CeParams<T>& P, int64_t row) {
+  acc_t<T> sg = P.W != nullptr ? acc_t<T>(1) / *P.W : P.s_host;
+  if (P.a.grad_output != nullptr) {
+    sg *= to_acc(P.a.grad_output_scalar ? P.a.grad_output[0] : P.a.grad_output[row]);
+  }
+  return sg;
+}
+
+// Leading scalar elements of a row from p up to a 16-byte boundary (at most len).
+template <typename T, bool kVec>
+__device__ __forceinline__ int vec_head(const T* p, int64_t len) {
+  if (!kVec) return 0;
+  const int head = int(((16 - (reinterpret_cast<uintptr_t>(p) & 15)) & 15) / sizeof(T));
+  return head > len ? int(len) : head;
+}
+
 // One row: `base` = offset of element (n, 0, d), `stride` = D.
 template <typename T, bool kProb, bool kVec, int kGroup>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_t base,
@@ -386,17 +490,10 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
   const int64_t C = a.C;
   const T* xr = a.input + base;
   const bool leader = gt == 0;
-  int head = 0;
-  if (kVec) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(xr);
-    head = int(((16 - (addr & 15)) & 15) / sizeof(T));
-    if (head > C) head = int(C);
-  }
-  // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
-  A sg = P.W != nullptr ? A(1) / *P.W : P.s_host;
-  if (a.grad_output != nullptr) {
-    sg *= to_acc(a.grad_output_scalar ? a.grad_output[0] : a.grad_output[row]);
-  }
+  const int head = vec_head<T, kVec>(xr, C);
+  const A sg = grad_scale(P, row);
+  // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
+  constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
   // The row's max and log(sum of exp(x - max)).
@@ -407,12 +504,23 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     const bool ignored = y == a.ignore_index;
     if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
     const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+    // The thread that walks class y fixes its gradient up; it reads x_y before its own pass 2
+    // writes it (in place, no other thread writes element y).
+    const bool owns_y = !ignored && a.grad_input != nullptr &&
+                        gt == walk_owner<T, kVec>(y, C, head, G);
+    const A xy_own = owns_y ? to_acc(xr[y * stride]) : A(0);
     if (P.stats) {
       A xy = 0;
       if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
-      Pass1Index<T> f{a.input + base, a.weight, stride, P.fwd && P.eps != A(0), st};
-      walk<T, kVec>(f, C, head, gt, G);
-      st = group_allreduce<kGroup>(f.st, smem);
+      if (P.fwd && P.eps != A(0)) {
+        Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      } else {
+        Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      }
       m = st.m;
       log_s = flog(st.s);
       if (P.fwd && leader) {
@@ -432,17 +540,35 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       log_s = 0;
     }
     if (a.grad_input != nullptr) {
-      const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-      Pass2Index<T> f{a.input + base, a.grad_input + base, a.weight, stride, y, m, log_s,
-                      one_m_eps * wy, wsum, P.eps_c, sg, ignored};
-      walk<T, kVec>(f, C, head, gt, G);
+      if (ignored && ignored_row_reads<T>(m, log_s)) {
+        Pass2Index<T, false> f{a.input + base, a.grad_input + base, nullptr, stride, m, log_s,
+                               log_s * A(kLog2e), A(0), A(0), A(0), A(1)};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+      } else if (ignored) {
+        Pass2Zero<T> f{a.grad_input + base, stride};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+      } else {
+        const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+        const A ls2 = log_s * A(kLog2e);
+        if (P.eps_c != A(0)) {
+          Pass2Index<T, true> f{a.input + base, a.grad_input + base, a.weight, stride, m, log_s,
+                                ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+          if (owns_y) f.fix_target(y, xy_own);
+        } else {
+          Pass2Index<T, false> f{a.input + base, a.grad_input + base, a.weight, stride, m,
+                                 log_s, ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+          if (owns_y) f.fix_target(y, xy_own);
+        }
+      }
     }
   } else {
     const bool need_tw = P.stats || a.grad_input != nullptr;
     if (need_tw) {
       Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
                      P.eps_c, P.stats, st};
-      walk<T, kVec>(f, C, head, gt, G);
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
     }
     if (P.stats) {
@@ -462,8 +588,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       Pass2Prob<T> f{a.input + base, a.target_prob + base,
                      a.grad_input ? a.grad_input + base : nullptr,
                      a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m, log_s,
-                     st.u, one_m_eps, P.eps_c, sg};
-      walk<T, kVec>(f, C, head, gt, G);
+                     log_s * A(kLog2e), st.u, one_m_eps, P.eps_c, sg};
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     }
   }
 }
@@ -505,7 +631,8 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   }
 }
 
-// Weight of a row's target (0 when ignored): the class-index mean's denominator W.
+// Weight of a row's target (0 when ignored): the class-index mean's denominator W. A target out
+// of bounds counts 0 here (no assert in the sum's unrolled loop): the row kernel asserts on it.
 template <typename A>
 struct TargetWeightLoad {
   const int64_t* target;
@@ -513,11 +640,139 @@ struct TargetWeightLoad {
   int64_t C, ignore_index;
   __device__ __forceinline__ A operator()(int64_t i) const {
     const int64_t y = target[i];
-    if (y == ignore_index) return A(0);
-    TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
+    if (y == ignore_index || y < 0 || y >= C) return A(0);
     return weight != nullptr ? weight[y] : A(1);
   }
 };
+
+// ---- split rows (class index, D == 1, float/half/bfloat16; launchers.h: ce_split_count) ----
+// Block b = row S + k walks classes [c0, c0 + len) of its row: k L up to (k + 1) L, L = C / S
+// rounded up to whole vectors.
+template <typename T>
+__device__ __forceinline__ void split_slice(int64_t C, int64_t S, int64_t k, int64_t& c0,
+                                            int64_t& len) {
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t L = ((C + S - 1) / S + V - 1) / V * V;
+  c0 = k * L < C ? k * L : C;
+  len = (c0 + L < C ? c0 + L : C) - c0;
+}
+
+// Kernel 1: each slice's statistics, and x_y (read before kernel 2 may write the gradient over
+// it in place).
+template <typename T, bool kVec, bool kSmooth>
+__global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P, int64_t S) {
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13
+  __shared__ Stats<A> smem[32];
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
+  int64_t c0, len;
+  split_slice<T>(a.C, S, k, c0, len);
+  const T* xs = a.input + row * a.C + c0;
+  Pass1Index<T, kSmooth> f{xs, a.weight != nullptr ? a.weight + c0 : nullptr, 1,
+                           Stats<A>{A(-INFINITY), A(0), A(0), A(0)}};
+  walk<T, kVec, kWalkUnrollIndex>(f, len, vec_head<T, kVec>(xs, len), threadIdx.x, blockDim.x);
+  const Stats<A> st = block_allreduce(f.st, smem);
+  if (threadIdx.x == 0) {
+    A* part = P.split + (row * S + k) * 4;
+    part[0] = st.m;
+    part[1] = st.s;
+    part[2] = st.u;
+    part[3] = st.d;
+    const int64_t y = a.target_index[row];
+    if (k == 0 && P.fwd && y != a.ignore_index && y >= 0 && y < a.C) {
+      P.split[a.N * a.D * S * 4 + row] = to_acc(a.input[row * a.C + y]);
+    }
+  }
+}
+
+// Kernel 2: the row's S partials merged in a fixed order (the same bits in every block), the
+// loss (block k = 0) and the slice's gradient.
+template <typename T, bool kVec, bool kSmooth>
+__global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P, int64_t S) {
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t C = a.C;
+  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
+  const int64_t y = a.target_index[row];
+  const bool ignored = y == a.ignore_index;
+  if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
+  const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+  const A one_m_eps = A(1) - P.eps;
+  const A* part = P.split + row * S * 4;
+  Stats<A> st{part[0], part[1], part[2], part[3]};
+  for (int64_t j = 1; j < S; ++j) {
+    st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+  }
+  const A m = st.m, log_s = flog(st.s);
+  if (P.fwd && k == 0 && threadIdx.x == 0) {
+    a.lse[row] = m + log_s;
+    A l = 0;
+    if (!ignored) {
+      const A xy = P.split[a.N * a.D * S * 4 + row];
+      l = one_m_eps * wy * ((m - xy) + log_s);
+      if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+    }
+    if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
+    else P.row_loss[row] = l;
+  }
+  if (a.grad_input == nullptr) return;
+  int64_t c0, len;
+  split_slice<T>(C, S, k, c0, len);
+  const T* xs = a.input + row * C + c0;
+  T* gs = a.grad_input + row * C + c0;
+  const int head = vec_head<T, kVec>(xs, len);
+  const int gt = threadIdx.x, G = blockDim.x;
+  if (ignored && ignored_row_reads<T>(m, log_s)) {  // as in ce_row
+    Pass2Index<T, false> f{xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0), A(0),
+                           A(1)};
+    walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+    return;
+  }
+  if (ignored) {
+    Pass2Zero<T> f{gs, 1};
+    walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+    return;
+  }
+  // As in ce_row: the thread that walks class y reads x_y before writing it, then fixes it up.
+  const bool owns_y = y >= c0 && y < c0 + len && gt == walk_owner<T, kVec>(y - c0, len, head, G);
+  const A xy_own = owns_y ? to_acc(xs[y - c0]) : A(0);
+  const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+  Pass2Index<T, kSmooth> f{xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m, log_s,
+                           log_s * A(kLog2e), one_m_eps * wy, wsum, P.eps_c,
+                           grad_scale(P, row)};
+  walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
+  if (owns_y) f.fix_target(y - c0, xy_own);
+}
+
+template <typename T, bool kVec, bool kSmooth>
+void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t nvec = (P.a.C / S) / V;
+  int threads = 64;
+  while (threads < 512 && threads * 16 < nvec) threads *= 2;
+  const unsigned grid = unsigned(P.rows * S);
+  launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
+  launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
+}
+
+// Splits the rows when there are too few (class index, float/half/bfloat16, with statistics).
+template <typename T, bool kProb>
+bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
+  if constexpr (!kProb && sizeof(T) <= 4) {
+    const int64_t S = ce_split_count(P.rows, P.a.C);
+    if (!P.stats || S <= 1) return false;
+    const bool smooth = P.eps != acc_t<T>(0);
+    if (vec && smooth) launch_split<T, true, true>(P, S, stream);
+    else if (vec) launch_split<T, true, false>(P, S, stream);
+    else if (smooth) launch_split<T, false, true>(P, S, stream);
+    else launch_split<T, false, false>(P, S, stream);
+    return true;
+  } else {
+    return false;
+  }
+}
 
 template <typename T, bool kProb>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
@@ -533,6 +788,7 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     const bool vec = (xa % sizeof(T)) == 0 && same(a.target_prob) && same(a.grad_input) &&
                      same(a.grad_target);
     const int64_t nvec = a.C / V;
+    if (try_split<T, kProb>(P, vec, stream)) return;
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
@@ -569,6 +825,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   A* Wsum = a.scratch + 1;   // [1]: sum of class weights
   A* row_loss = a.scratch + 4;
   A* partials = a.scratch + 4 + rows;
+  A* split = partials + reduce_num_chunks(rows > a.C ? rows : a.C);
   if (!fwd && a.grad_input == nullptr && a.grad_target == nullptr) return;
 
   CeParams<T> P;
@@ -579,6 +836,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.W = nullptr;
   P.Wsum = nullptr;
   P.row_loss = row_loss;
+  P.split = split;
   P.fwd = fwd;
   P.stats = fwd || sizeof(A) == 4;
   P.rows = rows;

@@ -107,13 +107,34 @@ struct CrossEntropyArgs {
   int reduction = 1;
 };
 
+// Split rows: too few rows of many classes to fill a GPU (16 x 256000) are cut into S slices of
+// >= kCeSliceMin classes, one block each: a first kernel writes each slice's (max, sum of exp,
+// smoothing sums), a second merges a row's S partials in a fixed order and writes the slice's
+// gradient. S depends on the shape only (not the GPU), so results are the same bits everywhere;
+// 256 blocks fill the largest current GPUs twice.
+constexpr int64_t kCeSliceMin = 8192;
+constexpr int64_t kCeSplitMax = 16;
+constexpr int64_t kCeSplitBlocks = 256;
+inline int64_t ce_split_count(int64_t rows, int64_t C) {
+  if (rows <= 0 || rows >= kCeSplitBlocks || C < 2 * kCeSliceMin) return 1;
+  int64_t s = (kCeSplitBlocks + rows - 1) / rows;
+  if (s > kCeSplitMax) s = kCeSplitMax;
+  if (s > C / kCeSliceMin) s = C / kCeSliceMin;
+  return s;
+}
+// Per split row: S partial statistics of 4 values, and x_y (read before an in-place gradient).
+inline int64_t ce_split_scratch(int64_t rows, int64_t C) {
+  const int64_t s = ce_split_count(rows, C);
+  return s > 1 ? rows * (4 * s + 1) : 0;
+}
+
 // Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows of C classes.
 inline int64_t ce_scratch_size(int64_t rows, int64_t C) {
   // [0, 4): device scalars (W, sum of class weights); then one loss per row; then the partials
   // of the two-stage sums, one after another: over rows (W, the loss) and over classes (the
-  // class-weight sum).
+  // class-weight sum); then the split rows' partials.
   const int64_t partials = reduce_num_chunks(rows > C ? rows : C);
-  return 4 + rows + partials;
+  return 4 + rows + partials + ce_split_scratch(rows, C);
 }
 
 template <typename T>

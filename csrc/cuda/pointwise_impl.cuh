@@ -190,11 +190,18 @@ void launch_pointwise(const PointwiseArgs<T>& a, cudaStream_t stream) {
                      aligned16(a.aux) && (a.grad_output_scalar || aligned16(a.grad_output)) &&
                      (a.reduction != 0 || aligned16(a.loss)) && aligned16(a.grad_input) &&
                      aligned16(a.grad_target);
-    const unsigned grid = grid_for(P.num_chunks, int64_t(num_sms()) * (2048 / kPwThreads));
+    // One full wave: SMs x the blocks each SM holds (a partial last wave idles SMs).
+    const int64_t sms = num_sms();
     if (vec) {
-      launch_kernel<pointwise_kernel<Loss, T, true>>(grid, kPwThreads, 0, stream, P);
+      constexpr auto kKernel = pointwise_kernel<Loss, T, true>;
+      const unsigned grid =
+          grid_for(P.num_chunks, sms * resident_blocks_per_sm<kKernel>(kPwThreads));
+      launch_kernel<kKernel>(grid, kPwThreads, 0, stream, P);
     } else {
-      launch_kernel<pointwise_kernel<Loss, T, false>>(grid, kPwThreads, 0, stream, P);
+      constexpr auto kKernel = pointwise_kernel<Loss, T, false>;
+      const unsigned grid =
+          grid_for(P.num_chunks, sms * resident_blocks_per_sm<kKernel>(kPwThreads));
+      launch_kernel<kKernel>(grid, kPwThreads, 0, stream, P);
     }
   }
   if (reduce) {

@@ -85,10 +85,12 @@ Scheduler& S() {
 struct Device {
   int sms;
   int l2_bytes;
+  int blocks_per_sm;  // cudaOccupancyMaxActiveBlocksPerMultiprocessor's answer (capped by 2048)
 };
 // 0: H100-like, 1: A100-like, then small devices whose grid caps and L2-based caps bite.
-const Device g_devices[8] = {{132, 50 << 20}, {108, 40 << 20}, {1, 1 << 20},  {7, 256 << 10},
-                             {16, 4 << 20},   {80, 6 << 20},   {2, 128 << 10}, {3, 64 << 10}};
+const Device g_devices[8] = {{132, 50 << 20, 3}, {108, 40 << 20, 2}, {1, 1 << 20, 1},
+                             {7, 256 << 10, 4},  {16, 4 << 20, 8},   {80, 6 << 20, 1},
+                             {2, 128 << 10, 2},  {3, 64 << 10, 5}};
 int g_device = 0;
 
 std::string where(const Fiber& f) {
@@ -562,6 +564,14 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrL2CacheSize: *value = g_devices[device].l2_bytes; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t tl_emu_occupancy(int* num_blocks, int block_size) {
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  const int by_threads = 2048 / block_size;
+  const int b = g_devices[g_device].blocks_per_sm;
+  *num_blocks = b < by_threads ? b : by_threads;
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetLastError() {

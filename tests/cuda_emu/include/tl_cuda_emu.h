@@ -62,6 +62,14 @@ cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaGetLastError();
+// Resident blocks per SM of a kernel: the emulated device's answer (it has no registers to
+// count), at most 2048 threads per SM; varies between devices so that grids built on it do too.
+cudaError_t tl_emu_occupancy(int* num_blocks, int block_size);
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, Kernel,
+                                                          int block_size, size_t /*smem*/) {
+  return tl_emu_occupancy(num_blocks, block_size);
+}
 
 // A failed device assert: reported as the launch's error; the thread stops (the block is
 // abandoned, as a CUDA kernel stops at a trap). Named by the macro below because glibc's
