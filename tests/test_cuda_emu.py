@@ -377,7 +377,6 @@ def run_pw_case(s, kind, dtype, n, reduction, weighted, layouts=None, seed=0):
     w = (torch.rand(n, generator=g) + 0.5).to(dtype) if weighted else None
     aux = ((torch.rand(n, generator=g) + 0.5).to(dtype)
            if weighted and kind == "bce_with_logits" else None)
-    # BCE-with-logits' scalar says whether pos_weight is given (csrc/ops.h: pw.has_value()).
     param = PW_PARAMS.get(kind, 0.0)  # BCE-with-logits: the driver passes "pos_weight given"
     name = f"{kind} {dtype} n={n} {reduction} w={weighted} {layouts}"
     go1 = torch.ones(()) if reduction != "none" else torch.ones(n)
