@@ -21,8 +21,11 @@ def _reduce(loss, reduction):
 
 
 def hinge_reference(input, target, margin=1.0, reduction="mean"):
-    """The brief's reference: (margin - y x).clamp_min(0), y in {-1, +1}."""
-    return _reduce((margin - target * input).clamp_min(0), reduction)
+    """The brief's reference (margin - y x).clamp_min(0), y in {-1, +1}, with the documented
+    gradient -y at the kink: torch's clamp_min passed it up to 2.13 and passes 0 from 2.14, so
+    the kink takes the identity branch explicitly (NaN and -inf as clamp_min in both)."""
+    v = margin - target * input
+    return _reduce(torch.where(v >= 0, v, v.clamp_min(0)), reduction)
 
 
 class TorchHingeLoss(torch.nn.Module):

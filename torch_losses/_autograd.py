@@ -352,7 +352,9 @@ class HingeFunction(LossFunction):
     @staticmethod
     def backward(ctx, grad_output, *_unused):
         def reference(x, y, margin, reduction):
-            return _reduce((margin - y * x).clamp_min(0), reduction)
+            # clamp_min(0) with the kink's gradient -y on every torch (2.14's clamp_min passes 0)
+            v = margin - y * x
+            return _reduce(torch.where(v >= 0, v, v.clamp_min(0)), reduction)
 
         grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd, ops.hinge_bwd_into_,
                                     reference)
