@@ -173,6 +173,15 @@ KNOWN_FUNCTIONAL_DIFFERENCES = {
 }
 
 
+# Where ours differs from torch by design (README, accuracy), kept out of the draws.
+DOCUMENTED_DIFFERENCES = {
+    # kl_div(log_target=False) with a negative (invalid) target and grad_output exactly 0:
+    # torch's target gradient is xlogy(0, y) = 0, ours 0 * log(y) = nan (the kernels apply
+    # grad_output after the formula).
+    "kl_div_zero_grad_output_negative_target": True,
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Building tensors from drawn specs
 
@@ -272,6 +281,8 @@ def pointwise_specs(draw):
                 and dtype != torch.float64))
     spec["grad_output"] = draw(st.sampled_from(["one", "one", "random", "big", "small",
                                                 "zero", "expanded", "per_element"]))
+    assume(not (DOCUMENTED_DIFFERENCES["kl_div_zero_grad_output_negative_target"] and
+                loss == "kl_div" and not opts["log_target"] and spec["grad_output"] == "zero"))
     return spec
 
 
@@ -561,36 +572,41 @@ def run_cross_entropy(spec, device):
         return
     ours, theirs = both
     ref = F.cross_entropy(xr, tr, w64, **kw)
+    # The mean's denominator: rows (probabilities) or sum w_y over rows not ignored.
+    denominator = 1.0
+    if spec["reduction"] == "mean":
+        if spec["probs"]:
+            C = x.shape[0] if x.dim() == 1 else x.shape[1]
+            denominator = float(x.numel() // max(C, 1))
+        else:
+            kept = tr[tr != spec["ignore_index"]].cpu()
+            denominator = float(kept.numel() if w64 is None else w64.cpu()[kept].sum().item())
     scale = None
-    if spec["reduction"] != "none":
+    if spec["reduction"] != "none" and denominator > 0:
         with torch.no_grad():
             el = F.cross_entropy(xr, tr, w64, **{**kw, "reduction": "none"}).abs()
         el = el[torch.isfinite(el)]
-        if el.numel():
-            # sum |terms| (see _abs_scale), over the mean's denominator for a mean
-            scale = max(1.0, math.sqrt(el.numel()) / 4) * el.sum().item()
-            if spec["reduction"] == "mean":
-                if spec["probs"]:
-                    denominator = float(tr.numel() // max(tr.shape[0 if tr.dim() == 1 else 1],
-                                                          1))
-                else:
-                    kept = tr[tr != spec["ignore_index"]].cpu()
-                    denominator = float(kept.numel() if w64 is None else
-                                        w64.cpu()[kept].sum().item())
-                scale = scale / denominator if denominator > 0 else None
+        if el.numel():  # sum |terms| (see _abs_scale), over the mean's denominator
+            scale = max(1.0, math.sqrt(el.numel()) / 4) * el.sum().item() / denominator
     assert_matches(ours, theirs, ref, "cross_entropy value", scale)
     wanted = [0] + ([1] if spec["want_target"] else [])
     g = _grad_output(spec["grad_output"], theirs, gen)
     go = torch.autograd.grad(ours, [(xo, to_)[i] for i in wanted], g)
     gt = torch.autograd.grad(theirs, [(xt, tt)[i] for i in wanted], g)
     gr = torch.autograd.grad(ref, [(xr, tr)[i] for i in wanted], g.double())
-    # The softmax divides by a sum over C classes: its error (ours and torch's) grows as
-    # ~sqrt(C) eps relative to the largest gradient.
+    # A gradient is a difference of terms up to |grad_output| max(w, 1) (/ the mean's
+    # denominator) in size, and the softmax divides by a sum over C classes: its error (ours
+    # and torch's) is ~sqrt(C) eps of that size.
     C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    g_max = g.double().abs().max().item() if g.numel() else 0.0
+    terms = g_max * max(1.0, 0.0 if w64 is None or not w64.numel() else w64.max().item())
+    if spec["reduction"] == "mean":
+        terms = terms / denominator if denominator > 0 else 0.0
     for i, a, b, c in zip(wanted, go, gt, gr):
         finite = c[torch.isfinite(c)]
-        scale = math.sqrt(C) / 2 * finite.abs().max().item() if finite.numel() else None
-        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}", scale)
+        largest = max(terms, finite.abs().max().item() if finite.numel() else 0.0)
+        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}",
+                       math.sqrt(C) / 2 * largest)
 
 
 @pytest.mark.parametrize("device", DEVICES)
