@@ -974,7 +974,8 @@ def test_low_precision_mean_gradient_rounds_once(device):
     assert_close(go, gt, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
 def test_first_backward_equals_retained_second(loss, dtype, device):
     """With grad_output != 1 the first backward (into the forward's buffer) and a retained
