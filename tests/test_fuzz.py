@@ -643,6 +643,10 @@ def run_cross_entropy(spec, device):
     # and torch's) is ~sqrt(C) eps of that size.
     g_max = g.double().abs().max().item() if g.numel() else 0.0
     terms = g_max * max(1.0, 0.0 if w64 is None or not w64.numel() else w64.max().item())
+    if spec["probs"] and tr.numel():  # the softmax term is sum_c t_c times softmax
+        row_sums = tr.detach().abs().nan_to_num(nan=0.0, posinf=0.0).sum(0 if tr.dim() == 1
+                                                                         else 1)
+        terms *= max(1.0, row_sums.max().item())
     if spec["reduction"] == "mean":
         terms = terms / denominator if denominator > 0 else 0.0
     for i, a, b, c in zip(wanted, go, gt, gr):
