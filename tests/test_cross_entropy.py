@@ -739,11 +739,17 @@ def test_mean_over_zero_total_weight_is_nan_with_smoothing(device):
 
 def test_infinite_probability_target_like_torch(device):
     """An infinite target at the max logit: inf * (-log_softmax) = inf, term by term as torch
-    (a sum split around the max gave inf * 0 = nan)."""
-    x = torch.tensor([[3.0, 1.0, -2.0, 0.5]], device=device)
-    t = torch.tensor([[float("inf"), 0.2, 0.0, 0.1]], device=device)
+    (a sum split around the max gave inf * 0 = nan); in the gradient, inf times a softmax
+    below float's normal range (1e-42) is inf (the fast exp flushed it to 0: nan)."""
+    x = torch.tensor([[3.0, 1.0, -2.0, 0.5, -94.0, 2.0, 0.0, 1.5, -1.0]], device=device)
+    t = torch.tensor([[float("inf"), 0.2, 0.0, 0.1, 0.0, 0.3, 0.1, 0.0, 0.2]], device=device)
     for dtype in (torch.float32, torch.float16):
-        lo = TLF.cross_entropy(x.to(dtype), t.to(dtype), reduction="none")
-        lt = F.cross_entropy(x.to(dtype), t.to(dtype), reduction="none")
+        xo, xt = leaf(x.to(dtype)), leaf(x.to(dtype))
+        lo = TLF.cross_entropy(xo, t.to(dtype), reduction="none")
+        lt = F.cross_entropy(xt, t.to(dtype), reduction="none")
         assert_close(lo, lt, equal_nan=True)
         assert lo.item() == float("inf")
+        go = torch.autograd.grad(lo, xo, torch.ones_like(lo))[0]
+        gt = torch.autograd.grad(lt, xt, torch.ones_like(lt))[0]
+        assert torch.equal(go.isnan(), gt.isnan()), (go, gt)
+        assert_close(go, gt, equal_nan=True)

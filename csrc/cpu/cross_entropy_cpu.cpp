@@ -144,11 +144,14 @@ acc_t row_target_nll(const acc_t* x, const acc_t* w, const acc_t* t, int64_t C,
 }
 
 // exp((x - max) - log_sum) for a vector: the softmax without forming max + log_sum.
+// The fast exp flushes results below float's normal range to 0; `exact` (a non-finite factor
+// multiplies the softmax) keeps them, so that inf * 1e-44 is inf as in torch, not inf * 0.
 template <typename acc_t>
 at::vec::Vectorized<acc_t> softmax(const at::vec::Vectorized<acc_t>& x,
-                                   const RowStats<acc_t>& st) {
+                                   const RowStats<acc_t>& st, bool exact) {
   using Vec = at::vec::Vectorized<acc_t>;
-  return Math<Vec>::fast_exp((x - Vec(st.max)) - Vec(st.log_sum));
+  const Vec arg = (x - Vec(st.max)) - Vec(st.log_sum);
+  return exact ? arg.exp() : Math<Vec>::fast_exp(arg);
 }
 
 template <typename acc_t>
@@ -162,9 +165,10 @@ void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C,
                       const RowStats<acc_t>& st, acc_t a, acc_t b) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec a_v(a), b_v(b);
+  const bool exact = !std::isfinite(a);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = a_v * softmax(Vec::loadu(x + i), st);
+    Vec gv = a_v * softmax(Vec::loadu(x + i), st, exact);
     if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
     else if (b != 0) gv = gv - b_v;
     gv.store(grad + i);
@@ -181,13 +185,14 @@ void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, a
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec weight_v(st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
       max_v(st.max), log_sum_v(st.log_sum);
+  const bool exact = !std::isfinite(st.weight);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
     const Vec wv = w ? Vec::loadu(w + i) : Vec(1);
     if (gx) {
       const Vec tv = Vec::loadu(t + i) * keep_v + spread_v;
-      (s_v * (weight_v * softmax(xv, st) - wv * tv)).store(gx + i);
+      (s_v * (weight_v * softmax(xv, st, exact) - wv * tv)).store(gx + i);
     }
     if (gt) (gt_v * wv * ((max_v - xv) + log_sum_v)).store(gt + i);
   }
