@@ -61,11 +61,13 @@ more_accurate_than_torch = {"elements": 0}
 @pytest.fixture(scope="module", autouse=True)
 def _report_more_accurate_than_torch(request):
     yield
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"test_fuzz: {more_accurate_than_torch['elements']} elements where torch was not "
-            "finite and ours matched the finite float64 result (accepted)")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(
+                f"\ntest_fuzz: {more_accurate_than_torch['elements']} elements where torch "
+                "was not finite and ours matched the finite float64 result (accepted)")
 
 
 # --------------------------------------------------------------------------------------------
