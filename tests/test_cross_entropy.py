@@ -698,3 +698,58 @@ def test_expanded_grad_output_of_none_is_read_as_a_scalar(device):
         want = bwd(scalar.expand(4, 6).contiguous(), x.reshape(4, 9, 6), t.reshape(4, 6), None,
                    lse, -100, 0.0, 0, True, False)
         assert torch.equal(got[0], want[0])
+
+
+# Cases the randomized suite (tests/test_fuzz.py) found, kept as fixed tests.
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ignored_row_with_nonfinite_logits_gets_nan_gradient(bad, device):
+    """torch's log_softmax backward gives an ignored row 0 * softmax: nan where the softmax is
+    nan, 0 elsewhere."""
+    x = torch.randn(3, 6, dtype=torch.float64, device=device)
+    x[0, 2] = bad
+    t = torch.tensor([-100, -100, 1], device=device)
+    for reduction in ("sum", "none"):
+        xo, xt = leaf(x), leaf(x)
+        lo = TLF.cross_entropy(xo, t, reduction=reduction)
+        lt = F.cross_entropy(xt, t, reduction=reduction)
+        g = torch.ones_like(lt)
+        go = torch.autograd.grad(lo, xo, g)[0]
+        gt = torch.autograd.grad(lt, xt, g)[0]
+        assert torch.equal(go.isnan(), gt.isnan())
+        assert go[0].isnan().all() and (go[1] == 0).all()
+        assert_close(go, gt, equal_nan=True)
+
+
+def test_mean_over_zero_total_weight_is_nan_with_smoothing(device):
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    t = torch.tensor([2, 2, 2, 2], device=device)
+    w = torch.ones(5, dtype=torch.float64, device=device)
+    w[2] = 0
+    for ls in (0.0, 0.1, 1.0):
+        xo, xt = leaf(x), leaf(x)
+        lo = TLF.cross_entropy(xo, t, w, label_smoothing=ls)
+        lt = F.cross_entropy(xt, t, w, label_smoothing=ls)
+        assert lo.isnan() and lt.isnan()
+        go = torch.autograd.grad(lo, xo)[0]
+        gt = torch.autograd.grad(lt, xt)[0]
+        assert torch.equal(go.isnan(), gt.isnan())
+
+
+def test_infinite_probability_target_like_torch(device):
+    """An infinite target at the max logit: inf * (-log_softmax) = inf, term by term as torch
+    (a sum split around the max gave inf * 0 = nan); in the gradient, inf times a softmax
+    below float's normal range (1e-42) is inf (the fast exp flushed it to 0: nan)."""
+    x = torch.tensor([[3.0, 1.0, -2.0, 0.5, -94.0, 2.0, 0.0, 1.5, -1.0]], device=device)
+    t = torch.tensor([[float("inf"), 0.2, 0.0, 0.1, 0.0, 0.3, 0.1, 0.0, 0.2]], device=device)
+    for dtype in (torch.float32, torch.float16):
+        xo, xt = leaf(x.to(dtype)), leaf(x.to(dtype))
+        lo = TLF.cross_entropy(xo, t.to(dtype), reduction="none")
+        lt = F.cross_entropy(xt, t.to(dtype), reduction="none")
+        assert_close(lo, lt, equal_nan=True)
+        assert lo.item() == float("inf")
+        go = torch.autograd.grad(lo, xo, torch.ones_like(lo))[0]
+        gt = torch.autograd.grad(lt, xt, torch.ones_like(lt))[0]
+        assert torch.equal(go.isnan(), gt.isnan()), (go, gt)
+        assert_close(go, gt, equal_nan=True)

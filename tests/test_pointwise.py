@@ -980,7 +980,8 @@ def test_low_precision_mean_gradient_rounds_once(device):
     assert_close(go, gt, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
 def test_first_backward_equals_retained_second(loss, dtype, device):
     """With grad_output != 1 the first backward (into the forward's buffer) and a retained
@@ -1065,3 +1066,41 @@ def test_hinge_nonfinite_gradients_follow_clamp_min(bad, device):
         g = torch.ones_like(lt)
         for a, b in zip(torch.autograd.grad(lo, [xo, yo], g), torch.autograd.grad(lt, [xt, yt], g)):
             assert_close(a, b, rtol=0, atol=0)
+
+
+# Cases the randomized suite (tests/test_fuzz.py) found, kept as fixed tests.
+
+
+def test_bce_gradient_clamp_is_torchs_float_epsilon(device):
+    """At x = 0 or 1 the denominator x (1 - x) is clamped at torch's 1e-12 as a float, in
+    float64 too: (0 - 0.5) / float32(1e-12), not / 1e-12."""
+    xo = leaf(torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64, device=device))
+    xt = leaf(xo)
+    y = torch.tensor([0.5, 0.25, 0.3], dtype=torch.float64, device=device)
+    go = torch.autograd.grad(TLF.binary_cross_entropy(xo, y, reduction="sum"), xo)[0]
+    gt = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)[0]
+    assert torch.equal(go, gt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bce_with_logits_pos_weight_one_is_not_none(dtype, device):
+    """A pos_weight tensor of 1 follows torch's pos_weight formula ((pw - 1) y + 1 = 0 * inf
+    = nan at an infinite target), no pos_weight the plain one; -1e30 logits and 1e30 targets
+    overflow (x y - z not fused) as torch's do."""
+    x = torch.tensor([2.0, -1e30, -1e30, 1.0], dtype=dtype, device=device)
+    y = torch.tensor([float("inf"), -1e30, 1e30, 0.5], dtype=dtype, device=device)
+    for pw in (None, torch.ones_like(x), torch.full_like(x, 0.5)):
+        lo = TLF.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=pw)
+        lt = F.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=pw)
+        assert_close(lo, lt, equal_nan=True)
+
+
+def test_kl_div_log_target_gradient_sums_like_torch(device):
+    """exp(y) (y - x) + exp(y): exp(1e4) = inf with y - x < 0 gives torch's inf - inf = nan."""
+    x = torch.tensor([float("inf"), 2e4, 0.5], dtype=torch.float64, device=device)
+    yo = leaf(torch.tensor([1e4, 1e4, -0.3], dtype=torch.float64, device=device))
+    yt = leaf(yo)
+    go = torch.autograd.grad(TLF.kl_div(x, yo, reduction="sum", log_target=True), yo)[0]
+    gt = torch.autograd.grad(F.kl_div(x, yt, reduction="sum", log_target=True), yt)[0]
+    assert_close(go, gt, equal_nan=True)
+    assert go[:2].isnan().all()

@@ -5,9 +5,9 @@ live in the module-level helpers below.
 The fast path (reduction mean or sum, whose grad_output is a scalar): the forward op writes the
 gradients for grad_output = 1 in the same pass that computes the loss. backward() hands that
 buffer back untouched when grad_output is exactly 1 (decided by the kernel, no host sync);
-otherwise it scales it in place (float32/float64) or recomputes into it with grad_output folded
-in before the one rounding (half/bfloat16, and cross-entropy always). It drops its own reference
-so that autograd can adopt the buffer as `.grad` without a copy.
+otherwise it recomputes into it with grad_output folded in before the one rounding (the
+*_bwd_into_ ops). It drops its own reference so that autograd can adopt the buffer as `.grad`
+without a copy. (cross_entropy's inplace_backward has no logits left: it scales.)
 
 reduction='none': the forward writes no gradient; backward is one fused *_bwd pass reading
 grad_output per element (an expanded grad_output is read as the scalar it is).
@@ -72,19 +72,14 @@ def _empty_if_none(grad, like):
     return like.new_empty((0,)) if grad is None else grad
 
 
-def _finish_forward_grads(forward_grads, grad_output, recompute_into, always_recompute=False):
+def _finish_forward_grads(forward_grads, grad_output, recompute_into):
     """The gradients for the scalar grad_output, from the forward's (None where not wanted),
-    in the same buffers. float32/float64 scale them in place; half/bfloat16 (and
-    always_recompute) recompute into them with grad_output folded in before the one rounding:
-    scaling a rounded half gradient rounds twice and can overflow before it is scaled. Both
-    ops do nothing when grad_output is exactly 1, read by the kernel (no host sync)."""
+    in the same buffers: nothing to do when grad_output is exactly 1 (read by the kernel, no
+    host sync); otherwise recomputed into them with grad_output folded in before the one
+    rounding. Scaling the rounded gradient would round twice (in float32 up to 1.6 ulps off,
+    where torch is within 1), and a half gradient can overflow before it is scaled."""
     grad = next(g for g in forward_grads if g is not None)
-    if always_recompute or grad.dtype in (torch.float16, torch.bfloat16):
-        recompute_into(*(_empty_if_none(g, grad) for g in forward_grads))
-    else:
-        for g in forward_grads:
-            if g is not None:
-                ops.scale_grad_(g, grad_output)
+    recompute_into(*(_empty_if_none(g, grad) for g in forward_grads))
     return forward_grads
 
 
@@ -401,10 +396,8 @@ def fold_class_dim(input, target):
 
 
 def _cross_entropy_backward(ctx, grad_output):
-    """CrossEntropyFunction.backward: the forward's gradients finished for grad_output (always
-    recomputed into the same buffers: that costs the bytes scaling would, and rounds once), or
-    one cross_entropy_bwd pass ('none', a retained graph), or the composite for double
-    backward."""
+    """CrossEntropyFunction.backward: the forward's gradients finished for grad_output, or one
+    cross_entropy_bwd pass ('none', a retained graph), or the composite for double backward."""
     want_input = ctx.needs_input_grad[0]
     want_target = ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
@@ -441,7 +434,7 @@ def _cross_entropy_backward(ctx, grad_output):
             ops.cross_entropy_bwd_into_(grad_input, grad_target, grad_output, x, t, weight, lse,
                                         ignore_index, label_smoothing, reduction_enum(reduction))
 
-        _finish_forward_grads(forward_grads, grad_output, recompute_into, always_recompute=True)
+        _finish_forward_grads(forward_grads, grad_output, recompute_into)
     return tuple(None if g is None else g.view(shape) for g in forward_grads)
 
 

@@ -32,7 +32,7 @@ struct RowStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t log_sum = 0;   // log(sum_c exp(x_c - max))
   acc_t weight = 0;    // sum_c v_c
-  acc_t shifted = 0;   // sum_c v_c (x_c - max)
+  acc_t shifted = 0;   // sum_c v_c (x_c - max): the label-smoothing loss' sum
   // -log_softmax of a class with logit x
   acc_t nll(acc_t x) const { return (max - x) + log_sum; }
   acc_t lse() const { return max + log_sum; }
@@ -120,12 +120,38 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
   return r;
 }
 
+// Probability targets: sum_c v_c (-log_softmax_c), v_c = w_c t'_c, term by term as torch (an
+// infinite target times the max's -log_softmax is inf, not inf * 0 from a split sum). A second
+// sweep over the row, which is in cache.
+template <typename acc_t>
+acc_t row_target_nll(const acc_t* x, const acc_t* w, const acc_t* t, int64_t C,
+                     const RowStats<acc_t>& st, acc_t keep, acc_t spread) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec max_v(st.max), log_sum_v(st.log_sum), keep_v(keep), spread_v(spread);
+  Vec sum_v(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    Vec v = Vec::loadu(t + i) * keep_v + spread_v;
+    if (w) v = Vec::loadu(w + i) * v;
+    sum_v = sum_v + v * ((max_v - Vec::loadu(x + i)) + log_sum_v);
+  }
+  acc_t lanes[Vec::size()];
+  sum_v.store(lanes);
+  acc_t sum = 0;
+  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  for (; i < C; ++i) sum += (w ? w[i] : acc_t(1)) * (t[i] * keep + spread) * st.nll(x[i]);
+  return sum;
+}
+
 // exp((x - max) - log_sum) for a vector: the softmax without forming max + log_sum.
+// The fast exp flushes results below float's normal range to 0; `exact` (a non-finite factor
+// multiplies the softmax) keeps them, so that inf * 1e-44 is inf as in torch, not inf * 0.
 template <typename acc_t>
 at::vec::Vectorized<acc_t> softmax(const at::vec::Vectorized<acc_t>& x,
-                                   const RowStats<acc_t>& st) {
+                                   const RowStats<acc_t>& st, bool exact) {
   using Vec = at::vec::Vectorized<acc_t>;
-  return Math<Vec>::fast_exp((x - Vec(st.max)) - Vec(st.log_sum));
+  const Vec arg = (x - Vec(st.max)) - Vec(st.log_sum);
+  return exact ? arg.exp() : Math<Vec>::fast_exp(arg);
 }
 
 template <typename acc_t>
@@ -139,9 +165,10 @@ void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C,
                       const RowStats<acc_t>& st, acc_t a, acc_t b) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec a_v(a), b_v(b);
+  const bool exact = !std::isfinite(a);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = a_v * softmax(Vec::loadu(x + i), st);
+    Vec gv = a_v * softmax(Vec::loadu(x + i), st, exact);
     if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
     else if (b != 0) gv = gv - b_v;
     gv.store(grad + i);
@@ -158,13 +185,14 @@ void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, a
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec weight_v(st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
       max_v(st.max), log_sum_v(st.log_sum);
+  const bool exact = !std::isfinite(st.weight);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
     const Vec wv = w ? Vec::loadu(w + i) : Vec(1);
     if (gx) {
       const Vec tv = Vec::loadu(t + i) * keep_v + spread_v;
-      (s_v * (weight_v * softmax(xv, st) - wv * tv)).store(gx + i);
+      (s_v * (weight_v * softmax(xv, st, exact) - wv * tv)).store(gx + i);
     }
     if (gt) (gt_v * wv * ((max_v - xv) + log_sum_v)).store(gt + i);
   }
@@ -255,10 +283,11 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   // or not: the loss and every gradient of a row that is not ignored.
   const double mean_factor =
       denominator == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / denominator;
-  acc_t scale = p.reduction == kMean ? static_cast<acc_t>(mean_factor) : acc_t(1);
+  double scale_d = p.reduction == kMean ? mean_factor : 1.0;  // times grad_output, rounded once
   if (p.grad_output.defined() && !per_row_g) {
-    scale *= static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
+    scale_d *= static_cast<double>(p.grad_output.const_data_ptr<scalar_t>()[0]);
   }
+  const acc_t scale = static_cast<acc_t>(scale_d);
 
   if (p.grad_input.defined() && !p.grad_input.is_same(p.input)) advise_huge_pages(p.grad_input);
   advise_huge_pages(p.grad_target);
@@ -282,7 +311,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         lse[r] = st.lse();
         acc_t l;
         if (probs) {
-          l = st.weight * st.log_sum - st.shifted;  // sum_c v_c (-log_softmax_c)
+          l = row_target_nll(xr, w, tr, C, st, keep, spread);
         } else if (ignored) {
           l = 0;
         } else {

@@ -70,13 +70,15 @@ void pointwise_kernel(const PointwiseProblem& p) {
   const bool per_element_g = p.grad_output.defined() && p.grad_output.dim() != 0;
   const scalar_t* g = per_element_g ? p.grad_output.const_data_ptr<scalar_t>() : nullptr;
 
-  acc_t scale = p.reduction == kMean && n > 0 ? acc_t(1) / acc_t(n) : acc_t(1);
+  // grad_output / n, formed in double and rounded once
+  double scale_d = p.reduction == kMean && n > 0 ? 1.0 / static_cast<double>(n) : 1.0;
   if (p.grad_output.defined() && !per_element_g) {
-    const acc_t g_scalar = static_cast<acc_t>(p.grad_output.const_data_ptr<scalar_t>()[0]);
+    const double g_scalar = static_cast<double>(p.grad_output.const_data_ptr<scalar_t>()[0]);
     // Backward into the forward's buffers: they already hold the gradient for grad_output = 1.
-    if (p.skip_if_grad_output_is_one && g_scalar == acc_t(1)) return;
-    scale *= g_scalar;
+    if (p.skip_if_grad_output_is_one && g_scalar == 1.0) return;
+    scale_d *= g_scalar;
   }
+  const acc_t scale = static_cast<acc_t>(scale_d);
 
   advise_huge_pages(p.grad_input);
   advise_huge_pages(p.grad_target);
