@@ -707,3 +707,42 @@ def test_cross_entropy_ignored_row_nonfinite(s, dtype, path):
             name = f"{path} {dtype} x[0, {pos}] = {special} {kw}"
             torch.testing.assert_close(r["grad_input"].double(), ref_gx, equal_nan=True,
                                        rtol=2e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_backward_into_the_forwards_buffer(emu, dtype):
+    """The *_bwd_into_ ops' flag (issue 13, defect 2): with a scalar grad_output of exactly 1
+    (read on the device) the kernels leave the forward's gradient buffer untouched (here:
+    still the NaN poison); any other grad_output recomputes it with grad_output folded in
+    before the one rounding, so a half gradient whose grad_output-1 value overflows is finite
+    (mse, x = 200, weight 200, grad_output 0.25: 20000, not 80000 = inf)."""
+    x = torch.tensor([200.0, 3.0, -1.0]).to(dtype)
+    y = torch.tensor([0.0, 1.0, 2.0]).to(dtype)
+    w = torch.tensor([200.0, 1.0, 1.0]).to(dtype)
+    logits = torch.randn(4, 70).to(dtype)
+    labels = torch.tensor([3, 0, 69, 5])
+    with emu.session() as s:
+        lse = s.cross_entropy(logits, labels)["lse"]
+        emu.lib.tl_emu_set_skip_if_grad_output_is_one(1)
+        try:
+            kept = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
+                               grad_output=torch.tensor(1.0))["grad_input"]
+            assert kept.isnan().all(), kept
+            ce_kept = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+                                      grad_output=torch.tensor(1.0))["grad_input"]
+            assert ce_kept.isnan().all()
+            into = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
+                               grad_output=torch.tensor(0.25))["grad_input"]
+            ce_into = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+                                      grad_output=torch.tensor(0.7))["grad_input"]
+        finally:
+            emu.lib.tl_emu_set_skip_if_grad_output_is_one(0)
+        plain = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
+                            grad_output=torch.tensor(0.25))["grad_input"]
+        ce_plain = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+                                   grad_output=torch.tensor(0.7))["grad_input"]
+    assert torch.equal(into, plain) and torch.equal(ce_into, ce_plain)
+    assert into[0] == torch.tensor(20000.0).to(dtype)  # finite: the g = 1 value, 80000, overflows half
+    ref = torch.func.grad(lambda z: 0.7 * F.cross_entropy(z, labels))(logits.double())
+    assert_flash_rule(ce_into, 0.7 * torch.func.grad(
+        lambda z: F.cross_entropy(z, labels))(logits.float()).to(dtype), ref, "ce into")

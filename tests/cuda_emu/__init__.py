@@ -51,6 +51,7 @@ class Emulator:
                                              i64, i64, i64, i64, dbl, i32]
         lib.tl_emu_pointwise.argtypes = [i32, i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, i64,
                                          dbl, i32]
+        lib.tl_emu_set_skip_if_grad_output_is_one.argtypes = [i32]
         lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
         self.lib = lib
 

@@ -42,6 +42,11 @@ int64_t tl_emu_pointwise_num_partials(int dtype, int64_t n) {
   }
 }
 
+// The backward-into-the-forward's-buffer flag of csrc/ops.h's *_bwd_into_ ops, for the calls
+// that follow (0 or 1).
+static bool g_skip_if_grad_output_is_one = false;
+void tl_emu_set_skip_if_grad_output_is_one(int on) { g_skip_if_grad_output_is_one = on != 0; }
+
 int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
                          const void* target_prob, const void* weight, const void* grad_output,
                          int grad_output_scalar, void* loss, void* lse, void* grad_input,
@@ -68,6 +73,7 @@ int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_ind
     a.ignore_index = ignore_index;
     a.label_smoothing = label_smoothing;
     a.reduction = reduction;
+    a.skip_if_grad_output_is_one = g_skip_if_grad_output_is_one;
     tc::launch_cross_entropy<T>(a, nullptr);
   });
 }
@@ -94,6 +100,7 @@ int tl_emu_pointwise(int kind, int dtype, const void* input, const void* target,
     a.n = n;
     a.param = param;
     a.reduction = reduction;
+    a.skip_if_grad_output_is_one = g_skip_if_grad_output_is_one;
     using K = tc::PointwiseKind;
     switch (K(kind)) {
       case K::BCEWithLogits: pointwise<K::BCEWithLogits>(a); break;
