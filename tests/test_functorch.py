@@ -115,7 +115,7 @@ def test_forward_writes_the_gradients_that_are_needed(device):
     # Eager: the forward writes the input gradient only; backward just hands it out.
     with _OpLog() as log:
         TLF.mse_loss(x, y).backward()
-    assert log.calls == [("mse_fwd", (True, False)), ("scale_grad_", ())], log.calls
+    assert log.calls == [("mse_fwd", (True, False)), ("mse_bwd_into_", ())], log.calls
     assert_close(x.grad, 2 * (x - y).detach() / x.numel())
     # Target requiring grad too.
     yt = y.clone().requires_grad_()
