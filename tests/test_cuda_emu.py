@@ -746,3 +746,43 @@ def test_backward_into_the_forwards_buffer(emu, dtype):
     ref = torch.func.grad(lambda z: 0.7 * F.cross_entropy(z, labels))(logits.double())
     assert_flash_rule(ce_into, 0.7 * torch.func.grad(
         lambda z: F.cross_entropy(z, labels))(logits.float()).to(dtype), ref, "ce into")
+
+
+def test_issue13_minimal_cases_on_the_cuda_kernels(s):
+    """Issue 13's pointwise defects 3, 4, 5 and 7 through the CUDA kernels (the formulas are
+    csrc/losses', shared with the CPU): values and forward-written gradients as torch's."""
+    f64 = torch.float64
+
+    def torch_grads(fn, x, y):
+        x, y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        loss = fn(x, y)
+        return (loss.detach(), *torch.autograd.grad(loss, (x, y)))
+
+    def ours(kind, x, y, aux=None, param=0.0):
+        r = s.pointwise(kind, x, y, aux=aux, param=param, reduction="sum",
+                        want_grad_input=True, want_grad_target=True)
+        return r["loss"], r["grad_input"], r["grad_target"]
+
+    def same(a, b, what):
+        for u, v, part in zip(a, b, ("loss", "grad_input", "grad_target")):
+            torch.testing.assert_close(u, v, equal_nan=True, msg=f"{what} {part}")
+
+    # 4: smooth_l1 with beta = 0 is l1: a NaN input has gradient 0.
+    x, y = torch.tensor([float("nan"), 1.0], dtype=f64), torch.zeros(2, dtype=f64)
+    same(ours("smooth_l1", x, y, param=0.0),
+         torch_grads(lambda a, b: F.smooth_l1_loss(a, b, beta=0.0, reduction="sum"), x, y),
+         "smooth_l1 beta=0")
+    # 5: BCE-with-logits at x = -inf with pos_weight: loss inf, target gradient inf.
+    x, y, pw = (torch.tensor([-float("inf"), 2.0], dtype=f64), torch.tensor([0.5, 0.3], dtype=f64),
+                torch.tensor([0.5, 0.5], dtype=f64))
+    same(ours("bce_with_logits", x, y, aux=pw),
+         torch_grads(lambda a, b: F.binary_cross_entropy_with_logits(
+             a, b, pos_weight=pw, reduction="sum"), x, y), "bce_with_logits -inf")
+    # 7: hinge at NaN and infinite inputs: torch autograd's values of clamp_min(1 - y x, 0).
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.25], dtype=f64)
+    y = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=f64)
+    same(ours("hinge", x, y, param=1.0),
+         torch_grads(lambda a, b: (1 - b * a).clamp_min(0).sum(), x, y), "hinge non-finite")
+    # 3: a NaN target of BCE is outside [0, 1]: the kernel's device assert, as torch raises.
+    with pytest.raises(EmulatorError, match="device-side assert"):
+        ours("bce", torch.tensor([0.5], dtype=f64), torch.tensor([float("nan")], dtype=f64))
