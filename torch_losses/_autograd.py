@@ -91,8 +91,11 @@ def _wants_grad(*tensors):
 
 
 def _written_grads(ctx, grads, wanted):
-    """setup_context: the gradients the forward wrote (None when it wrote none)."""
+    """setup_context: the gradients the forward wrote (None when it wrote none). Their outputs
+    are non-differentiable, and autograd must not fill input-sized zero gradients for them
+    before calling backward (a whole extra pass): backward reads only the loss's gradient."""
     ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
     if not any(wanted):
         return None
     return tuple(_none_if_empty(g, w) for g, w in zip(grads, wanted))
