@@ -199,3 +199,28 @@ def test_forward_gradient_becomes_grad_without_a_copy(device):
     with _ForwardGradPointers() as log:
         TLF.cross_entropy(x, torch.randint(0, 33, (64,), device=device)).backward()
     assert x.grad.data_ptr() == log.pointers[-1]
+
+
+class _AllOps(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_backward_fills_no_zero_gradients_for_the_buffer_outputs(device, loss):
+    """The forwards return their gradient buffers as non-differentiable outputs: autograd must
+    not materialize input-sized zero gradients for them before backward (an extra pass over
+    memory; setup_context turns materialization off)."""
+    x = torch.randn(8, 5, device=device, requires_grad=True)
+    y = torch.randn(8, 5, device=device) if loss == "mse" else torch.randint(0, 5, (8,))
+    out = TLF.mse_loss(x, y) if loss == "mse" else TLF.cross_entropy(x, y.to(device))
+    with _AllOps() as log:
+        out.backward()
+    assert not {"zeros", "zeros_like", "fill_", "zero_"} & set(log.names), log.names
