@@ -174,6 +174,8 @@ def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduc
 
 
 def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
+    if grad_output is None:  # an undefined grad_output (gradients are not materialized)
+        return None, None
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
     if torch.is_grad_enabled():
@@ -401,6 +403,8 @@ def fold_class_dim(input, target):
 def _cross_entropy_backward(ctx, grad_output):
     """CrossEntropyFunction.backward: the forward's gradients finished for grad_output, or one
     cross_entropy_bwd pass ('none', a retained graph), or the composite for double backward."""
+    if grad_output is None:  # an undefined grad_output (gradients are not materialized)
+        return None, None
     want_input = ctx.needs_input_grad[0]
     want_target = ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
