@@ -76,7 +76,7 @@ bench: install
 # Linear layer + cross-entropy (LLM head): ours vs torch's reference and chunked paths (and
 # Liger on a GPU), time and peak extra memory; BENCH_ARGS="--size 2048 1024 32000" etc.
 bench-linear-ce: install
-	$(PYTHON) benchmarks/linear_ce_bench.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/bench.py --loss linear_ce $(BENCH_ARGS)
 
 # The suite on the newest torch the registry serves (CPU-only build of ours: faster, and the
 # CUDA sources are compiled by cuda-compile anyway).

@@ -10,11 +10,13 @@ median of reps. The device's copy bandwidth is measured in the same run.
     python benchmarks/bench.py --quick               # smoke test: tiny sizes, few reps
     python benchmarks/bench.py --loss ce --dtype bfloat16 --sizes 8192x128256
     python benchmarks/bench.py --loss mse,huber --sizes 2^24 --no-compile
+    python benchmarks/bench.py --loss linear_ce --sizes 2048x1024x32000   # the LLM head row
 
 Writes <out>/results.json (everything + environment) and <out>/results.md (the table) after
 every case, and <out>/results.png (ratios; needs matplotlib) at the end. Default <out>:
 benchmarks/results/<machine-tag>/ (<machine-tag>-quick for --quick, so a smoke test never
-overwrites measured numbers). Cases with a target run first.
+overwrites measured numbers). Cases with a target run first; the linear + cross-entropy row
+(time and peak extra memory, tlbench/linear_ce.py) runs last.
 
 The code lives in benchmarks/tlbench/, one module per concern (cases, targets, timing, peers,
 machine, runner, report); this file is the command line on top.
@@ -28,13 +30,14 @@ import traceback
 
 import torch
 
-from tlbench.cases import ALL_LOSSES, build_cases
+from tlbench import linear_ce
+from tlbench.cases import ALL_LOSSES, LINEAR_CE, build_cases, linear_ce_request
 from tlbench.machine import environment, machine_tag
 from tlbench.peers import liger_ce
 from tlbench.report import write
 from tlbench.runner import run_case
-from tlbench.targets import targets_for
-from tlbench.timing import Timer, copy_bandwidth
+from tlbench.targets import compare_with_fp32, targets_for
+from tlbench.timing import Timer, copy_bandwidth, write_bandwidths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,9 +56,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", help="comma list filter: float32,bfloat16,float16,float64")
-    p.add_argument("--loss", help="comma list filter: " + ",".join(ALL_LOSSES))
+    p.add_argument("--loss", help="comma list filter: " + ",".join(ALL_LOSSES + [LINEAR_CE]))
     p.add_argument("--sizes", help="override sizes, comma list: NxC for ce (4096x32000), "
-                                   "element counts for pointwise (16777216 or 2^24)")
+                                   "element counts for pointwise (16777216 or 2^24), NxHxV for "
+                                   "linear_ce (2048x1024x32000)")
     p.add_argument("--reps", type=int, help="timed reps (default: CUDA 20, CPU 5, quick 3)")
     p.add_argument("--warmup", type=int, help="warmup reps (default: CUDA 5, CPU 2, quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few reps")
@@ -75,7 +79,8 @@ def main(argv=None):
     if args.reps < 1 or args.warmup < 0:
         sys.exit("--reps must be >= 1 and --warmup >= 0")
     cases = build_cases(args, device)
-    if not cases:
+    want_linear_ce, linear_ce_size, linear_ce_dtype = linear_ce_request(args)
+    if not cases and not want_linear_ce:
         sys.exit("no case left after the --loss/--dtype/--sizes filters")
     tag = machine_tag(device)
     out = args.out or os.path.join(HERE, "results", tag + ("-quick" if args.quick else ""))
@@ -88,6 +93,8 @@ def main(argv=None):
     env["copy_gbs"], env["copy_ms"] = copy_bandwidth(timer, device, copy_mb << 20,
                                                      max(args.reps, 5), max(args.warmup, 1))
     env["copy_bytes"] = 2 * (copy_mb << 20)
+    env["fresh_write_gbs"], env["kept_write_gbs"] = write_bandwidths(
+        timer, device, copy_mb << 20, max(args.reps, 5), max(args.warmup, 1))
     print(f"[bench] {device}: {env['device_name']}, copy bandwidth {env['copy_gbs']:.1f} GB/s",
           file=sys.stderr)
     liger_fn = liger_ce() if device == "cuda" else None
@@ -107,13 +114,23 @@ def main(argv=None):
             traceback.print_exc()
             print(f"[bench] case {loss} {shape} {dtype} failed: {e}", file=sys.stderr)
             continue
+        compare_with_fp32(rows)
         write(out, env, rows, device, final=False)
+    linear_row = None
+    if want_linear_ce:
+        print(f"[bench] linear + cross-entropy ...", file=sys.stderr, flush=True)
+        try:
+            linear_row = linear_ce.run(device, args.quick, args.reps, args.warmup,
+                                       linear_ce_dtype, linear_ce_size)
+        except Exception as e:  # noqa: BLE001 - reported, the other rows are kept
+            traceback.print_exc()
+            print(f"[bench] linear + cross-entropy failed: {e}", file=sys.stderr)
     # copy bandwidth again at the end: the run's spread is part of the record
     env["copy_gbs_end"], _ = copy_bandwidth(timer, device, copy_mb << 20,
                                             max(args.reps, 5), max(args.warmup, 1))
     env["total_s"] = time.perf_counter() - t_start
 
-    md, note = write(out, env, rows, device, final=True)
+    md, note = write(out, env, rows, device, final=True, linear_row=linear_row)
     print(f"[bench] wrote {out}/results.json, results.md"
           + (f"; {note}" if note else ", results.png"), file=sys.stderr)
     print(md)

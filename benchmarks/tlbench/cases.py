@@ -19,6 +19,8 @@ SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.float64: "fp64"}
 POINTWISE = ["bce_logits", "huber", "mse", "l1", "smooth_l1", "bce", "kl_div", "hinge"]
 ALL_LOSSES = ["ce"] + POINTWISE
+# Not a case of this table: linear + cross-entropy has its own row (tlbench/linear_ce.py).
+LINEAR_CE = "linear_ce"
 TITLES = {"ce": "CE", "bce_logits": "BCE-with-logits", "huber": "Huber", "mse": "MSE",
           "l1": "L1", "smooth_l1": "smooth-L1", "bce": "BCE", "kl_div": "KL", "hinge": "hinge"}
 
@@ -115,8 +117,8 @@ def build_cases(args, device):
     cases = default_suite(device, args.quick)
     losses = ALL_LOSSES if args.loss in (None, "all") else [s.strip() for s in args.loss.split(",")]
     for loss in losses:
-        if loss not in ALL_LOSSES:
-            sys.exit(f"unknown loss {loss!r}; choose from {','.join(ALL_LOSSES)}")
+        if loss not in ALL_LOSSES + [LINEAR_CE]:
+            sys.exit(f"unknown loss {loss!r}; choose from {','.join(ALL_LOSSES + [LINEAR_CE])}")
     dtypes = None
     if args.dtype:
         dtypes = []
@@ -128,8 +130,9 @@ def build_cases(args, device):
         sizes = [parse_size(t) for t in args.sizes.split(",") if t.strip()]
         ce_sizes = [s for s in sizes if len(s) == 2]
         pw_sizes = [s for s in sizes if len(s) == 1]
-        if any(len(s) not in (1, 2) for s in sizes):
-            sys.exit("--sizes: use NxC for ce and a single element count for pointwise losses")
+        if any(len(s) not in (1, 2, 3) for s in sizes):
+            sys.exit("--sizes: use NxC for ce, NxHxV for linear_ce and a single element count "
+                     "for pointwise losses")
         new = []
         for loss in ALL_LOSSES:
             override = ce_sizes if loss == "ce" else pw_sizes
@@ -152,3 +155,16 @@ def build_cases(args, device):
             mine = kept
         out += mine
     return out
+
+
+def linear_ce_request(args):
+    """(wanted, size or None, dtype name or None) of the linear + cross-entropy row: wanted
+    by default and with --loss naming linear_ce; --sizes NxHxV and a --dtype naming one dtype
+    apply to it."""
+    wanted = args.loss in (None, "all") or LINEAR_CE in [s.strip() for s in args.loss.split(",")]
+    size = None
+    if args.sizes:
+        sizes = [parse_size(t) for t in args.sizes.split(",") if t.strip()]
+        size = next((s for s in sizes if len(s) == 3), None)
+    names = [n.strip() for n in args.dtype.split(",")] if args.dtype else []
+    return wanted, size, names[0] if len(names) == 1 else None

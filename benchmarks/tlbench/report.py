@@ -3,6 +3,7 @@ after every case so that an interrupted run keeps what it measured."""
 import json
 import os
 
+from . import linear_ce
 from .targets import explain
 
 def fmt(v, spec=".3f", none="-"):
@@ -48,6 +49,10 @@ def table(rows, device, env):
         f"Copy bandwidth (read + write): {env['copy_gbs']:.1f} GB/s. Forward + backward, mean "
         "reduction, median ms. GB/s = minimal bytes (CE: 2*N*C*elem; pointwise: 3*n*elem) / "
         "time." + ("" if device == "cuda" else " Extra memory: not measured on CPU."),
+        f"Writing a tensor allocated in the step (as every fresh gradient is): "
+        f"{env['fresh_write_gbs']:.1f} GB/s; into one allocated before: "
+        f"{env['kept_write_gbs']:.1f} GB/s (the difference is first-touch page faults)."
+        if "fresh_write_gbs" in env else "",
         ("torch.compile skipped for some cases: --quick compile-time budget spent.\n"
          if any(r["errors"].get("compile", "").startswith("skipped") for r in rows) else "") +
         f"Targets: {n_pass} PASS, {n_fail} FAIL, {n_na} n/a. '*' = measured at a size other "
@@ -83,15 +88,18 @@ def plot(rows, path):
     return None
 
 
-def write(out, env, rows, device, final):
+def write(out, env, rows, device, final, linear_row=None):
     """results.json and results.md now (after each case); results.png at the end."""
-    md = table(rows, device, env)
+    md = table(rows, device, env) if rows else ""
+    if linear_row is not None:
+        md += "\n\n" + "\n".join(linear_ce.table(linear_row))
     if not final:
         md += f"\n\n(partial: {len(rows)} cases so far; the run is still going or was stopped)"
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"environment": env, "cases": rows, "complete": final}, fh, indent=1,
+        json.dump({"environment": env, "cases": rows, "linear_ce": linear_row,
+                   "complete": final}, fh, indent=1,
                   default=str)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(md + "\n")
-    note = plot(rows, os.path.join(out, "results.png")) if final else None
+    note = plot(rows, os.path.join(out, "results.png")) if final and rows else None
     return md, note

@@ -61,6 +61,18 @@ def copy_bandwidth(timer, device, nbytes, reps, warmup):
     return gbs, ms
 
 
+def write_bandwidths(timer, device, nbytes, reps, warmup):
+    """GB/s of filling a fresh tensor (allocated in the step: first-touch page faults on the
+    CPU, as every fresh gradient pays) and of filling one allocated before."""
+    numel = nbytes // 4
+    ms_fresh, _ = timer.run(lambda: torch.empty(numel, device=device).fill_(1.0), lambda: None,
+                            reps, warmup)
+    kept = torch.empty(numel, device=device)
+    ms_kept, _ = timer.run(lambda: kept.fill_(1.0), lambda: None, reps, warmup)
+    del kept
+    return nbytes / (ms_fresh * 1e-3) / 1e9, nbytes / (ms_kept * 1e-3) / 1e9
+
+
 def peak_extra_mb(step, setup):
     """CUDA only: peak memory allocated during one step beyond what existed before it."""
     setup()
