@@ -611,29 +611,9 @@ def run_cross_entropy(spec, device):
         return
     ours, theirs = both
     ref = F.cross_entropy(xr, tr, w64, **kw)
-    # The mean's denominator: rows (probabilities) or sum w_y over rows not ignored.
-    denominator = 1.0
-    if spec["reduction"] == "mean":
-        if spec["probs"]:
-            C = x.shape[0] if x.dim() == 1 else x.shape[1]
-            denominator = float(x.numel() // max(C, 1))
-        else:
-            kept = tr[tr != spec["ignore_index"]].cpu()
-            denominator = float(kept.numel() if w64 is None else w64.cpu()[kept].sum().item())
-    # A row's loss sums C nonnegative terms: ~sqrt(C) eps of its size (ours and torch's).
-    C = x.shape[0] if x.dim() == 1 else x.shape[1]
-    per_class = max(1.0, math.sqrt(C) / 4)
-    scale = None
-    if spec["reduction"] == "none":  # (the log of a sum >= 1: eps absolute at least)
-        scale = per_class * (1 + ref.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0))
-    elif denominator > 0:
-        with torch.no_grad():
-            el = F.cross_entropy(xr, tr, w64, **{**kw, "reduction": "none"}).abs()
-        el = el[torch.isfinite(el)]
-        if el.numel():  # sum |terms| (see _abs_scale), over the mean's denominator
-            scale = (per_class * max(1.0, math.sqrt(el.numel()) / 4) * el.sum().item()
-                     / denominator)
-    assert_matches(ours, theirs, ref, "cross_entropy value", scale)
+    denominator = ce_mean_denominator(spec, x, tr, w64)
+    assert_matches(ours, theirs, ref, "cross_entropy value",
+                   ce_value_scale(spec, x, xr, tr, w64, kw, ref, denominator))
     wanted = [0] + ([1] if spec["want_target"] else [])
     g = _grad_output(spec["grad_output"], theirs, gen)
     grads = run_both(lambda: torch.autograd.grad(ours, [(xo, to_)[i] for i in wanted], g),
@@ -642,9 +622,45 @@ def run_cross_entropy(spec, device):
         return
     go, gt = grads
     gr = torch.autograd.grad(ref, [(xr, tr)[i] for i in wanted], g.double())
-    # A gradient is a difference of terms up to |grad_output| max(w, 1) (/ the mean's
-    # denominator) in size, and the softmax divides by a sum over C classes: its error (ours
-    # and torch's) is ~sqrt(C) eps of that size.
+    for i, a, b, c in zip(wanted, go, gt, gr):
+        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}",
+                       ce_grad_scale(spec, x, tr, w64, g, c, denominator))
+
+
+def ce_mean_denominator(spec, x, tr, w64):
+    """The mean's denominator: rows (probabilities) or sum w_y over rows not ignored; 1 for
+    the other reductions."""
+    if spec["reduction"] != "mean":
+        return 1.0
+    if spec["probs"]:
+        C = x.shape[0] if x.dim() == 1 else x.shape[1]
+        return float(x.numel() // max(C, 1))
+    kept = tr[tr != spec["ignore_index"]].cpu()
+    return float(kept.numel() if w64 is None else w64.cpu()[kept].sum().item())
+
+
+def ce_value_scale(spec, x, xr, tr, w64, kw, ref, denominator):
+    """The size of the terms a cross-entropy value sums (see assert_matches): a row's loss sums
+    C nonnegative terms, ~sqrt(C) eps of its size (ours and torch's)."""
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    per_class = max(1.0, math.sqrt(C) / 4)
+    if spec["reduction"] == "none":  # (the log of a sum >= 1: eps absolute at least)
+        return per_class * (1 + ref.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0))
+    if denominator > 0:
+        with torch.no_grad():
+            el = F.cross_entropy(xr, tr, w64, **{**kw, "reduction": "none"}).abs()
+        el = el[torch.isfinite(el)]
+        if el.numel():  # sum |terms| (see _abs_scale), over the mean's denominator
+            return (per_class * max(1.0, math.sqrt(el.numel()) / 4) * el.sum().item()
+                    / denominator)
+    return None
+
+
+def ce_grad_scale(spec, x, tr, w64, g, ref_grad, denominator):
+    """A gradient is a difference of terms up to |grad_output| max(w, 1) (/ the mean's
+    denominator) in size, and the softmax divides by a sum over C classes: its error (ours
+    and torch's) is ~sqrt(C) eps of that size."""
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
     g_max = g.double().abs().max().item() if g.numel() else 0.0
     terms = g_max * max(1.0, 0.0 if w64 is None or not w64.numel() else w64.max().item())
     if spec["probs"] and tr.numel():  # the softmax term is sum_c t_c times softmax
@@ -653,11 +669,9 @@ def run_cross_entropy(spec, device):
         terms *= max(1.0, row_sums.max().item())
     if spec["reduction"] == "mean":
         terms = terms / denominator if denominator > 0 else 0.0
-    for i, a, b, c in zip(wanted, go, gt, gr):
-        finite = c[torch.isfinite(c)]
-        largest = max(terms, finite.abs().max().item() if finite.numel() else 0.0)
-        assert_matches(a, b, c, f"cross_entropy grad {'input' if i == 0 else 'target'}",
-                       math.sqrt(C) / 2 * largest)
+    finite = ref_grad[torch.isfinite(ref_grad)]
+    largest = max(terms, finite.abs().max().item() if finite.numel() else 0.0)
+    return math.sqrt(C) / 2 * largest
 
 
 @pytest.mark.parametrize("device", DEVICES)
