@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // Stage 2 (one block): total = sum of load(i), i < n, in a fixed order; writes
-// total / denom (denom read from *denom_ptr when given) to out (as T) and/or out_acc.
+// total / denom (denom read from *denom_ptr when given) to out (as T) and/or out_acc. A zero
+// denom gives NaN, as torch's mean over nothing (no elements, or a zero total class weight).
 constexpr int kFinalThreads = 1024;
 template <typename A, typename T, typename Load>
 __global__ void __launch_bounds__(kFinalThreads)
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   s = block_sum(s, smem);
   if (threadIdx.x == 0) {
     const A d = denom_ptr != nullptr ? *denom_ptr : denom;
-    const A r = s / d;
+    const A r = d == A(0) ? A(NAN) : s / d;
     if (out != nullptr) *out = from_acc<T>(r);
     if (out_acc != nullptr) *out_acc = r;
   }

@@ -6,8 +6,10 @@
 //    label-smoothing and probability-target terms need, relative to the running max); one
 //    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
 //    The row is entirely read before any gradient element is written (the group reduction is a
-//    barrier), so grad_input may alias input. A float backward op runs pass 1 again (see
-//    CeParams::stats).
+//    barrier), so grad_input may alias input. A backward op runs pass 1 again: the row
+//    statistics are recomputed, never read back from the saved lse (m + log s rounded to one
+//    number costs the softmax up to ulp(lse)/2 of relative accuracy: 5e-4 for float logits near
+//    1e4, 1e-12 for double).
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
@@ -194,10 +196,6 @@ struct CeParams {
   acc_t<T>* row_loss;   // per-row losses for mean/sum
   acc_t<T>* split;      // split rows: rows x S partial Stats (m, s, u, d), then x_y per row
   bool fwd;             // forward op: compute the loss and lse
-  // Row statistics (max, sum of exp) from the logits: in the forward, and in a float backward,
-  // where lse = m + log(s) rounded to float would cost the softmax up to ulp(lse)/2 of relative
-  // accuracy (5e-4 for logits near 1e4). A double backward uses the forward's lse.
-  bool stats;
   int64_t rows;
 };
 
@@ -233,22 +231,21 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
 };
 
 template <typename T>
-struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum, sum w t' (m - x)
+struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t' (m - x)
   using A = acc_t<T>;
   const T* x;
   const T* t;
   const A* weight;
   int64_t stride;
   A one_m_eps, eps_c;
-  bool stats;
   Stats<A> st;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
-      if (stats) xv.v[0] = x[c * stride];
+      xv.v[0] = x[c * stride];
       tv.v[0] = t[c * stride];
     } else {
-      if (stats) xv = ld_vec(x + c);
+      xv = ld_vec(x + c);
       tv = ld_vec(t + c);
     }
   }
@@ -259,21 +256,48 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
     for (int i = 0; i < N; ++i) {
       wt[i] = (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
     }
-    if (stats) {
-      A v[N];
+    A v[N];
 #pragma unroll
-      for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
-      st.template push<kApproxExp<T>>(v);
-      st.push_linear(v, wt);
+    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+    st.template push<kApproxExp<T>>(v);
+    st.push_linear(v, wt);
+  }
+};
+
+// Probability target: the row's loss sum_c w_c t'_c ((m - x_c) + log_s) term by term, as torch
+// sums it. The split form d + u log_s of pass 1 makes inf * 0 = NaN where a target is infinite
+// and its class holds the max (torch: inf); this pass runs only when that form is not finite.
+template <typename T>
+struct ProbLossTerms {
+  using A = acc_t<T>;
+  const T* x;
+  const T* t;
+  const A* weight;
+  int64_t stride;
+  A m, log_s, one_m_eps, eps_c;
+  A sum;
+  template <int N>
+  __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
+    if (N == 1) {
+      xv.v[0] = x[c * stride];
+      tv.v[0] = t[c * stride];
     } else {
+      xv = ld_vec(x + c);
+      tv = ld_vec(t + c);
+    }
+  }
+  template <int N>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) st.u += wt[i];
+    for (int i = 0; i < N; ++i) {
+      const A wt =
+          (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
+      sum += wt * ((m - to_acc(xv.v[i])) + log_s);
     }
   }
 };
 
-// softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart (a double backward has only
-// lse: m = lse, log_s = 0).
+// softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart.
 // Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
 // for C = 1. The walk writes every class as if c != y; the thread that walked class y then
 // rewrites it (index_grad, fix_target): no per-element compare with y.
@@ -463,10 +487,22 @@ __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>*
   return block_allreduce(v, smem);  // its __syncthreads order the same
 }
 
-// Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output.
+// Sum over the group (kGroup as in group_allreduce); the result is valid in its thread 0.
+template <int kGroup, typename A>
+__device__ __forceinline__ A group_sum(A v, A* smem /* >= 32 */) {
+  if (kGroup == 1) return v;
+  if (kGroup == 32) return warp_sum(v);
+  return block_sum(v, smem);
+}
+
+// Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output. A mean over
+// a zero total weight is torch's 0 / 0 = NaN (its nll part), label smoothing or not: every
+// gradient of a row that is not ignored.
 template <typename T>
 __device__ __forceinline__ acc_t<T> grad_scale(const CeParams<T>& P, int64_t row) {
-  acc_t<T> sg = P.W != nullptr ? acc_t<T>(1) / *P.W : P.s_host;
+  using A = acc_t<T>;
+  A sg = P.s_host;
+  if (P.W != nullptr) sg = *P.W == A(0) ? A(NAN) : A(1) / *P.W;
   if (P.a.grad_output != nullptr) {
     sg *= to_acc(P.a.grad_output_scalar ? P.a.grad_output[0] : P.a.grad_output[row]);
   }
@@ -509,35 +545,30 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     const bool owns_y = !ignored && a.grad_input != nullptr &&
                         gt == walk_owner<T, kVec>(y, C, head, G);
     const A xy_own = owns_y ? to_acc(xr[y * stride]) : A(0);
-    if (P.stats) {
-      A xy = 0;
-      if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
-      if (P.fwd && P.eps != A(0)) {
-        Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-        st = group_allreduce<kGroup>(f.st, smem);
-      } else {
-        Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-        st = group_allreduce<kGroup>(f.st, smem);
-      }
-      m = st.m;
-      log_s = flog(st.s);
-      if (P.fwd && leader) {
-        a.lse[row] = m + log_s;
-        A l = 0;
-        if (!ignored) {
-          // -log_softmax_y = (m - x_y) + log_s; the smoothing term sum_c w_c (lse - x_c) =
-          // d + (sum_c w_c) log_s.
-          l = one_m_eps * wy * ((m - xy) + log_s);
-          if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
-        }
-        if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
-        else P.row_loss[row] = l;
-      }
+    A xy = 0;
+    if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
+    if (P.fwd && P.eps != A(0)) {
+      Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
+      walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+      st = group_allreduce<kGroup>(f.st, smem);
     } else {
-      m = a.lse[row];
-      log_s = 0;
+      Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
+      walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+      st = group_allreduce<kGroup>(f.st, smem);
+    }
+    m = st.m;
+    log_s = flog(st.s);
+    if (P.fwd && leader) {
+      a.lse[row] = m + log_s;
+      A l = 0;
+      if (!ignored) {
+        // -log_softmax_y = (m - x_y) + log_s; the smoothing term sum_c w_c (lse - x_c) =
+        // d + (sum_c w_c) log_s.
+        l = one_m_eps * wy * ((m - xy) + log_s);
+        if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+      }
+      if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
+      else P.row_loss[row] = l;
     }
     if (a.grad_input != nullptr) {
       if (ignored && ignored_row_reads<T>(m, log_s)) {
@@ -564,25 +595,25 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       }
     }
   } else {
-    const bool need_tw = P.stats || a.grad_input != nullptr;
-    if (need_tw) {
-      Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
-                     P.eps_c, P.stats, st};
-      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-      st = group_allreduce<kGroup>(f.st, smem);
-    }
-    if (P.stats) {
-      m = st.m;
-      log_s = flog(st.s);
-      if (P.fwd && leader) {
+    Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps, P.eps_c,
+                   st};
+    walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
+    st = group_allreduce<kGroup>(f.st, smem);
+    m = st.m;
+    log_s = flog(st.s);
+    if (P.fwd) {
+      A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
+      if (!isfinite(l)) {  // the same in every thread of the group (st is)
+        ProbLossTerms<T> terms{a.input + base, a.target_prob + base, a.weight, stride, m, log_s,
+                               one_m_eps, P.eps_c, A(0)};
+        walk<T, kVec, kWalkUnrollProb>(terms, C, head, gt, G);
+        l = group_sum<kGroup>(terms.sum, reinterpret_cast<A*>(smem));
+      }
+      if (leader) {
         a.lse[row] = m + log_s;
-        const A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
         if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
         else P.row_loss[row] = l;
       }
-    } else {
-      m = a.lse[row];
-      log_s = 0;
     }
     if (a.grad_input != nullptr || a.grad_target != nullptr) {
       Pass2Prob<T> f{a.input + base, a.target_prob + base,
@@ -762,7 +793,7 @@ template <typename T, bool kProb>
 bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
   if constexpr (!kProb && sizeof(T) <= 4) {
     const int64_t S = ce_split_count(P.rows, P.a.C);
-    if (!P.stats || S <= 1) return false;
+    if (S <= 1) return false;
     const bool smooth = P.eps != acc_t<T>(0);
     if (vec && smooth) launch_split<T, true, true>(P, S, stream);
     else if (vec) launch_split<T, true, false>(P, S, stream);
@@ -838,7 +869,6 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.row_loss = row_loss;
   P.split = split;
   P.fwd = fwd;
-  P.stats = fwd || sizeof(A) == 4;
   P.rows = rows;
 
   if (!prob && mean) {
