@@ -187,12 +187,12 @@ def check_llm_extras(z_loss, softcap, return_lse):
     floats."""
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
         raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0):
+    if not 0 <= z_loss < math.inf:  # (comparisons, not math.isfinite: dynamo traces them)
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
+        if not 0 < softcap < math.inf:
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
         softcap = float(softcap)
     if not isinstance(return_lse, bool):
