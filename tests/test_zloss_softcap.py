@@ -215,6 +215,19 @@ def test_softcap_with_infinite_logits():
     assert_close(xl.grad, xr.grad)
 
 
+def test_probability_targets_with_differentiable_weight():
+    """A class weight that requires grad (probability targets) takes the weighted-target route:
+    the z-loss stays unweighted, and weight gets the composite's gradient."""
+    x, t, kw = _case("probs_3d_weight_smooth", "cpu")
+    extras = dict(z_loss=0.1, softcap=2.0, label_smoothing=0.1)
+    xo, wo, xr, wr = leaf(x), leaf(kw["weight"]), leaf(x), leaf(kw["weight"])
+    loss = TLF.cross_entropy(xo, t, wo, **extras)
+    ref = ce_extras_reference(xr, t, wr, **extras)
+    assert_close(loss, ref.detach())
+    for a, b in zip(torch.autograd.grad(loss, [xo, wo]), torch.autograd.grad(ref, [xr, wr])):
+        assert_close(a, b)
+
+
 def test_inplace_backward_with_extras():
     x, t, kw = _case("index_weight_ignore_smooth", "cpu")
     extras = dict(z_loss=0.05, softcap=2.0)
