@@ -84,25 +84,36 @@ __device__ __forceinline__ double softmax_hot(double x, double m, double log_s, 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
-// Soft-capping (kCap): the logit x as the softmax sees it, cap tanh(x / cap); t = tanh(x / cap)
-// gives the gradient's factor 1 - t^2 = (1 - t)(1 + t) (1 - t exact near |t| = 1). The product
-// is rounded on its own (no FMA with the x - max that follows), so that every pass sees the
-// same capped logit: the max's own term is then exactly exp(0) = 1.
-template <bool kCap, typename A>
-__device__ __forceinline__ A capped(A x, A cap, A inv_cap, A& t) {
+// Soft-capping (kCap): the logit x as the softmax sees it, cap tanh(x / cap), and in `dcap` its
+// derivative 1 - tanh^2 (an unused dcap is dropped by the compiler). The product is rounded on
+// its own (no FMA with the x - max that follows), so that every pass sees the same capped logit:
+// the max's own term is then exactly exp(0) = 1.
+// float/double rows: tanhf/tanh, dcap = (1 - t)(1 + t) (1 - t exact near |t| = 1).
+// bf16/fp16 rows (kApprox, as their exp): one ex2.approx and one approximate division,
+// E = e^(-2|u|), t = sign(u) (1 - E) / (1 + E), dcap = 4 E / (1 + E)^2: the capped logit's
+// absolute error is ~cap 2^-22 (what the softmax is sensitive to), far below the 2^-8 / 2^-11
+// rounding of the output, and dcap keeps its relative accuracy where it is small.
+template <bool kCap, bool kApprox, typename A>
+__device__ __forceinline__ A capped(A x, A cap, A inv_cap, A& dcap) {
   if (!kCap) return x;
-  t = ftanh(x * inv_cap);
-  return mul_rn(cap, t);
+  const A u = x * inv_cap;
+  if constexpr (kApprox) {
+    const float E = ex2_approx_ftz(fabsf(u) * (-2.0f * kLog2e));  // NaN stays NaN
+    const float r = __fdividef(1.0f, 1.0f + E);
+    dcap = 4.0f * E * r * r;
+    return mul_rn(cap, copysignf((1.0f - E) * r, u));
+  } else {
+    const A t = ftanh(u);
+    dcap = (A(1) - t) * (A(1) + t);
+    return mul_rn(cap, t);
+  }
 }
-template <bool kCap, typename A>
+template <bool kCap, bool kApprox, typename A>
 __device__ __forceinline__ A capped(A x, A cap, A inv_cap) {
-  A t;
-  return capped<kCap>(x, cap, inv_cap, t);
+  A dcap;
+  return capped<kCap, kApprox>(x, cap, inv_cap, dcap);
 }
-template <typename A>
-__device__ __forceinline__ A cap_grad_factor(A t) {
-  return (A(1) - t) * (A(1) + t);
-}
+
 
 // The row statistics, kept relative to the running max m so that no large logit enters a
 // difference of two large numbers: the loss is formed at the end as (m - x) + log(s).
@@ -251,7 +262,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
     A v[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = capped<kCap>(to_acc(xv.v[i]), cap, inv_cap);
+    for (int i = 0; i < N; ++i) {
+      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
+    }
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
@@ -293,7 +306,9 @@ struct Pass1Prob {  // probability target: sum w t'; with stats: online max/sum,
     if (stats) {
       A v[N];
 #pragma unroll
-      for (int i = 0; i < N; ++i) v[i] = capped<kCap>(to_acc(xv.v[i]), cap, inv_cap);
+      for (int i = 0; i < N; ++i) {
+        v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
+      }
       st.template push<kApproxExp<T>>(v);
       st.push_linear(v, wt);
     } else {
@@ -338,12 +353,12 @@ struct Pass2Index {
     Vec<T> out;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      A t;
-      const A xc = capped<kCap>(to_acc(xv.v[i]), cap, inv_cap, t);
+      A dcap;
+      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
       const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
       const A w = kSmooth ? (weight != nullptr ? weight[c + i] : A(1)) : A(0);
       A g = index_grad<T, kSmooth>(p, pc, wsum, eps_c, w, sg);
-      if (kCap) g *= cap_grad_factor(t);
+      if (kCap) g *= dcap;
       out.v[i] = from_acc<T>(g);
     }
     if (N == 1) gi[c * stride] = out.v[0];
@@ -352,13 +367,14 @@ struct Pass2Index {
   // The target's element, by the thread that wrote it (so after its own store); xy is the
   // logit as loaded (not capped).
   __device__ __forceinline__ void fix_target(int64_t y, A xy) const {
-    A t;
-    const A p = softmax_hot<kApproxExp<T>>(capped<kCap>(xy, cap, inv_cap, t), m, log_s, ls2);
+    A dcap;
+    const A p = softmax_hot<kApproxExp<T>>(capped<kCap, kApproxExp<T>>(xy, cap, inv_cap, dcap),
+                                           m, log_s, ls2);
     const A w = kSmooth ? (weight != nullptr ? weight[y] : A(1)) : A(0);
     A g = wy1 * (p - A(1)) + zc * p;
     if (kSmooth) g += eps_c * (wsum * p - w);
     g *= sg;
-    if (kCap) g *= cap_grad_factor(t);
+    if (kCap) g *= dcap;
     gi[y * stride] = from_acc<T>(g);
   }
 };
@@ -414,15 +430,15 @@ struct Pass2Prob {  // probability target gradients
     Vec<T> oi, ot;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      A tc;
-      const A xc = capped<kCap>(to_acc(xv.v[i]), cap, inv_cap, tc);
+      A dcap;
+      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
       const A xm = xc - m;
       const A w = weight != nullptr ? weight[c + i] : A(1);
       if (gi != nullptr) {
         const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
         const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
         A g = sg * (p * tw - wt);
-        if (kCap) g *= cap_grad_factor(tc);
+        if (kCap) g *= dcap;
         oi.v[i] = from_acc<T>(g);
       }
       if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
@@ -561,7 +577,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (P.stats) {
       A xy = 0;
       if (P.fwd && leader && !ignored) {  // before any gradient write
-        xy = capped<kCap>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
+        xy = capped<kCap, kApproxExp<T>>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
       }
       if (P.fwd && P.eps != A(0)) {
         Pass1Index<T, true, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
@@ -741,7 +757,7 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
     const int64_t y = a.target_index[row];
     if (k == 0 && P.fwd && y != a.ignore_index && y >= 0 && y < a.C) {
       P.split[a.N * a.D * S * 4 + row] =
-          capped<kCap>(to_acc(a.input[row * a.C + y]), P.cap, P.inv_cap);
+          capped<kCap, kApproxExp<T>>(to_acc(a.input[row * a.C + y]), P.cap, P.inv_cap);
     }
   }
 }
