@@ -228,6 +228,15 @@ def test_probability_targets_with_differentiable_weight():
         assert_close(a, b)
 
 
+def test_no_class():
+    """C = 0: nothing to fuse; the composite's result (nan), and an lse of -inf."""
+    x, t = torch.randn(4, 0), torch.zeros(4, 0)
+    loss, lse = TLF.cross_entropy(x, t, z_loss=0.1, softcap=2.0, return_lse=True)
+    ref = ce_extras_reference(x, t, z_loss=0.1, softcap=2.0)
+    assert loss.isnan() and ref.isnan()
+    assert lse.shape == (4,) and (lse == -math.inf).all()
+
+
 def test_inplace_backward_with_extras():
     x, t, kw = _case("index_weight_ignore_smooth", "cpu")
     extras = dict(z_loss=0.05, softcap=2.0)

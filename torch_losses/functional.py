@@ -242,10 +242,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if num_classes == 0:
         # No class: nothing to fuse. torch's own call gives its result (nan, 0) or its error
         # (a target that is not ignored is out of bounds).
-        loss = torch_call()
         if z_loss != 0 or softcap is not None:
             loss = cross_entropy_composite(input, target, weight, ignore_index,
                                            label_smoothing, reduction, z_loss, softcap)
+        else:
+            loss = torch_call()
         if return_lse:
             lse = input.new_full(_row_shape(input), -math.inf,
                                  dtype=torch.float64 if input.dtype == torch.float64
