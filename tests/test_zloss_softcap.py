@@ -160,9 +160,9 @@ def test_return_lse(kind, dtype, device):
             if "softcap" in extras:
                 capped = extras["softcap"] * torch.tanh(capped / extras["softcap"])
             expected = torch.logsumexp(capped, 0 if x.dim() == 1 else 1).to(acc)
-            assert_close(lse, expected, dtype=dtype if dtype != torch.bfloat16 else None,
-                         rtol=1e-6 if dtype != torch.float64 else None,
-                         atol=1e-6 if dtype != torch.float64 else None)
+            # float32 lse; 16-bit rows use the approximate exp (and cap) on a GPU
+            tol = {torch.float64: None, torch.float32: 1e-6, torch.bfloat16: 1e-5}[dtype]
+            assert_close(lse, expected, dtype=None if tol else dtype, rtol=tol, atol=tol)
             loss.sum().backward()  # the loss still trains
 
 
