@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -52,6 +53,11 @@ struct CrossEntropyProblem {
   int64_t reduction = kMean;
   bool probability_target = false;
   bool skip_if_grad_output_is_one = false;  // as in PointwiseProblem
+  // LLM-training extras (issue 9): z_loss adds z_loss * lse^2 per non-ignored row (lse of the
+  // capped logits), not class-weighted, reduced like the cross-entropy; softcap > 0 replaces
+  // every logit x by softcap * tanh(x / softcap) before the softmax. 0: off.
+  double z_loss = 0;
+  double softcap = 0;
   int64_t N = 0, C = 0, D = 0;
 };
 
@@ -188,9 +194,16 @@ void pointwise_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& g
 
 inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tensor& target,
                                                  const OptTensor& weight, int64_t ignore_index,
-                                                 double label_smoothing, int64_t reduction) {
+                                                 double label_smoothing, int64_t reduction,
+                                                 double z_loss,
+                                                 const std::optional<double>& softcap) {
   check_reduction(reduction);
   check_floating(input, "input");
+  TORCH_CHECK_VALUE(z_loss >= 0.0 && std::isfinite(z_loss),
+                    "torch_losses: z_loss must be a finite number >= 0, got ", z_loss);
+  TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
+                    "torch_losses: softcap must be None or a finite number > 0, got ",
+                    softcap.value_or(0.0));
   TORCH_CHECK(input.dim() == 3, "torch_losses: cross_entropy ops take input (N, C, D), got ",
               input.sizes());
   TORCH_CHECK(target.device() == input.device(), "torch_losses: target is on ",
@@ -226,6 +239,8 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
   p.ignore_index = ignore_index;
   p.label_smoothing = label_smoothing > 0 ? label_smoothing : 0.0;  // torch: <= 0 means none
   p.reduction = reduction;
+  p.z_loss = z_loss;
+  p.softcap = softcap.value_or(0.0);
   return p;
 }
 
@@ -239,9 +254,10 @@ inline void check_saved_lse(const CrossEntropyProblem& p, const Tensor& lse) {
 template <typename Backend>
 std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd(
     const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
-    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad) {
-  CrossEntropyProblem p =
-      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+    double label_smoothing, int64_t reduction, bool input_grad, bool target_grad, double z_loss,
+    const std::optional<double>& softcap) {
+  CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
+                                                label_smoothing, reduction, z_loss, softcap);
   TORCH_CHECK(!target_grad || p.probability_target,
               "torch_losses: class-index targets have no gradient");
   auto opts = p.input.options();
@@ -258,10 +274,11 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace(Tensor& input, const Tensor
                                                      const OptTensor& weight,
                                                      int64_t ignore_index,
                                                      double label_smoothing,
-                                                     int64_t reduction) {
+                                                     int64_t reduction, double z_loss,
+                                                     const std::optional<double>& softcap) {
   TORCH_CHECK(input.is_contiguous(), "torch_losses: inplace_backward needs contiguous logits");
-  CrossEntropyProblem p =
-      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
+                                                label_smoothing, reduction, z_loss, softcap);
   TORCH_CHECK(!p.probability_target,
               "torch_losses: inplace_backward supports class-index targets only");
   auto opts = p.input.options();
@@ -277,9 +294,10 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
                                              const Tensor& target, const OptTensor& weight,
                                              const Tensor& lse, int64_t ignore_index,
                                              double label_smoothing, int64_t reduction,
-                                             bool input_grad, bool target_grad) {
-  CrossEntropyProblem p =
-      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+                                             bool input_grad, bool target_grad, double z_loss,
+                                             const std::optional<double>& softcap) {
+  CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
+                                                label_smoothing, reduction, z_loss, softcap);
   TORCH_CHECK(!target_grad || p.probability_target,
               "torch_losses: class-index targets have no gradient");
   check_saved_lse(p, lse);
@@ -296,11 +314,12 @@ template <typename Backend>
 void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& grad_output,
                             const Tensor& input, const Tensor& target, const OptTensor& weight,
                             const Tensor& lse, int64_t ignore_index, double label_smoothing,
-                            int64_t reduction) {
+                            int64_t reduction, double z_loss,
+                            const std::optional<double>& softcap) {
   TORCH_CHECK(reduction != kNone,
               "torch_losses: cross_entropy_bwd_into_ takes reduction mean or sum");
-  CrossEntropyProblem p =
-      cross_entropy_problem(input, target, weight, ignore_index, label_smoothing, reduction);
+  CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
+                                                label_smoothing, reduction, z_loss, softcap);
   check_saved_lse(p, lse);
   p.grad_output = backward_grad_output(grad_output, input, reduction, {});
   p.lse = lse.contiguous();

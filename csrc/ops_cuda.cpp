@@ -139,6 +139,8 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
     a.ignore_index = p.ignore_index;
     a.label_smoothing = p.label_smoothing;
     a.reduction = static_cast<int>(p.reduction);
+    a.z_loss = p.z_loss;
+    a.softcap = p.softcap;
     tc::launch_cross_entropy<T>(a, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -30,16 +30,21 @@ TORCH_LIBRARY(torch_losses, m) {
   // Cross-entropy over input (N, C, D): class dim 1, D the folded trailing dims. target is (N, D)
   // int64 class indices or (N, C, D) probabilities. Returns (loss, lse, grad_input, grad_target);
   // lse is the per-position log-sum-exp in float32 (float64 for float64 input).
+  // The last two arguments of every cross_entropy op (defaults: off): z_loss adds
+  // z_loss * lse^2 per non-ignored position to the loss (not class-weighted; 'mean' divides it
+  // by the cross-entropy's denominator); softcap > 0 replaces every logit x by
+  // softcap * tanh(x / softcap) before the softmax (loss, lse and gradients).
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-        "float label_smoothing, int reduction, bool input_grad, bool target_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "float label_smoothing, int reduction, bool input_grad, bool target_grad, "
+        "float z_loss=0., float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
         "Tensor lse, int ignore_index, float label_smoothing, int reduction, bool input_grad, "
-        "bool target_grad) -> (Tensor, Tensor)");
+        "bool target_grad, float z_loss=0., float? softcap=None) -> (Tensor, Tensor)");
   // The same forward, writing the input gradient over the input (class-index targets only).
   // Returns (loss, lse).
   m.def("cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
-        "int ignore_index, float label_smoothing, int reduction) -> (Tensor, Tensor)");
+        "int ignore_index, float label_smoothing, int reduction, float z_loss=0., "
+        "float? softcap=None) -> (Tensor, Tensor)");
 
   m.def("bce_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
         "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor, Tensor)");
@@ -98,7 +103,8 @@ TORCH_LIBRARY(torch_losses, m) {
         "Tensor input, Tensor target, bool log_target, int reduction) -> ()");
   m.def("cross_entropy_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, "
         "Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
-        "int ignore_index, float label_smoothing, int reduction) -> ()");
+        "int ignore_index, float label_smoothing, int reduction, float z_loss=0., "
+        "float? softcap=None) -> ()");
 
   // grad *= grad_output, in place. grad_output is a scalar, the shape of grad, or the shape of
   // grad without its dim 1 (per-position cross-entropy 'none').

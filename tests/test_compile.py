@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 import torch_losses as TL
 import torch_losses.functional as TLF
-from tl_helpers import assert_close
+from tl_helpers import assert_close, ce_extras_reference
 
 torch._dynamo.config.cache_size_limit = 64
 
 
 def _targets(name, out_shape, device):
-    if name == "ce":
+    if name.startswith("ce"):
         return torch.randint(0, out_shape[1], out_shape[:1], device=device)
     if name in ("bce", "bce_logits"):
         return torch.rand(out_shape, device=device)
@@ -28,6 +28,10 @@ def _targets(name, out_shape, device):
 MODULES = {
     "ce": (lambda: TL.CrossEntropyLoss(label_smoothing=0.1),
            lambda: torch.nn.CrossEntropyLoss(label_smoothing=0.1), None),
+    "ce_zloss_softcap": (
+        lambda: TL.CrossEntropyLoss(label_smoothing=0.1, z_loss=0.05, softcap=0.5),
+        lambda: (lambda x, y: ce_extras_reference(x, y, label_smoothing=0.1, z_loss=0.05,
+                                                  softcap=0.5)), None),
     "bce_logits": (lambda: TL.BCEWithLogitsLoss(pos_weight=torch.full((6,), 2.0)),
                    lambda: torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((6,), 2.0)), None),
     "huber": (lambda: TL.HuberLoss(delta=0.5), lambda: torch.nn.HuberLoss(delta=0.5), None),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda_emu import NUM_DEVICES, Emulator, EmulatorError, build
-from tl_helpers import assert_flash_rule, bitwise_equal
+from tl_helpers import assert_flash_rule, bitwise_equal, ce_extras_reference
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 VEC = {torch.float64: 2, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # per 16 bytes
@@ -137,29 +137,30 @@ def test_half_bfloat16_round_to_nearest_even(s, dtype):
 
 # ==== references ================================================================================
 def ce_reference(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean", grad_output=None):
+                 reduction="mean", grad_output=None, z_loss=0.0, softcap=None):
     """torch in float64: loss and the gradients (input; target for probabilities) for
-    grad_output (1 when None)."""
+    grad_output (1 when None); z_loss/softcap: the composite of tl_helpers."""
     prob = target.is_floating_point()
     x64 = x.double().requires_grad_(True)
     t64 = target.double().requires_grad_(True) if prob else target
     w64 = None if weight is None else weight.double()
-    loss = F.cross_entropy(x64, t64, weight=w64, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=label_smoothing)
+    loss = ce_extras_reference(x64, t64, weight=w64, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing,
+                               z_loss=z_loss, softcap=softcap)
     go = torch.ones_like(loss) if grad_output is None else grad_output.double()
     grads = torch.autograd.grad(loss, [x64, t64] if prob else [x64], go, allow_unused=True)
     return loss.detach(), grads[0], grads[1] if prob else None
 
 
 def ce_torch(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-             grad_output=None):
+             grad_output=None, z_loss=0.0, softcap=None):
     """torch in x's dtype (for the flash rule): loss and input gradient."""
     prob = target.is_floating_point()
     xl = x.detach().clone().requires_grad_(True)
     tl = target.detach().clone().requires_grad_(True) if prob else target
     w = None if weight is None else weight.to(x.dtype)
-    loss = F.cross_entropy(xl, tl, weight=w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    loss = ce_extras_reference(xl, tl, weight=w, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(x.dtype)
     grads = torch.autograd.grad(loss, [xl, tl] if prob else [xl], go)
     return loss.detach(), grads[0], grads[1] if prob else None
@@ -218,6 +219,15 @@ OPTIONS = {
     "prob_smooth_mean": dict(prob=True, label_smoothing=0.05),
     "prob_weight_sum": dict(prob=True, weight=True, reduction="sum"),
     "prob_none": dict(prob=True, reduction="none"),
+    # issue 9's extras (z-loss, soft-capping below the logits' scale of 2)
+    "index_weight_zloss_cap_mean": dict(prob=False, weight=True, ignore_index=1, z_loss=0.1,
+                                        softcap=3.0),
+    "index_smooth_zloss_sum": dict(prob=False, label_smoothing=0.1, reduction="sum",
+                                   z_loss=0.05),
+    "index_cap_none": dict(prob=False, reduction="none", softcap=2.5, z_loss=0.02),
+    "prob_smooth_zloss_cap_mean": dict(prob=True, label_smoothing=0.05, z_loss=0.1,
+                                       softcap=3.0),
+    "prob_weight_cap_none": dict(prob=True, weight=True, reduction="none", softcap=2.0),
 }
 
 
@@ -228,7 +238,8 @@ def run_ce_case(s, dtype, N, C, D, opts, layout=0, target_layout=None, out_layou
     kw = dict(weight=w if opts.get("weight") else None,
               ignore_index=opts.get("ignore_index", -100),
               label_smoothing=opts.get("label_smoothing", 0.0),
-              reduction=opts.get("reduction", "mean"))
+              reduction=opts.get("reduction", "mean"),
+              z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
     lay = dict(layout=layout, target_layout=target_layout, out_layout=out_layout)
     name = f"{dtype} {N}x{C}x{D} {opts}"
     # Forward (with the fused gradient for mean/sum, as autograd asks for it).
@@ -671,7 +682,8 @@ def test_cross_entropy_target_at_every_position(s, dtype, path):
             assert bitwise_equal(ri["grad_input"], r["grad_input"]), name + " in place"
 
 
-@pytest.mark.parametrize("opt", ["index_mean", "index_weight_smooth_sum", "index_smooth_none"])
+@pytest.mark.parametrize("opt", ["index_mean", "index_weight_smooth_sum", "index_smooth_none",
+                                 "index_weight_zloss_cap_mean", "index_cap_none"])
 @pytest.mark.parametrize("layout", [0, "tight", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cross_entropy_split_rows(s, dtype, layout, opt):

@@ -492,16 +492,17 @@ def test_compile_second_backward(monkeypatch):
 
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=REDUCTIONS)
-def test_opcheck(probs, reduction, device):
+@pytest.mark.parametrize("extras", [(), (0.05, 2.0)], ids=["plain", "zloss_softcap"])
+def test_opcheck(probs, reduction, extras, device):
     x, w, b, t = make(9, 4, 7, device, torch.float32, probs=probs)
     cw = class_weight(7, device, torch.float32)
-    args = (x, w, t, b, cw, -100, 0.1, reduction, False, 4, True, True, True, probs)
+    args = (x, w, t, b, cw, -100, 0.1, reduction, False, 4, True, True, True, probs, *extras)
     torch.library.opcheck(LIN._linear_cross_entropy_fwd, args)
     _, lse, *_ = LIN._linear_cross_entropy_fwd(*args)
     g = torch.rand(9, device=device) if reduction == 0 else torch.rand((), device=device)
     torch.library.opcheck(LIN._linear_cross_entropy_bwd,
                           (g, x, w, t, b, cw, lse, -100, 0.1, reduction, False, 4, True, True,
-                           True, probs))
+                           True, probs, *extras))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

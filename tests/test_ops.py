@@ -80,11 +80,14 @@ CE_COMBOS = [
     (3, 6, 1, True, True, -100, 0.1),
     (1, 1, 2, False, False, -100, 0.0),
 ]
+# The trailing (z_loss, softcap) arguments: off (the schema's defaults), and on (issue 9).
+CE_EXTRAS = [(), (0.1, 2.0)]
 
 
+@pytest.mark.parametrize("extras", CE_EXTRAS, ids=["plain", "zloss_softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("combo", CE_COMBOS, ids=str)
-def test_cross_entropy_ops(combo, dtype, device):
+def test_cross_entropy_ops(combo, dtype, extras, device):
     N, C, D, probs, weighted, ii, ls = combo
     x, t = _ce_inputs(N, C, D, probs, dtype, device)
     w = torch.rand(C, dtype=dtype, device=device) + 0.5 if weighted else None
@@ -92,14 +95,16 @@ def test_cross_entropy_ops(combo, dtype, device):
         full = dtype == torch.float32 and reduction == MEAN and combo in (CE_COMBOS[1],
                                                                           CE_COMBOS[3])
         for ig, tg in [(True, probs), (False, False), (True, False)]:
-            check(ops.cross_entropy_fwd, (x, t, w, ii, ls, reduction, ig, tg), full and ig)
-        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False)
+            check(ops.cross_entropy_fwd, (x, t, w, ii, ls, reduction, ig, tg, *extras),
+                  full and ig)
+        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False, *extras)
         g = torch.randn((N, D) if reduction == NONE else (), dtype=dtype, device=device)
         for ig, tg in [(True, probs), (True, False), (False, probs)]:
-            check(ops.cross_entropy_bwd, (g, x, t, w, lse, ii, ls, reduction, ig, tg),
+            check(ops.cross_entropy_bwd, (g, x, t, w, lse, ii, ls, reduction, ig, tg, *extras),
                   full and ig and tg == probs)
         if not probs:
-            check(ops.cross_entropy_fwd_inplace, (x.clone(), t, w, ii, ls, reduction), full)
+            check(ops.cross_entropy_fwd_inplace, (x.clone(), t, w, ii, ls, reduction, *extras),
+                  full)
 
 
 def test_cross_entropy_fwd_inplace_writes_torch_gradient(device):
@@ -193,14 +198,15 @@ def test_pointwise_bwd_expanded_grad_output_is_a_scalar(name, device):
     check(getattr(ops, f"{name}_bwd"), (g.expand(4, 6), x, y, *extra, NONE, True, True))
 
 
+@pytest.mark.parametrize("extras", CE_EXTRAS, ids=["plain", "zloss_softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("combo", CE_COMBOS, ids=str)
-def test_cross_entropy_bwd_into_op(combo, dtype, device):
+def test_cross_entropy_bwd_into_op(combo, dtype, extras, device):
     N, C, D, probs, weighted, ii, ls = combo
     x, t = _ce_inputs(N, C, D, probs, dtype, device)
     w = torch.rand(C, dtype=dtype, device=device) + 0.5 if weighted else None
     for reduction in (MEAN, SUM):
-        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False)
+        _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, ii, ls, reduction, False, False, *extras)
         for ig, tg in [(True, probs), (True, False), (False, probs)]:
             if not (ig or tg):
                 continue
@@ -209,15 +215,16 @@ def test_cross_entropy_bwd_into_op(combo, dtype, device):
                 return [torch.full_like(x, 7.0) if want else x.new_empty((0,))
                         for want in (ig, tg)]
             one = torch.tensor(1.0, dtype=dtype, device=device)
-            check(ops.cross_entropy_bwd_into_, (*buffers(), one, x, t, w, lse, ii, ls, reduction),
+            check(ops.cross_entropy_bwd_into_,
+                  (*buffers(), one, x, t, w, lse, ii, ls, reduction, *extras),
                   full=dtype == torch.float32 and reduction == MEAN and combo == CE_COMBOS[3])
             gx, gt = buffers()
-            ops.cross_entropy_bwd_into_(gx, gt, one, x, t, w, lse, ii, ls, reduction)
+            ops.cross_entropy_bwd_into_(gx, gt, one, x, t, w, lse, ii, ls, reduction, *extras)
             assert all((b == 7).all() for b in (gx, gt))
             g = torch.tensor(1.5, dtype=dtype, device=device)
             gx, gt = buffers()
-            ops.cross_entropy_bwd_into_(gx, gt, g, x, t, w, lse, ii, ls, reduction)
-            ex, et = ops.cross_entropy_bwd(g, x, t, w, lse, ii, ls, reduction, ig, tg)
+            ops.cross_entropy_bwd_into_(gx, gt, g, x, t, w, lse, ii, ls, reduction, *extras)
+            ex, et = ops.cross_entropy_bwd(g, x, t, w, lse, ii, ls, reduction, ig, tg, *extras)
             for got, expected, want in [(gx, ex, ig), (gt, et, tg)]:
                 if want:
                     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -107,3 +107,33 @@ def assert_deterministic(run):
         assert bitwise_equal(c, d)
         assert bitwise_equal(a, c)
     return first
+
+
+def ce_extras_reference(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                        reduction="mean", z_loss=0.0, softcap=None):
+    """The tests' reference of cross_entropy with z-loss and soft-capping, in torch ops and x's
+    dtype: x -> softcap tanh(x / softcap), torch's cross_entropy, plus z_loss logsumexp^2 per
+    position whose target is not ignore_index (every position for probability targets), not
+    class-weighted; 'mean' divides that sum by torch's own 'mean' denominator."""
+    import torch.nn.functional as F
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    loss = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if not z_loss:
+        return loss
+    class_dim = 0 if x.dim() == 1 else 1
+    lse = torch.logsumexp(x, class_dim)
+    if target.is_floating_point():
+        counted = torch.ones_like(lse, dtype=torch.bool)
+        denominator = x.new_tensor(float(lse.numel()))
+    else:
+        counted = target != ignore_index
+        w = x.new_ones(x.shape[class_dim]) if weight is None else weight
+        denominator = (w[target.clamp(0, x.shape[class_dim] - 1)] * counted).sum()
+    z = torch.where(counted, z_loss * lse * lse, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss + z
+    if reduction == "sum":
+        return loss + z.sum()
+    return loss + z.sum() / denominator

@@ -117,19 +117,22 @@ class LossFunction(Function):
     calls must return forward's tuple, so only the outermost call picks the loss."""
 
     generate_vmap_rule = True
+    # False in a subclass whose apply returns forward's whole tuple (as torch.compile's does).
+    returns_loss_only = True
 
     @classmethod
     def apply(cls, *args, **kwargs):
         if _APPLYING.get():
             return super().apply(*args, **kwargs)
+        pick = loss_of if cls.returns_loss_only else tuple
         if (not kwargs and len(args) == cls.forward.__code__.co_argcount
                 and not torch._C._are_functorch_transforms_active()):
             # Every argument given: skip Function.apply's per-call signature binding (tens of
             # microseconds) and go to the C++ apply, which is what it calls outside torch.func.
-            return loss_of(super(Function, cls).apply(*args))
+            return pick(super(Function, cls).apply(*args))
         token = _APPLYING.set(True)
         try:
-            return loss_of(super().apply(*args, **kwargs))
+            return pick(super().apply(*args, **kwargs))
         finally:
             _APPLYING.reset(token)
 
@@ -400,6 +403,34 @@ def fold_class_dim(input, target):
     return x, t, probs
 
 
+def cross_entropy_composite(input, target, weight, ignore_index, label_smoothing, reduction,
+                            z_loss, softcap):
+    """cross_entropy with z-loss and soft-capping as torch ops (differentiable twice): the
+    double-backward path, and the fallback where there is nothing to fuse (no class)."""
+    x = input if softcap is None else softcap * torch.tanh(input / softcap)
+    loss = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss == 0:
+        return loss
+    lse = torch.logsumexp(x, dim=0 if x.dim() == 1 else 1)
+    if target.shape == input.shape:  # probabilities: every row counts, 'mean' over the rows
+        z = z_loss * lse.square()
+        denominator = lse.numel()
+    else:
+        kept = target != ignore_index
+        z = torch.where(kept, z_loss * lse.square(), 0.0)
+        if weight is None:
+            denominator = kept.sum()
+        else:
+            safe = torch.where(kept, target, 0).clamp(0, max(weight.numel() - 1, 0))
+            denominator = torch.where(kept, weight[safe], 0.0).sum()
+    if reduction == "none":
+        return loss + z.to(loss.dtype)
+    if reduction == "sum":
+        return loss + z.sum().to(loss.dtype)
+    return loss + (z.sum() / denominator).to(loss.dtype)
+
+
 def _cross_entropy_backward(ctx, grad_output):
     """CrossEntropyFunction.backward: the forward's gradients finished for grad_output, or one
     cross_entropy_bwd pass ('none', a retained graph), or the composite for double backward."""
@@ -408,7 +439,7 @@ def _cross_entropy_backward(ctx, grad_output):
     want_input = ctx.needs_input_grad[0]
     want_target = ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
-    ignore_index, label_smoothing, reduction = ctx.options
+    ignore_index, label_smoothing, reduction, z_loss, softcap = ctx.options
     shape = ctx.input_shape
     if reduction == "none":
         rows = (1, 1) if len(shape) == 1 else (shape[0], math.prod(shape[2:]))
@@ -424,22 +455,23 @@ def _cross_entropy_backward(ctx, grad_output):
         return forward_grads[0].view(shape), None
     input, target, weight, lse = ctx.saved_tensors
     if torch.is_grad_enabled():
-        loss = F.cross_entropy(
-            input, target, None if weight is None else weight.to(input.dtype),
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        loss = cross_entropy_composite(
+            input, target, None if weight is None else weight.to(input.dtype), ignore_index,
+            label_smoothing, reduction, z_loss, softcap)
         return _composite_grads(loss, grad_output.reshape(loss.shape),
                                 [(input, want_input), (target, want_target)])
     x, t, probs = fold_class_dim(input, target)
     if forward_grads is None:
         grad_input, grad_target = ops.cross_entropy_bwd(
             grad_output, x, t, weight, lse, ignore_index, label_smoothing,
-            reduction_enum(reduction), want_input, probs and want_target)
+            reduction_enum(reduction), want_input, probs and want_target, z_loss, softcap)
         forward_grads = (_none_if_empty(grad_input, want_input),
                          _none_if_empty(grad_target, probs and want_target))
     else:
         def recompute_into(grad_input, grad_target):
             ops.cross_entropy_bwd_into_(grad_input, grad_target, grad_output, x, t, weight, lse,
-                                        ignore_index, label_smoothing, reduction_enum(reduction))
+                                        ignore_index, label_smoothing, reduction_enum(reduction),
+                                        z_loss, softcap)
 
         _finish_forward_grads(forward_grads, grad_output, recompute_into)
     return tuple(None if g is None else g.view(shape) for g in forward_grads)
@@ -455,21 +487,23 @@ def _cross_entropy_grads_wanted(input, target, reduction):
 
 class CrossEntropyFunction(LossFunction):
     """cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
-    inplace_backward).
+    inplace_backward, z_loss, softcap).
 
     input (C), (N, C) or (N, C, d1..dk); target class indices (int64, input's shape without the
     class dim) or probabilities (input's shape). Differentiable in input, and in probability
-    targets. inplace_backward=True writes the gradient over input (class indices only)."""
+    targets. inplace_backward=True writes the gradient over input (class indices only).
+    z_loss adds z_loss * lse^2 per non-ignored position; softcap (None or > 0) caps the logits
+    by softcap * tanh(x / softcap) first (see functional.cross_entropy)."""
 
     @staticmethod
     def forward(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                reduction="mean", inplace_backward=False):
+                reduction="mean", inplace_backward=False, z_loss=0.0, softcap=None):
         """Returns (loss, lse, grad_input, grad_target); apply() returns the loss."""
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
         if inplace_backward and input.requires_grad:
             loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
-                                                      label_smoothing, red)
+                                                      label_smoothing, red, z_loss, softcap)
             # Tell autograd: any other node that saved these logits now raises in backward.
             torch.autograd.graph.increment_version(input)
             # The gradient is the input itself now (setup_context takes it from there).
@@ -477,20 +511,22 @@ class CrossEntropyFunction(LossFunction):
         else:
             want_input, want_target = _cross_entropy_grads_wanted(input, target, reduction)
             loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
-                x, t, weight, ignore_index, label_smoothing, red, want_input, want_target)
+                x, t, weight, ignore_index, label_smoothing, red, want_input, want_target,
+                z_loss, softcap)
         if red == 0:
             loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
         return loss, lse, grad_input, grad_target
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward = inputs
+        (input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward,
+         z_loss, softcap) = inputs
         _, lse, grad_input, grad_target = output
         ctx.inplace = inplace_backward and input.requires_grad
         ctx.mark_non_differentiable(lse)
         # With inplace_backward, input now holds its gradient: not saved.
         ctx.save_for_backward(None if ctx.inplace else input, target, weight, lse)
-        ctx.options = (ignore_index, label_smoothing, reduction)
+        ctx.options = (ignore_index, label_smoothing, reduction, z_loss, softcap)
         ctx.input_shape = input.shape
         ctx.forward_grads = _written_grads(
             ctx, (grad_input, grad_target), _cross_entropy_grads_wanted(input, target, reduction))
@@ -499,4 +535,11 @@ class CrossEntropyFunction(LossFunction):
 
     @staticmethod
     def backward(ctx, grad_output, *_unused):
-        return (*_cross_entropy_backward(ctx, grad_output), None, None, None, None, None)
+        return (*_cross_entropy_backward(ctx, grad_output), *(None,) * 7)
+
+
+class CrossEntropyLseFunction(CrossEntropyFunction):
+    """CrossEntropyFunction whose apply returns forward's whole tuple (loss, lse, ...): the
+    per-position lse for logging, from the same pass."""
+
+    returns_loss_only = False

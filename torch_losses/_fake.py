@@ -47,7 +47,7 @@ def _ce_outputs(input, reduction):
 
 @register_fake("torch_losses::cross_entropy_fwd")
 def _cross_entropy_fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction,
-                            input_grad, target_grad):
+                            input_grad, target_grad, z_loss=0.0, softcap=None):
     torch._check(input.dim() == 3, lambda: "cross_entropy ops take input (N, C, D)")
     loss, lse = _ce_outputs(input, reduction)
     return loss, lse, _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
@@ -55,13 +55,14 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, label_smoothing
 
 @register_fake("torch_losses::cross_entropy_fwd_inplace")
 def _cross_entropy_fwd_inplace_fake(input, target, weight, ignore_index, label_smoothing,
-                                    reduction):
+                                    reduction, z_loss=0.0, softcap=None):
     return _ce_outputs(input, reduction)
 
 
 @register_fake("torch_losses::cross_entropy_bwd")
 def _cross_entropy_bwd_fake(grad_output, input, target, weight, lse, ignore_index,
-                            label_smoothing, reduction, input_grad, target_grad):
+                            label_smoothing, reduction, input_grad, target_grad, z_loss=0.0,
+                            softcap=None):
     return _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
 
 

@@ -10,6 +10,7 @@ Following the installed torch (not a version's behaviour):
 - under autocast, inputs are cast to the dtype torch's loss computes in there (probed once per
   dtype combination), so the result and its dtype are torch's.
 """
+import math
 import warnings
 
 import torch
@@ -21,6 +22,7 @@ from ._autograd import (
     BCEFunction,
     BCEWithLogitsFunction,
     CrossEntropyFunction,
+    CrossEntropyLseFunction,
     HingeFunction,
     HuberFunction,
     KLDivFunction,
@@ -28,6 +30,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
     _reduce,
+    cross_entropy_composite,
     loss_of,
     reduction_enum,
 )
@@ -178,12 +181,51 @@ def _check_not_differentiable(tensor, fn, argument):
                            f"'{argument}'. This input cannot have requires_grad True.")
 
 
+def check_llm_extras(z_loss, softcap, return_lse):
+    """The keyword-only extras of the cross-entropy losses: z_loss a finite number >= 0,
+    softcap None or a finite number > 0, return_lse a bool. Returns (z_loss, softcap) as
+    floats."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not 0 <= z_loss < math.inf:  # (comparisons, not math.isfinite: dynamo traces them)
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
+        if not 0 < softcap < math.inf:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+        softcap = float(softcap)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return float(z_loss), softcap
+
+
+def _row_shape(input):
+    """The shape of the per-position loss (reduction 'none') of logits `input`."""
+    return input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False):
+                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False, z_loss=0.0,
+                  softcap=None, return_lse=False):
     """torch.nn.functional.cross_entropy, fused. inplace_backward=True (class-index targets)
     writes the gradient over `input` during the forward for zero extra memory: `input` is
     destroyed, its version counter is bumped so that any other user of it raises in backward,
-    and the graph can be backpropagated once."""
+    and the graph can be backpropagated once.
+
+    LLM-training extras (keyword-only, off by default):
+    - softcap (None or a float > 0): every logit x becomes softcap * tanh(x / softcap) inside
+      the kernel, before the softmax (loss, lse and gradient).
+    - z_loss (float >= 0): adds z_loss * lse^2 for every position whose target is not
+      ignore_index (every position for probability targets), lse = logsumexp of the (capped)
+      logits. Not multiplied by the class weights. 'none' adds it to each position's loss,
+      'sum' to the sum, and 'mean' divides the sum of both terms by the cross-entropy's own
+      denominator (the summed class weights of the non-ignored targets; the number of
+      positions for probability targets).
+    - return_lse=True returns (loss, lse): lse the per-position logsumexp of the (capped)
+      logits from the same pass, detached, float32 (float64 for float64 input), shaped like
+      the 'none' loss (ignored positions included)."""
+    z_loss, softcap = check_llm_extras(z_loss, softcap, return_lse)
     reduction = _resolve_reduction(size_average, reduce, reduction)
     _check_same_device(input, target, weight)
 
@@ -200,7 +242,17 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if num_classes == 0:
         # No class: nothing to fuse. torch's own call gives its result (nan, 0) or its error
         # (a target that is not ignored is out of bounds).
-        return torch_call()
+        if z_loss != 0 or softcap is not None:
+            loss = cross_entropy_composite(input, target, weight, ignore_index,
+                                           label_smoothing, reduction, z_loss, softcap)
+        else:
+            loss = torch_call()
+        if return_lse:
+            lse = input.new_full(_row_shape(input), -math.inf,
+                                 dtype=torch.float64 if input.dtype == torch.float64
+                                 else torch.float32)
+            return loss, lse
+        return loss
     probs = input.shape == target.shape
     if probs:
         if not target.is_floating_point() or ignore_index >= 0:
@@ -234,7 +286,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                 _fail_like_torch(torch_call, RuntimeError(
                     "cross_entropy: not differentiable with respect to weight"))
             return _cross_entropy_differentiable_weight(input, target, weight, reduction,
-                                                        label_smoothing)
+                                                        label_smoothing, z_loss, softcap,
+                                                        return_lse)
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise RuntimeError("inplace_backward=True would overwrite a leaf tensor that requires "
@@ -242,12 +295,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         if not input.is_contiguous():
             raise RuntimeError("inplace_backward=True needs contiguous logits")
     input, target = _detach_without_grad_mode(input, target)
-    return loss_of(CrossEntropyFunction.apply(input, target, weight, ignore_index,
-                                              float(label_smoothing), reduction,
-                                              bool(inplace_backward)))
+    function = CrossEntropyLseFunction if return_lse else CrossEntropyFunction
+    outputs = function.apply(input, target, weight, ignore_index, float(label_smoothing),
+                             reduction, bool(inplace_backward), z_loss, softcap)
+    if return_lse:
+        return outputs[0], outputs[1].detach().reshape(_row_shape(input))
+    return loss_of(outputs)
 
 
-def _cross_entropy_differentiable_weight(input, target, weight, reduction, label_smoothing):
+def _cross_entropy_differentiable_weight(input, target, weight, reduction, label_smoothing,
+                                         z_loss, softcap, return_lse):
     """Probability targets with a weight that requires grad (torch differentiates it there):
     the weighted loss is the unweighted one with target (smoothed target) * weight, so weight's
     gradient flows through that product and the fused op's target gradient."""
@@ -255,7 +312,8 @@ def _cross_entropy_differentiable_weight(input, target, weight, reduction, label
     if label_smoothing > 0:
         target = target * (1 - label_smoothing) + label_smoothing / num_classes
     class_shape = (num_classes,) + (1,) * (input.dim() - 2) if input.dim() > 1 else (-1,)
-    return cross_entropy(input, target * weight.reshape(class_shape), reduction=reduction)
+    return cross_entropy(input, target * weight.reshape(class_shape), reduction=reduction,
+                         z_loss=z_loss, softcap=softcap, return_lse=return_lse)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,

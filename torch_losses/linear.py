@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ._autograd import _composite_grads, _none_if_empty, _take_forward_grads, ops, \
-    reduction_enum
+from ._autograd import _composite_grads, _none_if_empty, _take_forward_grads, \
+    cross_entropy_composite, ops, reduction_enum
 from . import functional as _functional  # a cycle: functional re-exports this module's API
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyFunction"]
@@ -166,10 +166,12 @@ def _linear_cross_entropy_fwd(
         linear_bias: torch.Tensor | None, weight: torch.Tensor | None, ignore_index: int,
         label_smoothing: float, reduction: int, upcast: bool, rows_per_chunk: int,
         input_grad: bool, weight_grad: bool, bias_grad: bool, target_grad: bool,
+        z_loss: float = 0.0, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """input (N, H), linear_weight (C, H), target (N) class indices or (N, C) probabilities.
     Returns (loss, lse, grad_input, grad_linear_weight, grad_linear_bias, grad_target), the
-    gradients for grad_output = 1 where asked for (never for reduction 'none'), else empty."""
+    gradients for grad_output = 1 where asked for (never for reduction 'none'), else empty.
+    z_loss and softcap: as the cross_entropy ops' (each chunk's rows get them)."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
     probs = target.dim() == 2
     wants = (input_grad, weight_grad, bias_grad, target_grad)
@@ -193,17 +195,19 @@ def _linear_cross_entropy_fwd(
         t2 = t.unsqueeze(-1)
         if not want_logits_grad:
             loss, chunk_lse, _, _ = ops.cross_entropy_fwd(
-                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, False, False)
+                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, False, False,
+                z_loss, softcap)
             grad = None
         elif probs:
             loss, chunk_lse, grad, grad_t = ops.cross_entropy_fwd(
-                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, True, wants[3])
+                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, True, wants[3],
+                z_loss, softcap)
             grad = grad.squeeze(-1)
             if wants[3]:
                 acc.target[rows] = grad_t.squeeze(-1)
         else:
             loss, chunk_lse = ops.cross_entropy_fwd_inplace(
-                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE)
+                ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, z_loss, softcap)
             grad = ce_input
         row_loss[rows] = loss.squeeze(-1)
         lse[rows] = chunk_lse.squeeze(-1)
@@ -224,7 +228,8 @@ def _linear_cross_entropy_fwd(
 
 @_linear_cross_entropy_fwd.register_fake
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-      reduction, upcast, rows_per_chunk, input_grad, weight_grad, bias_grad, target_grad):
+      reduction, upcast, rows_per_chunk, input_grad, weight_grad, bias_grad, target_grad,
+      z_loss=0.0, softcap=None):
     ce_dtype = torch.float32 if upcast and input.dtype != torch.float64 else input.dtype
     n = input.shape[0]
     loss = input.new_empty((n,) if reduction == _NONE else (), dtype=ce_dtype)
@@ -244,7 +249,7 @@ def _linear_cross_entropy_bwd(
         target: torch.Tensor, linear_bias: torch.Tensor | None, weight: torch.Tensor | None,
         lse: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: int,
         upcast: bool, rows_per_chunk: int, input_grad: bool, weight_grad: bool,
-        bias_grad: bool, target_grad: bool,
+        bias_grad: bool, target_grad: bool, z_loss: float = 0.0, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients recomputed chunk by chunk from the inputs and the forward's lse:
     grad_output (N) for reduction 'none', else a scalar. Returns (grad_input,
@@ -266,7 +271,7 @@ def _linear_cross_entropy_bwd(
             grad, grad_t = ops.cross_entropy_bwd(
                 g.to(ce_dtype), ce_input.unsqueeze(-1), t.unsqueeze(-1), weight,
                 lse[rows].unsqueeze(-1), ignore_index, label_smoothing, chunk_reduction, True,
-                target_grad)
+                target_grad, z_loss, softcap)
             if target_grad:
                 acc.target[rows] = grad_t.squeeze(-1)
             grad = grad.squeeze(-1)
@@ -280,7 +285,7 @@ def _linear_cross_entropy_bwd(
 @_linear_cross_entropy_bwd.register_fake
 def _(grad_output, input, linear_weight, target, linear_bias, weight, lse, ignore_index,
       label_smoothing, reduction, upcast, rows_per_chunk, input_grad, weight_grad, bias_grad,
-      target_grad):
+      target_grad, z_loss=0.0, softcap=None):
     def grad(like, wanted):
         return torch.empty_like(like) if wanted else input.new_empty((0,))
 
@@ -293,43 +298,44 @@ class LinearCrossEntropyFunction(Function):
     or (N, C) probabilities; linear_bias (C) or None, weight (C) or None; reduction 'none',
     'mean' or 'sum'. `wants` = (input, linear_weight, linear_bias, target) gradients that the
     forward should write (the caller knows whether grad mode is on; forward has no ctx).
-    `plan` = (upcast, rows per forward chunk, rows per backward chunk). Differentiable in
-    input, linear_weight, linear_bias and probability targets."""
+    `plan` = (upcast, rows per forward chunk, rows per backward chunk). `extras` = (z_loss,
+    softcap) as in functional.cross_entropy. Differentiable in input, linear_weight,
+    linear_bias and probability targets."""
 
     @staticmethod
     def forward(input, linear_weight, target, linear_bias, weight, ignore_index,
-                label_smoothing, reduction, wants, plan):
+                label_smoothing, reduction, wants, plan, extras=(0.0, None)):
         upcast, fwd_rows, _ = plan
         return _linear_cross_entropy_fwd(
             input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-            reduction_enum(reduction), upcast, fwd_rows, *wants)
+            reduction_enum(reduction), upcast, fwd_rows, *wants, *extras)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-         reduction, wants, plan) = inputs
+         reduction, wants, plan, extras) = inputs
         loss, lse, *grads = output
         ctx.mark_non_differentiable(lse, *grads)
         ctx.set_materialize_grads(False)  # else backward gets zeros of every gradient's size
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
-        ctx.options = (ignore_index, label_smoothing, reduction, plan)
+        ctx.options = (ignore_index, label_smoothing, reduction, plan, extras)
         ctx.forward_grads = None if reduction == "none" else tuple(
             grad if wanted else None for grad, wanted in zip(grads, wants))
 
     @staticmethod
     def backward(ctx, grad_output, *_):
-        ignore_index, label_smoothing, reduction, plan = ctx.options
+        ignore_index, label_smoothing, reduction, plan, extras = ctx.options
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3],
                   ctx.needs_input_grad[2])
         forward_grads = _take_forward_grads(ctx)
         if grad_output is None:  # the loss got no gradient (grads are not materialized)
-            return (None,) * 10
+            return (None,) * 11
         if torch.is_grad_enabled():  # create_graph=True: differentiate a composite
             input, linear_weight, target, linear_bias, weight, _ = ctx.saved_tensors
             logits = F.linear(input, linear_weight, linear_bias)
-            loss = F.cross_entropy(logits.float() if plan[0] else logits, target, weight,
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing)
+            loss = cross_entropy_composite(logits.float() if plan[0] else logits, target,
+                                           weight, ignore_index, label_smoothing, reduction,
+                                           *extras)
             gi, gw, gb, gt = _composite_grads(
                 loss, grad_output, [(input, wanted[0]), (linear_weight, wanted[1]),
                                     (linear_bias, wanted[2]), (target, wanted[3])])
@@ -339,14 +345,14 @@ class LinearCrossEntropyFunction(Function):
             grads = _linear_cross_entropy_bwd(
                 grad_output, input, linear_weight, target, linear_bias, weight, lse,
                 ignore_index, label_smoothing, reduction_enum(reduction), upcast, bwd_rows,
-                *wanted)
+                *wanted, *extras)
             gi, gw, gb, gt = (_none_if_empty(g, w) for g, w in zip(grads, wanted))
         else:
             for grad in forward_grads:
                 if grad is not None:
                     ops.scale_grad_(grad, grad_output)
             gi, gw, gb, gt = forward_grads
-        return gi, gw, gt, gb, None, None, None, None, None, None
+        return gi, gw, gt, gb, None, None, None, None, None, None, None
 
 
 def _check_class_target(target, batch_shape):
@@ -376,15 +382,21 @@ def _check_linear_dtypes(input, linear_weight, linear_bias):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0,
-                         options=None, chunk_bytes=None):
+                         options=None, chunk_bytes=None, z_loss=0.0, softcap=None,
+                         return_lse=False):
     """torch.nn.functional.linear_cross_entropy, fused and chunked for any `options` (None
     included): the (N, C) logits never exist whole. options.batch_chunk_size, when set, is
     the rows per chunk; otherwise the rows come from chunk_bytes (bytes of logits per chunk,
     default DEFAULT_CHUNK_BYTES). Other options fields do not apply here.
 
+    z_loss, softcap and return_lse: as in torch_losses.functional.cross_entropy, applied to
+    the logits input @ linear_weight.T + linear_bias inside the chunked kernel; with
+    return_lse=True the result is (loss, lse), lse of the batch's shape.
+
     K-dimensional losses (linear_weight (C, d1.., H)) and probability targets of another
     dtype than the logits run the reference composite (linear, then
     torch_losses.functional.cross_entropy) with the full logits."""
+    extras = _functional.check_llm_extras(z_loss, softcap, return_lse)
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
@@ -422,23 +434,25 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
                                          reduction, ignore_index, label_smoothing, options,
                                          chunk_bytes, probs, out_features, logits_shape,
-                                         upcast=True)
+                                         extras, return_lse, upcast=True)
     return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, options, chunk_bytes, probs,
-                                 out_features, logits_shape, upcast=False)
+                                 out_features, logits_shape, extras, return_lse, upcast=False)
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                           ignore_index, label_smoothing, options, chunk_bytes, probs,
-                          out_features, logits_shape, upcast):
+                          out_features, logits_shape, extras, return_lse, upcast):
     if out_features or (probs and target.dtype != input.dtype):
         in_features = input.shape[-1]
         logits = F.linear(input, linear_weight.reshape(-1, in_features),
                           None if linear_bias is None else linear_bias.reshape(-1))
         logits = logits.reshape(logits_shape)
+        z_loss, softcap = extras
         return _functional.cross_entropy(logits.float() if upcast else logits, target, weight,
-                             ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing)
+                                         ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, z_loss=z_loss,
+                                         softcap=softcap, return_lse=return_lse)
     reduction_enum(reduction)  # ValueError naming an invalid value
     if not input.is_floating_point():  # torch's linear runs; its log_softmax raises this
         raise NotImplementedError(
@@ -482,10 +496,14 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     bwd_rows = rows or chunk_rows(num_classes, logit_bytes + ce_bytes + grad_bytes,
                                   input.device, chunk_bytes)
     weight = None if weight is None else weight.detach()
-    loss = LinearCrossEntropyFunction.apply(
+    loss, lse, *_ = LinearCrossEntropyFunction.apply(
         input, linear_weight, target, linear_bias, weight, ignore_index,
-        float(label_smoothing), reduction, wants, (upcast, fwd_rows, bwd_rows))[0]
-    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+        float(label_smoothing), reduction, wants, (upcast, fwd_rows, bwd_rows), extras)
+    if unbatched and reduction == "none":
+        loss = loss.squeeze(0)
+    if return_lse:
+        return loss, (lse.squeeze(0) if unbatched else lse).detach()
+    return loss
 
 
 class _LinearCrossEntropyForward:
@@ -500,7 +518,8 @@ class _LinearCrossEntropyForward:
             input, weight, target, linear_bias=bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, options=self.options,
-            chunk_bytes=self.chunk_bytes)
+            chunk_bytes=self.chunk_bytes, z_loss=self.z_loss, softcap=self.softcap,
+            return_lse=self.return_lse)
 
 
 class PlainLinearCrossEntropyLoss(_LinearCrossEntropyForward,
@@ -510,7 +529,9 @@ class PlainLinearCrossEntropyLoss(_LinearCrossEntropyForward,
 
     def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
                  dtype=None, reduction="mean", weight=None, ignore_index=None,
-                 label_smoothing=0.0, options=None, chunk_bytes=None):
+                 label_smoothing=0.0, options=None, chunk_bytes=None, z_loss=0.0, softcap=None,
+                 return_lse=False):
+        _functional.check_llm_extras(z_loss, softcap, return_lse)
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got "
                                f"{tuple(weight.shape)}")
@@ -526,6 +547,7 @@ class PlainLinearCrossEntropyLoss(_LinearCrossEntropyForward,
                                       bias=bias, device=device, dtype=dtype)
         self.options = options
         self.chunk_bytes = chunk_bytes
+        self.z_loss, self.softcap, self.return_lse = z_loss, softcap, return_lse
 
     def extra_repr(self):
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
@@ -537,10 +559,15 @@ class PlainLinearCrossEntropyLoss(_LinearCrossEntropyForward,
 if hasattr(torch.nn, "LinearCrossEntropyLoss"):
     class LinearCrossEntropyLoss(_LinearCrossEntropyForward, torch.nn.LinearCrossEntropyLoss):
         """torch.nn.LinearCrossEntropyLoss, fused and chunked (see linear_cross_entropy).
-        chunk_bytes: the logits memory per chunk (default DEFAULT_CHUNK_BYTES)."""
+        chunk_bytes: the logits memory per chunk (default DEFAULT_CHUNK_BYTES); z_loss, softcap
+        and return_lse: see functional.cross_entropy (forward returns (loss, lse) with
+        return_lse=True)."""
 
-        def __init__(self, in_features, num_classes, *, chunk_bytes=None, **kwargs):
+        def __init__(self, in_features, num_classes, *, chunk_bytes=None, z_loss=0.0,
+                     softcap=None, return_lse=False, **kwargs):
+            _functional.check_llm_extras(z_loss, softcap, return_lse)
             super().__init__(in_features, num_classes, **kwargs)
             self.chunk_bytes = chunk_bytes
+            self.z_loss, self.softcap, self.return_lse = z_loss, softcap, return_lse
 else:
     LinearCrossEntropyLoss = PlainLinearCrossEntropyLoss

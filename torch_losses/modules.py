@@ -20,17 +20,31 @@ __all__ = [
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """torch.nn.CrossEntropyLoss, fused. inplace_backward=True: see functional.cross_entropy."""
+    """torch.nn.CrossEntropyLoss, fused. Keyword-only extras (see functional.cross_entropy):
+    inplace_backward, z_loss, softcap, and return_lse=True, with which forward returns
+    (loss, lse)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                 reduction="mean", label_smoothing=0.0, *, inplace_backward=False):
+                 reduction="mean", label_smoothing=0.0, *, inplace_backward=False, z_loss=0.0,
+                 softcap=None, return_lse=False):
+        F.check_llm_extras(z_loss, softcap, return_lse)
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
 
     def forward(self, input, target):
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
-                               inplace_backward=self.inplace_backward)
+                               inplace_backward=self.inplace_backward, z_loss=self.z_loss,
+                               softcap=self.softcap, return_lse=self.return_lse)
+
+    def extra_repr(self):
+        extras = [f"{k}={getattr(self, k)}" for k, off in
+                  (("z_loss", 0.0), ("softcap", None), ("return_lse", False))
+                  if getattr(self, k) != off]
+        return ", ".join(extras)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):

@@ -238,6 +238,35 @@ void store_row(scalar_t* base, int64_t C, int64_t D, const acc_t* row) {
   }
 }
 
+// Soft-capping (issue 9): out_c = cap tanh(x_c / cap), in place when out == x.
+template <typename acc_t>
+void softcap_row(const acc_t* x, acc_t* out, int64_t C, acc_t cap) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec cap_v(cap), inv_v(acc_t(1) / cap);
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    (cap_v * (Vec::loadu(x + i) * inv_v).tanh()).store(out + i);
+  }
+  for (; i < C; ++i) out[i] = cap * std::tanh(x[i] * (acc_t(1) / cap));
+}
+
+// The chain rule through the cap: grad_c *= 1 - t_c^2, t_c = capped_c / cap, as (1 - t)(1 + t)
+// (1 - t exact near |t| = 1).
+template <typename acc_t>
+void softcap_grad_row(const acc_t* capped, acc_t* grad, int64_t C, acc_t cap) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec one(1), inv_v(acc_t(1) / cap);
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    const Vec t = Vec::loadu(capped + i) * inv_v;
+    (Vec::loadu(grad + i) * ((one - t) * (one + t))).store(grad + i);
+  }
+  for (; i < C; ++i) {
+    const acc_t t = capped[i] * (acc_t(1) / cap);
+    grad[i] *= (acc_t(1) - t) * (acc_t(1) + t);
+  }
+}
+
 template <typename scalar_t>
 void cross_entropy_kernel(const CrossEntropyProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -247,6 +276,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t keep = acc_t(1) - eps;
   const acc_t spread = C > 0 ? eps / acc_t(C) : acc_t(0);
+  const acc_t z_loss = static_cast<acc_t>(p.z_loss);
+  const acc_t cap = static_cast<acc_t>(p.softcap);  // 0: no soft-capping
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t* labels = probs ? nullptr : p.target.const_data_ptr<int64_t>();
@@ -300,6 +331,10 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t n = r / D, d = r % D;
       const int64_t offset = n * C * D + d;
       const acc_t* xr = load_row(x + offset, C, D, x_buf.data());
+      if (cap != 0) {  // the capped logits replace the row from here on
+        softcap_row(xr, x_buf.data(), C, cap);
+        xr = x_buf.data();
+      }
       const acc_t* tr = probs ? load_row(t + offset, C, D, t_buf.data()) : nullptr;
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
@@ -319,15 +354,20 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
           l = keep * wy * st.nll(xr[y]);
           if (eps != 0) l += spread * (st.weight * st.log_sum - st.shifted);
         }
+        if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
         row_loss[r] = l;
       }
       if (!gx && !gt) continue;
 
       const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
+      // z-loss: d(z lse^2)/dx_c = 2 z lse softmax_c, a change of the softmax's coefficient.
+      const acc_t z_coef = z_loss != 0 && !ignored ? acc_t(2) * z_loss * st.lse() : acc_t(0);
       acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
       if (probs) {
         acc_t* gtr = gt ? row_out(gt + offset, D, gt_buf.data()) : nullptr;
-        row_grad_probs(xr, w, tr, gxr, gtr, C, st, s, keep, spread);
+        RowStats<acc_t> gst = st;
+        gst.weight += z_coef;
+        row_grad_probs(xr, w, tr, gxr, gtr, C, gst, s, keep, spread);
         if (gt) store_row(gt + offset, C, D, gtr);
       } else if (ignored) {
         // 0 * softmax, as torch's log_softmax backward: NaN where the row's softmax is NaN.
@@ -335,12 +375,15 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
         const acc_t x_y = xr[y];  // read before the row is overwritten (in-place gradient)
-        row_grad_softmax(xr, w, gxr, C, st, s * (keep * wy + spread * weight_sum), s * spread);
-        // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y)), the differences
-        // formed before the scale (C = 1 gives exactly 0).
+        row_grad_softmax(xr, w, gxr, C, st,
+                         s * (keep * wy + spread * weight_sum + z_coef), s * spread);
+        // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
+        // differences formed before the scale (C = 1 without z-loss gives exactly 0).
         const acc_t p_y = softmax(x_y, st);
-        gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy));
+        gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) +
+                      z_coef * p_y);
       }
+      if (gx && cap != 0) softcap_grad_row(xr, gxr, C, cap);
       if (gx) store_row(gx + offset, C, D, gxr);
     }
   });

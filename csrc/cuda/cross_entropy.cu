@@ -15,6 +15,10 @@
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
 //    main kernel so the fused gradient can use 1/W without a host sync), the class-weight sum and
 //    the reduction of the per-row losses.
+// LLM-training extras (issue 9): soft-capping is a template flag (kCap) of every kernel: each
+// loaded logit x becomes cap tanh(x / cap), each gradient element gets the factor 1 - t^2; off,
+// the hot loops are unchanged. z-loss (z lse^2 per non-ignored row) is per row only: a loss term
+// and a change of the softmax's coefficient (2 z lse) in the gradient.
 #include <algorithm>
 #include <cstring>
 
@@ -36,6 +40,9 @@ __device__ __forceinline__ float flog(float v) { return logf(v); }
 __device__ __forceinline__ double flog(double v) { return log(v); }
 __device__ __forceinline__ float fmax_(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double fmax_(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float ftanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double ftanh(double v) { return tanh(v); }
+
 
 // exp(d) for the hot loops' d <= 0 (a logit minus the row max): 2^(d log2 e) costs a multiply
 // and the MUFU.EX2 unit. float: exp2f (2 ulp, as expf, with its denormal handling); bf16/fp16
@@ -78,6 +85,37 @@ __device__ __forceinline__ double softmax_hot(double x, double m, double log_s, 
 // butterfly partners then round alike.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// Soft-capping (kCap): the logit x as the softmax sees it, cap tanh(x / cap), and in `dcap` its
+// derivative 1 - tanh^2 (an unused dcap is dropped by the compiler). The product is rounded on
+// its own (no FMA with the x - max that follows), so that every pass sees the same capped logit:
+// the max's own term is then exactly exp(0) = 1.
+// float/double rows: tanhf/tanh, dcap = (1 - t)(1 + t) (1 - t exact near |t| = 1).
+// bf16/fp16 rows (kApprox, as their exp): one ex2.approx and one approximate division,
+// E = e^(-2|u|), t = sign(u) (1 - E) / (1 + E), dcap = 4 E / (1 + E)^2: the capped logit's
+// absolute error is ~cap 2^-22 (what the softmax is sensitive to), far below the 2^-8 / 2^-11
+// rounding of the output, and dcap keeps its relative accuracy where it is small.
+template <bool kCap, bool kApprox, typename A>
+__device__ __forceinline__ A capped(A x, A cap, A inv_cap, A& dcap) {
+  if (!kCap) return x;
+  const A u = x * inv_cap;
+  if constexpr (kApprox) {
+    const float E = ex2_approx_ftz(fabsf(u) * (-2.0f * kLog2e));  // NaN stays NaN
+    const float r = __fdividef(1.0f, 1.0f + E);
+    dcap = 4.0f * E * r * r;
+    return mul_rn(cap, copysignf((1.0f - E) * r, u));
+  } else {
+    const A t = ftanh(u);
+    dcap = (A(1) - t) * (A(1) + t);
+    return mul_rn(cap, t);
+  }
+}
+template <bool kCap, bool kApprox, typename A>
+__device__ __forceinline__ A capped(A x, A cap, A inv_cap) {
+  A dcap;
+  return capped<kCap, kApprox>(x, cap, inv_cap, dcap);
+}
+
 
 // The row statistics, kept relative to the running max m so that no large logit enters a
 // difference of two large numbers: the loss is formed at the end as (m - x) + log(s).
@@ -195,6 +233,8 @@ struct CeParams {
   const acc_t<T>* Wsum; // device scalar: sum of the class weights, else nullptr (then C)
   acc_t<T>* row_loss;   // per-row losses for mean/sum
   acc_t<T>* split;      // split rows: rows x S partial Stats (m, s, u, d), then x_y per row
+  acc_t<T> z;           // z-loss factor (0: off)
+  acc_t<T> cap, inv_cap;  // soft-capping (used where the kernel's kCap is set)
   bool fwd;             // forward op: compute the loss and lse
   int64_t rows;
 };
@@ -203,13 +243,14 @@ struct CeParams {
 // Each functor: load<N>(c, xv, tv) then compute<N>(c, xv, tv) for N = 1 (scalar, element c at
 // offset c*stride) or N = V (a vector of V consecutive classes, stride 1).
 
-template <typename T, bool kSmooth>
+template <typename T, bool kSmooth, bool kCap>
 struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c) when smoothing
   using A = acc_t<T>;
   const T* x;
   const A* weight;
   int64_t stride;
   Stats<A> st;
+  A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
     if (N == 1) xv.v[0] = x[c * stride];
@@ -219,7 +260,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
     A v[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+    for (int i = 0; i < N; ++i) {
+      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
+    }
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
@@ -230,7 +273,7 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   }
 };
 
-template <typename T>
+template <typename T, bool kCap>
 struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t' (m - x)
   using A = acc_t<T>;
   const T* x;
@@ -239,6 +282,7 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   int64_t stride;
   A one_m_eps, eps_c;
   Stats<A> st;
+  A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -258,7 +302,9 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
     }
     A v[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+    for (int i = 0; i < N; ++i) {
+      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
+    }
     st.template push<kApproxExp<T>>(v);
     st.push_linear(v, wt);
   }
@@ -267,14 +313,14 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
 // Probability target: the row's loss sum_c w_c t'_c ((m - x_c) + log_s) term by term, as torch
 // sums it. The split form d + u log_s of pass 1 makes inf * 0 = NaN where a target is infinite
 // and its class holds the max (torch: inf); this pass runs only when that form is not finite.
-template <typename T>
+template <typename T, bool kCap>
 struct ProbLossTerms {
   using A = acc_t<T>;
   const T* x;
   const T* t;
   const A* weight;
   int64_t stride;
-  A m, log_s, one_m_eps, eps_c;
+  A m, log_s, one_m_eps, eps_c, cap, inv_cap;
   A sum;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
@@ -292,24 +338,26 @@ struct ProbLossTerms {
     for (int i = 0; i < N; ++i) {
       const A wt =
           (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-      sum += wt * ((m - to_acc(xv.v[i])) + log_s);
+      sum += wt * ((m - capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap)) + log_s);
     }
   }
 };
 
 // softmax_c = exp((x_c - m) - log_s), m and log(s) kept apart.
-// Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)), exactly 0
-// for C = 1. The walk writes every class as if c != y; the thread that walked class y then
-// rewrites it (index_grad, fix_target): no per-element compare with y.
+// Class-index gradient: sg (wy' (softmax_c - [c == y]) + eps_c (W softmax_c - w_c)
+// + zc softmax_c), exactly 0 for C = 1 without z-loss (zc = 2 z lse, the z-loss' gradient).
+// The walk writes every class as if c != y, with the softmax's coefficient pc = wy' + zc; the
+// thread that walked class y then rewrites it (index_grad, fix_target): no per-element compare
+// with y.
 template <typename T, bool kSmooth>
-__device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> wy1, acc_t<T> wsum,
+__device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> pc, acc_t<T> wsum,
                                                acc_t<T> eps_c, acc_t<T> w, acc_t<T> sg) {
-  acc_t<T> g = wy1 * p;
+  acc_t<T> g = pc * p;
   if (kSmooth) g += eps_c * (wsum * p - w);
   return g * sg;
 }
 
-template <typename T, bool kSmooth>
+template <typename T, bool kSmooth, bool kCap>
 struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
@@ -317,6 +365,8 @@ struct Pass2Index {
   const A* weight;
   int64_t stride;
   A m, log_s, ls2, wy1, wsum, eps_c, sg;  // wy1 = (1 - eps) w_y, ls2 = log_s log2(e)
+  A pc, zc;                               // pc = wy1 + zc, zc = 2 z lse (0 without z-loss)
+  A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
     if (N == 1) xv.v[0] = x[c * stride];
@@ -327,20 +377,29 @@ struct Pass2Index {
     Vec<T> out;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
+      A dcap;
+      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
+      const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
       const A w = kSmooth ? (weight != nullptr ? weight[c + i] : A(1)) : A(0);
-      out.v[i] = from_acc<T>(index_grad<T, kSmooth>(p, wy1, wsum, eps_c, w, sg));
+      A g = index_grad<T, kSmooth>(p, pc, wsum, eps_c, w, sg);
+      if (kCap) g *= dcap;
+      out.v[i] = from_acc<T>(g);
     }
     if (N == 1) gi[c * stride] = out.v[0];
     else st_vec_stream(gi + c, out);
   }
-  // The target's element, by the thread that wrote it (so after its own store).
+  // The target's element, by the thread that wrote it (so after its own store); xy is the
+  // logit as loaded (not capped).
   __device__ __forceinline__ void fix_target(int64_t y, A xy) const {
-    const A p = softmax_hot<kApproxExp<T>>(xy, m, log_s, ls2);
+    A dcap;
+    const A p = softmax_hot<kApproxExp<T>>(capped<kCap, kApproxExp<T>>(xy, cap, inv_cap, dcap),
+                                           m, log_s, ls2);
     const A w = kSmooth ? (weight != nullptr ? weight[y] : A(1)) : A(0);
-    A g = wy1 * (p - A(1));
+    A g = wy1 * (p - A(1)) + zc * p;
     if (kSmooth) g += eps_c * (wsum * p - w);
-    gi[y * stride] = from_acc<T>(g * sg);
+    g *= sg;
+    if (kCap) g *= dcap;
+    gi[y * stride] = from_acc<T>(g);
   }
 };
 
@@ -368,7 +427,7 @@ struct Pass2Zero {
   }
 };
 
-template <typename T>
+template <typename T, bool kCap>
 struct Pass2Prob {  // probability target gradients
   using A = acc_t<T>;
   const T* x;
@@ -377,7 +436,9 @@ struct Pass2Prob {  // probability target gradients
   T* gt;
   const A* weight;
   int64_t stride;
-  A m, log_s, ls2, tw, one_m_eps, eps_c, sg;  // tw = sum w t', ls2 = log_s log2(e)
+  // tw = sum w t' + 2 z lse (the z-loss' share of the softmax coefficient), ls2 = log_s log2(e)
+  A m, log_s, ls2, tw, one_m_eps, eps_c, sg;
+  A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -393,12 +454,16 @@ struct Pass2Prob {  // probability target gradients
     Vec<T> oi, ot;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const A xm = to_acc(xv.v[i]) - m;
+      A dcap;
+      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
+      const A xm = xc - m;
       const A w = weight != nullptr ? weight[c + i] : A(1);
       if (gi != nullptr) {
         const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        const A p = softmax_hot<kApproxExp<T>>(to_acc(xv.v[i]), m, log_s, ls2);
-        oi.v[i] = from_acc<T>(sg * (p * tw - wt));
+        const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
+        A g = sg * (p * tw - wt);
+        if (kCap) g *= dcap;
+        oi.v[i] = from_acc<T>(g);
       }
       if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
     }
@@ -518,7 +583,7 @@ __device__ __forceinline__ int vec_head(const T* p, int64_t len) {
 }
 
 // One row: `base` = offset of element (n, 0, d), `stride` = D.
-template <typename T, bool kProb, bool kVec, int kGroup>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_t base,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
@@ -546,13 +611,15 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
                         gt == walk_owner<T, kVec>(y, C, head, G);
     const A xy_own = owns_y ? to_acc(xr[y * stride]) : A(0);
     A xy = 0;
-    if (P.fwd && leader && !ignored) xy = to_acc(xr[y * stride]);  // before any gradient write
+    if (P.fwd && leader && !ignored) {  // before any gradient write
+      xy = capped<kCap, kApproxExp<T>>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
+    }
     if (P.fwd && P.eps != A(0)) {
-      Pass1Index<T, true> f{a.input + base, a.weight, stride, st};
+      Pass1Index<T, true, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
       walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
     } else {
-      Pass1Index<T, false> f{a.input + base, a.weight, stride, st};
+      Pass1Index<T, false, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
       walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
     }
@@ -566,14 +633,16 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
         // d + (sum_c w_c) log_s.
         l = one_m_eps * wy * ((m - xy) + log_s);
         if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+        if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
       }
       if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
       else P.row_loss[row] = l;
     }
     if (a.grad_input != nullptr) {
       if (ignored && ignored_row_reads<T>(m, log_s)) {
-        Pass2Index<T, false> f{a.input + base, a.grad_input + base, nullptr, stride, m, log_s,
-                               log_s * A(kLog2e), A(0), A(0), A(0), A(1)};
+        Pass2Index<T, false, kCap> f{a.input + base, a.grad_input + base, nullptr, stride, m,
+                                     log_s, log_s * A(kLog2e), A(0), A(0), A(0), A(1), A(0),
+                                     A(0), P.cap, P.inv_cap};
         walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       } else if (ignored) {
         Pass2Zero<T> f{a.grad_input + base, stride};
@@ -581,22 +650,26 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       } else {
         const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
         const A ls2 = log_s * A(kLog2e);
+        const A wy1 = one_m_eps * wy;
+        const A zc = A(2) * P.z * (m + log_s);
         if (P.eps_c != A(0)) {
-          Pass2Index<T, true> f{a.input + base, a.grad_input + base, a.weight, stride, m, log_s,
-                                ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          Pass2Index<T, true, kCap> f{a.input + base, a.grad_input + base, a.weight, stride, m,
+                                      log_s, ls2, wy1, wsum, P.eps_c, sg, wy1 + zc, zc, P.cap,
+                                      P.inv_cap};
           walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         } else {
-          Pass2Index<T, false> f{a.input + base, a.grad_input + base, a.weight, stride, m,
-                                 log_s, ls2, one_m_eps * wy, wsum, P.eps_c, sg};
+          Pass2Index<T, false, kCap> f{a.input + base, a.grad_input + base, a.weight, stride, m,
+                                       log_s, ls2, wy1, wsum, P.eps_c, sg, wy1 + zc, zc, P.cap,
+                                       P.inv_cap};
           walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         }
       }
     }
   } else {
-    Pass1Prob<T> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps, P.eps_c,
-                   st};
+    Pass1Prob<T, kCap> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
+                         P.eps_c, st, P.cap, P.inv_cap};
     walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     st = group_allreduce<kGroup>(f.st, smem);
     m = st.m;
@@ -604,11 +677,12 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (P.fwd) {
       A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
       if (!isfinite(l)) {  // the same in every thread of the group (st is)
-        ProbLossTerms<T> terms{a.input + base, a.target_prob + base, a.weight, stride, m, log_s,
-                               one_m_eps, P.eps_c, A(0)};
+        ProbLossTerms<T, kCap> terms{a.input + base, a.target_prob + base, a.weight, stride, m,
+                                     log_s, one_m_eps, P.eps_c, P.cap, P.inv_cap, A(0)};
         walk<T, kVec, kWalkUnrollProb>(terms, C, head, gt, G);
         l = group_sum<kGroup>(terms.sum, reinterpret_cast<A*>(smem));
       }
+      if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
       if (leader) {
         a.lse[row] = m + log_s;
         if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
@@ -616,10 +690,11 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       }
     }
     if (a.grad_input != nullptr || a.grad_target != nullptr) {
-      Pass2Prob<T> f{a.input + base, a.target_prob + base,
-                     a.grad_input ? a.grad_input + base : nullptr,
-                     a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m, log_s,
-                     log_s * A(kLog2e), st.u, one_m_eps, P.eps_c, sg};
+      Pass2Prob<T, kCap> f{a.input + base, a.target_prob + base,
+                           a.grad_input ? a.grad_input + base : nullptr,
+                           a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m,
+                           log_s, log_s * A(kLog2e), st.u + A(2) * P.z * (m + log_s), one_m_eps,
+                           P.eps_c, sg, P.cap, P.inv_cap};
       walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     }
   }
@@ -635,7 +710,7 @@ __device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
 // loads in flight); the probability-target and double ones get 128 (no spills).
-template <typename T, bool kProb, bool kVec, int kGroup>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
 __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
@@ -645,12 +720,12 @@ __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row
   const int64_t first = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int64_t step = int64_t(gridDim.x) * groups_per_block;
   for (int64_t row = first; row < P.rows; row += step) {
-    ce_row<T, kProb, kVec, kGroup>(P, row, row * P.a.C, 1, gt, G, smem);
+    ce_row<T, kProb, kVec, kGroup, kCap>(P, row, row * P.a.C, 1, gt, G, smem);
   }
 }
 
 // One thread per position (n, d): coalesced over d for D > 1.
-template <typename T, bool kProb>
+template <typename T, bool kProb, bool kCap>
 __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13
   const int64_t D = P.a.D;
@@ -658,7 +733,7 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < P.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = row / D, d = row - n * D;
-    ce_row<T, kProb, false, 1>(P, row, n * CD + d, D, 0, 1, nullptr);
+    ce_row<T, kProb, false, 1, kCap>(P, row, n * CD + d, D, 0, 1, nullptr);
   }
 }
 
@@ -690,7 +765,7 @@ __device__ __forceinline__ void split_slice(int64_t C, int64_t S, int64_t k, int
 
 // Kernel 1: each slice's statistics, and x_y (read before kernel 2 may write the gradient over
 // it in place).
-template <typename T, bool kVec, bool kSmooth>
+template <typename T, bool kVec, bool kSmooth, bool kCap>
 __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P, int64_t S) {
   using A = acc_t<T>;
   if (skip_backward(P.a)) return;  // issue 13
@@ -700,8 +775,8 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
   int64_t c0, len;
   split_slice<T>(a.C, S, k, c0, len);
   const T* xs = a.input + row * a.C + c0;
-  Pass1Index<T, kSmooth> f{xs, a.weight != nullptr ? a.weight + c0 : nullptr, 1,
-                           Stats<A>{A(-INFINITY), A(0), A(0), A(0)}};
+  Pass1Index<T, kSmooth, kCap> f{xs, a.weight != nullptr ? a.weight + c0 : nullptr, 1,
+                                 Stats<A>{A(-INFINITY), A(0), A(0), A(0)}, P.cap, P.inv_cap};
   walk<T, kVec, kWalkUnrollIndex>(f, len, vec_head<T, kVec>(xs, len), threadIdx.x, blockDim.x);
   const Stats<A> st = block_allreduce(f.st, smem);
   if (threadIdx.x == 0) {
@@ -712,14 +787,15 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
     part[3] = st.d;
     const int64_t y = a.target_index[row];
     if (k == 0 && P.fwd && y != a.ignore_index && y >= 0 && y < a.C) {
-      P.split[a.N * a.D * S * 4 + row] = to_acc(a.input[row * a.C + y]);
+      P.split[a.N * a.D * S * 4 + row] =
+          capped<kCap, kApproxExp<T>>(to_acc(a.input[row * a.C + y]), P.cap, P.inv_cap);
     }
   }
 }
 
 // Kernel 2: the row's S partials merged in a fixed order (the same bits in every block), the
 // loss (block k = 0) and the slice's gradient.
-template <typename T, bool kVec, bool kSmooth>
+template <typename T, bool kVec, bool kSmooth, bool kCap>
 __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P, int64_t S) {
   using A = acc_t<T>;
   if (skip_backward(P.a)) return;  // issue 13
@@ -744,6 +820,7 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
       const A xy = P.split[a.N * a.D * S * 4 + row];
       l = one_m_eps * wy * ((m - xy) + log_s);
       if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+      if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
     }
     if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
     else P.row_loss[row] = l;
@@ -756,8 +833,8 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
   const int head = vec_head<T, kVec>(xs, len);
   const int gt = threadIdx.x, G = blockDim.x;
   if (ignored && ignored_row_reads<T>(m, log_s)) {  // as in ce_row
-    Pass2Index<T, false> f{xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0), A(0),
-                           A(1)};
+    Pass2Index<T, false, kCap> f{xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0),
+                                 A(0), A(1), A(0), A(0), P.cap, P.inv_cap};
     walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
     return;
   }
@@ -770,42 +847,44 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
   const bool owns_y = y >= c0 && y < c0 + len && gt == walk_owner<T, kVec>(y - c0, len, head, G);
   const A xy_own = owns_y ? to_acc(xs[y - c0]) : A(0);
   const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-  Pass2Index<T, kSmooth> f{xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m, log_s,
-                           log_s * A(kLog2e), one_m_eps * wy, wsum, P.eps_c,
-                           grad_scale(P, row)};
+  const A wy1 = one_m_eps * wy;
+  const A zc = A(2) * P.z * (m + log_s);
+  Pass2Index<T, kSmooth, kCap> f{xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m,
+                                 log_s, log_s * A(kLog2e), wy1, wsum, P.eps_c,
+                                 grad_scale(P, row), wy1 + zc, zc, P.cap, P.inv_cap};
   walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
   if (owns_y) f.fix_target(y - c0, xy_own);
 }
 
-template <typename T, bool kVec, bool kSmooth>
+template <typename T, bool kVec, bool kSmooth, bool kCap>
 void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
   constexpr int V = VecTraits<T>::kVec;
   const int64_t nvec = (P.a.C / S) / V;
   int threads = 64;
   while (threads < 512 && threads * 16 < nvec) threads *= 2;
   const unsigned grid = unsigned(P.rows * S);
-  launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
-  launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth>>(grid, threads, 0, stream, P, S);
+  launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
+  launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
 }
 
 // Splits the rows when there are too few (class index, float/half/bfloat16, with statistics).
-template <typename T, bool kProb>
+template <typename T, bool kProb, bool kCap>
 bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
   if constexpr (!kProb && sizeof(T) <= 4) {
     const int64_t S = ce_split_count(P.rows, P.a.C);
     if (S <= 1) return false;
     const bool smooth = P.eps != acc_t<T>(0);
-    if (vec && smooth) launch_split<T, true, true>(P, S, stream);
-    else if (vec) launch_split<T, true, false>(P, S, stream);
-    else if (smooth) launch_split<T, false, true>(P, S, stream);
-    else launch_split<T, false, false>(P, S, stream);
+    if (vec && smooth) launch_split<T, true, true, kCap>(P, S, stream);
+    else if (vec) launch_split<T, true, false, kCap>(P, S, stream);
+    else if (smooth) launch_split<T, false, true, kCap>(P, S, stream);
+    else launch_split<T, false, false, kCap>(P, S, stream);
     return true;
   } else {
     return false;
   }
 }
 
-template <typename T, bool kProb>
+template <typename T, bool kProb, bool kCap>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t sms = num_sms();
@@ -819,12 +898,15 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     const bool vec = (xa % sizeof(T)) == 0 && same(a.target_prob) && same(a.grad_input) &&
                      same(a.grad_target);
     const int64_t nvec = a.C / V;
-    if (try_split<T, kProb>(P, vec, stream)) return;
+    if (try_split<T, kProb, kCap>(P, vec, stream)) return;
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 32>>(grid, kThreads, 0, stream, P);
-      else launch_kernel<ce_row_kernel<T, kProb, false, 32>>(grid, kThreads, 0, stream, P);
+      if (vec) {
+        launch_kernel<ce_row_kernel<T, kProb, true, 32, kCap>>(grid, kThreads, 0, stream, P);
+      } else {
+        launch_kernel<ce_row_kernel<T, kProb, false, 32, kCap>>(grid, kThreads, 0, stream, P);
+      }
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
@@ -834,12 +916,12 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       int64_t cap = sms * (2048 / threads);
       cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
-      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0>>(grid, threads, 0, stream, P);
-      else launch_kernel<ce_row_kernel<T, kProb, false, 0>>(grid, threads, 0, stream, P);
+      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0, kCap>>(grid, threads, 0, stream, P);
+      else launch_kernel<ce_row_kernel<T, kProb, false, 0, kCap>>(grid, threads, 0, stream, P);
     }
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
-    launch_kernel<ce_column_kernel<T, kProb>>(grid, 256, 0, stream, P);
+    launch_kernel<ce_column_kernel<T, kProb, kCap>>(grid, 256, 0, stream, P);
   }
 }
 
@@ -868,6 +950,9 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.Wsum = nullptr;
   P.row_loss = row_loss;
   P.split = split;
+  P.z = A(a.z_loss);
+  P.cap = A(a.softcap);
+  P.inv_cap = a.softcap > 0 ? A(1.0 / a.softcap) : A(0);
   P.fwd = fwd;
   P.rows = rows;
 
@@ -882,8 +967,11 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
     P.Wsum = Wsum;
   }
   if (rows > 0) {
-    if (prob) launch_main<T, true>(P, stream);
-    else launch_main<T, false>(P, stream);
+    const bool cap = a.softcap > 0;
+    if (prob && cap) launch_main<T, true, true>(P, stream);
+    else if (prob) launch_main<T, true, false>(P, stream);
+    else if (cap) launch_main<T, false, true>(P, stream);
+    else launch_main<T, false, false>(P, stream);
   }
   if (fwd && a.reduction != 0) {
     // mean: / W (class index, on the device) or / rows (probabilities); 0 rows: 0/0 = nan.

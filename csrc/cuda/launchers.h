@@ -105,6 +105,8 @@ struct CrossEntropyArgs {
   int64_t ignore_index = -100;
   double label_smoothing = 0;
   int reduction = 1;
+  double z_loss = 0;   // adds z_loss * lse^2 per non-ignored row (0: off)
+  double softcap = 0;  // > 0: logits x -> softcap * tanh(x / softcap) first (0: off)
 };
 
 // Split rows: too few rows of many classes to fill a GPU (16 x 256000) are cut into S slices of

@@ -48,7 +48,7 @@ class Emulator:
         lib.tl_emu_pointwise_num_partials.restype = i64
         lib.tl_emu_pointwise_num_partials.argtypes = [i32, i64]
         lib.tl_emu_cross_entropy.argtypes = [i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, vp,
-                                             i64, i64, i64, i64, dbl, i32]
+                                             i64, i64, i64, i64, dbl, i32, dbl, dbl]
         lib.tl_emu_pointwise.argtypes = [i32, i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, i64,
                                          dbl, i32]
         lib.tl_emu_set_skip_if_grad_output_is_one.argtypes = [i32]
@@ -155,10 +155,11 @@ class Session:
     def cross_entropy(self, x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                       reduction="mean", want_grad=False, want_target_grad=False, inplace=False,
                       grad_output=None, lse=None, layout=0, target_layout=None,
-                      out_layout=None):
+                      out_layout=None, z_loss=0.0, softcap=None):
         """One launch_cross_entropy call, set up as csrc/ops.h does. x: (N, C, D) or (N, C).
         Forward: grad_output None; returns loss, lse and the gradients asked for (grad_output
-        1). Backward: grad_output (0-dim, or (N, D) for 'none') and the forward's lse."""
+        1). Backward: grad_output (0-dim, or (N, D) for 'none') and the forward's lse.
+        z_loss, softcap: the LLM-training extras (softcap None: off)."""
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(2)
@@ -200,7 +201,8 @@ class Session:
             DTYPE_CODE[dt], xb.ptr, None if prob else tb.ptr, tb.ptr if prob else None,
             self._ptr(wb), self._ptr(gob), int(gob is not None and grad_output.dim() == 0),
             self._ptr(loss), lseb.ptr, self._ptr(gi), self._ptr(gt), scratch.ptr, N, C, D,
-            ignore_index, ls, REDUCTION[reduction])
+            ignore_index, ls, REDUCTION[reduction], float(z_loss),
+            0.0 if softcap is None else float(softcap))
         self._check(rc)
 
         def out(b, row_shaped=False):

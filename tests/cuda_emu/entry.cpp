@@ -51,7 +51,8 @@ int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_ind
                          const void* target_prob, const void* weight, const void* grad_output,
                          int grad_output_scalar, void* loss, void* lse, void* grad_input,
                          void* grad_target, void* scratch, int64_t N, int64_t C, int64_t D,
-                         int64_t ignore_index, double label_smoothing, int reduction) {
+                         int64_t ignore_index, double label_smoothing, int reduction,
+                         double z_loss, double softcap) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = tc::acc_t<T>;
@@ -73,6 +74,8 @@ int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_ind
     a.ignore_index = ignore_index;
     a.label_smoothing = label_smoothing;
     a.reduction = reduction;
+    a.z_loss = z_loss;
+    a.softcap = softcap;
     a.skip_if_grad_output_is_one = g_skip_if_grad_output_is_one;
     tc::launch_cross_entropy<T>(a, nullptr);
   });
