@@ -1,0 +1,269 @@
+// Vocabulary-parallel cross-entropy on the CPU: the two per-shard passes of
+// csrc/losses/vocab_parallel.h (the formulas), their argument checks and registrations.
+// torch_losses/distributed.py runs the collectives between them.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu/cpu_backend.h"
+#include "cpu/vec_math.h"
+#include "losses/vocab_parallel.h"
+
+namespace torch_losses {
+namespace {
+
+namespace vp = vocab_parallel;
+
+// The checked, contiguous arguments shared by both ops.
+struct Shard {
+  Tensor logits, target, weight;
+  bool probs = false;
+  int64_t N = 0, V = 0;  // rows, classes of this shard
+};
+
+Shard check_shard(const Tensor& logits, const Tensor& target, const OptTensor& weight) {
+  check_floating(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "torch_losses: vocab-parallel ops take logits (N, V_local), got ",
+              logits.sizes());
+  TORCH_CHECK(target.device() == logits.device(), "torch_losses: target is on ", target.device(),
+              " but logits are on ", logits.device());
+  Shard s;
+  s.N = logits.size(0);
+  s.V = logits.size(1);
+  s.probs = target.dim() == 2;
+  if (s.probs) {
+    check_like_input(logits, target, "target");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong,
+                "torch_losses: class-index target must be int64, got ", target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == s.N, "torch_losses: target has shape ",
+                target.sizes(), ", expected (", s.N, ")");
+  }
+  s.logits = logits.contiguous();
+  s.target = target.contiguous();
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->device() == logits.device() &&
+                    weight->scalar_type() == accumulation_type(logits.scalar_type()) &&
+                    weight->dim() == 1 && weight->size(0) == s.V,
+                "torch_losses: weight must be this shard's (V_local) class weights in the "
+                "accumulation dtype, got ", weight->scalar_type(), " of shape ", weight->sizes());
+    s.weight = weight->contiguous();
+  }
+  return s;
+}
+
+// Row n of the shard in the accumulation type, softcapped.
+template <typename acc_t, typename scalar_t>
+void load_row(const scalar_t* src, int64_t V, acc_t cap, acc_t* dst) {
+  convert_to_acc(src, dst, V);
+  if (cap > acc_t(0)) {
+    for (int64_t c = 0; c < V; ++c) dst[c] = vp::softcapped(dst[c], cap);
+  }
+}
+
+template <typename T>
+T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename scalar_t>
+void stats_kernel(const Shard& s, int64_t vocab_start, int64_t ignore_index, bool smoothing,
+                  double softcap, Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t V = s.V;
+  const scalar_t* x = s.logits.const_data_ptr<scalar_t>();
+  const scalar_t* t = s.probs ? s.target.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t* labels = s.probs ? nullptr : s.target.const_data_ptr<int64_t>();
+  const acc_t* w = s.weight.defined() ? s.weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t cap = static_cast<acc_t>(softcap);
+  acc_t* stats = out.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xr(V), tr(t ? V : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      load_row(x + n * V, V, cap, xr.data());
+      if (t) convert_to_acc(t + n * V, tr.data(), V);
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t c = 0; c < V; ++c) m = nan_max(m, xr[c]);
+      acc_t sum_exp = 0, prob_weight = 0, prob_shift = 0, class_weight = 0, class_shift = 0;
+      for (int64_t c = 0; c < V; ++c) {
+        const acc_t xc = xr[c];
+        sum_exp += std::exp(xc - m);
+        const acc_t wc = w ? w[c] : acc_t(1);
+        if (t) {
+          prob_weight += wc * tr[c];
+          prob_shift += wc * tr[c] * (m - xc);
+        }
+        if (smoothing) {
+          class_weight += wc;
+          class_shift += wc * (m - xc);
+        }
+      }
+      acc_t* row = stats + n * vp::kLocalColumns;
+      row[vp::kLocalMax] = m;
+      row[vp::kLocalSumExp] = sum_exp;
+      row[vp::kLocalProbWeight] = prob_weight;
+      row[vp::kLocalProbShift] = prob_shift;
+      row[vp::kLocalClassWeight] = class_weight;
+      row[vp::kLocalClassShift] = class_shift;
+      row[vp::kLocalTargetGap] = 0;
+      row[vp::kLocalTargetWeight] = 0;
+      row[vp::kLocalOwned] = 0;
+      // An out-of-bounds target is not an error here: every rank must reach the collectives.
+      // The grad op raises on every rank from the summed ownership count.
+      const int64_t local = labels ? labels[n] - vocab_start : -1;
+      if (labels && labels[n] != ignore_index && local >= 0 && local < V) {
+        row[vp::kLocalTargetGap] = m - xr[local];
+        row[vp::kLocalTargetWeight] = w ? w[local] : acc_t(1);
+        row[vp::kLocalOwned] = 1;
+      }
+    }
+  });
+}
+
+Tensor vocab_parallel_ce_stats(const Tensor& logits, const Tensor& target,
+                               const OptTensor& weight, int64_t vocab_start,
+                               int64_t ignore_index, double label_smoothing, double softcap) {
+  Shard s = check_shard(logits, target, weight);
+  Tensor out = at::empty({s.N, vp::kLocalColumns},
+                         s.logits.options().dtype(accumulation_type(s.logits.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.logits.scalar_type(),
+                                  "torch_losses_vocab_parallel_ce_stats", [&] {
+    stats_kernel<scalar_t>(s, vocab_start, ignore_index, label_smoothing > 0, softcap, out);
+  });
+  return out;
+}
+
+struct GradArgs {
+  Tensor row_max, row_sums, vocab_size, scale;
+  int64_t vocab_start = 0, ignore_index = -100;
+  double label_smoothing = 0, z_loss = 0, softcap = 0;
+};
+
+template <typename scalar_t>
+void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_input,
+                 Tensor& grad_target) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t V = s.V;
+  const scalar_t* x = s.logits.const_data_ptr<scalar_t>();
+  const scalar_t* t = s.probs ? s.target.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t* labels = s.probs ? nullptr : s.target.const_data_ptr<int64_t>();
+  const acc_t* w = s.weight.defined() ? s.weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* row_max = a.row_max.const_data_ptr<acc_t>();
+  const acc_t* sums = a.row_sums.const_data_ptr<acc_t>();
+  const acc_t cap = static_cast<acc_t>(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.label_smoothing > 0 ? a.label_smoothing : 0.0);
+  const acc_t total_classes = a.vocab_size.const_data_ptr<acc_t>()[0];
+  const acc_t spread = eps != acc_t(0) ? eps / total_classes : acc_t(0);
+  const acc_t scale = a.scale.const_data_ptr<acc_t>()[0];
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  scalar_t* gx = grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt = grad_target.defined() ? grad_target.mutable_data_ptr<scalar_t>() : nullptr;
+
+  // Every rank holds the same sums, so every rank raises here, together (after the
+  // collectives: no rank is left waiting in one).
+  if (labels) {
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (labels[n] == a.ignore_index) continue;
+      const acc_t owned = sums[n * vp::kSumColumns + vp::kOwned];
+      TORCH_CHECK_INDEX(owned != acc_t(0), "Target ", labels[n], " is out of bounds.");
+      TORCH_CHECK_INDEX(owned == acc_t(1), "torch_losses: target ", labels[n], " of row ", n,
+                        " lies in ", owned, " ranks' vocabulary shards: the shards overlap or "
+                        "the ranks' targets differ");
+    }
+  }
+
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xr((gx || gt) ? V : 0), tr(t && (gx || gt) ? V : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* row_sums = sums + n * vp::kSumColumns;
+      vp::GlobalRow<acc_t> g{row_max[n], std::log(row_sums[vp::kSumExp]), acc_t(1) - eps,
+                             spread, static_cast<acc_t>(a.z_loss), row_sums};
+      const bool ignored = labels && labels[n] == a.ignore_index;
+      loss_out[n] = ignored ? acc_t(0) : g.loss(t != nullptr);
+      if (!gx && !gt) continue;
+
+      load_row(x + n * V, V, cap, xr.data());
+      if (t) convert_to_acc(t + n * V, tr.data(), V);
+      if (gt) {  // d loss / d t_c = keep w_c (lse - x_c)
+        const acc_t k = scale * g.keep;
+        for (int64_t c = 0; c < V; ++c) {
+          gt[n * V + c] = static_cast<scalar_t>(k * (w ? w[c] : acc_t(1)) * g.nll(xr[c]));
+        }
+      }
+      if (!gx) continue;
+      scalar_t* grow = gx + n * V;
+      if (ignored) {
+        // 0 * softmax, as torch's log_softmax backward: NaN where the row's softmax is NaN.
+        const acc_t zero = std::isfinite(g.lse()) ? acc_t(0) : g.lse() * acc_t(0);
+        std::fill(grow, grow + V, static_cast<scalar_t>(zero));
+        continue;
+      }
+      const acc_t coefficient = g.softmax_coefficient(t != nullptr);
+      for (int64_t c = 0; c < V; ++c) {
+        const acc_t wc = w ? w[c] : acc_t(1);
+        const acc_t v = t ? wc * (g.keep * tr[c] + spread) : spread * wc;
+        const acc_t d = coefficient * g.softmax(xr[c]) - v;
+        grow[c] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[c], cap));
+      }
+      const int64_t local = labels ? labels[n] - a.vocab_start : -1;
+      if (local >= 0 && local < V) {
+        // the target's entry: keep w_y (p_y - 1) formed before the other terms
+        const acc_t wy = row_sums[vp::kTargetWeight];
+        const acc_t p = g.softmax(xr[local]);
+        const acc_t d = g.keep * wy * (p - acc_t(1)) + (coefficient - g.keep * wy) * p -
+                        spread * (w ? w[local] : acc_t(1));
+        grow[local] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[local], cap));
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad(
+    const Tensor& logits, const Tensor& target, const OptTensor& weight, const Tensor& row_max,
+    const Tensor& row_sums, const Tensor& vocab_size, const Tensor& scale, int64_t vocab_start,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    bool input_grad, bool target_grad) {
+  Shard s = check_shard(logits, target, weight);
+  TORCH_CHECK(!target_grad || s.probs, "torch_losses: class-index targets have no gradient");
+  const auto acc = accumulation_type(s.logits.scalar_type());
+  auto check_stat = [&](const Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.device() == s.logits.device() && t.scalar_type() == acc && t.sizes() == shape,
+                "torch_losses: ", name, " must be ", acc, " of shape ", shape, " on ",
+                s.logits.device(), ", got ", t.scalar_type(), " of shape ", t.sizes());
+  };
+  check_stat(row_max, {s.N}, "row_max");
+  check_stat(row_sums, {s.N, vp::kSumColumns}, "row_sums");
+  check_stat(vocab_size, {}, "vocab_size");
+  check_stat(scale, {}, "scale");
+  GradArgs a{row_max.contiguous(), row_sums.contiguous(), vocab_size, scale, vocab_start,
+             ignore_index, label_smoothing, z_loss, softcap};
+  Tensor loss = at::empty({s.N}, s.logits.options().dtype(acc));
+  Tensor grad_input = grad_like(s.logits, input_grad);
+  Tensor grad_target = target_grad ? grad_like(s.target, true) : Tensor();
+  advise_huge_pages(grad_input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.logits.scalar_type(),
+                                  "torch_losses_vocab_parallel_ce_grad", [&] {
+    grad_kernel<scalar_t>(s, a, loss, grad_input, grad_target);
+  });
+  return {loss, or_empty(grad_input, s.logits), or_empty(grad_target, s.logits)};
+}
+
+}  // namespace
+
+void register_vocab_parallel_cpu(torch::Library& m) {
+  m.impl("vocab_parallel_ce_stats", &vocab_parallel_ce_stats);
+  m.impl("vocab_parallel_ce_grad", &vocab_parallel_ce_grad);
+}
+
+}  // namespace torch_losses

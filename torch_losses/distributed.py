@@ -1,0 +1,276 @@
+"""Vocabulary-parallel cross-entropy over torch.distributed (tensor parallelism of the LM head).
+
+Each rank of `group` holds the logits of a contiguous slice of the vocabulary, logits_shard
+(..., V_local) for classes [vocab_start, vocab_start + V_local). The result equals
+torch.nn.functional.cross_entropy of the concatenated logits, value and gradient, without the
+full logits on any rank:
+
+1. op vocab_parallel_ce_stats reads the shard once: per row its max, sum of exp relative to it,
+   the target's logit where this shard holds the target, and the weighted sums that label
+   smoothing and probability targets need (csrc/losses/vocab_parallel.h).
+2. all-reduce MAX of the row maxima: N floats.
+3. every sum is moved to the global max; all-reduce SUM of 8 N + 1 floats (the last: the shard
+   sizes, giving the vocabulary size).
+4. op vocab_parallel_ce_grad: the per-row loss from the sums alone (the same on every rank) and
+   the shard's gradient, written in the forward; backward only scales it by grad_output.
+
+So two all-reduces of O(N) floats per call, on the current stream, no host synchronization.
+When vocab_start is not given it is derived once per (group, V_local) from an all-gather of the
+shard sizes (cached: every rank of the group must then keep its shard size).
+
+Class weights are the full (V) vector, replicated (as torch's weight=). z_loss adds
+z_loss * lse^2 per counted row (not class-weighted; same 'mean' denominator); softcap replaces
+the logits by softcap * tanh(logits / softcap) before the softmax.
+
+torch_losses.functional.cross_entropy routes a DTensor input sharded on the class dimension
+(1-D device mesh) here: see dtensor_cross_entropy.
+"""
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "dtensor_cross_entropy"]
+
+ops = torch.ops.torch_losses
+_REDUCTIONS = ("none", "mean", "sum")
+
+# Column layout of csrc/losses/vocab_parallel.h.
+_LOCAL_MAX, _LOCAL_SUMS = 0, slice(1, 9)
+_SUM_EXP, _TARGET_GAP, _TARGET_WEIGHT, _PROB_WEIGHT, _PROB_SHIFT, _CLASS_WEIGHT, \
+    _CLASS_SHIFT, _OWNED = range(8)
+_SUM_COLUMNS = 8
+# In the summed payload: the columns shifted by (M - m) and the weights that multiply it.
+_SHIFTED, _SHIFT_WEIGHTS = [_TARGET_GAP, _PROB_SHIFT, _CLASS_SHIFT], [_OWNED, _PROB_WEIGHT,
+                                                                        _CLASS_WEIGHT]
+
+_VOCAB_STARTS = {}
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Group:
+    """The process group (None: the default one; no initialized default: a single process)."""
+
+    def __init__(self, group):
+        self.active = group is not None or (dist.is_available() and dist.is_initialized())
+        self.group = group
+        self.size = dist.get_world_size(group) if self.active else 1
+        self.rank = dist.get_rank(group) if self.active else 0
+
+    def all_reduce(self, tensor, op):
+        if self.active and self.size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+
+    def vocab_start(self, local_size, device):
+        """This rank's first class, from an all-gather of the shard sizes (once per group and
+        local size: a host synchronization)."""
+        if self.size == 1:
+            return 0
+        key = (self.group if self.group is not None else dist.group.WORLD, local_size)
+        if key not in _VOCAB_STARTS:
+            mine = torch.tensor([local_size], dtype=torch.int64, device=device)
+            sizes = [torch.empty_like(mine) for _ in range(self.size)]
+            dist.all_gather(sizes, mine, group=self.group)
+            _VOCAB_STARTS[key] = sum(int(s) for s in sizes[:self.rank])
+        return _VOCAB_STARTS[key]
+
+
+def _global_statistics(local, group, local_classes):
+    """The two all-reduces: (row_max (N), row_sums (N, 8), vocab_size (0-dim))."""
+    row_max = local[:, _LOCAL_MAX].clone()
+    group.all_reduce(row_max, dist.ReduceOp.MAX)
+    # delta = M - m, 0 where they are equal (also both -inf)
+    delta = torch.where(local[:, _LOCAL_MAX] == row_max, 0.0, row_max - local[:, _LOCAL_MAX])
+    payload = local.new_empty((local.shape[0] * _SUM_COLUMNS + 1,))
+    sums = payload[:-1].view(-1, _SUM_COLUMNS)
+    sums.copy_(local[:, _LOCAL_SUMS])
+    sums[:, _SUM_EXP] *= torch.exp(-delta)
+    weights = sums[:, _SHIFT_WEIGHTS]
+    moves = torch.where(weights != 0, delta.unsqueeze(1) * weights, 0.0)
+    sums[:, _SHIFTED] += moves
+    payload[-1] = local_classes
+    group.all_reduce(payload, dist.ReduceOp.SUM)
+    return row_max, sums, payload[-1]
+
+
+def _mean_factor(sums, probs, reduction):
+    """(gradient scale, 'mean' factor of the summed loss), 0-dim float64: torch's denominator
+    is the number of rows (probabilities) or the weight sum of the counted targets; a zero
+    denominator gives nan, as torch's 0 / 0."""
+    if reduction != "mean":
+        one = sums.new_ones((), dtype=torch.float64)
+        return one, one
+    if probs:
+        denominator = sums.new_full((), sums.shape[0], dtype=torch.float64)
+    else:
+        denominator = sums[:, _TARGET_WEIGHT].sum(dtype=torch.float64)
+    factor = torch.where(denominator == 0, torch.nan, 1.0 / denominator)
+    return factor, factor
+
+
+def _reduce(row_loss, reduction, factor, dtype, batch_shape):
+    if reduction == "none":
+        return row_loss.to(dtype).reshape(batch_shape)
+    total = row_loss.sum(dtype=torch.float64)
+    if reduction == "mean":
+        total = total * factor
+    return total.to(dtype)
+
+
+class _Shard:
+    """The checked, flattened arguments of one call."""
+
+    def __init__(self, logits_shard, target, weight, group, vocab_start, ignore_index,
+                 label_smoothing, reduction, z_loss, softcap):
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        if label_smoothing > 1.0:
+            raise RuntimeError(
+                f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap}")
+        if not logits_shard.is_floating_point() or logits_shard.dim() == 0:
+            raise ValueError("vocab_parallel_cross_entropy: floating point logits (..., V_local) "
+                             f"expected, got {logits_shard.dtype} of shape "
+                             f"{list(logits_shard.shape)}")
+        if logits_shard.device.type != "cpu":
+            raise NotImplementedError(
+                "torch_losses: vocab-parallel cross-entropy has CPU kernels only so far; "
+                f"logits on {logits_shard.device} are not supported")
+        self.group = _Group(group)
+        self.local_classes = logits_shard.shape[-1]
+        self.batch_shape = logits_shard.shape[:-1]
+        self.probs = target.shape == logits_shard.shape and target.is_floating_point()
+        if self.probs:
+            if target.dtype != logits_shard.dtype:
+                raise RuntimeError(f"vocab_parallel_cross_entropy: probability targets of "
+                                   f"{logits_shard.dtype} expected, got {target.dtype}")
+            if ignore_index >= 0:
+                raise RuntimeError("ignore_index is not supported for floating point target")
+        elif target.dtype != torch.long or target.shape != self.batch_shape:
+            raise RuntimeError(
+                f"vocab_parallel_cross_entropy: expected an int64 target of shape "
+                f"{list(self.batch_shape)} or probabilities of shape "
+                f"{list(logits_shard.shape)}, got {target.dtype} of shape {list(target.shape)}")
+        if vocab_start is None:
+            vocab_start = self.group.vocab_start(self.local_classes, logits_shard.device)
+        self.vocab_start = int(vocab_start)
+        self.weight = None
+        if weight is not None:
+            if weight.dim() != 1 or weight.numel() < self.vocab_start + self.local_classes:
+                raise RuntimeError(
+                    f"vocab_parallel_cross_entropy: weight must hold the whole vocabulary's "
+                    f"class weights, got shape {list(weight.shape)} for a shard "
+                    f"[{self.vocab_start}, {self.vocab_start + self.local_classes})")
+            if weight.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError(
+                    "vocab_parallel_cross_entropy: not differentiable with respect to weight")
+            self.weight = weight.detach()[
+                self.vocab_start:self.vocab_start + self.local_classes].to(
+                    _acc_dtype(logits_shard.dtype)).contiguous()
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+        self.z_loss = float(z_loss)
+        self.softcap = 0.0 if softcap is None else float(softcap)
+
+    def rows(self, tensor):
+        """(N, V_local) or (N) view of a (..., V_local) or (...) tensor."""
+        if tensor.shape == self.batch_shape:
+            return tensor.reshape(-1)
+        return tensor.reshape(-1, self.local_classes)
+
+    def statistics(self, logits, target):
+        """Pass 1 and the two all-reduces."""
+        local = ops.vocab_parallel_ce_stats(logits, target, self.weight, self.vocab_start,
+                                            self.ignore_index, self.label_smoothing,
+                                            self.softcap)
+        return _global_statistics(local, self.group, self.local_classes)
+
+    def grad(self, logits, target, stats, scale, input_grad, target_grad):
+        row_max, sums, vocab_size = stats
+        return ops.vocab_parallel_ce_grad(
+            logits, target, self.weight, row_max, sums, vocab_size,
+            scale.to(row_max.dtype), self.vocab_start, self.ignore_index,
+            self.label_smoothing, self.z_loss, self.softcap, input_grad, target_grad)
+
+
+def _scale_(grad, grad_output, per_row):
+    """grad *= grad_output in place; per_row: grad_output (...) scales the rows of grad
+    (..., V_local)."""
+    if per_row:
+        grad.mul_(grad_output.unsqueeze(-1).to(grad.dtype))
+    else:
+        ops.scale_grad_(grad, grad_output)
+    return grad
+
+
+class VocabParallelCrossEntropyFunction(Function):
+    """Forward: statistics, two all-reduces, loss and the shard's gradient for grad_output = 1.
+    Backward: that gradient scaled by grad_output (per row for 'none'); a second backward
+    through a retained graph recomputes it from the saved statistics (no collective)."""
+
+    @staticmethod
+    def forward(ctx, logits_shard, target, shard):
+        logits = shard.rows(logits_shard)
+        target_rows = shard.rows(target)
+        input_grad = ctx.needs_input_grad[0]
+        target_grad = ctx.needs_input_grad[1] and shard.probs
+        stats = shard.statistics(logits, target_rows)
+        scale, factor = _mean_factor(stats[1], shard.probs, shard.reduction)
+        row_loss, grad_input, grad_target = shard.grad(logits, target_rows, stats, scale,
+                                                       input_grad, target_grad)
+        ctx.shard = shard
+        ctx.shapes = (logits_shard.shape, target.shape)
+        ctx.grads = [grad_input.view(logits_shard.shape) if input_grad else None,
+                     grad_target.view(target.shape) if target_grad else None]
+        ctx.save_for_backward(logits, target_rows, scale, *stats)
+        ctx.set_materialize_grads(False)
+        return _reduce(row_loss, shard.reduction, factor, logits_shard.dtype, shard.batch_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return None, None, None
+        shard = ctx.shard
+        grad_input, grad_target = ctx.grads
+        ctx.grads = [None, None]  # AccumulateGrad adopts the buffers; a second backward recomputes
+        input_grad = ctx.needs_input_grad[0]
+        target_grad = ctx.needs_input_grad[1] and shard.probs
+        if (input_grad and grad_input is None) or (target_grad and grad_target is None):
+            logits, target_rows, scale, *stats = ctx.saved_tensors
+            _, gx, gt = shard.grad(logits, target_rows, stats, scale, input_grad, target_grad)
+            grad_input = gx.view(ctx.shapes[0]) if input_grad else None
+            grad_target = gt.view(ctx.shapes[1]) if target_grad else None
+        per_row = shard.reduction == "none"
+        if grad_input is not None:
+            grad_input = _scale_(grad_input, grad_output, per_row)
+        if grad_target is not None:
+            grad_target = _scale_(grad_target, grad_output, per_row)
+        return grad_input, grad_target, None
+
+
+def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_start=None,
+                                 weight=None, ignore_index=-100, label_smoothing=0.0,
+                                 reduction="mean", z_loss=0.0, softcap=None):
+    """Cross-entropy of logits sharded over the vocabulary across `group`.
+
+    logits_shard: (..., V_local), this rank's classes [vocab_start, vocab_start + V_local)
+        (the class dimension is the LAST one; shards may be uneven).
+    target: (...) int64 global class indices (the same on every rank), or this rank's
+        (..., V_local) slice of class probabilities.
+    vocab_start: this rank's first class; None derives it once from the shard sizes.
+    weight: the whole vocabulary's (V) class weights (replicated), or None.
+    Returns what torch.nn.functional.cross_entropy returns for the concatenated logits (the
+    same value on every rank), plus z_loss * lse^2 per counted row and with logits
+    softcap * tanh(logits / softcap) where asked. Gradients flow to logits_shard (and to
+    probability targets).
+    """
+    shard = _Shard(logits_shard, target, weight, group, vocab_start, ignore_index,
+                   label_smoothing, reduction, z_loss, softcap)
+    if not torch.is_grad_enabled():
+        logits_shard, target = logits_shard.detach(), target.detach()
+    return VocabParallelCrossEntropyFunction.apply(logits_shard, target, shard)
