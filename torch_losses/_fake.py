@@ -79,7 +79,7 @@ def _vocab_parallel_ce_stats_fake(logits, target, weight, vocab_start, ignore_in
 
 
 @register_fake("torch_losses::vocab_parallel_ce_grad")
-def _vocab_parallel_ce_grad_fake(logits, target, weight, row_max, row_sums, vocab_size, scale,
+def _vocab_parallel_ce_grad_fake(logits, target, weight, maxima, row_sums, vocab_size, scale,
                                  vocab_start, ignore_index, label_smoothing, z_loss, softcap,
                                  input_grad, target_grad):
     torch._check(logits.dim() == 2, lambda: "vocab-parallel ops take logits (N, V_local)")

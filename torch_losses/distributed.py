@@ -8,9 +8,11 @@ full logits on any rank:
 1. op vocab_parallel_ce_stats reads the shard once: per row its max, sum of exp relative to it,
    the target's logit where this shard holds the target, and the weighted sums that label
    smoothing and probability targets need (csrc/losses/vocab_parallel.h).
-2. all-reduce MAX of the row maxima: N floats.
-3. every sum is moved to the global max; all-reduce SUM of 8 N + 1 floats (the last: the shard
-   sizes, giving the vocabulary size).
+2. all-reduce MAX of 3 N float64: the row maxima, and the max of the target and of minus the
+   target (so that targets that differ between ranks, e.g. out of bounds on one rank, raise on
+   every rank rather than giving a wrong loss).
+3. every sum is moved to the global max; all-reduce SUM of 8 N + 1 floats (the accumulation
+   dtype; the last: the shard sizes, giving the vocabulary size).
 4. op vocab_parallel_ce_grad: the per-row loss from the sums alone (the same on every rank) and
    the shard's gradient, written in the forward; backward only scales it by grad_output.
 
@@ -78,10 +80,17 @@ class _Group:
         return _VOCAB_STARTS[key]
 
 
-def _global_statistics(local, group, local_classes):
-    """The two all-reduces: (row_max (N), row_sums (N, 8), vocab_size (0-dim))."""
-    row_max = local[:, _LOCAL_MAX].clone()
-    group.all_reduce(row_max, dist.ReduceOp.MAX)
+def _global_statistics(local, target, probs, group, local_classes):
+    """The two all-reduces: (maxima (3, N) float64, row_sums (N, 8), vocab_size (0-dim)).
+    maxima holds the row max of the logits and, for class indices, the max of the target and
+    of minus the target over the ranks: the grad op raises on every rank where they differ."""
+    maxima = torch.zeros((3, local.shape[0]), dtype=torch.float64, device=local.device)
+    maxima[0] = local[:, _LOCAL_MAX]
+    if not probs:
+        maxima[1] = target
+        maxima[2] = -maxima[1]
+    group.all_reduce(maxima, dist.ReduceOp.MAX)
+    row_max = maxima[0].to(local.dtype)
     # delta = M - m, 0 where they are equal (also both -inf)
     delta = torch.where(local[:, _LOCAL_MAX] == row_max, 0.0, row_max - local[:, _LOCAL_MAX])
     payload = local.new_empty((local.shape[0] * _SUM_COLUMNS + 1,))
@@ -93,7 +102,7 @@ def _global_statistics(local, group, local_classes):
     sums[:, _SHIFTED] += moves
     payload[-1] = local_classes
     group.all_reduce(payload, dist.ReduceOp.SUM)
-    return row_max, sums, payload[-1]
+    return maxima, sums, payload[-1]
 
 
 def _mean_factor(sums, probs, reduction):
@@ -179,22 +188,22 @@ class _Shard:
 
     def rows(self, tensor):
         """(N, V_local) or (N) view of a (..., V_local) or (...) tensor."""
+        rows = self.batch_shape.numel()
         if tensor.shape == self.batch_shape:
-            return tensor.reshape(-1)
-        return tensor.reshape(-1, self.local_classes)
+            return tensor.reshape(rows)
+        return tensor.reshape(rows, self.local_classes)
 
     def statistics(self, logits, target):
         """Pass 1 and the two all-reduces."""
         local = ops.vocab_parallel_ce_stats(logits, target, self.weight, self.vocab_start,
                                             self.ignore_index, self.label_smoothing,
                                             self.softcap)
-        return _global_statistics(local, self.group, self.local_classes)
+        return _global_statistics(local, target, self.probs, self.group, self.local_classes)
 
     def grad(self, logits, target, stats, scale, input_grad, target_grad):
-        row_max, sums, vocab_size = stats
+        maxima, sums, vocab_size = stats
         return ops.vocab_parallel_ce_grad(
-            logits, target, self.weight, row_max, sums, vocab_size,
-            scale.to(row_max.dtype), self.vocab_start, self.ignore_index,
+            logits, target, self.weight, maxima, sums, vocab_size, scale.to(sums.dtype), self.vocab_start, self.ignore_index,
             self.label_smoothing, self.z_loss, self.softcap, input_grad, target_grad)
 
 

@@ -144,7 +144,7 @@ Tensor vocab_parallel_ce_stats(const Tensor& logits, const Tensor& target,
 }
 
 struct GradArgs {
-  Tensor row_max, row_sums, vocab_size, scale;
+  Tensor maxima, row_sums, vocab_size, scale;
   int64_t vocab_start = 0, ignore_index = -100;
   double label_smoothing = 0, z_loss = 0, softcap = 0;
 };
@@ -158,7 +158,10 @@ void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_i
   const scalar_t* t = s.probs ? s.target.const_data_ptr<scalar_t>() : nullptr;
   const int64_t* labels = s.probs ? nullptr : s.target.const_data_ptr<int64_t>();
   const acc_t* w = s.weight.defined() ? s.weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* row_max = a.row_max.const_data_ptr<acc_t>();
+  // maxima (3, N) float64: the logits' max, the target's max and minus its min over the ranks
+  const double* row_max = a.maxima.const_data_ptr<double>();
+  const double* target_max = row_max + s.N;
+  const double* target_neg_min = row_max + 2 * s.N;
   const acc_t* sums = a.row_sums.const_data_ptr<acc_t>();
   const acc_t cap = static_cast<acc_t>(a.softcap);
   const acc_t eps = static_cast<acc_t>(a.label_smoothing > 0 ? a.label_smoothing : 0.0);
@@ -169,10 +172,16 @@ void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_i
   scalar_t* gx = grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = grad_target.defined() ? grad_target.mutable_data_ptr<scalar_t>() : nullptr;
 
-  // Every rank holds the same sums, so every rank raises here, together (after the
+  // Every rank holds the same maxima and sums, so every rank raises here, together (after the
   // collectives: no rank is left waiting in one).
   if (labels) {
     for (int64_t n = 0; n < s.N; ++n) {
+      const double y = static_cast<double>(labels[n]);
+      TORCH_CHECK(target_max[n] == y && -target_neg_min[n] == y,
+                  "torch_losses: the targets differ across the ranks of the group at row ", n,
+                  " (from ", -target_neg_min[n], " to ", target_max[n], "; this rank's: ",
+                  labels[n], "): a target out of bounds on some rank, or targets not the same "
+                  "on every rank");
       if (labels[n] == a.ignore_index) continue;
       const acc_t owned = sums[n * vp::kSumColumns + vp::kOwned];
       TORCH_CHECK_INDEX(owned != acc_t(0), "Target ", labels[n], " is out of bounds.");
@@ -187,10 +196,10 @@ void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_i
     std::vector<acc_t> xr((gx || gt) ? V : 0), tr(t && (gx || gt) ? V : 0);
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* row_sums = sums + n * vp::kSumColumns;
-      vp::GlobalRow<acc_t> g{row_max[n], std::log(row_sums[vp::kSumExp]), acc_t(1) - eps,
-                             spread, static_cast<acc_t>(a.z_loss), row_sums};
+      vp::GlobalRow<acc_t> g{static_cast<acc_t>(row_max[n]), std::log(row_sums[vp::kSumExp]),
+                             acc_t(1) - eps, spread, static_cast<acc_t>(a.z_loss), row_sums};
       const bool ignored = labels && labels[n] == a.ignore_index;
-      loss_out[n] = ignored ? acc_t(0) : g.loss(t != nullptr);
+      loss_out[n] = ignored ? acc_t(0) : g.loss(s.probs);
       if (!gx && !gt) continue;
 
       load_row(x + n * V, V, cap, xr.data());
@@ -209,10 +218,10 @@ void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_i
         std::fill(grow, grow + V, static_cast<scalar_t>(zero));
         continue;
       }
-      const acc_t coefficient = g.softmax_coefficient(t != nullptr);
+      const acc_t coefficient = g.softmax_coefficient(s.probs);
       for (int64_t c = 0; c < V; ++c) {
         const acc_t wc = w ? w[c] : acc_t(1);
-        const acc_t v = t ? wc * (g.keep * tr[c] + spread) : spread * wc;
+        const acc_t v = s.probs ? wc * (g.keep * tr[c] + spread) : spread * wc;
         const acc_t d = coefficient * g.softmax(xr[c]) - v;
         grow[c] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[c], cap));
       }
@@ -230,23 +239,25 @@ void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_i
 }
 
 std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad(
-    const Tensor& logits, const Tensor& target, const OptTensor& weight, const Tensor& row_max,
+    const Tensor& logits, const Tensor& target, const OptTensor& weight, const Tensor& maxima,
     const Tensor& row_sums, const Tensor& vocab_size, const Tensor& scale, int64_t vocab_start,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
     bool input_grad, bool target_grad) {
   Shard s = check_shard(logits, target, weight);
   TORCH_CHECK(!target_grad || s.probs, "torch_losses: class-index targets have no gradient");
   const auto acc = accumulation_type(s.logits.scalar_type());
-  auto check_stat = [&](const Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.device() == s.logits.device() && t.scalar_type() == acc && t.sizes() == shape,
-                "torch_losses: ", name, " must be ", acc, " of shape ", shape, " on ",
+  auto check_stat = [&](const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
+                        const char* name) {
+    TORCH_CHECK(t.device() == s.logits.device() && t.scalar_type() == dtype &&
+                    t.sizes() == shape,
+                "torch_losses: ", name, " must be ", dtype, " of shape ", shape, " on ",
                 s.logits.device(), ", got ", t.scalar_type(), " of shape ", t.sizes());
   };
-  check_stat(row_max, {s.N}, "row_max");
-  check_stat(row_sums, {s.N, vp::kSumColumns}, "row_sums");
-  check_stat(vocab_size, {}, "vocab_size");
-  check_stat(scale, {}, "scale");
-  GradArgs a{row_max.contiguous(), row_sums.contiguous(), vocab_size, scale, vocab_start,
+  check_stat(maxima, {3, s.N}, at::kDouble, "maxima");
+  check_stat(row_sums, {s.N, vp::kSumColumns}, acc, "row_sums");
+  check_stat(vocab_size, {}, acc, "vocab_size");
+  check_stat(scale, {}, acc, "scale");
+  GradArgs a{maxima.contiguous(), row_sums.contiguous(), vocab_size, scale, vocab_start,
              ignore_index, label_smoothing, z_loss, softcap};
   Tensor loss = at::empty({s.N}, s.logits.options().dtype(acc));
   Tensor grad_input = grad_like(s.logits, input_grad);

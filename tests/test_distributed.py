@@ -1,0 +1,283 @@
+"""Vocab-parallel cross-entropy over torch.distributed: gloo on the CPU, world sizes 1 to 4,
+each in one spawn of processes that runs every case (start-up dominates the time). Every rank
+compares its loss and its shard's gradient with torch on the concatenated logits in one process
+(float64 to 1e-12, float32 to 1e-6), or with a float64 composite of torch ops where torch has no
+such option (z_loss, softcap)."""
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available")
+
+WORLD_SIZES = [1, 2, 3, 4]
+SPAWN_TIMEOUT_S = 150  # per world size; a hang fails the test instead of blocking CI
+
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12),
+              torch.float32: dict(rtol=1e-6, atol=1e-6)}
+
+# Option sets; each runs for both dtypes and every reduction, on the layouts in turn.
+OPTIONS = [
+    dict(),
+    dict(weight=True),
+    dict(ignored_rows=True),
+    dict(ignored_rows=True, ignore_in_vocab=True),  # ignore_index is a class of the last shard
+    dict(label_smoothing=0.2),
+    dict(weight=True, label_smoothing=0.3, ignored_rows=True),
+    dict(probs=True),
+    dict(probs=True, weight=True, label_smoothing=0.25),
+    dict(z_loss=0.05),
+    dict(softcap=2.5),
+    dict(z_loss=0.1, softcap=3.0, weight=True, label_smoothing=0.1, ignored_rows=True),
+    dict(probs=True, z_loss=0.02, softcap=4.0, weight=True),
+    dict(first_shard_targets=True),  # the other ranks' shards hold no target
+    dict(all_ignored=True),          # 'mean' over nothing: nan, as torch
+]
+LAYOUTS = ["even", "uneven", "empty"]  # 'empty': a rank with no classes (world size > 1)
+
+
+def shard_sizes(layout, world):
+    if layout == "even":
+        return [4] * world
+    if layout == "uneven":
+        return [4, 7, 2, 5][:world]
+    return [5, 0, 6, 3][:world] if world > 1 else [5]
+
+
+def cases(world):
+    index = 0
+    for dtype in (torch.float64, torch.float32):
+        for reduction in ("mean", "sum", "none"):
+            for options in OPTIONS:
+                yield dict(index=index, dtype=dtype, reduction=reduction,
+                           layout=LAYOUTS[index % 3],
+                           # vocab_start is derived (and cached) per (group, shard size): only
+                           # where no rank's size repeats with another layout
+                           give_start=index % 3 != 0 or index % 2 == 0,
+                           batch=(5,) if index % 4 < 2 else (2, 3), **options)
+                index += 1
+
+
+def make_inputs(case, world):
+    """The full (concatenated) logits and targets, the same on every rank."""
+    g = torch.Generator().manual_seed(1000 * world + case["index"])
+    sizes = shard_sizes(case["layout"], world)
+    vocab = sum(sizes)
+    dtype, batch = case["dtype"], case["batch"]
+    logits = (3 * torch.randn(*batch, vocab, generator=g)).to(dtype)
+    ignore_index = vocab - 1 if case.get("ignore_in_vocab") else -100
+    if case.get("probs"):
+        target = torch.softmax(torch.randn(*batch, vocab, generator=g), -1).to(dtype)
+        ignore_index = -100
+    else:
+        high = sizes[0] if case.get("first_shard_targets") else vocab
+        target = torch.randint(high, batch, generator=g)
+        flat = target.view(-1)
+        if case.get("ignored_rows"):
+            flat[::3] = ignore_index
+        if case.get("ignore_in_vocab"):
+            flat[1] = ignore_index  # besides rows whose class happens to be vocab - 1
+        if case.get("all_ignored"):
+            flat[:] = ignore_index
+    weight = (torch.rand(vocab, generator=g) + 0.1).to(dtype) if case.get("weight") else None
+    grad_output = (torch.rand(batch, generator=g).to(dtype) if case["reduction"] == "none"
+                   else torch.tensor(0.75 if case["index"] % 5 == 0 else 1.0, dtype=dtype))
+    return sizes, logits, target, weight, ignore_index, grad_output
+
+
+def reference(case, logits, target, weight, ignore_index, grad_output):
+    """Loss and gradients (logits, probability target) on one process."""
+    vocab = logits.shape[-1]
+    probs = bool(case.get("probs"))
+    z_loss, softcap = case.get("z_loss", 0.0), case.get("softcap")
+    smoothing = case.get("label_smoothing", 0.0)
+    x = logits.clone().requires_grad_()
+    t = target.clone().requires_grad_() if probs else target
+    if not z_loss and softcap is None:
+        flat_t = t.reshape(-1, vocab) if probs else t.reshape(-1)
+        loss = F.cross_entropy(x.reshape(-1, vocab), flat_t, weight, ignore_index=ignore_index,
+                               reduction=case["reduction"], label_smoothing=smoothing)
+        if case["reduction"] == "none":
+            loss = loss.reshape(case["batch"])
+    else:  # float64 composite of torch ops
+        x64 = x.double().reshape(-1, vocab)
+        if softcap is not None:
+            x64 = softcap * torch.tanh(x64 / softcap)
+        w64 = None if weight is None else weight.double()
+        flat_t = t.double().reshape(-1, vocab) if probs else t.reshape(-1)
+        rows = F.cross_entropy(x64, flat_t, w64, ignore_index=ignore_index, reduction="none",
+                               label_smoothing=smoothing)
+        kept = torch.ones_like(rows) if probs else (flat_t != ignore_index).double()
+        rows = rows + z_loss * torch.logsumexp(x64, -1) ** 2 * kept
+        if case["reduction"] == "none":
+            loss = rows.reshape(case["batch"])
+        elif case["reduction"] == "sum":
+            loss = rows.sum()
+        else:
+            if probs:
+                denominator = rows.new_tensor(float(rows.shape[0]))
+            else:
+                w = torch.ones(vocab, dtype=torch.float64) if w64 is None else w64
+                denominator = (w[flat_t.clamp(0, vocab - 1)] * kept).sum()
+            loss = rows.sum() / denominator
+        loss = loss.to(logits.dtype)
+    inputs = (x, t) if probs else (x,)
+    grads = torch.autograd.grad(loss, inputs, grad_output, allow_unused=True)
+    return loss.detach(), grads
+
+
+class Checker:
+    """Collects mismatches instead of raising, so that every rank keeps issuing the same
+    collectives; the worker raises them all at the end."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.failures = []
+
+    def close(self, name, ours, ref, dtype):
+        try:
+            torch.testing.assert_close(ours, ref, equal_nan=True, **TOLERANCES[dtype])
+        except AssertionError as e:
+            self.failures.append(f"rank {self.rank}: {name}: {e}")
+
+    def true(self, name, condition, detail=""):
+        if not condition:
+            self.failures.append(f"rank {self.rank}: {name}: {detail}")
+
+
+def run_case(case, world, rank, check):
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    sizes, logits, target, weight, ignore_index, grad_output = make_inputs(case, world)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    probs = bool(case.get("probs"))
+    x = logits[..., start:stop].clone().requires_grad_()
+    t = target[..., start:stop].clone().requires_grad_() if probs else target
+    loss = vocab_parallel_cross_entropy(
+        x, t, vocab_start=start if case["give_start"] else None, weight=weight,
+        ignore_index=ignore_index, label_smoothing=case.get("label_smoothing", 0.0),
+        reduction=case["reduction"], z_loss=case.get("z_loss", 0.0),
+        softcap=case.get("softcap"))
+    loss.backward(grad_output)
+    ref_loss, ref_grads = reference(case, logits, target, weight, ignore_index, grad_output)
+    name = ", ".join(f"{k}={v}" for k, v in case.items())
+    check.close(f"loss [{name}]", loss.detach(), ref_loss, case["dtype"])
+    check.true(f"loss dtype [{name}]", loss.dtype == case["dtype"], str(loss.dtype))
+    check.close(f"grad logits [{name}]", x.grad, ref_grads[0][..., start:stop], case["dtype"])
+    if probs:
+        check.close(f"grad target [{name}]", t.grad, ref_grads[1][..., start:stop],
+                    case["dtype"])
+
+
+def run_derived_start_case(world, rank, check):
+    """vocab_start derived from the shard sizes on a fresh group, uneven shards."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    group = dist.new_group()
+    sizes = [3, 1, 4, 2][:world]
+    g = torch.Generator().manual_seed(world)
+    logits = torch.randn(6, sum(sizes), dtype=torch.float64, generator=g)
+    target = torch.randint(sum(sizes), (6,), generator=g)
+    start = sum(sizes[:rank])
+    x = logits[:, start:start + sizes[rank]].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(x, target, group=group, label_smoothing=0.1)
+    loss.backward()
+    ref = logits.clone().requires_grad_()
+    ref_loss = F.cross_entropy(ref, target, label_smoothing=0.1)
+    ref_loss.backward()
+    check.close("derived vocab_start: loss", loss.detach(), ref_loss.detach(), torch.float64)
+    check.close("derived vocab_start: grad", x.grad, ref.grad[:, start:start + sizes[rank]],
+                torch.float64)
+
+
+def run_error_cases(world, rank, check):
+    """A target out of bounds raises on every rank: on all ranks, or on one rank only (the
+    ranks' targets differ). The group stays usable: every rank ran every collective."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    vocab_local = 3
+    x = torch.randn(4, vocab_local, dtype=torch.float64, requires_grad=True)
+    for bad_ranks in ([*range(world)], [world - 1]):
+        target = torch.tensor([0, 1, 2, 1])
+        if rank in bad_ranks:
+            target[2] = vocab_local * world  # one past the last class
+        expected = (IndexError, "out of bounds") if len(bad_ranks) == world else (
+            RuntimeError, "targets differ across the ranks")
+        try:
+            vocab_parallel_cross_entropy(x, target, vocab_start=rank * vocab_local)
+        except expected[0] as e:
+            check.true("error message", expected[1] in str(e), str(e))
+        else:
+            check.true(f"target out of bounds on ranks {bad_ranks}", False,
+                       "no error on this rank")
+    loss = vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 2, 1]),
+                                        vocab_start=rank * vocab_local)
+    check.true("a call after the errors", torch.isfinite(loss).item(), str(loss))
+
+
+def run_timeout_case(world, rank, check):
+    """A rank that fails before the collectives (a bad target dtype): the others raise when the
+    process group's timeout expires instead of hanging."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    group = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 1])
+    if rank == world - 1:
+        target = target.double()  # rejected by the argument checks, before any collective
+    began = time.monotonic()
+    try:
+        vocab_parallel_cross_entropy(x, target, group=group, vocab_start=rank * 3)
+    except RuntimeError as e:
+        if rank != world - 1:
+            check.true("raised after the timeout", time.monotonic() - began < 60,
+                       f"{time.monotonic() - began:.0f} s")
+        else:
+            check.true("argument error message", "int64 target" in str(e), str(e))
+    else:
+        check.true("failing rank", False, "no error on this rank")
+
+
+def worker(rank, world, store_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    check = Checker(rank)
+    try:
+        for case in cases(world):
+            run_case(case, world, rank, check)
+        run_derived_start_case(world, rank, check)
+        run_error_cases(world, rank, check)
+        if world > 1:
+            run_timeout_case(world, rank, check)
+    finally:
+        if check.failures:
+            raise AssertionError(f"{len(check.failures)} failures:\n" +
+                                 "\n".join(check.failures[:20]))
+
+
+def spawn(fn, world, tmp_path):
+    """Runs fn(rank, world, store) in `world` processes; fails on an error or a timeout."""
+    context = mp.start_processes(fn, args=(world, str(tmp_path / "store")), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"world size {world}: the processes did not finish in "
+                        f"{SPAWN_TIMEOUT_S} s")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_vocab_parallel_cross_entropy(world, tmp_path):
+    spawn(worker, world, tmp_path)
