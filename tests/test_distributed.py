@@ -198,6 +198,86 @@ def run_derived_start_case(world, rank, check):
                 torch.float64)
 
 
+def run_dtensor_cases(world, rank, check):
+    """torch_losses' cross_entropy of a DTensor sharded on the class dim, inside and outside
+    loss_parallel(), against torch's loss_parallel() (class indices, no label smoothing: what
+    it supports) or torch on the full tensor (probabilities, label smoothing)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import torch_losses
+
+    mesh = init_device_mesh("cpu", (world,))
+    index = 0
+    for dtype in (torch.float64, torch.float32):
+        for shape in ((6, 10), (2, 7, 3)):  # (N, C) and (N, C, d); C uneven over 3 and 4 ranks
+            for reduction in ("mean", "sum", "none"):
+                for options in (dict(), dict(weight=True), dict(ignore=True),
+                                dict(weight=True, ignore=True), dict(probs=True),
+                                dict(label_smoothing=0.2, weight=True),
+                                dict(probs=True, label_smoothing=0.1), dict(module=True)):
+                    index += 1
+                    g = torch.Generator().manual_seed(index)
+                    full = torch.randn(*shape, generator=g).to(dtype)
+                    vocab = shape[1]
+                    if options.get("probs"):
+                        target = torch.softmax(torch.randn(*shape, generator=g), 1).to(dtype)
+                    else:
+                        target = torch.randint(vocab, shape[:1] + shape[2:], generator=g)
+                        if options.get("ignore"):
+                            target.view(-1)[::2] = -100
+                    weight = (torch.rand(vocab, generator=g).to(dtype) + 0.1
+                              if options.get("weight") else None)
+                    smoothing = options.get("label_smoothing", 0.0)
+                    # loss_parallel() has no probabilities nor label smoothing, and its
+                    # backward fails with a weight and ignored rows (torch 2.13: gathers the
+                    # weight at -100): torch on the full tensor is the reference there
+                    torch_supports = (not options.get("probs") and smoothing == 0 and
+                                      not (options.get("weight") and options.get("ignore")))
+                    name = f"DTensor {dtype} {shape} {reduction} {options}"
+
+                    def ours(inside):
+                        x = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_()
+                        t = (distribute_tensor(target, mesh, [Shard(1)])
+                             if options.get("probs") else target)
+                        if options.get("module"):
+                            fn = torch_losses.CrossEntropyLoss(weight, reduction=reduction)
+                        else:
+                            def fn(a, b):
+                                return torch_losses.functional.cross_entropy(
+                                    a, b, weight, reduction=reduction,
+                                    label_smoothing=smoothing)
+                        if inside:
+                            with loss_parallel():
+                                loss = fn(x, t)
+                                loss.sum().backward()
+                        else:
+                            loss = fn(x, t)
+                            loss.sum().backward()
+                        check.true(f"{name}: replicated DTensor result",
+                                   loss.placements == (Replicate(),), str(loss.placements))
+                        check.true(f"{name}: sharded gradient",
+                                   x.grad.placements == (Shard(1),), str(x.grad.placements))
+                        return loss.full_tensor().detach(), x.grad.full_tensor()
+
+                    if torch_supports:
+                        x = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_()
+                        with loss_parallel():
+                            loss = F.cross_entropy(x, target, weight, reduction=reduction)
+                            loss.sum().backward()
+                        ref = loss.full_tensor().detach(), x.grad.full_tensor()
+                    else:
+                        x = full.clone().requires_grad_()
+                        loss = F.cross_entropy(x, target, weight, reduction=reduction,
+                                               label_smoothing=smoothing)
+                        loss.sum().backward()
+                        ref = loss.detach(), x.grad
+                    for inside in (True, False):
+                        got = ours(inside)
+                        check.close(f"{name} inside={inside}: loss", got[0], ref[0], dtype)
+                        check.close(f"{name} inside={inside}: grad", got[1], ref[1], dtype)
+
+
 def run_error_cases(world, rank, check):
     """A target out of bounds raises on every rank: on all ranks, or on one rank only (the
     ranks' targets differ). The group stays usable: every rank ran every collective."""
@@ -256,6 +336,7 @@ def worker(rank, world, store_path):
         for case in cases(world):
             run_case(case, world, rank, check)
         run_derived_start_case(world, rank, check)
+        run_dtensor_cases(world, rank, check)
         run_error_cases(world, rank, check)
         if world > 1:
             run_timeout_case(world, rank, check)

@@ -283,3 +283,52 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     if not torch.is_grad_enabled():
         logits_shard, target = logits_shard.detach(), target.detach()
     return VocabParallelCrossEntropyFunction.apply(logits_shard, target, shard)
+
+
+def _is_dtensor(tensor):
+    return type(tensor).__module__.startswith("torch.distributed.tensor")
+
+
+def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0):
+    """torch.nn.functional.cross_entropy of a DTensor `input` sharded on the class dimension
+    (dim 1, or 0 for a single sample) of a one-dimensional device mesh: the vocab-parallel
+    kernels on each rank's shard, inside or outside torch's loss_parallel(). target: class
+    indices (a replicated DTensor or a plain tensor) or probabilities (sharded like input, or
+    replicated / plain and sliced here); weight: the full class weights. Returns a replicated
+    DTensor, as loss_parallel() does; gradients flow back to input as a DTensor of its
+    placements."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = input.device_mesh
+    class_dim = 0 if input.dim() == 1 else 1
+    if mesh.ndim != 1 or not input.placements[0].is_shard(class_dim):
+        raise NotImplementedError(
+            f"torch_losses: cross_entropy of a DTensor needs input sharded on the class "
+            f"dimension ({class_dim}) of a one-dimensional device mesh, got placements "
+            f"{input.placements} on a mesh of shape {tuple(mesh.shape)}")
+    group = mesh.get_group(0)
+    rank, world = mesh.get_local_rank(0), mesh.size(0)
+    logits = input.to_local()
+    vocab = input.shape[class_dim]
+    # DTensor's Shard splits as torch.chunk does: ceil(V / P) classes per rank, the last fewer
+    chunk = -(-vocab // world)
+    vocab_start = min(rank * chunk, vocab)
+    if logits.shape[class_dim] != min(chunk, vocab - vocab_start):
+        vocab_start = None  # another split: derived from the shard sizes
+    probs = target.is_floating_point()
+    if _is_dtensor(target):
+        target = (target.to_local() if probs and target.placements == input.placements
+                  else target.full_tensor())
+    if probs and target.shape[class_dim] == vocab and logits.shape[class_dim] != vocab:
+        start = vocab_start
+        if start is None:  # the shard sizes are gathered once, then cached
+            start = _Group(group).vocab_start(logits.shape[class_dim], logits.device)
+        target = target.narrow(class_dim, start, logits.shape[class_dim])
+    if weight is not None and _is_dtensor(weight):
+        weight = weight.full_tensor()
+    loss = vocab_parallel_cross_entropy(
+        logits.movedim(class_dim, -1), target.movedim(class_dim, -1) if probs else target,
+        group=group, vocab_start=vocab_start, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction)
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
