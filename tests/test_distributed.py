@@ -92,42 +92,48 @@ def make_inputs(case, world):
     return sizes, logits, target, weight, ignore_index, grad_output
 
 
-def reference(case, logits, target, weight, ignore_index, grad_output):
-    """Loss and gradients (logits, probability target) on one process."""
-    vocab = logits.shape[-1]
+def reference_loss(case, x, t, weight, ignore_index):
+    """torch's cross_entropy of the full logits x (..., V) (differentiable), or a float64
+    composite of torch ops where torch has no such option (z_loss, softcap)."""
+    vocab = x.shape[-1]
     probs = bool(case.get("probs"))
     z_loss, softcap = case.get("z_loss", 0.0), case.get("softcap")
     smoothing = case.get("label_smoothing", 0.0)
-    x = logits.clone().requires_grad_()
-    t = target.clone().requires_grad_() if probs else target
+    batch = x.shape[:-1]
     if not z_loss and softcap is None:
         flat_t = t.reshape(-1, vocab) if probs else t.reshape(-1)
         loss = F.cross_entropy(x.reshape(-1, vocab), flat_t, weight, ignore_index=ignore_index,
                                reduction=case["reduction"], label_smoothing=smoothing)
-        if case["reduction"] == "none":
-            loss = loss.reshape(case["batch"])
-    else:  # float64 composite of torch ops
-        x64 = x.double().reshape(-1, vocab)
-        if softcap is not None:
-            x64 = softcap * torch.tanh(x64 / softcap)
-        w64 = None if weight is None else weight.double()
-        flat_t = t.double().reshape(-1, vocab) if probs else t.reshape(-1)
-        rows = F.cross_entropy(x64, flat_t, w64, ignore_index=ignore_index, reduction="none",
-                               label_smoothing=smoothing)
-        kept = torch.ones_like(rows) if probs else (flat_t != ignore_index).double()
-        rows = rows + z_loss * torch.logsumexp(x64, -1) ** 2 * kept
-        if case["reduction"] == "none":
-            loss = rows.reshape(case["batch"])
-        elif case["reduction"] == "sum":
-            loss = rows.sum()
+        return loss.reshape(batch) if case["reduction"] == "none" else loss
+    x64 = x.double().reshape(-1, vocab)
+    if softcap is not None:
+        x64 = softcap * torch.tanh(x64 / softcap)
+    w64 = None if weight is None else weight.double()
+    flat_t = t.double().reshape(-1, vocab) if probs else t.reshape(-1)
+    rows = F.cross_entropy(x64, flat_t, w64, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=smoothing)
+    kept = torch.ones_like(rows) if probs else (flat_t != ignore_index).double()
+    rows = rows + z_loss * torch.logsumexp(x64, -1) ** 2 * kept
+    if case["reduction"] == "none":
+        loss = rows.reshape(batch)
+    elif case["reduction"] == "sum":
+        loss = rows.sum()
+    else:
+        if probs:
+            denominator = rows.new_tensor(float(rows.shape[0]))
         else:
-            if probs:
-                denominator = rows.new_tensor(float(rows.shape[0]))
-            else:
-                w = torch.ones(vocab, dtype=torch.float64) if w64 is None else w64
-                denominator = (w[flat_t.clamp(0, vocab - 1)] * kept).sum()
-            loss = rows.sum() / denominator
-        loss = loss.to(logits.dtype)
+            w = torch.ones(vocab, dtype=torch.float64) if w64 is None else w64
+            denominator = (w[flat_t.clamp(0, vocab - 1)] * kept).sum()
+        loss = rows.sum() / denominator
+    return loss.to(x.dtype)
+
+
+def reference(case, logits, target, weight, ignore_index, grad_output):
+    """Loss and gradients (logits, probability target) on one process."""
+    probs = bool(case.get("probs"))
+    x = logits.clone().requires_grad_()
+    t = target.clone().requires_grad_() if probs else target
+    loss = reference_loss(case, x, t, weight, ignore_index)
     inputs = (x, t) if probs else (x,)
     grads = torch.autograd.grad(loss, inputs, grad_output, allow_unused=True)
     return loss.detach(), grads
@@ -196,6 +202,55 @@ def run_derived_start_case(world, rank, check):
     check.close("derived vocab_start: loss", loss.detach(), ref_loss.detach(), torch.float64)
     check.close("derived vocab_start: grad", x.grad, ref.grad[:, start:start + sizes[rank]],
                 torch.float64)
+
+
+LINEAR_OPTIONS = [
+    dict(),
+    dict(bias=True, weight=True, ignored_rows=True),
+    dict(label_smoothing=0.2, z_loss=0.05, softcap=3.0, bias=True),
+    dict(first_shard_targets=True, weight=True, rows_per_chunk=2),
+]
+
+
+def run_linear_cases(world, rank, check):
+    """vocab_parallel_linear_cross_entropy against torch on the full head, several chunks."""
+    from torch_losses.distributed import vocab_parallel_linear_cross_entropy
+
+    index = 0
+    for dtype in (torch.float64, torch.float32):
+        for reduction in ("mean", "sum", "none"):
+            for options in LINEAR_OPTIONS:
+                index += 1
+                case = dict(index=index, dtype=dtype, reduction=reduction,
+                            layout=LAYOUTS[index % 3], batch=(7,) if index % 2 else (3, 3),
+                            **options)
+                sizes, _, target, weight, ignore_index, grad_output = make_inputs(case, world)
+                g = torch.Generator().manual_seed(index)
+                hidden = 6
+                x = torch.randn(*case["batch"], hidden, generator=g).to(dtype)
+                head = torch.randn(sum(sizes), hidden, generator=g).to(dtype)
+                bias = torch.randn(sum(sizes), generator=g).to(dtype) if case.get("bias") else None
+                start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+                xs = x.clone().requires_grad_()
+                ws = head[start:stop].clone().requires_grad_()
+                bs = None if bias is None else bias[start:stop].clone().requires_grad_()
+                loss = vocab_parallel_linear_cross_entropy(
+                    xs, ws, target, bias_shard=bs, vocab_start=start, weight=weight,
+                    ignore_index=ignore_index, label_smoothing=case.get("label_smoothing", 0.0),
+                    reduction=reduction, z_loss=case.get("z_loss", 0.0),
+                    softcap=case.get("softcap"), rows_per_chunk=case.get("rows_per_chunk"),
+                    chunk_bytes=16 * 2 * dtype.itemsize)  # a few rows per chunk
+                loss.backward(grad_output)
+                xr, wr = x.clone().requires_grad_(), head.clone().requires_grad_()
+                br = None if bias is None else bias.clone().requires_grad_()
+                ref = reference_loss(case, F.linear(xr, wr, br), target, weight, ignore_index)
+                ref.backward(grad_output)
+                name = f"linear [{case}]"
+                check.close(f"{name}: loss", loss.detach(), ref.detach(), dtype)
+                check.close(f"{name}: grad input", xs.grad, xr.grad, dtype)
+                check.close(f"{name}: grad weight shard", ws.grad, wr.grad[start:stop], dtype)
+                if bias is not None:
+                    check.close(f"{name}: grad bias shard", bs.grad, br.grad[start:stop], dtype)
 
 
 def run_dtensor_cases(world, rank, check):
@@ -336,6 +391,7 @@ def worker(rank, world, store_path):
         for case in cases(world):
             run_case(case, world, rank, check)
         run_derived_start_case(world, rank, check)
+        run_linear_cases(world, rank, check)
         run_dtensor_cases(world, rank, check)
         run_error_cases(world, rank, check)
         if world > 1:

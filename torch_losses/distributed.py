@@ -29,6 +29,7 @@ torch_losses.functional.cross_entropy routes a DTensor input sharded on the clas
 """
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.autograd import Function
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
@@ -283,6 +284,156 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     if not torch.is_grad_enabled():
         logits_shard, target = logits_shard.detach(), target.detach()
     return VocabParallelCrossEntropyFunction.apply(logits_shard, target, shard)
+
+
+
+class VocabParallelLinearCrossEntropyFunction(Function):
+    """A column-parallel LM head and the loss: input (N, H) (the same on every rank),
+    weight_shard (V_local, H), bias_shard (V_local) or None, target (N) class indices. The rows
+    go through in chunks (torch_losses/linear.py's design): per chunk the shard's logits, the
+    statistics and their two all-reduces, the logits' gradient written over nothing but a chunk
+    buffer, and at once grad_input[chunk] (this shard's part), grad_weight_shard and
+    grad_bias_shard. grad_input is all-reduced once at the end. Backward scales the gradients
+    by grad_output; for 'none' (a per-row grad_output) it recomputes the chunks from the saved
+    statistics (no collective but the final grad_input all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, bias_shard, target, shard, rows_per_chunk):
+        wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        scale, factor = _linear_mean_factor(target, shard, input.dtype)
+        live = shard.reduction != "none" and any(wants)
+        row_loss, stats, grads = _linear_chunks(input, weight_shard, bias_shard, target, shard,
+                                                rows_per_chunk, scale, wants if live else
+                                                (False,) * 3)
+        ctx.shard, ctx.rows_per_chunk, ctx.wants = shard, rows_per_chunk, wants
+        ctx.grads = grads if live else None
+        ctx.stats = stats
+        ctx.save_for_backward(input, weight_shard, bias_shard, target, scale)
+        ctx.set_materialize_grads(False)
+        return _reduce(row_loss, shard.reduction, factor, input.dtype, shard.batch_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return (None,) * 6
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # 'none', or a second backward: recompute with grad_output folded in
+            input, weight_shard, bias_shard, target, scale = ctx.saved_tensors
+            row_scale = grad_output.reshape(-1) if grad_output.dim() else None
+            if row_scale is None:
+                scale = scale * grad_output
+            _, _, grads = _linear_chunks(input, weight_shard, bias_shard, target, ctx.shard,
+                                         ctx.rows_per_chunk, scale, ctx.wants, ctx.stats,
+                                         row_scale)
+        else:
+            for grad in grads:
+                if grad is not None:
+                    ops.scale_grad_(grad, grad_output)
+        return (*grads, None, None, None)
+
+
+def _linear_mean_factor(target, shard, dtype):
+    """(gradient scale in the accumulation dtype, 'mean' factor in float64), known before any
+    chunk: the denominator is the weight sum of the counted targets (class weights are
+    replicated), computed locally."""
+    if shard.reduction != "mean":
+        one = torch.ones((), dtype=torch.float64, device=target.device)
+        return one.to(_acc_dtype(dtype)), one
+    kept = target != shard.ignore_index
+    if shard.full_weight is None:
+        denominator = kept.sum(dtype=torch.float64)
+    else:
+        safe = torch.where(kept, target, 0).clamp(0, shard.full_weight.numel() - 1)
+        denominator = torch.where(kept, shard.full_weight.double()[safe], 0.0).sum()
+    factor = torch.where(denominator == 0, torch.nan, 1.0 / denominator)
+    return factor.to(_acc_dtype(dtype)), factor
+
+
+def _linear_chunks(input, weight_shard, bias_shard, target, shard, rows_per_chunk, scale,
+                   wants, stats=None, row_scale=None):
+    """The chunk loop. Without `stats` (the forward) each chunk's statistics are all-reduced
+    and kept; with them (a recompute) no statistic is communicated. row_scale (N) multiplies
+    the logits' gradient per row. Returns (row_loss, stats, [grad_input, grad_weight_shard,
+    grad_bias_shard] (None where not wanted))."""
+    n = input.shape[0]
+    acc = _acc_dtype(input.dtype)
+    row_loss = input.new_empty((n,), dtype=acc)
+    grad_input = torch.zeros_like(input) if wants[0] else None
+    grad_weight = torch.zeros_like(weight_shard, dtype=acc) if wants[1] else None
+    grad_bias = torch.zeros_like(bias_shard, dtype=acc) if wants[2] else None
+    logits_grad = any(wants)
+    forward = stats is None
+    if forward:
+        stats = []
+    for index, start in enumerate(range(0, n, rows_per_chunk)):
+        rows = slice(start, min(n, start + rows_per_chunk))
+        x, t = input[rows], target[rows]
+        logits = F.linear(x, weight_shard, bias_shard)
+        if forward:
+            stats.append(shard.statistics(logits, t))
+        loss, grad, _ = shard.grad(logits, t, stats[index], scale, logits_grad, False)
+        row_loss[rows] = loss
+        if not logits_grad:
+            continue
+        if row_scale is not None:
+            grad.mul_(row_scale[rows].unsqueeze(1).to(grad.dtype))
+        if grad_input is not None:
+            torch.mm(grad, weight_shard, out=grad_input[rows])
+        if grad_weight is not None:
+            grad_weight.addmm_(grad.t().to(acc), x.to(acc))
+        if grad_bias is not None:
+            grad_bias.add_(grad.sum(0, dtype=acc))
+        del logits, grad  # one chunk of logits alive at a time
+    if grad_input is not None:
+        shard.group.all_reduce(grad_input, dist.ReduceOp.SUM)  # the shards' parts: once
+    grads = [grad_input, None if grad_weight is None else grad_weight.to(weight_shard.dtype),
+             None if grad_bias is None else grad_bias.to(bias_shard.dtype)]
+    return row_loss, stats, grads
+
+
+def vocab_parallel_linear_cross_entropy(input, weight_shard, target, *, bias_shard=None,
+                                        group=None, vocab_start=None, weight=None,
+                                        ignore_index=-100, label_smoothing=0.0,
+                                        reduction="mean", z_loss=0.0, softcap=None,
+                                        chunk_bytes=None, rows_per_chunk=None):
+    """cross_entropy(input @ W.T + b, target) for a column-parallel LM head: this rank holds
+    the rows [vocab_start, vocab_start + V_local) of W (V, H) as weight_shard (V_local, H) and
+    of b as bias_shard. input (..., H) and target (...) class indices are the same on every
+    rank. The logits exist one chunk of rows at a time; per chunk two all-reduces of O(rows)
+    floats, and one all-reduce of grad_input (N, H) at the end. Every rank must run the same
+    chunks: rows_per_chunk (equal on every rank) sets them; without it each rank sizes them
+    from chunk_bytes (default as torch_losses.linear) and its shard, and one MIN all-reduce of
+    one integer (a host synchronization) agrees on the smallest. Other arguments as
+    vocab_parallel_cross_entropy."""
+    from .linear import chunk_rows
+
+    if target.is_floating_point():
+        raise NotImplementedError("vocab_parallel_linear_cross_entropy: class-index targets "
+                                  "only")
+    if input.shape[:-1] != target.shape:
+        raise RuntimeError(f"vocab_parallel_linear_cross_entropy: target of shape "
+                           f"{list(input.shape[:-1])} expected, got {list(target.shape)}")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+        raise RuntimeError(f"vocab_parallel_linear_cross_entropy: weight_shard (V_local, "
+                           f"{input.shape[-1]}) expected, got {list(weight_shard.shape)}")
+    like = input.new_empty(()).expand(*target.shape, weight_shard.shape[0])
+    shard = _Shard(like, target, weight, group, vocab_start, ignore_index, label_smoothing,
+                   reduction, z_loss, softcap)
+    shard.full_weight = None if weight is None else weight.detach()
+    rows = rows_per_chunk
+    if rows is None:
+        rows = chunk_rows(weight_shard.shape[0], 2 * input.element_size(), input.device,
+                          chunk_bytes)
+        if shard.group.size > 1:
+            agreed = torch.tensor(rows, device=input.device)
+            shard.group.all_reduce(agreed, dist.ReduceOp.MIN)
+            rows = int(agreed)
+    if not torch.is_grad_enabled():
+        input, weight_shard = input.detach(), weight_shard.detach()
+        bias_shard = None if bias_shard is None else bias_shard.detach()
+    return VocabParallelLinearCrossEntropyFunction.apply(
+        input.reshape(-1, input.shape[-1]), weight_shard, bias_shard, target.reshape(-1),
+        shard, rows)
 
 
 def _is_dtensor(tensor):
