@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import torch_losses  # noqa: F401  (registers the ops)
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with gloo is not available")
@@ -418,3 +420,72 @@ def spawn(fn, world, tmp_path):
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_vocab_parallel_cross_entropy(world, tmp_path):
     spawn(worker, world, tmp_path)
+
+
+# Single-process checks of the two ops (no process group).
+
+def _shard_args(dtype, probs):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, generator=g).to(dtype)
+    if probs:
+        target = torch.rand(5, 4, generator=g).to(dtype)
+    else:
+        target = torch.tensor([3, 4, 9, -100, 6])  # this shard: classes [3, 7)
+    weight = (torch.rand(4, generator=g) + 0.5).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    return logits, target, weight
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ops_opcheck(dtype, probs):
+    ops = torch.ops.torch_losses
+    logits, target, weight = _shard_args(dtype, probs)
+    stats_args = (logits, target, weight, 3, -100, 0.1, 2.0)
+    torch.library.opcheck(ops.vocab_parallel_ce_stats, stats_args)
+    stats = ops.vocab_parallel_ce_stats(*stats_args)
+    acc = stats.dtype
+    maxima = torch.zeros(3, 5, dtype=torch.float64)
+    maxima[0] = stats[:, 0]
+    if not probs:
+        maxima[1], maxima[2] = target, -target
+    sums = stats[:, 1:].clone()
+    sums[:, 7] = 1 if probs else sums[:, 7]
+    if not probs:
+        sums[[2, 3], 7] = 1  # the rows whose target another shard holds (a one-shard test)
+    grad_args = (logits, target, weight, maxima, sums, torch.tensor(12.0, dtype=acc),
+                 torch.tensor(0.5, dtype=acc), 3, -100, 0.1, 0.01, 2.0, True, probs)
+    torch.library.opcheck(ops.vocab_parallel_ce_grad, grad_args)
+
+
+def test_stats_op_columns():
+    """The local statistics of a shard holding classes [3, 7), against torch ops."""
+    logits, target, weight = _shard_args(torch.float64, False)
+    stats = torch.ops.torch_losses.vocab_parallel_ce_stats(logits, target, weight, 3, -100,
+                                                           0.1, 0.0)
+    m = logits.max(1).values
+    torch.testing.assert_close(stats[:, 0], m)
+    torch.testing.assert_close(stats[:, 1], torch.exp(logits - m[:, None]).sum(1))
+    owned = torch.tensor([1.0, 1, 0, 0, 1], dtype=torch.float64)
+    torch.testing.assert_close(stats[:, 8], owned)
+    local = (target - 3).clamp(0, 3)
+    gap = m - logits.gather(1, local[:, None]).squeeze(1)
+    torch.testing.assert_close(stats[:, 2], gap * owned)
+    torch.testing.assert_close(stats[:, 3], weight[local] * owned)
+    torch.testing.assert_close(stats[:, 6], weight.sum().expand(5))
+    torch.testing.assert_close(stats[:, 7], ((m[:, None] - logits) * weight).sum(1))
+
+
+def test_without_process_group():
+    """No initialized process group: one process holds the whole vocabulary."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    if dist.is_initialized():
+        pytest.skip("a default process group is initialized in this process")
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 8, -100, 0])
+    loss = vocab_parallel_cross_entropy(x, target, label_smoothing=0.3)
+    ref = F.cross_entropy(x, target, label_smoothing=0.3)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, x)[0],
+                               rtol=1e-12, atol=1e-12)
