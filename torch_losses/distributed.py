@@ -146,10 +146,13 @@ class _Shard:
             raise ValueError("vocab_parallel_cross_entropy: floating point logits (..., V_local) "
                              f"expected, got {logits_shard.dtype} of shape "
                              f"{list(logits_shard.shape)}")
-        if logits_shard.device.type != "cpu":
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+        if logits_shard.device.type == "cuda" and not has_kernel(
+                "torch_losses::vocab_parallel_ce_stats", "CUDA"):
             raise NotImplementedError(
-                "torch_losses: vocab-parallel cross-entropy has CPU kernels only so far; "
-                f"logits on {logits_shard.device} are not supported")
+                "torch_losses: this build has no CUDA kernels (the extension was built without "
+                f"CUDA): vocab-parallel cross-entropy of logits on {logits_shard.device} is not "
+                "available")
         self.group = _Group(group)
         self.local_classes = logits_shard.shape[-1]
         self.batch_shape = logits_shard.shape[:-1]
@@ -204,8 +207,9 @@ class _Shard:
     def grad(self, logits, target, stats, scale, input_grad, target_grad):
         maxima, sums, vocab_size = stats
         return ops.vocab_parallel_ce_grad(
-            logits, target, self.weight, maxima, sums, vocab_size, scale.to(sums.dtype), self.vocab_start, self.ignore_index,
-            self.label_smoothing, self.z_loss, self.softcap, input_grad, target_grad)
+            logits, target, self.weight, maxima, sums, vocab_size, scale.to(sums.dtype),
+            self.vocab_start, self.ignore_index, self.label_smoothing, self.z_loss, self.softcap,
+            input_grad, target_grad)
 
 
 def _scale_(grad, grad_output, per_row):

@@ -1,11 +1,11 @@
 // Vocabulary-parallel cross-entropy on the CPU: the two per-shard passes of
-// csrc/losses/vocab_parallel.h (the formulas), their argument checks and registrations.
+// csrc/losses/vocab_parallel.h (the formulas) and their registrations; argument checks in
+// csrc/vocab_parallel_ops.h.
 // torch_losses/distributed.py runs the collectives between them.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,49 +17,12 @@
 #include "cpu/cpu_backend.h"
 #include "cpu/vec_math.h"
 #include "losses/vocab_parallel.h"
+#include "vocab_parallel_ops.h"
 
 namespace torch_losses {
 namespace {
 
 namespace vp = vocab_parallel;
-
-// The checked, contiguous arguments shared by both ops.
-struct Shard {
-  Tensor logits, target, weight;
-  bool probs = false;
-  int64_t N = 0, V = 0;  // rows, classes of this shard
-};
-
-Shard check_shard(const Tensor& logits, const Tensor& target, const OptTensor& weight) {
-  check_floating(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "torch_losses: vocab-parallel ops take logits (N, V_local), got ",
-              logits.sizes());
-  TORCH_CHECK(target.device() == logits.device(), "torch_losses: target is on ", target.device(),
-              " but logits are on ", logits.device());
-  Shard s;
-  s.N = logits.size(0);
-  s.V = logits.size(1);
-  s.probs = target.dim() == 2;
-  if (s.probs) {
-    check_like_input(logits, target, "target");
-  } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong,
-                "torch_losses: class-index target must be int64, got ", target.scalar_type());
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == s.N, "torch_losses: target has shape ",
-                target.sizes(), ", expected (", s.N, ")");
-  }
-  s.logits = logits.contiguous();
-  s.target = target.contiguous();
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->device() == logits.device() &&
-                    weight->scalar_type() == accumulation_type(logits.scalar_type()) &&
-                    weight->dim() == 1 && weight->size(0) == s.V,
-                "torch_losses: weight must be this shard's (V_local) class weights in the "
-                "accumulation dtype, got ", weight->scalar_type(), " of shape ", weight->sizes());
-    s.weight = weight->contiguous();
-  }
-  return s;
-}
 
 // Row n of the shard in the accumulation type, softcapped.
 template <typename acc_t, typename scalar_t>
@@ -76,8 +39,8 @@ T nan_max(T a, T b) {
 }
 
 template <typename scalar_t>
-void stats_kernel(const Shard& s, int64_t vocab_start, int64_t ignore_index, bool smoothing,
-                  double softcap, Tensor& out) {
+void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t ignore_index,
+                  bool smoothing, double softcap, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t V = s.V;
   const scalar_t* x = s.logits.const_data_ptr<scalar_t>();
@@ -133,7 +96,7 @@ void stats_kernel(const Shard& s, int64_t vocab_start, int64_t ignore_index, boo
 Tensor vocab_parallel_ce_stats(const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t vocab_start,
                                int64_t ignore_index, double label_smoothing, double softcap) {
-  Shard s = check_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
   Tensor out = at::empty({s.N, vp::kLocalColumns},
                          s.logits.options().dtype(accumulation_type(s.logits.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.logits.scalar_type(),
@@ -150,7 +113,7 @@ struct GradArgs {
 };
 
 template <typename scalar_t>
-void grad_kernel(const Shard& s, const GradArgs& a, Tensor& loss, Tensor& grad_input,
+void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, Tensor& grad_input,
                  Tensor& grad_target) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t V = s.V;
@@ -243,20 +206,10 @@ std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad(
     const Tensor& row_sums, const Tensor& vocab_size, const Tensor& scale, int64_t vocab_start,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
     bool input_grad, bool target_grad) {
-  Shard s = check_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
   TORCH_CHECK(!target_grad || s.probs, "torch_losses: class-index targets have no gradient");
   const auto acc = accumulation_type(s.logits.scalar_type());
-  auto check_stat = [&](const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
-                        const char* name) {
-    TORCH_CHECK(t.device() == s.logits.device() && t.scalar_type() == dtype &&
-                    t.sizes() == shape,
-                "torch_losses: ", name, " must be ", dtype, " of shape ", shape, " on ",
-                s.logits.device(), ", got ", t.scalar_type(), " of shape ", t.sizes());
-  };
-  check_stat(maxima, {3, s.N}, at::kDouble, "maxima");
-  check_stat(row_sums, {s.N, vp::kSumColumns}, acc, "row_sums");
-  check_stat(vocab_size, {}, acc, "vocab_size");
-  check_stat(scale, {}, acc, "scale");
+  check_global_statistics(s, maxima, row_sums, vocab_size, scale);
   GradArgs a{maxima.contiguous(), row_sums.contiguous(), vocab_size, scale, vocab_start,
              ignore_index, label_smoothing, z_loss, softcap};
   Tensor loss = at::empty({s.N}, s.logits.options().dtype(acc));
