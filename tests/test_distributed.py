@@ -489,3 +489,49 @@ def test_without_process_group():
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, x)[0],
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_single_process(dtype):
+    """bfloat16 / float16 logits: value and gradient within torch's own error of float64
+    (at most twice it, or the dtype's rounding where torch's overflows)."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    x = torch.randn(64, 1000).to(dtype).requires_grad_()
+    target = torch.randint(1000, (64,))
+    ours = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+    ours_grad, = torch.autograd.grad(ours, x)
+    x64 = x.detach().double().requires_grad_()
+    exact = F.cross_entropy(x64, target, label_smoothing=0.1)
+    exact_grad, = torch.autograd.grad(exact, x64)
+    theirs = F.cross_entropy(x, target, label_smoothing=0.1)
+    theirs_grad, = torch.autograd.grad(theirs, x)
+    assert ours.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    value_bound = max(2 * (theirs.double() - exact).abs().nan_to_num(posinf=0).item(),
+                      eps * exact.abs().item())
+    assert (ours.double() - exact).abs().item() <= value_bound
+    grad_bound = max(2 * (theirs_grad.double() - exact_grad).abs().max().item(),
+                     eps * exact_grad.abs().max().item())
+    assert (ours_grad.double() - exact_grad).abs().max().item() <= grad_bound
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_and_no_grad(reduction):
+    """retain_graph: a second backward recomputes the gradient (the first one handed its
+    buffer to autograd); under no_grad only the loss is computed."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 6, -100, 3, 3])
+    loss = vocab_parallel_cross_entropy(x, target, reduction=reduction, label_smoothing=0.2)
+    ref = F.cross_entropy(x, target, reduction=reduction, label_smoothing=0.2)
+    grad_output = torch.rand_like(ref) + 0.5
+    expected, = torch.autograd.grad(ref, x, grad_output)
+    for _ in range(2):
+        got, = torch.autograd.grad(loss, x, grad_output, retain_graph=True)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vocab_parallel_cross_entropy(x, target, reduction=reduction, label_smoothing=0.2),
+            ref.detach(), rtol=1e-12, atol=1e-12)
