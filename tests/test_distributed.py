@@ -41,6 +41,7 @@ OPTIONS = [
     dict(probs=True, z_loss=0.02, softcap=4.0, weight=True),
     dict(first_shard_targets=True),  # the other ranks' shards hold no target
     dict(all_ignored=True),          # 'mean' over nothing: nan, as torch
+    dict(masked=True, weight=True),  # the last 2 classes -inf: a whole shard at world size 3
 ]
 LAYOUTS = ["even", "uneven", "empty"]  # 'empty': a rank with no classes (world size > 1)
 
@@ -74,12 +75,16 @@ def make_inputs(case, world):
     vocab = sum(sizes)
     dtype, batch = case["dtype"], case["batch"]
     logits = (3 * torch.randn(*batch, vocab, generator=g)).to(dtype)
+    if case.get("masked"):
+        logits[..., -2:] = -torch.inf
     ignore_index = vocab - 1 if case.get("ignore_in_vocab") else -100
     if case.get("probs"):
         target = torch.softmax(torch.randn(*batch, vocab, generator=g), -1).to(dtype)
         ignore_index = -100
     else:
         high = sizes[0] if case.get("first_shard_targets") else vocab
+        if case.get("masked"):
+            high = vocab - 2
         target = torch.randint(high, batch, generator=g)
         flat = target.view(-1)
         if case.get("ignored_rows"):

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_backend.h"
@@ -38,6 +39,38 @@ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t V) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  Vec mv(-std::numeric_limits<acc_t>::infinity());
+  int64_t c = 0;
+  for (; c + kLanes <= V; c += kLanes) mv = at::vec::maximum(mv, Vec::loadu(x + c));
+  acc_t lanes[kLanes];
+  mv.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t k = 1; k < kLanes; ++k) m = nan_max(m, lanes[k]);
+  for (; c < V; ++c) m = nan_max(m, x[c]);
+  return m;
+}
+
+// sum_c exp(x_c - m), m finite or NaN
+template <typename acc_t>
+acc_t row_sum_exp(const acc_t* x, int64_t V, acc_t m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  const Vec mv(m);
+  Vec sv(0);
+  int64_t c = 0;
+  for (; c + kLanes <= V; c += kLanes) sv = sv + (Vec::loadu(x + c) - mv).exp();
+  acc_t lanes[kLanes];
+  sv.store(lanes);
+  acc_t sum = 0;
+  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
+  for (; c < V; ++c) sum += std::exp(x[c] - m);
+  return sum;
+}
+
 template <typename scalar_t>
 void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t ignore_index,
                   bool smoothing, double softcap, Tensor& out) {
@@ -55,20 +88,24 @@ void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t igno
     for (int64_t n = begin; n < end; ++n) {
       load_row(x + n * V, V, cap, xr.data());
       if (t) convert_to_acc(t + n * V, tr.data(), V);
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t c = 0; c < V; ++c) m = nan_max(m, xr[c]);
-      acc_t sum_exp = 0, prob_weight = 0, prob_shift = 0, class_weight = 0, class_shift = 0;
-      for (int64_t c = 0; c < V; ++c) {
-        const acc_t xc = xr[c];
-        sum_exp += std::exp(xc - m);
-        const acc_t wc = w ? w[c] : acc_t(1);
-        if (t) {
-          prob_weight += wc * tr[c];
-          prob_shift += wc * tr[c] * (m - xc);
-        }
-        if (smoothing) {
-          class_weight += wc;
-          class_shift += wc * (m - xc);
+      const acc_t m = row_max(xr.data(), V);
+      // A shard whose logits are all -inf (masked classes) adds nothing to the sums; its
+      // shifts (m - x) count from the global max (Python moves them by M - m).
+      const bool empty = m == -std::numeric_limits<acc_t>::infinity();
+      const acc_t sum_exp = empty ? acc_t(0) : row_sum_exp(xr.data(), V, m);
+      acc_t prob_weight = 0, prob_shift = 0, class_weight = 0, class_shift = 0;
+      if (t || smoothing) {
+        for (int64_t c = 0; c < V; ++c) {
+          const acc_t shift = empty ? acc_t(0) : m - xr[c];
+          const acc_t wc = w ? w[c] : acc_t(1);
+          if (t) {
+            prob_weight += wc * tr[c];
+            prob_shift += wc * tr[c] * shift;
+          }
+          if (smoothing) {
+            class_weight += wc;
+            class_shift += wc * shift;
+          }
         }
       }
       acc_t* row = stats + n * vp::kLocalColumns;
@@ -85,7 +122,8 @@ void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t igno
       // The grad op raises on every rank from the summed ownership count.
       const int64_t local = labels ? labels[n] - vocab_start : -1;
       if (labels && labels[n] != ignore_index && local >= 0 && local < V) {
-        row[vp::kLocalTargetGap] = m - xr[local];
+        row[vp::kLocalTargetGap] =
+            empty ? std::numeric_limits<acc_t>::infinity() : m - xr[local];
         row[vp::kLocalTargetWeight] = w ? w[local] : acc_t(1);
         row[vp::kLocalOwned] = 1;
       }
@@ -104,6 +142,40 @@ Tensor vocab_parallel_ce_stats(const Tensor& logits, const Tensor& target,
     stats_kernel<scalar_t>(s, vocab_start, ignore_index, label_smoothing > 0, softcap, out);
   });
   return out;
+}
+
+// The gradient of a counted row, times scale: (coefficient p_c - v_c) times the softcap slope,
+// v_c = w_c (keep t_c + spread) (probabilities t) or spread w_c (class index; the target's entry
+// is fixed by the caller). The fast exp flushes results below float's normal range; where a
+// non-finite factor multiplies the softmax the exact one keeps inf * tiny = inf, as torch.
+template <typename acc_t>
+void row_grad(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* out, int64_t V,
+              const vp::GlobalRow<acc_t>& g, acc_t coefficient, acc_t scale, acc_t cap) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  const bool exact = !std::isfinite(coefficient) || !std::isfinite(scale);
+  const Vec max_v(g.max), log_sum_v(g.log_sum), coefficient_v(coefficient), spread_v(g.spread),
+      keep_v(g.keep), scale_v(scale), cap_v(cap), one(1);
+  int64_t c = 0;
+  for (; c + kLanes <= V; c += kLanes) {
+    const Vec xv = Vec::loadu(x + c);
+    const Vec arg = (xv - max_v) - log_sum_v;
+    const Vec p = exact ? arg.exp() : Math<Vec>::fast_exp(arg);
+    const Vec wv = w ? Vec::loadu(w + c) : one;
+    const Vec v = t ? wv * (keep_v * Vec::loadu(t + c) + spread_v) : spread_v * wv;
+    Vec gv = scale_v * (coefficient_v * p - v);
+    if (cap > acc_t(0)) {
+      const Vec r = xv / cap_v;
+      gv = gv * (one - r * r);
+    }
+    gv.store(out + c);
+  }
+  for (; c < V; ++c) {
+    const acc_t wc = w ? w[c] : acc_t(1);
+    const acc_t v = t ? wc * (g.keep * t[c] + g.spread) : g.spread * wc;
+    const acc_t d = coefficient * g.softmax(x[c]) - v;
+    out[c] = scale * d * vp::softcap_slope(x[c], cap);
+  }
 }
 
 struct GradArgs {
@@ -157,6 +229,7 @@ void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, T
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xr((gx || gt) ? V : 0), tr(t && (gx || gt) ? V : 0);
+    std::vector<acc_t> gbuf(gx && !std::is_same_v<acc_t, scalar_t> ? V : 0);
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* row_sums = sums + n * vp::kSumColumns;
       vp::GlobalRow<acc_t> g{static_cast<acc_t>(row_max[n]), std::log(row_sums[vp::kSumExp]),
@@ -182,11 +255,13 @@ void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, T
         continue;
       }
       const acc_t coefficient = g.softmax_coefficient(s.probs);
-      for (int64_t c = 0; c < V; ++c) {
-        const acc_t wc = w ? w[c] : acc_t(1);
-        const acc_t v = s.probs ? wc * (g.keep * tr[c] + spread) : spread * wc;
-        const acc_t d = coefficient * g.softmax(xr[c]) - v;
-        grow[c] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[c], cap));
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        row_grad(xr.data(), w, s.probs ? tr.data() : nullptr, grow, V, g, coefficient, scale,
+                 cap);
+      } else {
+        row_grad(xr.data(), w, s.probs ? tr.data() : nullptr, gbuf.data(), V, g, coefficient,
+                 scale, cap);
+        at::vec::convert(gbuf.data(), grow, V);
       }
       const int64_t local = labels ? labels[n] - a.vocab_start : -1;
       if (local >= 0 && local < V) {

@@ -54,19 +54,23 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(VocabParallelStatsArgs<
       m = nan_max(m, vp::softcapped(to_acc(x[c]), cap));
     }
     m = block_max_all(m, smem);
+    // A shard whose logits are all -inf (masked classes) adds nothing to the sums; its shifts
+    // (m - x) count from the global max (the host side moves them by M - m).
+    const bool empty = m == A(-INFINITY);
     A sum_exp = 0, prob_weight = 0, prob_shift = 0, class_weight = 0, class_shift = 0;
     for (int64_t c = threadIdx.x; c < a.V; c += blockDim.x) {
       const A xc = vp::softcapped(to_acc(x[c]), cap);
-      sum_exp += Math<A>::exp(xc - m);
+      const A shift = empty ? A(0) : m - xc;
+      if (!empty) sum_exp += Math<A>::exp(xc - m);
       const A wc = a.weight != nullptr ? a.weight[c] : A(1);
       if (t != nullptr) {
         const A tc = to_acc(t[c]);
         prob_weight += wc * tc;
-        prob_shift += wc * tc * (m - xc);
+        prob_shift += wc * tc * shift;
       }
       if (a.smoothing) {
         class_weight += wc;
-        class_shift += wc * (m - xc);
+        class_shift += wc * shift;
       }
     }
     sum_exp = block_sum(sum_exp, smem);
@@ -94,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(VocabParallelStatsArgs<
         const int64_t y = a.target_index[n];
         const int64_t local = y - a.vocab_start;
         if (y != a.ignore_index && local >= 0 && local < a.V) {
-          row[vp::kLocalTargetGap] = m - vp::softcapped(to_acc(x[local]), cap);
+          row[vp::kLocalTargetGap] =
+              empty ? A(INFINITY) : m - vp::softcapped(to_acc(x[local]), cap);
           row[vp::kLocalTargetWeight] = a.weight != nullptr ? a.weight[local] : A(1);
           row[vp::kLocalOwned] = 1;
         }
