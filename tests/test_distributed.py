@@ -540,3 +540,22 @@ def test_second_backward_and_no_grad(reduction):
         torch.testing.assert_close(
             vocab_parallel_cross_entropy(x, target, reduction=reduction, label_smoothing=0.2),
             ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_single_process(dtype):
+    """The CUDA kernels through the Python path (no process group), against torch."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    x = (3 * torch.randn(37, 1000, dtype=dtype, device="cuda")).requires_grad_()
+    target = torch.randint(1000, (37,), device="cuda")
+    target[::5] = -100
+    weight = torch.rand(1000, dtype=dtype, device="cuda") + 0.5
+    for options in (dict(), dict(weight=weight, label_smoothing=0.1)):
+        loss = vocab_parallel_cross_entropy(x, target, **options)
+        grad, = torch.autograd.grad(loss, x)
+        ref = F.cross_entropy(x, target, **options)
+        ref_grad, = torch.autograd.grad(ref, x)
+        torch.testing.assert_close(loss, ref, **TOLERANCES[dtype])
+        torch.testing.assert_close(grad, ref_grad, **TOLERANCES[dtype])
