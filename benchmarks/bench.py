@@ -8,9 +8,9 @@ median of reps. The device's copy bandwidth is measured in the same run.
 
     python benchmarks/bench.py                       # default suite (CUDA if present, else CPU)
     python benchmarks/bench.py --quick               # smoke test: tiny sizes, few reps
+    python benchmarks/bench.py --distributed --world 2 --sizes 2048x32000  # vocab-parallel CE
     python benchmarks/bench.py --loss ce --dtype bfloat16 --sizes 8192x128256
     python benchmarks/bench.py --loss mse,huber --sizes 2^24 --no-compile
-    python benchmarks/bench.py --distributed --world 2 --sizes 2048x32000  # vocab-parallel CE
 
 Writes <out>/results.json (everything + environment) and <out>/results.md (the table) after
 every case, and <out>/results.png (ratios; needs matplotlib) at the end. Default <out>:

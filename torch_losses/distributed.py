@@ -107,18 +107,16 @@ def _global_statistics(local, target, probs, group, local_classes):
 
 
 def _mean_factor(sums, probs, reduction):
-    """(gradient scale, 'mean' factor of the summed loss), 0-dim float64: torch's denominator
-    is the number of rows (probabilities) or the weight sum of the counted targets; a zero
-    denominator gives nan, as torch's 0 / 0."""
+    """What the summed loss and the gradients are multiplied by, 0-dim float64: 1, or for
+    'mean' 1 / torch's denominator, the number of rows (probabilities) or the weight sum of the
+    counted targets; a zero denominator gives nan, as torch's 0 / 0."""
     if reduction != "mean":
-        one = sums.new_ones((), dtype=torch.float64)
-        return one, one
+        return sums.new_ones((), dtype=torch.float64)
     if probs:
         denominator = sums.new_full((), sums.shape[0], dtype=torch.float64)
     else:
         denominator = sums[:, _TARGET_WEIGHT].sum(dtype=torch.float64)
-    factor = torch.where(denominator == 0, torch.nan, 1.0 / denominator)
-    return factor, factor
+    return torch.where(denominator == 0, torch.nan, 1.0 / denominator)
 
 
 def _reduce(row_loss, reduction, factor, dtype, batch_shape):
@@ -234,14 +232,14 @@ class VocabParallelCrossEntropyFunction(Function):
         input_grad = ctx.needs_input_grad[0]
         target_grad = ctx.needs_input_grad[1] and shard.probs
         stats = shard.statistics(logits, target_rows)
-        scale, factor = _mean_factor(stats[1], shard.probs, shard.reduction)
-        row_loss, grad_input, grad_target = shard.grad(logits, target_rows, stats, scale,
+        factor = _mean_factor(stats[1], shard.probs, shard.reduction)
+        row_loss, grad_input, grad_target = shard.grad(logits, target_rows, stats, factor,
                                                        input_grad, target_grad)
         ctx.shard = shard
         ctx.shapes = (logits_shard.shape, target.shape)
         ctx.grads = [grad_input.view(logits_shard.shape) if input_grad else None,
                      grad_target.view(target.shape) if target_grad else None]
-        ctx.save_for_backward(logits, target_rows, scale, *stats)
+        ctx.save_for_backward(logits, target_rows, factor, *stats)
         ctx.set_materialize_grads(False)
         return _reduce(row_loss, shard.reduction, factor, logits_shard.dtype, shard.batch_shape)
 
