@@ -340,6 +340,51 @@ def run_dtensor_cases(world, rank, check):
                         check.close(f"{name} inside={inside}: grad", got[1], ref[1], dtype)
 
 
+def run_dtensor_2d_mesh_cases(world, rank, check):
+    """A (2, 2) mesh: batch sharded over mesh dim 0, classes over mesh dim 1, against torch's
+    loss_parallel() ('sum' and 'none': what it supports there) or torch on the full tensor
+    (probabilities)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import torch_losses
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    for index, (shape, reduction, probs) in enumerate([
+            ((6, 10), "sum", False), ((6, 10), "none", False), ((4, 9, 3), "none", False),
+            ((4, 9, 3), "sum", False), ((6, 10), "sum", True)]):
+        g = torch.Generator().manual_seed(100 + index)
+        full = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if probs:
+            target = torch.softmax(torch.randn(*shape, generator=g, dtype=torch.float64), 1)
+            target_placements = [Shard(0), Shard(1)]
+        else:
+            target = torch.randint(shape[1], shape[:1] + shape[2:], generator=g)
+            target_placements = [Shard(0), Replicate()]
+        weight = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.1
+        name = f"DTensor 2-D mesh {shape} {reduction} probs={probs}"
+
+        def run(fn):
+            x = distribute_tensor(full, mesh, [Shard(0), Shard(1)]).requires_grad_()
+            t = distribute_tensor(target, mesh, target_placements)
+            with loss_parallel():
+                loss = fn(x, t, weight, reduction=reduction)
+                loss.sum().backward()
+            return loss.full_tensor().detach(), x.grad.full_tensor(), loss.placements
+
+        ours = run(torch_losses.functional.cross_entropy)
+        if probs:
+            x = full.clone().requires_grad_()
+            loss = F.cross_entropy(x, target, weight, reduction=reduction)
+            loss.sum().backward()
+            ref = loss.detach(), x.grad, None
+        else:
+            ref = run(F.cross_entropy)
+            check.true(f"{name}: placements", ours[2] == ref[2], f"{ours[2]} vs {ref[2]}")
+        check.close(f"{name}: loss", ours[0], ref[0], torch.float64)
+        check.close(f"{name}: grad", ours[1], ref[1], torch.float64)
+
+
 def run_error_cases(world, rank, check):
     """A target out of bounds raises on every rank: on all ranks, or on one rank only (the
     ranks' targets differ). The group stays usable: every rank ran every collective."""
@@ -400,6 +445,8 @@ def worker(rank, world, store_path):
         run_derived_start_case(world, rank, check)
         run_linear_cases(world, rank, check)
         run_dtensor_cases(world, rank, check)
+        if world == 4:
+            run_dtensor_2d_mesh_cases(world, rank, check)
         run_error_cases(world, rank, check)
         if world > 1:
             run_timeout_case(world, rank, check)

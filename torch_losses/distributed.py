@@ -445,23 +445,35 @@ def _is_dtensor(tensor):
 def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                           label_smoothing=0.0):
     """torch.nn.functional.cross_entropy of a DTensor `input` sharded on the class dimension
-    (dim 1, or 0 for a single sample) of a one-dimensional device mesh: the vocab-parallel
-    kernels on each rank's shard, inside or outside torch's loss_parallel(). target: class
-    indices (a replicated DTensor or a plain tensor) or probabilities (sharded like input, or
-    replicated / plain and sliced here); weight: the full class weights. Returns a replicated
-    DTensor, as loss_parallel() does; gradients flow back to input as a DTensor of its
-    placements."""
-    from torch.distributed.tensor import DTensor, Replicate
+    (dim 1, or 0 for a single sample) along exactly one mesh dimension (the tensor-parallel
+    one): the vocab-parallel kernels on each rank's shard, inside or outside torch's
+    loss_parallel(). Other mesh dimensions may shard other tensor dims (e.g. the batch) or
+    replicate, as in loss_parallel(). target: class indices (a plain tensor where every other
+    mesh dim replicates, else a DTensor placed as loss_parallel() derives) or probabilities
+    (sharded like input, or replicated / plain on a 1-D mesh and sliced here); weight: the full
+    class weights. Result placements as loss_parallel(): Replicate on the tensor-parallel dim;
+    on a batch-sharded dim Shard for 'none', Partial for 'sum' ('mean' needs a 1-D mesh).
+    Gradients flow back to input as a DTensor of its placements."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-    mesh = input.device_mesh
+    mesh, placements = input.device_mesh, tuple(input.placements)
     class_dim = 0 if input.dim() == 1 else 1
-    if mesh.ndim != 1 or not input.placements[0].is_shard(class_dim):
+    tp_dims = [i for i, p in enumerate(placements) if p.is_shard(class_dim)]
+    others_ok = all(p.is_shard() or p.is_replicate() for p in placements)
+    if len(tp_dims) != 1 or not others_ok:
         raise NotImplementedError(
             f"torch_losses: cross_entropy of a DTensor needs input sharded on the class "
-            f"dimension ({class_dim}) of a one-dimensional device mesh, got placements "
-            f"{input.placements} on a mesh of shape {tuple(mesh.shape)}")
-    group = mesh.get_group(0)
-    rank, world = mesh.get_local_rank(0), mesh.size(0)
+            f"dimension ({class_dim}) along exactly one mesh dim, the others Shard or Replicate; "
+            f"got placements {placements}")
+    tp = tp_dims[0]
+    batch_sharded = [i for i, p in enumerate(placements) if i != tp and p.is_shard()]
+    if batch_sharded and reduction == "mean":
+        raise NotImplementedError(
+            "torch_losses: reduction='mean' of a DTensor needs a mesh whose other dims "
+            "replicate (as torch's loss_parallel()); use 'sum' or 'none' and divide by the "
+            "global count")
+    group = mesh.get_group(tp)
+    rank, world = mesh.get_local_rank(tp), mesh.size(tp)
     logits = input.to_local()
     vocab = input.shape[class_dim]
     # DTensor's Shard splits as torch.chunk does: ceil(V / P) classes per rank, the last fewer
@@ -471,8 +483,12 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
         vocab_start = None  # another split: derived from the shard sizes
     probs = target.is_floating_point()
     if _is_dtensor(target):
-        target = (target.to_local() if probs and target.placements == input.placements
-                  else target.full_tensor())
+        local_target = ((probs and tuple(target.placements) == placements) or
+                        (not probs and target.placements[tp].is_replicate() and batch_sharded))
+        target = target.to_local() if local_target else target.full_tensor()
+    elif batch_sharded:
+        raise RuntimeError("torch_losses: with input sharded over other mesh dims too, target "
+                           "must be a DTensor placed as torch's loss_parallel() derives")
     if probs and target.shape[class_dim] == vocab and logits.shape[class_dim] != vocab:
         start = vocab_start
         if start is None:  # the shard sizes are gathered once, then cached
@@ -484,4 +500,16 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
         logits.movedim(class_dim, -1), target.movedim(class_dim, -1) if probs else target,
         group=group, vocab_start=vocab_start, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction)
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    out = []
+    for i, p in enumerate(placements):
+        if i == tp or p.is_replicate():
+            out.append(Replicate())
+        elif reduction == "sum":
+            out.append(Partial("sum"))
+        else:  # 'none': the loss has no class dim
+            out.append(Shard(p.dim if p.dim < class_dim else p.dim - 1))
+    if reduction != "none":
+        return DTensor.from_local(loss, mesh, out, run_check=False)
+    shape = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(loss, mesh, out, run_check=False, shape=shape, stride=stride)
