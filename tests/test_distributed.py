@@ -216,6 +216,7 @@ LINEAR_OPTIONS = [
     dict(bias=True, weight=True, ignored_rows=True),
     dict(label_smoothing=0.2, z_loss=0.05, softcap=3.0, bias=True),
     dict(first_shard_targets=True, weight=True, rows_per_chunk=2),
+    dict(probs=True, weight=True, label_smoothing=0.1, bias=True),
 ]
 
 
@@ -241,8 +242,10 @@ def run_linear_cases(world, rank, check):
                 xs = x.clone().requires_grad_()
                 ws = head[start:stop].clone().requires_grad_()
                 bs = None if bias is None else bias[start:stop].clone().requires_grad_()
+                probs = bool(case.get("probs"))
+                ts = target[..., start:stop].clone().requires_grad_() if probs else target
                 loss = vocab_parallel_linear_cross_entropy(
-                    xs, ws, target, bias_shard=bs, vocab_start=start, weight=weight,
+                    xs, ws, ts, bias_shard=bs, vocab_start=start, weight=weight,
                     ignore_index=ignore_index, label_smoothing=case.get("label_smoothing", 0.0),
                     reduction=reduction, z_loss=case.get("z_loss", 0.0),
                     softcap=case.get("softcap"), rows_per_chunk=case.get("rows_per_chunk"),
@@ -250,8 +253,12 @@ def run_linear_cases(world, rank, check):
                 loss.backward(grad_output)
                 xr, wr = x.clone().requires_grad_(), head.clone().requires_grad_()
                 br = None if bias is None else bias.clone().requires_grad_()
-                ref = reference_loss(case, F.linear(xr, wr, br), target, weight, ignore_index)
+                tr = target.clone().requires_grad_() if probs else target
+                ref = reference_loss(case, F.linear(xr, wr, br), tr, weight, ignore_index)
                 ref.backward(grad_output)
+                if probs:
+                    check.close(f"linear [{case}]: grad target", ts.grad,
+                                tr.grad[..., start:stop], dtype)
                 name = f"linear [{case}]"
                 check.close(f"{name}: loss", loss.detach(), ref.detach(), dtype)
                 check.close(f"{name}: grad input", xs.grad, xr.grad, dtype)

@@ -291,7 +291,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
 
 class VocabParallelLinearCrossEntropyFunction(Function):
     """A column-parallel LM head and the loss: input (N, H) (the same on every rank),
-    weight_shard (V_local, H), bias_shard (V_local) or None, target (N) class indices. The rows
+    weight_shard (V_local, H), bias_shard (V_local) or None, target (N) class indices or this
+    shard's (N, V_local) probabilities (differentiable). The rows
     go through in chunks (torch_losses/linear.py's design): per chunk the shard's logits, the
     statistics and their two all-reduces, the logits' gradient written over nothing but a chunk
     buffer, and at once grad_input[chunk] (this shard's part), grad_weight_shard and
@@ -301,12 +302,12 @@ class VocabParallelLinearCrossEntropyFunction(Function):
 
     @staticmethod
     def forward(ctx, input, weight_shard, bias_shard, target, shard, rows_per_chunk):
-        wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        wants = tuple(ctx.needs_input_grad[:3]) + (ctx.needs_input_grad[3] and shard.probs,)
         scale, factor = _linear_mean_factor(target, shard, input.dtype)
         live = shard.reduction != "none" and any(wants)
         row_loss, stats, grads = _linear_chunks(input, weight_shard, bias_shard, target, shard,
                                                 rows_per_chunk, scale, wants if live else
-                                                (False,) * 3)
+                                                (False,) * 4)
         ctx.shard, ctx.rows_per_chunk, ctx.wants = shard, rows_per_chunk, wants
         ctx.grads = grads if live else None
         ctx.stats = stats
@@ -331,16 +332,18 @@ class VocabParallelLinearCrossEntropyFunction(Function):
             for grad in grads:
                 if grad is not None:
                     ops.scale_grad_(grad, grad_output)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def _linear_mean_factor(target, shard, dtype):
     """(gradient scale in the accumulation dtype, 'mean' factor in float64), known before any
-    chunk: the denominator is the weight sum of the counted targets (class weights are
-    replicated), computed locally."""
-    if shard.reduction != "mean":
-        one = torch.ones((), dtype=torch.float64, device=target.device)
-        return one.to(_acc_dtype(dtype)), one
+    chunk: the denominator is the number of rows (probabilities) or the weight sum of the
+    counted targets (class weights are replicated), computed locally."""
+    if shard.reduction != "mean" or shard.probs:
+        denominator = target.shape[0] if shard.reduction == "mean" else 1
+        factor = torch.full((), 1.0 / denominator if denominator else torch.nan,
+                            dtype=torch.float64, device=target.device)
+        return factor.to(_acc_dtype(dtype)), factor
     kept = target != shard.ignore_index
     if shard.full_weight is None:
         denominator = kept.sum(dtype=torch.float64)
@@ -356,14 +359,15 @@ def _linear_chunks(input, weight_shard, bias_shard, target, shard, rows_per_chun
     """The chunk loop. Without `stats` (the forward) each chunk's statistics are all-reduced
     and kept; with them (a recompute) no statistic is communicated. row_scale (N) multiplies
     the logits' gradient per row. Returns (row_loss, stats, [grad_input, grad_weight_shard,
-    grad_bias_shard] (None where not wanted))."""
+    grad_bias_shard, grad_target] (None where not wanted))."""
     n = input.shape[0]
     acc = _acc_dtype(input.dtype)
     row_loss = input.new_empty((n,), dtype=acc)
     grad_input = torch.zeros_like(input) if wants[0] else None
     grad_weight = torch.zeros_like(weight_shard, dtype=acc) if wants[1] else None
     grad_bias = torch.zeros_like(bias_shard, dtype=acc) if wants[2] else None
-    logits_grad = any(wants)
+    grad_target = torch.empty_like(target) if wants[3] else None
+    logits_grad = any(wants[:3])
     forward = stats is None
     if forward:
         stats = []
@@ -373,8 +377,12 @@ def _linear_chunks(input, weight_shard, bias_shard, target, shard, rows_per_chun
         logits = F.linear(x, weight_shard, bias_shard)
         if forward:
             stats.append(shard.statistics(logits, t))
-        loss, grad, _ = shard.grad(logits, t, stats[index], scale, logits_grad, False)
+        loss, grad, grad_t = shard.grad(logits, t, stats[index], scale, logits_grad, wants[3])
         row_loss[rows] = loss
+        if grad_target is not None:
+            if row_scale is not None:
+                grad_t.mul_(row_scale[rows].unsqueeze(1).to(grad_t.dtype))
+            grad_target[rows] = grad_t
         if not logits_grad:
             continue
         if row_scale is not None:
@@ -389,7 +397,7 @@ def _linear_chunks(input, weight_shard, bias_shard, target, shard, rows_per_chun
     if grad_input is not None:
         shard.group.all_reduce(grad_input, dist.ReduceOp.SUM)  # the shards' parts: once
     grads = [grad_input, None if grad_weight is None else grad_weight.to(weight_shard.dtype),
-             None if grad_bias is None else grad_bias.to(bias_shard.dtype)]
+             None if grad_bias is None else grad_bias.to(bias_shard.dtype), grad_target]
     return row_loss, stats, grads
 
 
@@ -401,24 +409,19 @@ def vocab_parallel_linear_cross_entropy(input, weight_shard, target, *, bias_sha
     """cross_entropy(input @ W.T + b, target) for a column-parallel LM head: this rank holds
     the rows [vocab_start, vocab_start + V_local) of W (V, H) as weight_shard (V_local, H) and
     of b as bias_shard. input (..., H) and target (...) class indices are the same on every
-    rank. The logits exist one chunk of rows at a time; per chunk two all-reduces of O(rows)
-    floats, and one all-reduce of grad_input (N, H) at the end. Every rank must run the same
+    rank; probability targets are this rank's (..., V_local) slice. The logits exist one
+    chunk of rows at a time; per chunk two all-reduces of O(rows) floats, and one all-reduce of
+    grad_input (N, H) at the end. Every rank must run the same
     chunks: rows_per_chunk (equal on every rank) sets them; without it each rank sizes them
     from chunk_bytes (default as torch_losses.linear) and its shard, and one MIN all-reduce of
     one integer (a host synchronization) agrees on the smallest. Other arguments as
     vocab_parallel_cross_entropy."""
     from .linear import chunk_rows
 
-    if target.is_floating_point():
-        raise NotImplementedError("vocab_parallel_linear_cross_entropy: class-index targets "
-                                  "only")
-    if input.shape[:-1] != target.shape:
-        raise RuntimeError(f"vocab_parallel_linear_cross_entropy: target of shape "
-                           f"{list(input.shape[:-1])} expected, got {list(target.shape)}")
     if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
         raise RuntimeError(f"vocab_parallel_linear_cross_entropy: weight_shard (V_local, "
                            f"{input.shape[-1]}) expected, got {list(weight_shard.shape)}")
-    like = input.new_empty(()).expand(*target.shape, weight_shard.shape[0])
+    like = input.new_empty(()).expand(*input.shape[:-1], weight_shard.shape[0])
     shard = _Shard(like, target, weight, group, vocab_start, ignore_index, label_smoothing,
                    reduction, z_loss, softcap)
     shard.full_weight = None if weight is None else weight.detach()
@@ -431,10 +434,10 @@ def vocab_parallel_linear_cross_entropy(input, weight_shard, target, *, bias_sha
             shard.group.all_reduce(agreed, dist.ReduceOp.MIN)
             rows = int(agreed)
     if not torch.is_grad_enabled():
-        input, weight_shard = input.detach(), weight_shard.detach()
+        input, weight_shard, target = input.detach(), weight_shard.detach(), target.detach()
         bias_shard = None if bias_shard is None else bias_shard.detach()
     return VocabParallelLinearCrossEntropyFunction.apply(
-        input.reshape(-1, input.shape[-1]), weight_shard, bias_shard, target.reshape(-1),
+        input.reshape(-1, input.shape[-1]), weight_shard, bias_shard, shard.rows(target),
         shard, rows)
 
 
