@@ -8,6 +8,7 @@ median of reps. The device's copy bandwidth is measured in the same run.
 
     python benchmarks/bench.py                       # default suite (CUDA if present, else CPU)
     python benchmarks/bench.py --quick               # smoke test: tiny sizes, few reps
+    python benchmarks/bench.py --distributed --world 2 --sizes 2048x32000  # vocab-parallel CE
     python benchmarks/bench.py --loss ce --dtype bfloat16 --sizes 8192x128256
     python benchmarks/bench.py --loss mse,huber --sizes 2^24 --no-compile
     python benchmarks/bench.py --loss linear_ce --sizes 2048x1024x32000   # the LLM head row
@@ -65,7 +66,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few reps")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--out", help="output folder (default benchmarks/results/<machine-tag>/)")
+    p.add_argument("--distributed", action="store_true",
+                   help="vocab-parallel cross-entropy over --world ranks against gathering the "
+                        "full logits (tlbench/distributed.py; writes <out> only when given)")
+    p.add_argument("--world", type=int, help="--distributed: ranks (CPU default 2; CUDA: the "
+                                             "visible GPUs)")
     args = p.parse_args(argv)
+    if args.distributed:
+        from tlbench.distributed import run
+        return run(args)
 
     device = args.device
     if device == "auto":

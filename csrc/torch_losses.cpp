@@ -110,3 +110,23 @@ TORCH_LIBRARY(torch_losses, m) {
   // grad without its dim 1 (per-position cross-entropy 'none').
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
+
+// Vocabulary-parallel cross-entropy (torch_losses/distributed.py; formulas and column layouts in
+// csrc/losses/vocab_parallel.h). logits (N, V_local) are one rank's classes
+// [vocab_start, vocab_start + V_local); target is (N) int64 (global class indices) or this
+// shard's (N, V_local) probabilities; weight is this shard's (V_local) class weights in the
+// accumulation dtype (float32, float64 for float64 logits), as are all statistics.
+TORCH_LIBRARY_FRAGMENT(torch_losses, m) {
+  // Per-row statistics of the shard, relative to its own max: (N, 9).
+  m.def("vocab_parallel_ce_stats(Tensor logits, Tensor target, Tensor? weight, int vocab_start, "
+        "int ignore_index, float label_smoothing, float softcap) -> Tensor");
+  // From the all-reduced statistics (maxima (3, N) float64: the row max of the logits, the max
+  // of the target and of minus the target over the ranks (0 for probabilities); row_sums
+  // (N, 8); vocab_size: the total number of classes, 0-dim): the per-row loss (N) and, when
+  // asked, the shard's gradients times scale (0-dim: 1/denominator for 'mean', else 1).
+  // Raises on every rank where a target lies in no shard or the ranks' targets differ.
+  m.def("vocab_parallel_ce_grad(Tensor logits, Tensor target, Tensor? weight, Tensor maxima, "
+        "Tensor row_sums, Tensor vocab_size, Tensor scale, int vocab_start, int ignore_index, "
+        "float label_smoothing, float z_loss, float softcap, bool input_grad, bool target_grad) "
+        "-> (Tensor, Tensor, Tensor)");
+}

@@ -69,3 +69,20 @@ def _cross_entropy_bwd_fake(grad_output, input, target, weight, lse, ignore_inde
 @register_fake("torch_losses::scale_grad_")
 def _scale_grad_fake(grad, grad_output):
     return None
+
+
+# Vocabulary-parallel cross-entropy (csrc/losses/vocab_parallel.h: 9 local columns, 8 summed).
+@register_fake("torch_losses::vocab_parallel_ce_stats")
+def _vocab_parallel_ce_stats_fake(logits, target, weight, vocab_start, ignore_index,
+                                  label_smoothing, softcap):
+    torch._check(logits.dim() == 2, lambda: "vocab-parallel ops take logits (N, V_local)")
+    return logits.new_empty((logits.shape[0], 9), dtype=_acc_dtype(logits.dtype))
+
+
+@register_fake("torch_losses::vocab_parallel_ce_grad")
+def _vocab_parallel_ce_grad_fake(logits, target, weight, maxima, row_sums, vocab_size, scale,
+                                 vocab_start, ignore_index, label_smoothing, z_loss, softcap,
+                                 input_grad, target_grad):
+    torch._check(logits.dim() == 2, lambda: "vocab-parallel ops take logits (N, V_local)")
+    loss = logits.new_empty((logits.shape[0],), dtype=_acc_dtype(logits.dtype))
+    return loss, _grad_or_empty(logits, input_grad), _grad_or_empty(logits, target_grad)

@@ -18,6 +18,8 @@ import torch._dynamo
 import torch.nn.functional as TF
 from torch.nn import _reduction as _Reduction
 
+from . import distributed as _distributed
+
 from ._autograd import (
     BCEFunction,
     BCEWithLogitsFunction,
@@ -227,6 +229,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
       the 'none' loss (ignored positions included)."""
     z_loss, softcap = check_llm_extras(z_loss, softcap, return_lse)
     reduction = _resolve_reduction(size_average, reduce, reduction)
+    if _distributed._is_dtensor(input):  # sharded on the class dimension: vocab-parallel kernels
+        return _distributed.dtensor_cross_entropy(input, target, weight, ignore_index,
+                                                  reduction, label_smoothing)
     _check_same_device(input, target, weight)
 
     def torch_call():

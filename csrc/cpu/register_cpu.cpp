@@ -31,6 +31,11 @@ void CpuBackend::scale_grad(at::Tensor& grad, const at::Tensor& grad_output) {
   }
 }
 
-TORCH_LIBRARY_IMPL(torch_losses, CPU, m) { register_ops<CpuBackend>(m); }
+void register_vocab_parallel_cpu(torch::Library& m);  // vocab_parallel_cpu.cpp
+
+TORCH_LIBRARY_IMPL(torch_losses, CPU, m) {
+  register_ops<CpuBackend>(m);
+  register_vocab_parallel_cpu(m);
+}
 
 }  // namespace torch_losses

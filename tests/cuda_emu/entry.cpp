@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/launchers.h"
+#include "cuda/vocab_parallel_launchers.h"
 
 namespace tc = torch_losses::cuda;
 
@@ -125,6 +126,65 @@ int tl_emu_scale_grad(int dtype, void* grad, const void* grad_output, int mode, 
     using T = decltype(tag);
     tc::launch_scale_grad<T>(static_cast<T*>(grad), static_cast<const T*>(grad_output), mode,
                              numel, N, C, D, nullptr);
+  });
+}
+
+// Vocabulary-parallel cross-entropy (csrc/cuda/vocab_parallel.cu): the two passes.
+int tl_emu_vocab_parallel_stats(int dtype, const void* logits, const int64_t* target_index,
+                                const void* target_prob, const void* weight, void* stats,
+                                int64_t N, int64_t V, int64_t vocab_start, int64_t ignore_index,
+                                double softcap, int smoothing) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = tc::acc_t<T>;
+    tc::VocabParallelStatsArgs<T> a;
+    a.logits = static_cast<const T*>(logits);
+    a.target_index = target_index;
+    a.target_prob = static_cast<const T*>(target_prob);
+    a.weight = static_cast<const A*>(weight);
+    a.stats = static_cast<A*>(stats);
+    a.N = N;
+    a.V = V;
+    a.vocab_start = vocab_start;
+    a.ignore_index = ignore_index;
+    a.softcap = softcap;
+    a.smoothing = smoothing != 0;
+    tc::launch_vocab_parallel_stats<T>(a, nullptr);
+  });
+}
+
+int tl_emu_vocab_parallel_grad(int dtype, const void* logits, const int64_t* target_index,
+                               const void* target_prob, const void* weight,
+                               const double* maxima, const void* row_sums,
+                               const void* vocab_size, const void* scale, void* loss,
+                               void* grad_input, void* grad_target, int64_t N, int64_t V,
+                               int64_t vocab_start, int64_t ignore_index,
+                               double label_smoothing, double z_loss, double softcap,
+                               int probs) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = tc::acc_t<T>;
+    tc::VocabParallelGradArgs<T> a;
+    a.logits = static_cast<const T*>(logits);
+    a.target_index = target_index;
+    a.target_prob = static_cast<const T*>(target_prob);
+    a.weight = static_cast<const A*>(weight);
+    a.maxima = maxima;
+    a.row_sums = static_cast<const A*>(row_sums);
+    a.vocab_size = static_cast<const A*>(vocab_size);
+    a.scale = static_cast<const A*>(scale);
+    a.loss = static_cast<A*>(loss);
+    a.grad_input = static_cast<T*>(grad_input);
+    a.grad_target = static_cast<T*>(grad_target);
+    a.N = N;
+    a.V = V;
+    a.vocab_start = vocab_start;
+    a.ignore_index = ignore_index;
+    a.label_smoothing = label_smoothing;
+    a.z_loss = z_loss;
+    a.softcap = softcap;
+    a.probs = probs != 0;
+    tc::launch_vocab_parallel_grad<T>(a, nullptr);
   });
 }
 
