@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import torch_losses  # noqa: F401  (registers the ops)
+from tl_helpers import ce_extras_reference
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -284,7 +285,9 @@ def run_dtensor_cases(world, rank, check):
                 for options in (dict(), dict(weight=True), dict(ignore=True),
                                 dict(weight=True, ignore=True), dict(probs=True),
                                 dict(label_smoothing=0.2, weight=True),
-                                dict(probs=True, label_smoothing=0.1), dict(module=True)):
+                                dict(probs=True, label_smoothing=0.1), dict(module=True),
+                                dict(z_loss=0.01, softcap=3.0, ignore=True),
+                                dict(probs=True, z_loss=0.02, softcap=2.0)):
                     index += 1
                     g = torch.Generator().manual_seed(index)
                     full = torch.randn(*shape, generator=g).to(dtype)
@@ -301,7 +304,9 @@ def run_dtensor_cases(world, rank, check):
                     # loss_parallel() has no probabilities nor label smoothing, and its
                     # backward fails with a weight and ignored rows (torch 2.13: gathers the
                     # weight at -100): torch on the full tensor is the reference there
+                    extras = {k: options[k] for k in ("z_loss", "softcap") if k in options}
                     torch_supports = (not options.get("probs") and smoothing == 0 and
+                                      not extras and
                                       not (options.get("weight") and options.get("ignore")))
                     name = f"DTensor {dtype} {shape} {reduction} {options}"
 
@@ -315,7 +320,7 @@ def run_dtensor_cases(world, rank, check):
                             def fn(a, b):
                                 return torch_losses.functional.cross_entropy(
                                     a, b, weight, reduction=reduction,
-                                    label_smoothing=smoothing)
+                                    label_smoothing=smoothing, **extras)
                         if inside:
                             with loss_parallel():
                                 loss = fn(x, t)
@@ -337,8 +342,8 @@ def run_dtensor_cases(world, rank, check):
                         ref = loss.full_tensor().detach(), x.grad.full_tensor()
                     else:
                         x = full.clone().requires_grad_()
-                        loss = F.cross_entropy(x, target, weight, reduction=reduction,
-                                               label_smoothing=smoothing)
+                        loss = ce_extras_reference(x, target, weight, reduction=reduction,
+                                                   label_smoothing=smoothing, **extras)
                         loss.sum().backward()
                         ref = loss.detach(), x.grad
                     for inside in (True, False):

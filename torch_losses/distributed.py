@@ -446,7 +446,7 @@ def _is_dtensor(tensor):
 
 
 def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0):
+                          label_smoothing=0.0, z_loss=0.0, softcap=None):
     """torch.nn.functional.cross_entropy of a DTensor `input` sharded on the class dimension
     (dim 1, or 0 for a single sample) along exactly one mesh dimension (the tensor-parallel
     one): the vocab-parallel kernels on each rank's shard, inside or outside torch's
@@ -502,7 +502,7 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     loss = vocab_parallel_cross_entropy(
         logits.movedim(class_dim, -1), target.movedim(class_dim, -1) if probs else target,
         group=group, vocab_start=vocab_start, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction)
+        label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, softcap=softcap)
     out = []
     for i, p in enumerate(placements):
         if i == tp or p.is_replicate():

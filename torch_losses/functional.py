@@ -230,8 +230,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     z_loss, softcap = check_llm_extras(z_loss, softcap, return_lse)
     reduction = _resolve_reduction(size_average, reduce, reduction)
     if _distributed._is_dtensor(input):  # sharded on the class dimension: vocab-parallel kernels
+        if return_lse:
+            raise NotImplementedError("torch_losses: return_lse=True is not supported for a "
+                                      "DTensor input")
         return _distributed.dtensor_cross_entropy(input, target, weight, ignore_index,
-                                                  reduction, label_smoothing)
+                                                  reduction, label_smoothing, z_loss, softcap)
     _check_same_device(input, target, weight)
 
     def torch_call():
