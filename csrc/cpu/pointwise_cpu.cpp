@@ -80,9 +80,9 @@ void pointwise_kernel(const PointwiseProblem& p) {
   }
   const acc_t scale = static_cast<acc_t>(scale_d);
 
-  advise_huge_pages(p.grad_input);
-  advise_huge_pages(p.grad_target);
-  if (loss_none) advise_huge_pages(p.loss);
+  // No advise_huge_pages for these outputs: on the benchmark VM (free page reporting to the
+  // host) huge-page faults of fresh outputs took 70-190 ms of system time in some steps, where
+  // 4 KB pages cost a steady ~15-25 ms per 64 MB (benchmarks/NOTES.md, CPU section).
 
   const Loss<acc_t> fs(p.param);
   const Loss<Vec> fv(p.param);
