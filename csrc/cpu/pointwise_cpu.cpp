@@ -44,9 +44,10 @@ void finish_store(scalar_t* dst, const acc_t* buffer, int64_t len) {
   if constexpr (!std::is_same_v<acc_t, scalar_t>) at::vec::convert(buffer, dst, len);
 }
 
-// Faults in the pages of a fresh output's out[begin, end) with one system call, just before
-// they are written (rounded out to pages: a page shared with a neighbour's range is only
-// faulted in, never written). Cheaper than a fault per 4 KB page; huge pages are not asked for
+// Faults in the pages of out[begin, end) (a new output's are not mapped yet; mapped ones cost a
+// page-table walk) with one system call, just before they are written (rounded out to pages: a
+// page shared with a neighbour's range is only faulted in, never written). Cheaper than a
+// fault per 4 KB page; huge pages are not asked for
 // (advise_huge_pages): on the benchmark VM their faults cost 70-190 ms of system time in some
 // steps (benchmarks/NOTES.md, CPU section).
 template <typename T>
