@@ -12,9 +12,18 @@ struct CpuBackend {
   static void scale_grad(at::Tensor& grad, const at::Tensor& grad_output);  // register_cpu.cpp
 };
 
-// Large fresh outputs are faulted in page by page on first write; on Linux ask for transparent
-// huge pages (before the first touch), which cuts that cost several-fold. Advisory only.
-void advise_huge_pages(const at::Tensor& t);
+// A fresh output is faulted in page by page on its first write. Just before writing out[begin,
+// end), this faults its pages in with one system call (Linux: MADV_POPULATE_WRITE), cheaper than
+// a fault per 4 KB page; a page shared with a neighbouring range is only faulted in, never
+// written. Huge pages are not asked for: on the benchmark VM their faults cost 70-190 ms of
+// system time in some steps (benchmarks/NOTES.md, CPU section). Advisory only.
+void prefault_for_write(const void* begin, const void* end);
+template <typename T>
+void prefault_for_write(T* out, int64_t begin, int64_t end) {
+  if (out != nullptr && end > begin) prefault_for_write(out + begin, out + end);
+}
+// Outputs below this size likely come from the heap, already mapped.
+constexpr int64_t kPrefaultMinBytes = int64_t(1) << 20;
 
 // Work units of the CPU kernels: fixed sizes, so that results do not depend on the thread count.
 constexpr int64_t kCpuChunk = 2048;

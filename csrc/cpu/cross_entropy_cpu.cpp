@@ -320,14 +320,24 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   }
   const acc_t scale = static_cast<acc_t>(scale_d);
 
-  if (p.grad_input.defined() && !p.grad_input.is_same(p.input)) advise_huge_pages(p.grad_input);
-  advise_huge_pages(p.grad_target);
+  // Fresh gradients are faulted in ~256 KB at a time, just before their rows are written.
+  const int64_t grad_bytes = N * C * D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool prefault = grad_bytes >= kPrefaultMinBytes && !(gx && p.grad_input.is_same(p.input));
+  const int64_t prefault_rows = std::max<int64_t>(
+      1, (int64_t(256) << 10) / std::max<int64_t>(C * static_cast<int64_t>(sizeof(scalar_t)), 1));
 
   std::vector<acc_t> row_loss(forward ? rows : 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
     std::vector<acc_t> x_buf(C), t_buf(probs ? C : 0), gx_buf(C), gt_buf(gt ? C : 0);
     for (int64_t r = row_begin; r < row_end; ++r) {
+      if (prefault && (r - row_begin) % prefault_rows == 0) {
+        // rows r.. of (N, C, D) lie in the (C, D) blocks of n = r / D ..
+        const int64_t last = std::min(row_end, r + prefault_rows) - 1;
+        const int64_t begin = r / D * C * D, end = (last / D + 1) * C * D;
+        prefault_for_write(gx, begin, end);
+        prefault_for_write(gt, begin, end);
+      }
       const int64_t n = r / D, d = r % D;
       const int64_t offset = n * C * D + d;
       const acc_t* xr = load_row(x + offset, C, D, x_buf.data());

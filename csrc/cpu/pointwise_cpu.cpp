@@ -8,10 +8,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "cpu/cpu_backend.h"
 #include "cpu/vec_math.h"
 
@@ -42,23 +38,6 @@ acc_t* store_target(scalar_t* dst, acc_t* buffer) {
 template <typename acc_t, typename scalar_t>
 void finish_store(scalar_t* dst, const acc_t* buffer, int64_t len) {
   if constexpr (!std::is_same_v<acc_t, scalar_t>) at::vec::convert(buffer, dst, len);
-}
-
-// Faults in the pages of out[begin, end) (a new output's are not mapped yet; mapped ones cost a
-// page-table walk) with one system call, just before they are written (rounded out to pages: a
-// page shared with a neighbour's range is only faulted in, never written). Cheaper than a
-// fault per 4 KB page; huge pages are not asked for
-// (advise_huge_pages): on the benchmark VM their faults cost 70-190 ms of system time in some
-// steps (benchmarks/NOTES.md, CPU section).
-template <typename T>
-void populate(T* out, int64_t begin, int64_t end) {
-#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
-  if (!out || end <= begin) return;
-  constexpr uintptr_t kPage = 4096;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(out + begin) & ~(kPage - 1);
-  const uintptr_t last = reinterpret_cast<uintptr_t>(out + end);
-  madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
-#endif
 }
 
 template <typename T>
@@ -101,8 +80,7 @@ void pointwise_kernel(const PointwiseProblem& p) {
   }
   const acc_t scale = static_cast<acc_t>(scale_d);
 
-  // below 1 MB the output likely comes from the heap, already mapped
-  const bool populate_outputs = n * static_cast<int64_t>(sizeof(scalar_t)) >= (int64_t(1) << 20);
+  const bool populate_outputs = n * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefaultMinBytes;
   const Loss<acc_t> fs(p.param);
   const Loss<Vec> fv(p.param);
   const int64_t chunks = (n + kCpuChunk - 1) / kCpuChunk;
@@ -118,9 +96,9 @@ void pointwise_kernel(const PointwiseProblem& p) {
       const int64_t len = std::min(kCpuChunk, n - begin);
       if (populate_outputs && (chunk - chunk_begin) % kPopulateChunks == 0) {
         const int64_t end = std::min(n, std::min(chunk_end, chunk + kPopulateChunks) * kCpuChunk);
-        populate(gx, begin, end);
-        populate(gy, begin, end);
-        populate(loss_none, begin, end);
+        prefault_for_write(gx, begin, end);
+        prefault_for_write(gy, begin, end);
+        prefault_for_write(loss_none, begin, end);
       }
       const acc_t* xc = load_chunk(x + begin, xb, len);
       const acc_t* yc = load_chunk(y + begin, yb, len);

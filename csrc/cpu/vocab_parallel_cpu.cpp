@@ -290,7 +290,6 @@ std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad(
   Tensor loss = at::empty({s.N}, s.logits.options().dtype(acc));
   Tensor grad_input = grad_like(s.logits, input_grad);
   Tensor grad_target = target_grad ? grad_like(s.target, true) : Tensor();
-  advise_huge_pages(grad_input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.logits.scalar_type(),
                                   "torch_losses_vocab_parallel_ce_grad", [&] {
     grad_kernel<scalar_t>(s, a, loss, grad_input, grad_target);
