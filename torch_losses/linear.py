@@ -150,10 +150,30 @@ def _chunks(n, max_rows):
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def _logits(x, linear_weight, linear_bias, upcast):
-    """One chunk of logits in the linear's dtype, and the tensor the cross-entropy op works
-    on (a float32 copy under autocast, where torch computes the loss in float32)."""
-    logits = F.linear(x, linear_weight, linear_bias)
+class _LogitsBuffer:
+    """The chunks' logits, in one buffer made by the first chunk and reused by the next ones:
+    a fresh chunk-sized tensor per chunk would fault its pages in again each time (large
+    allocations go back to the OS when freed)."""
+
+    def __init__(self):
+        self.buffer = None
+
+    def __call__(self, x, linear_weight, linear_bias):
+        rows = x.shape[0]
+        if self.buffer is None or self.buffer.shape[0] < rows:
+            self.buffer = F.linear(x, linear_weight, linear_bias)
+            return self.buffer
+        out = self.buffer[:rows]
+        if linear_bias is None:  # as F.linear computes it, so the same bits
+            return torch.mm(x, linear_weight.t(), out=out)
+        return torch.addmm(linear_bias, x, linear_weight.t(), out=out)
+
+
+def _logits(x, linear_weight, linear_bias, upcast, make_logits):
+    """One chunk of logits in the linear's dtype (from make_logits, a _LogitsBuffer), and the
+    tensor the cross-entropy op works on (a float32 copy under autocast, where torch computes
+    the loss in float32)."""
+    logits = make_logits(x, linear_weight, linear_bias)
     if _logits_chunk_hook is not None:
         _logits_chunk_hook(logits)
     ce_input = logits.float() if upcast and logits.dtype != torch.float32 else logits
@@ -188,9 +208,10 @@ def _linear_cross_entropy_fwd(
         scale = _gradient_scale(reduction, denominator)
         if scale is not None:
             scale = scale.to(_acc_dtype(input.dtype))
+    make_logits = _LogitsBuffer()
     for rows in _chunks(n, rows_per_chunk):
         x, t = input[rows], target[rows]
-        logits, ce_input = _logits(x, linear_weight, linear_bias, upcast)
+        logits, ce_input = _logits(x, linear_weight, linear_bias, upcast, make_logits)
         ce_input3 = ce_input.unsqueeze(-1)
         t2 = t.unsqueeze(-1)
         if not want_logits_grad:
@@ -215,7 +236,7 @@ def _linear_cross_entropy_fwd(
             if grad.dtype != logits.dtype:
                 grad = logits.copy_(grad)
             acc.add_chunk(rows, grad, x, linear_weight, scale)
-        del logits, ce_input, ce_input3, grad  # else two chunks live while the next is made
+        del logits, ce_input, ce_input3, grad  # the next chunk reuses the logits buffer
     if reduction == _NONE:
         loss = row_loss
     else:
@@ -264,9 +285,10 @@ def _linear_cross_entropy_bwd(
         denominator = _mean_denominator(target, weight, ignore_index, num_classes, probs)
         grad_output = grad_output * _gradient_scale(reduction, denominator)
     if any(wants):
+        make_logits = _LogitsBuffer()
         for rows in _chunks(n, rows_per_chunk):
             x, t = input[rows], target[rows]
-            logits, ce_input = _logits(x, linear_weight, linear_bias, upcast)
+            logits, ce_input = _logits(x, linear_weight, linear_bias, upcast, make_logits)
             g = grad_output[rows].unsqueeze(-1) if reduction == _NONE else grad_output
             grad, grad_t = ops.cross_entropy_bwd(
                 g.to(ce_dtype), ce_input.unsqueeze(-1), t.unsqueeze(-1), weight,
@@ -278,7 +300,7 @@ def _linear_cross_entropy_bwd(
             if grad.dtype != logits.dtype:
                 grad = logits.copy_(grad)
             acc.add_chunk(rows, grad, x, linear_weight, None)
-            del logits, ce_input, grad, grad_t  # else two chunks live while the next is made
+            del logits, ce_input, grad, grad_t  # the next chunk reuses the logits buffer
     return tuple(acc.results(None, input))
 
 
