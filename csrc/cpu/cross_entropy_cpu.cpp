@@ -18,11 +18,6 @@
 namespace torch_losses {
 namespace {
 
-template <typename T>
-T nan_max(T a, T b) {
-  return (a != a || a > b) ? a : b;
-}
-
 // The statistics of one row. The max and the log of the sum are kept apart, and the weighted
 // sums are taken relative to the max, so that the loss and the softmax are formed from
 // differences (x - max) as torch's log_softmax does: with logits of 1e4 in float32, max + log(sum)
@@ -59,15 +54,7 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
   for (int64_t begin = 0; begin < C; begin += kBlock) {
     const int64_t len = std::min(kBlock, C - begin);
     const acc_t* xb = x + begin;
-    Vec mv(kNegInf);
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) mv = at::vec::maximum(mv, Vec::loadu(xb + i));
-    acc_t lanes[kLanes];
-    mv.store(lanes);
-    acc_t block_max = lanes[0];
-    for (int64_t k = 1; k < kLanes; ++k) block_max = nan_max(block_max, lanes[k]);
-    for (; i < len; ++i) block_max = nan_max(block_max, xb[i]);
-    const acc_t new_max = nan_max(max, block_max);
+    const acc_t new_max = nan_max(max, nan_max_of(xb, len));
     if (new_max != max) {
       sum = max == kNegInf ? acc_t(0) : sum * std::exp(max - new_max);
       max = new_max;
@@ -80,7 +67,7 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
     }
     const Vec max_v(max), ref_v(ref);
     Vec sv(0);
-    i = 0;
+    int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       const Vec xv = Vec::loadu(xb + i);
       sv = sv + (xv - max_v).exp();
@@ -91,6 +78,7 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
         vs = vs + v * (xv - ref_v);
       }
     }
+    acc_t lanes[kLanes];
     sv.store(lanes);
     acc_t block_sum = 0;
     for (int64_t k = 0; k < kLanes; ++k) block_sum += lanes[k];

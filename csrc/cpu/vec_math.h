@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <limits>
 #include <type_traits>
 
 #include "losses/math.h"
@@ -167,6 +168,28 @@ struct Math<at::vec::Vectorized<S>> {
     }
   }
 };
+
+// The larger of a and b, NaN if either is NaN (as torch's max).
+template <typename T>
+T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// max of x[0, n) (-inf for n = 0), NaN if any element is NaN; vectorized.
+template <typename acc_t>
+acc_t nan_max_of(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  Vec mv(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) mv = at::vec::maximum(mv, Vec::loadu(x + i));
+  acc_t lanes[kLanes];
+  mv.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t k = 1; k < kLanes; ++k) m = nan_max(m, lanes[k]);
+  for (; i < n; ++i) m = nan_max(m, x[i]);
+  return m;
+}
 
 // src[0, n) converted to the accumulation type (float for half and bfloat16).
 template <typename scalar_t, typename acc_t>

@@ -34,25 +34,6 @@ void load_row(const scalar_t* src, int64_t V, acc_t cap, acc_t* dst) {
   }
 }
 
-template <typename T>
-T nan_max(T a, T b) {
-  return (a != a || a > b) ? a : b;
-}
-
-template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t V) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kLanes = Vec::size();
-  Vec mv(-std::numeric_limits<acc_t>::infinity());
-  int64_t c = 0;
-  for (; c + kLanes <= V; c += kLanes) mv = at::vec::maximum(mv, Vec::loadu(x + c));
-  acc_t lanes[kLanes];
-  mv.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t k = 1; k < kLanes; ++k) m = nan_max(m, lanes[k]);
-  for (; c < V; ++c) m = nan_max(m, x[c]);
-  return m;
-}
 
 // sum_c exp(x_c - m), m finite or NaN
 template <typename acc_t>
@@ -88,7 +69,7 @@ void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t igno
     for (int64_t n = begin; n < end; ++n) {
       load_row(x + n * V, V, cap, xr.data());
       if (t) convert_to_acc(t + n * V, tr.data(), V);
-      const acc_t m = row_max(xr.data(), V);
+      const acc_t m = nan_max_of(xr.data(), V);
       // A shard whose logits are all -inf (masked classes) adds nothing to the sums; its
       // shifts (m - x) count from the global max (Python moves them by M - m).
       const bool empty = m == -std::numeric_limits<acc_t>::infinity();
