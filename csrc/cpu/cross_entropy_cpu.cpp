@@ -70,7 +70,7 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       const Vec xv = Vec::loadu(xb + i);
-      sv = sv + (xv - max_v).exp();
+      sv = sv + Math<Vec>::exp(xv - max_v);
       if (weighted) {
         Vec v = w ? Vec::loadu(w + begin + i) : Vec(1);
         if (t) v = v * (Vec::loadu(t + begin + i) * Vec(keep) + Vec(spread));
