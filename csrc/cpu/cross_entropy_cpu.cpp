@@ -25,6 +25,7 @@ namespace {
 template <typename acc_t>
 struct RowStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;       // sum_c exp(x_c - max) (row_stats_into_exp only)
   acc_t log_sum = 0;   // log(sum_c exp(x_c - max))
   acc_t weight = 0;    // sum_c v_c
   acc_t shifted = 0;   // sum_c v_c (x_c - max): the label-smoothing loss' sum
@@ -108,6 +109,73 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
   return r;
 }
 
+// The statistics of a class-index row whose gradient is wanted, with one exp per element: the
+// max first (a light sweep that brings the row into cache), then e_c = exp(x_c - max) stored
+// into `e` (the gradient row, which may alias x) and summed, with the label-smoothing sums
+// (v_c = w_c, or 1) when `weighted`; row_grad_from_exp then scales e into the gradient in place.
+// (row_stats' online pass and the gradient's softmax would take one exp each.) The forward
+// and the backward op both use it, so that a recomputed gradient has the forward's bits.
+template <typename acc_t>
+RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bool weighted,
+                                   acc_t* e) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  RowStats<acc_t> r;
+  r.max = nan_max_of(x, C);
+  const Vec max_v(r.max);
+  Vec sv(0), vw(0), vs(0);
+  int64_t i = 0;
+  for (; i + kLanes <= C; i += kLanes) {
+    const Vec xv = Vec::loadu(x + i);
+    const Vec ev = Math<Vec>::exp(xv - max_v);
+    if (weighted) {
+      const Vec v = w ? Vec::loadu(w + i) : Vec(1);
+      vw = vw + v;
+      vs = vs + v * (xv - max_v);
+    }
+    ev.store(e + i);
+    sv = sv + ev;
+  }
+  acc_t tail_sum = 0;
+  for (; i < C; ++i) {
+    const acc_t xs = x[i];
+    e[i] = std::exp(xs - r.max);
+    tail_sum += e[i];
+    if (weighted) {
+      const acc_t v = w ? w[i] : acc_t(1);
+      r.weight += v;
+      r.shifted += v * (xs - r.max);
+    }
+  }
+  acc_t lanes[kLanes];
+  sv.store(lanes);
+  r.sum = tail_sum;
+  for (int64_t k = 0; k < kLanes; ++k) r.sum += lanes[k];
+  vw.store(lanes);
+  for (int64_t k = 0; k < kLanes; ++k) r.weight += lanes[k];
+  vs.store(lanes);
+  for (int64_t k = 0; k < kLanes; ++k) r.shifted += lanes[k];
+  // An all -inf row: exp(nan) terms and a nan sum, as torch's log_softmax.
+  r.log_sum = std::log(r.sum);
+  return r;
+}
+
+// grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max) in `grad`
+// (class-index targets; the target entry is fixed after).
+template <typename acc_t>
+void row_grad_from_exp(const acc_t* w, acc_t* grad, int64_t C, acc_t a_over_sum, acc_t b) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec scale_v(a_over_sum), b_v(b);
+  int64_t i = 0;
+  for (; i + Vec::size() <= C; i += Vec::size()) {
+    Vec gv = scale_v * Vec::loadu(grad + i);
+    if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
+    else if (b != 0) gv = gv - b_v;
+    gv.store(grad + i);
+  }
+  for (; i < C; ++i) grad[i] = a_over_sum * grad[i] - b * (w ? w[i] : acc_t(1));
+}
+
 // Probability targets: sum_c v_c (-log_softmax_c), v_c = w_c t'_c, term by term as torch (an
 // infinite target times the max's -log_softmax is inf, not inf * 0 from a split sum). A second
 // sweep over the row, which is in cache.
@@ -145,23 +213,6 @@ at::vec::Vectorized<acc_t> softmax(const at::vec::Vectorized<acc_t>& x,
 template <typename acc_t>
 acc_t softmax(acc_t x, const RowStats<acc_t>& st) {
   return std::exp((x - st.max) - st.log_sum);
-}
-
-// grad_c = a * softmax_c - b * w_c (class-index targets; the target entry is fixed after).
-template <typename acc_t>
-void row_grad_softmax(const acc_t* x, const acc_t* w, acc_t* grad, int64_t C,
-                      const RowStats<acc_t>& st, acc_t a, acc_t b) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec a_v(a), b_v(b);
-  const bool exact = !std::isfinite(a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = a_v * softmax(Vec::loadu(x + i), st, exact);
-    if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
-    else if (b != 0) gv = gv - b_v;
-    gv.store(grad + i);
-  }
-  for (; i < C; ++i) grad[i] = a * softmax(x[i], st) - b * (w ? w[i] : acc_t(1));
 }
 
 // Probability targets: grad_x_c = s (softmax_c sum_c v_c - w_c t'_c),
@@ -337,9 +388,15 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
 
+      // A class-index gradient is formed from exp(x - max) left in the gradient row.
+      const bool exp_in_grad = gx && !probs && !ignored;
+      acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
+      const acc_t x_y = probs || ignored ? acc_t(0) : xr[y];  // before an in-place gradient
       // The backward op recomputes the row's statistics rather than reading the saved lse:
       // max + log_sum rounded to one number would cost the softmax its precision.
-      const RowStats<acc_t> st = row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+      const RowStats<acc_t> st =
+          exp_in_grad ? row_stats_into_exp(xr, w, C, eps != 0, gxr)
+                      : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
       if (forward) {
         lse[r] = st.lse();
         acc_t l;
@@ -349,7 +406,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
           l = 0;
         } else {
           const acc_t wy = w ? w[y] : acc_t(1);
-          l = keep * wy * st.nll(xr[y]);
+          l = keep * wy * st.nll(x_y);
           if (eps != 0) l += spread * (st.weight * st.log_sum - st.shifted);
         }
         if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
@@ -360,7 +417,6 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
       // z-loss: d(z lse^2)/dx_c = 2 z lse softmax_c, a change of the softmax's coefficient.
       const acc_t z_coef = z_loss != 0 && !ignored ? acc_t(2) * z_loss * st.lse() : acc_t(0);
-      acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
       if (probs) {
         acc_t* gtr = gt ? row_out(gt + offset, D, gt_buf.data()) : nullptr;
         RowStats<acc_t> gst = st;
@@ -372,12 +428,12 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         std::fill(gxr, gxr + C, std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0));
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
-        const acc_t x_y = xr[y];  // read before the row is overwritten (in-place gradient)
-        row_grad_softmax(xr, w, gxr, C, st,
-                         s * (keep * wy + spread * weight_sum + z_coef), s * spread);
+        const acc_t inv_sum = acc_t(1) / st.sum;
+        const acc_t p_y = gxr[y] * inv_sum;
+        row_grad_from_exp(w, gxr, C, s * (keep * wy + spread * weight_sum + z_coef) * inv_sum,
+                          s * spread);
         // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
         // differences formed before the scale (C = 1 without z-loss gives exactly 0).
-        const acc_t p_y = softmax(x_y, st);
         gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) +
                       z_coef * p_y);
       }
