@@ -86,8 +86,12 @@ inline void check_like_input(const Tensor& input, const Tensor& t, const char* n
               " but input has shape ", input.sizes());
 }
 
+// A fresh large CPU output from the output cache (csrc/cpu/output_cache.cpp), else at::empty.
+Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 inline Tensor grad_like(const Tensor& t, bool wanted) {
-  return wanted ? at::empty(t.sizes(), t.options()) : Tensor();
+  if (!wanted) return Tensor();
+  return t.is_cpu() ? empty_cpu_output(t.sizes(), t.options()) : at::empty(t.sizes(), t.options());
 }
 
 inline Tensor or_empty(const Tensor& t, const Tensor& like) {

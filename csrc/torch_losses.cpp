@@ -109,6 +109,11 @@ TORCH_LIBRARY(torch_losses, m) {
   // grad *= grad_output, in place. grad_output is a scalar, the shape of grad, or the shape of
   // grad without its dim 1 (per-position cross-entropy 'none').
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+
+  // The CPU output cache (csrc/cpu/output_cache.cpp): hand its blocks back to the system, or
+  // read how many bytes it holds.
+  m.def("empty_cpu_cache() -> int");
+  m.def("cpu_cache_bytes() -> int");
 }
 
 // Vocabulary-parallel cross-entropy (torch_losses/distributed.py; formulas and column layouts in
