@@ -115,9 +115,12 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
 // (v_c = w_c, or 1) when `weighted`; row_grad_from_exp then scales e into the gradient in place.
 // (row_stats' online pass and the gradient's softmax would take one exp each.) The forward
 // and the backward op both use it, so that a recomputed gradient has the forward's bits.
+// `next_row` (or null): the memory of the row this task reads next, `next_bytes` per element
+// of this row, prefetched into cache during the exp sweep (compute-bound, in cache) so that the
+// next max sweep does not wait on memory.
 template <typename acc_t>
 RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bool weighted,
-                                   acc_t* e) {
+                                   acc_t* e, const char* next_row, int64_t next_bytes) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   RowStats<acc_t> r;
@@ -126,6 +129,7 @@ RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bo
   Vec sv(0), vw(0), vs(0);
   int64_t i = 0;
   for (; i + kLanes <= C; i += kLanes) {
+    if (next_row) __builtin_prefetch(next_row + i * next_bytes, 0, 2);
     const Vec xv = Vec::loadu(x + i);
     const Vec ev = Math<Vec>::exp(xv - max_v);
     if (weighted) {
@@ -392,10 +396,13 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const bool exp_in_grad = gx && !probs && !ignored;
       acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
       const acc_t x_y = probs || ignored ? acc_t(0) : xr[y];  // before an in-place gradient
+      const char* next_row = D == 1 && r + 1 < row_end
+                                 ? reinterpret_cast<const char*>(x + offset + C) : nullptr;
       // The backward op recomputes the row's statistics rather than reading the saved lse:
       // max + log_sum rounded to one number would cost the softmax its precision.
       const RowStats<acc_t> st =
-          exp_in_grad ? row_stats_into_exp(xr, w, C, eps != 0, gxr)
+          exp_in_grad ? row_stats_into_exp(xr, w, C, eps != 0, gxr, next_row,
+                                           static_cast<int64_t>(sizeof(scalar_t)))
                       : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
       if (forward) {
         lse[r] = st.lse();
