@@ -1,6 +1,8 @@
-// Softmax cross-entropy on the CPU. Each position (row) is read once for its log-sum-exp
-// (online: a running max and sum of exp, chunk by chunk); when a gradient is wanted the same
-// task writes it right away, while the row is still in cache. Only the per-row lse is kept.
+// Softmax cross-entropy on the CPU. The forward reads each position (row) once for its
+// statistics (online: a running max and sum of exp, chunk by chunk) and saves them per row (max,
+// log of the sum, and the target sum for probability targets); when a gradient is wanted the
+// same task writes it right away, while the row is still in cache. The backward op reads the
+// saved statistics and each row once.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -270,7 +272,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t* labels = probs ? nullptr : p.target.const_data_ptr<int64_t>();
   const scalar_t* t = probs ? p.target.const_data_ptr<scalar_t>() : nullptr;
-  acc_t* lse = forward ? p.lse.mutable_data_ptr<acc_t>() : nullptr;
+  // (K, rows): the forward writes them, the backward reads them (CrossEntropyProblem).
+  acc_t* saved_stats = forward ? p.row_stats.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t* stats = p.row_stats.const_data_ptr<acc_t>();
   scalar_t* gx = p.grad_input.defined() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = p.grad_target.defined() ? p.grad_target.mutable_data_ptr<scalar_t>() : nullptr;
   const bool per_row_g = p.grad_output.defined() && p.grad_output.dim() != 0;
@@ -337,11 +341,12 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
 
-      // The backward op recomputes the row's statistics rather than reading the saved lse:
-      // max + log_sum rounded to one number would cost the softmax its precision.
-      const RowStats<acc_t> st = row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+      RowStats<acc_t> st;
       if (forward) {
-        lse[r] = st.lse();
+        st = row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+        saved_stats[r] = st.max;
+        saved_stats[rows + r] = st.log_sum;
+        if (probs) saved_stats[2 * rows + r] = st.weight;
         acc_t l;
         if (probs) {
           l = row_target_nll(xr, w, tr, C, st, keep, spread);
@@ -354,6 +359,10 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         }
         if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
         row_loss[r] = l;
+      } else {  // the gradient needs no other row statistic
+        st.max = stats[r];
+        st.log_sum = stats[rows + r];
+        if (probs) st.weight = stats[2 * rows + r];
       }
       if (!gx && !gt) continue;
 
