@@ -272,9 +272,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t* labels = probs ? nullptr : p.target.const_data_ptr<int64_t>();
   const scalar_t* t = probs ? p.target.const_data_ptr<scalar_t>() : nullptr;
-  // (K, rows): the forward writes them, the backward reads them (CrossEntropyProblem).
-  acc_t* saved_stats = forward ? p.row_stats.mutable_data_ptr<acc_t>() : nullptr;
-  const acc_t* stats = p.row_stats.const_data_ptr<acc_t>();
+  // The (K, rows) row statistics: the forward writes them, the backward reads them.
+  acc_t* stats_out = forward ? p.row_stats.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t* stats_in = forward ? nullptr : p.row_stats.const_data_ptr<acc_t>();
   scalar_t* gx = p.grad_input.defined() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = p.grad_target.defined() ? p.grad_target.mutable_data_ptr<scalar_t>() : nullptr;
   const bool per_row_g = p.grad_output.defined() && p.grad_output.dim() != 0;
@@ -344,9 +344,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       RowStats<acc_t> st;
       if (forward) {
         st = row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
-        saved_stats[r] = st.max;
-        saved_stats[rows + r] = st.log_sum;
-        if (probs) saved_stats[2 * rows + r] = st.weight;
+        stats_out[r] = st.max;
+        stats_out[rows + r] = st.log_sum;
+        if (probs) stats_out[2 * rows + r] = st.weight;
         acc_t l;
         if (probs) {
           l = row_target_nll(xr, w, tr, C, st, keep, spread);
@@ -360,9 +360,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
         row_loss[r] = l;
       } else {  // the gradient needs no other row statistic
-        st.max = stats[r];
-        st.log_sum = stats[rows + r];
-        if (probs) st.weight = stats[2 * rows + r];
+        st.max = stats_in[r];
+        st.log_sum = stats_in[rows + r];
+        if (probs) st.weight = stats_in[2 * rows + r];
       }
       if (!gx && !gt) continue;
 

@@ -185,11 +185,12 @@ class Session:
             gob = self.copy(grad_output.to(dt).contiguous())
         rows = N * D
         loss = None
+        stats_shape = (3 if prob else 2, N, D)  # csrc/ops.h: row_stats
         if fwd:
             loss = self.poisoned((N, D) if reduction == "none" else (), dt, out_layout)
-            statsb = self.poisoned((3 if prob else 2, N, D), acc_dtype(dt), out_layout)
+            statsb = self.poisoned(stats_shape, acc_dtype(dt), out_layout)
         else:
-            statsb = self.copy(row_stats.reshape(-1, N, D).contiguous())
+            statsb = self.copy(row_stats.reshape(stats_shape).contiguous())
         gi = None
         if inplace:
             gi = xb
