@@ -46,7 +46,11 @@ struct CrossEntropyProblem {
   Tensor weight;       // (C) in the accumulation dtype, or undefined
   Tensor grad_output;  // backward op: 0-dim, or (N, D) for 'none'; forward op: undefined
   Tensor loss;         // forward: (N, D) for 'none', else 0-dim; backward: undefined
-  Tensor lse;          // (N, D) accumulation dtype: written by the forward, read by the backward
+  // (K, N, D) accumulation dtype, written by the forward, read by the backward (which then
+  // reads each row once): [0] the row max m, [1] log s = log sum_c exp(x_c - m), and for
+  // probability targets [2] u = sum_c w_c t'_c. lse = m + log s; the backward keeps the two
+  // apart, since their rounded sum costs the softmax up to ulp(lse)/2 (5e-4 near 1e4 in float).
+  Tensor row_stats;
   Tensor grad_input, grad_target;
   int64_t ignore_index = -100;
   double label_smoothing = 0;
@@ -248,11 +252,22 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
   return p;
 }
 
-inline void check_saved_lse(const CrossEntropyProblem& p, const Tensor& lse) {
-  TORCH_CHECK(lse.device() == p.input.device() &&
-                  lse.scalar_type() == accumulation_type(p.input.scalar_type()) &&
-                  lse.sizes() == at::IntArrayRef({p.N, p.D}),
-              "torch_losses: lse must be the forward's (N, D) log-sum-exp");
+// K of the (K, N, D) row statistics: m and log s, and u for probability targets.
+inline int64_t row_stats_count(bool probability_target) { return probability_target ? 3 : 2; }
+
+inline Tensor new_row_stats(const CrossEntropyProblem& p) {
+  return at::empty({row_stats_count(p.probability_target), p.N, p.D},
+                   p.input.options().dtype(accumulation_type(p.input.scalar_type())));
+}
+
+inline void check_saved_row_stats(const CrossEntropyProblem& p, const Tensor& row_stats) {
+  TORCH_CHECK(row_stats.device() == p.input.device() &&
+                  row_stats.scalar_type() == accumulation_type(p.input.scalar_type()) &&
+                  row_stats.sizes() ==
+                      at::IntArrayRef({row_stats_count(p.probability_target), p.N, p.D}),
+              "torch_losses: row_stats must be the forward's (",
+              row_stats_count(p.probability_target), ", N, D) row statistics, got ",
+              row_stats.sizes());
 }
 
 template <typename Backend>
@@ -266,11 +281,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd(
               "torch_losses: class-index targets have no gradient");
   auto opts = p.input.options();
   p.loss = reduction == kNone ? at::empty({p.N, p.D}, opts) : at::empty({}, opts);
-  p.lse = at::empty({p.N, p.D}, opts.dtype(accumulation_type(input.scalar_type())));
+  p.row_stats = new_row_stats(p);
   p.grad_input = grad_like(p.input, input_grad);
   if (target_grad) p.grad_target = grad_like(p.target, true);
   Backend::cross_entropy(p);
-  return {p.loss, p.lse, or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
+  return {p.loss, p.row_stats, or_empty(p.grad_input, p.input),
+          or_empty(p.grad_target, p.input)};
 }
 
 template <typename Backend>
@@ -287,16 +303,16 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace(Tensor& input, const Tensor
               "torch_losses: inplace_backward supports class-index targets only");
   auto opts = p.input.options();
   p.loss = reduction == kNone ? at::empty({p.N, p.D}, opts) : at::empty({}, opts);
-  p.lse = at::empty({p.N, p.D}, opts.dtype(accumulation_type(input.scalar_type())));
+  p.row_stats = new_row_stats(p);
   p.grad_input = input;  // the kernels read each row before writing its gradient
   Backend::cross_entropy(p);
-  return {p.loss, p.lse};
+  return {p.loss, p.row_stats};
 }
 
 template <typename Backend>
 std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Tensor& input,
                                              const Tensor& target, const OptTensor& weight,
-                                             const Tensor& lse, int64_t ignore_index,
+                                             const Tensor& row_stats, int64_t ignore_index,
                                              double label_smoothing, int64_t reduction,
                                              bool input_grad, bool target_grad, double z_loss,
                                              const std::optional<double>& softcap) {
@@ -304,9 +320,9 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
                                                 label_smoothing, reduction, z_loss, softcap);
   TORCH_CHECK(!target_grad || p.probability_target,
               "torch_losses: class-index targets have no gradient");
-  check_saved_lse(p, lse);
+  check_saved_row_stats(p, row_stats);
   p.grad_output = backward_grad_output(grad_output, input, reduction, {p.N, p.D});
-  p.lse = lse.contiguous();
+  p.row_stats = row_stats.contiguous();
   p.grad_input = grad_like(p.input, input_grad);
   if (target_grad) p.grad_target = grad_like(p.target, true);
   Backend::cross_entropy(p);
@@ -317,16 +333,17 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
 template <typename Backend>
 void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& grad_output,
                             const Tensor& input, const Tensor& target, const OptTensor& weight,
-                            const Tensor& lse, int64_t ignore_index, double label_smoothing,
+                            const Tensor& row_stats, int64_t ignore_index,
+                            double label_smoothing,
                             int64_t reduction, double z_loss,
                             const std::optional<double>& softcap) {
   TORCH_CHECK(reduction != kNone,
               "torch_losses: cross_entropy_bwd_into_ takes reduction mean or sum");
   CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
                                                 label_smoothing, reduction, z_loss, softcap);
-  check_saved_lse(p, lse);
+  check_saved_row_stats(p, row_stats);
   p.grad_output = backward_grad_output(grad_output, input, reduction, {});
-  p.lse = lse.contiguous();
+  p.row_stats = row_stats.contiguous();
   p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
   if (p.probability_target) {
     p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");

@@ -129,7 +129,7 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
     a.grad_output_scalar = p.grad_output.defined() && p.grad_output.dim() == 0;
     a.skip_if_grad_output_is_one = p.skip_if_grad_output_is_one;
     a.loss = mptr<T>(p.loss);
-    a.lse = mptr<A>(p.lse);
+    a.row_stats = mptr<A>(p.row_stats);
     a.grad_input = mptr<T>(p.grad_input);
     a.grad_target = mptr<T>(p.grad_target);
     a.scratch = mptr<A>(scratch);

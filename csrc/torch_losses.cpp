@@ -28,8 +28,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(torch_losses, m) {
   // Cross-entropy over input (N, C, D): class dim 1, D the folded trailing dims. target is (N, D)
-  // int64 class indices or (N, C, D) probabilities. Returns (loss, lse, grad_input, grad_target);
-  // lse is the per-position log-sum-exp in float32 (float64 for float64 input).
+  // int64 class indices or (N, C, D) probabilities. Returns (loss, row_stats, grad_input,
+  // grad_target); row_stats (K, N, D), float32 (float64 for float64 input), holds per position
+  // [0] the max m of the (capped) logits, [1] log s = log sum_c exp(x_c - m) and, for
+  // probability targets (K = 3), [2] u = sum_c w_c t'_c (t' the smoothed target). The
+  // log-sum-exp is m + log s; the *_bwd ops take row_stats and read each row once.
   // The last two arguments of every cross_entropy op (defaults: off): z_loss adds
   // z_loss * lse^2 per non-ignored position to the loss (not class-weighted; 'mean' divides it
   // by the cross-entropy's denominator); softcap > 0 replaces every logit x by
@@ -38,10 +41,11 @@ TORCH_LIBRARY(torch_losses, m) {
         "float label_smoothing, int reduction, bool input_grad, bool target_grad, "
         "float z_loss=0., float? softcap=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
-        "Tensor lse, int ignore_index, float label_smoothing, int reduction, bool input_grad, "
-        "bool target_grad, float z_loss=0., float? softcap=None) -> (Tensor, Tensor)");
+        "Tensor row_stats, int ignore_index, float label_smoothing, int reduction, "
+        "bool input_grad, bool target_grad, float z_loss=0., float? softcap=None) "
+        "-> (Tensor, Tensor)");
   // The same forward, writing the input gradient over the input (class-index targets only).
-  // Returns (loss, lse).
+  // Returns (loss, row_stats).
   m.def("cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
         "int ignore_index, float label_smoothing, int reduction, float z_loss=0., "
         "float? softcap=None) -> (Tensor, Tensor)");
@@ -102,7 +106,7 @@ TORCH_LIBRARY(torch_losses, m) {
   m.def("kl_div_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, Tensor grad_output, "
         "Tensor input, Tensor target, bool log_target, int reduction) -> ()");
   m.def("cross_entropy_bwd_into_(Tensor(a!) grad_input, Tensor(b!) grad_target, "
-        "Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+        "Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor row_stats, "
         "int ignore_index, float label_smoothing, int reduction, float z_loss=0., "
         "float? softcap=None) -> ()");
 

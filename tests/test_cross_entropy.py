@@ -628,6 +628,94 @@ def test_issue_minimal_case_probability_targets(device):
     assert (ours - ref).abs() <= 2 * (theirs - ref).abs() + 1e-6
 
 
+def _lse_row_stats(row_stats):
+    """Row statistics that hold the rounded lse as the max and 0 as log s: what the backward
+    op would see if the forward saved m + log s as one number."""
+    folded = row_stats.clone()
+    folded[0] = row_stats[0] + row_stats[1]
+    folded[1] = 0
+    return folded
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("probs", [False, True])
+def test_backward_op_keeps_max_and_log_sum_apart(probs, ls, device):
+    """The backward op (reduction 'none', per-position grad_output) on float32 logits near
+    1e4 reads the forward's max and log-sum apart: within 2x torch's float32 error of the
+    float64 gradient. The same op handed the rounded lse instead (up to 5e-4 off there) breaks
+    that bound, so the check would catch a backward that used it."""
+    ops = torch.ops.torch_losses
+    N, C, D = 16, 1000, 1
+    x = (torch.randn(N, C, D, dtype=torch.float64, device=device) + 1e4).float()
+    x64 = x.double()
+    if probs:
+        t = torch.randn(N, C, D, dtype=torch.float64, device=device).softmax(1).float()
+        t64 = t.double()
+    else:
+        t = t64 = torch.randint(0, C, (N, D), device=device)
+    g = torch.rand(N, D, device=device) + 0.5
+    _, stats, _, _ = ops.cross_entropy_fwd(x, t, None, -100, ls, 0, False, False)
+
+    def backward(row_stats):
+        return ops.cross_entropy_bwd(g, x, t, None, row_stats, -100, ls, 0, True, False)[0]
+
+    xt, xr = leaf(x), leaf(x64)
+    theirs = torch.autograd.grad(F.cross_entropy(xt, t, reduction="none", label_smoothing=ls),
+                                 xt, g)[0]
+    ref = torch.autograd.grad(F.cross_entropy(xr, t64, reduction="none", label_smoothing=ls),
+                              xr, g.double())[0]
+    assert_flash_rule(backward(stats), theirs, ref, "grad from (m, log s)")
+    with pytest.raises(AssertionError, match="error"):
+        assert_flash_rule(backward(_lse_row_stats(stats)), theirs, ref, "grad from the lse")
+
+
+@pytest.mark.parametrize("probs", [False, True])
+def test_backward_ops_read_the_saved_row_stats(probs, device):
+    """The backward ops use the forward's row statistics rather than recomputing them: a max
+    raised by 1 scales every softmax term by e^-1, so does a log-sum raised by 1, and (for
+    probability targets) a target sum u raised by 1 adds grad_output * softmax."""
+    ops = torch.ops.torch_losses
+    N, C, D = 4, 7, 3
+    x = torch.randn(N, C, D, dtype=torch.float64, device=device)
+    if probs:
+        t = torch.rand(N, C, D, dtype=torch.float64, device=device).softmax(1)
+        onehot = t
+    else:
+        t = torch.randint(0, C, (N, D), device=device)
+        onehot = F.one_hot(t, C).movedim(-1, 1).double()
+    g = torch.rand(N, D, dtype=torch.float64, device=device) + 0.5
+    _, stats, _, _ = ops.cross_entropy_fwd(x, t, None, -100, 0.0, 0, False, False)
+    assert stats.shape == (3 if probs else 2, N, D) and stats.dtype == torch.float64
+    assert torch.equal(stats[0], x.amax(1))
+    assert_close(TL._autograd.lse_of(stats), x.logsumexp(1))
+    if probs:
+        assert_close(stats[2], t.sum(1))
+
+    def backward(row_stats):
+        return ops.cross_entropy_bwd(g, x, t, None, row_stats, -100, 0.0, 0, True, False)[0]
+
+    grad = backward(stats)
+    softmax_part = grad + g[:, None] * onehot  # g softmax (u = 1 for probability targets)
+    assert_close(grad, g[:, None] * (x.softmax(1) - onehot))
+    for k in (0, 1):
+        shifted = stats.clone()
+        shifted[k] += 1
+        assert_close(backward(shifted), softmax_part * torch.e ** -1 - g[:, None] * onehot)
+    if probs:
+        shifted = stats.clone()
+        shifted[2] += 1
+        assert_close(backward(shifted), grad + g[:, None] * x.softmax(1))
+    # The backward into the forward's buffers (a scalar grad_output other than 1) as well.
+    shifted = stats.clone()
+    shifted[0] += 1
+    into = torch.empty_like(x)
+    ops.cross_entropy_bwd_into_(into, x.new_empty(0), g.new_tensor(0.5), x, t, None, shifted,
+                                -100, 0.0, 2, 0.0, None)
+    assert_close(into, 0.5 * (x.softmax(1) * torch.e ** -1 - onehot))
+    with pytest.raises(RuntimeError, match="row_stats"):  # an (N, D) lse is not row_stats
+        backward(TL._autograd.lse_of(stats))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_single_class_is_exactly_zero(dtype, device):
     x = leaf((torch.randn(5, 1, dtype=torch.float64, device=device) * 1e4).to(dtype))
@@ -689,14 +777,15 @@ def test_expanded_grad_output_of_none_is_read_as_a_scalar(device):
     g = torch.ones(4, 2, 3, dtype=x.dtype, device=device)
     TLF.cross_entropy(xt, t, reduction="none").backward(g)
     assert torch.equal(xo.grad, xt.grad)
-    _, lse, _, _ = torch.ops.torch_losses.cross_entropy_fwd(
+    _, stats, _, _ = torch.ops.torch_losses.cross_entropy_fwd(
         x.reshape(4, 9, 6), t.reshape(4, 6), None, -100, 0.0, 0, False, False)
     bwd = torch.ops.torch_losses.cross_entropy_bwd
     scalar = torch.tensor(0.5, dtype=x.dtype, device=device)
     for go in (scalar.expand(4, 6), scalar):
-        got = bwd(go, x.reshape(4, 9, 6), t.reshape(4, 6), None, lse, -100, 0.0, 0, True, False)
+        got = bwd(go, x.reshape(4, 9, 6), t.reshape(4, 6), None, stats, -100, 0.0, 0, True,
+                  False)
         want = bwd(scalar.expand(4, 6).contiguous(), x.reshape(4, 9, 6), t.reshape(4, 6), None,
-                   lse, -100, 0.0, 0, True, False)
+                   stats, -100, 0.0, 0, True, False)
         assert torch.equal(got[0], want[0])
 
 

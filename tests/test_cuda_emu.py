@@ -7,6 +7,7 @@ What this proves: the kernels' arithmetic, indexing, bounds, alignment and barri
 structure. What it cannot: real concurrency (fibers switch only at barriers, so races and
 memory-ordering bugs do not show), timing, and nvcc's libm (host expf/logf are used)."""
 import ctypes
+import math
 
 import pytest
 import torch
@@ -255,7 +256,7 @@ def run_ce_case(s, dtype, N, C, D, opts, layout=0, target_layout=None, out_layou
     # Backward op: grad_output (a scalar, or one per row) with the forward's lse.
     go = (torch.randn(ref_loss.shape, generator=g) if kw["reduction"] == "none"
           else torch.tensor(0.75)).to(dtype)
-    rb = s.cross_entropy(x, t, **kw, grad_output=go, lse=r["lse"], want_grad=True,
+    rb = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=r["row_stats"], want_grad=True,
                          want_target_grad=prob, **lay)
     ref_loss, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
     lowp = ce_torch(x, t, **kw, grad_output=go) if dtype != torch.float64 else (None,) * 3
@@ -589,9 +590,9 @@ def test_cross_entropy_lanes_agree_on_lse(s, C):
 @pytest.mark.parametrize("target", ["index", "index_smooth", "prob", "prob_weight_smooth"])
 def test_cross_entropy_large_logits_float32(s, C, D, target):
     """Logits around 1e4 in float32: the loss is formed from (max - x) and log(sum), never from
-    two large numbers, and the softmax from x - max and log(sum) (recomputed in the backward
-    op: lse rounded to float32 is off by up to 5e-4 there); no worse than 2x torch's float32
-    error (plus the project's slack of 1e-6 of the largest value)."""
+    two large numbers, and the softmax from x - max and log(sum) (the backward op reads the
+    forward's m and log(sum) apart: lse rounded to float32 is off by up to 5e-4 there); no worse
+    than 2x torch's float32 error (plus the project's slack of 1e-6 of the largest value)."""
     g = torch.Generator().manual_seed(13)
     shape = (4, C) if D is None else (4, C, D)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) + 1e4).float()
@@ -611,15 +612,121 @@ def test_cross_entropy_large_logits_float32(s, C, D, target):
         assert_flash_rule(r["loss"], lowp[0], ref[0], name=name + " loss")
         if reduction == "mean":
             assert_flash_rule(r["grad_input"], lowp[1], ref[1], name=name + " grad_input")
-        # The backward op (per-row grad_output) from the forward's lse.
+        # The backward op (per-row grad_output) from the forward's row statistics.
         go = torch.randn(ref[0].shape, generator=g)
-        rb = s.cross_entropy(x, t, **kw, reduction=reduction, grad_output=go, lse=r["lse"],
-                             want_grad=True, want_target_grad=prob)
+        rb = s.cross_entropy(x, t, **kw, reduction=reduction, grad_output=go,
+                             row_stats=r["row_stats"], want_grad=True, want_target_grad=prob)
         ref = ce_reference(x, t, **kw, reduction=reduction, grad_output=go)
         lowp = ce_torch(x, t, **kw, reduction=reduction, grad_output=go)
         assert_flash_rule(rb["grad_input"], lowp[1], ref[1], name=name + " bwd grad_input")
         if prob:
             assert_flash_rule(rb["grad_target"], lowp[2], ref[2], name=name + " bwd grad_target")
+
+
+# Kernel paths of the backward op: (N, C, D). Split: 2 rows of 20000 classes run 2 blocks each.
+BACKWARD_PATHS = {"column": (4, 5, 3), "warp": (4, 100, None), "block": (4, 3000, None),
+                  "split": (2, 20000, None)}
+
+
+@pytest.mark.parametrize("path", list(BACKWARD_PATHS))
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_cross_entropy_backward_reads_the_saved_row_stats(s, path, prob):
+    """The forward saves the row max m and log s (and u = sum t for probability targets);
+    the backward reads them instead of recomputing: raising m or log s by 1 scales every
+    softmax term by e^-1, raising u by 1 adds grad_output * softmax. (The split path's
+    backward runs no statistics kernel: merging its unwritten partials would give NaN.)"""
+    N, C, D = BACKWARD_PATHS[path]
+    if prob and path == "split":
+        pytest.skip("probability targets have no split path")
+    g = torch.Generator().manual_seed(23)
+    x, t, _ = ce_inputs(N, C, D, torch.float32, prob, g)
+    x64 = x.double()
+    cls = 1
+    go = torch.rand(x.shape[:1] + x.shape[2:], generator=g) + 0.5
+    gk = go.double().unsqueeze(cls)
+    if prob:
+        onehot = t.double()
+    else:  # ignored rows (every 5th) get zeros
+        onehot = F.one_hot(t.clamp(min=0), C).movedim(-1, cls).double()
+        gk = gk * (t != -100).unsqueeze(cls)
+    stats = s.cross_entropy(x, t, reduction="none")["row_stats"]
+    assert stats.shape == (3 if prob else 2,) + tuple(go.shape)
+    assert torch.equal(stats[0], x.amax(cls))
+
+    def backward(row_stats):
+        return s.cross_entropy(x, t, reduction="none", grad_output=go, row_stats=row_stats,
+                               want_grad=True)["grad_input"].double()
+
+    softmax = x64.softmax(cls) * (onehot.sum(cls, keepdim=True) if prob else 1)
+    tol = dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(backward(stats), gk * (softmax - onehot), **tol)
+    for k in (0, 1):
+        shifted = stats.clone()
+        shifted[k] += 1
+        torch.testing.assert_close(backward(shifted), gk * (softmax * math.e ** -1 - onehot),
+                                   **tol)
+    if prob:
+        shifted = stats.clone()
+        shifted[2] += 1
+        torch.testing.assert_close(backward(shifted), gk * (softmax + x64.softmax(cls) - onehot),
+                                   **tol)
+
+
+@pytest.mark.parametrize("path", list(BACKWARD_PATHS))
+def test_cross_entropy_backward_keeps_max_and_log_sum_apart(s, path):
+    """Float32 logits near 1e4, one of them 10 above the rest (a softmax of ~0.4): the
+    backward op's gradient from the saved (m, log s) is within 2x torch's float32 error of the
+    float64 one; from the rounded lse m + log s (5e-4 off there) it is not, so this check
+    would catch a backward that used it."""
+    N, C, D = BACKWARD_PATHS[path]
+    g = torch.Generator().manual_seed(29)
+    shape = (N, C) if D is None else (N, C, D)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) + 1e4
+    x64[:, 0] += 10
+    x = x64.float()
+    t = torch.randint(1, C, shape[:1] + shape[2:], generator=g)
+    go = torch.rand(t.shape, generator=g) + 0.5
+    stats = s.cross_entropy(x, t, reduction="none")["row_stats"]
+    folded = torch.stack([stats[0] + stats[1], torch.zeros_like(stats[1])])
+    ref = ce_reference(x, t, reduction="none", grad_output=go)[1]
+    theirs = ce_torch(x, t, reduction="none", grad_output=go)[1]
+    ours = s.cross_entropy(x, t, reduction="none", grad_output=go, row_stats=stats,
+                           want_grad=True)["grad_input"]
+    assert_flash_rule(ours, theirs, ref, name=f"{path} grad from (m, log s)")
+    from_lse = s.cross_entropy(x, t, reduction="none", grad_output=go, row_stats=folded,
+                               want_grad=True)["grad_input"]
+    with pytest.raises(AssertionError, match="error"):
+        assert_flash_rule(from_lse, theirs, ref, name=f"{path} grad from the lse")
+
+
+@pytest.mark.parametrize("C", [4, 64], ids=["column", "warp"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+def test_cross_entropy_mean_scale_rounds_once(s, C, weighted):
+    """The class-index mean's gradient scale grad_output / W is formed in double and rounded
+    once, as on the CPU (and torch): 0.3 / 3 is 0.1f, where float(1/3) * 0.3 is 0.10000001f.
+    Logits (0, -inf, ...) with target 1 make the softmax exactly (1, 0, ...), so the gradient
+    is that scale times the target's weight, bit for bit what the CPU op forms."""
+    x = torch.full((3, C), -math.inf)
+    x[:, 0] = 0
+    t = torch.ones(3, dtype=torch.long)
+    w = torch.ones(C)
+    if weighted:
+        w[1] = 1.5
+    kw = dict(weight=w if weighted else None, reduction="mean")
+    go = torch.tensor(0.3)
+    stats = s.cross_entropy(x, t, **kw)["row_stats"]
+    ours = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats,
+                           want_grad=True)["grad_input"]
+    # As the CPU kernel: the scale rounded once to float, then times the target's weight.
+    scale = torch.tensor(go.double().item() * (1.0 / (3 * w[1].double().item())),
+                         dtype=torch.float32)
+    expected = torch.zeros(3, C)
+    expected[:, 0] = scale * w[1]
+    expected[:, 1] = -(scale * w[1])
+    assert bitwise_equal(ours, expected), (ours[:, :2], expected[:, :2])
+    if not weighted:
+        assert scale.item() == torch.tensor(0.1, dtype=torch.float32).item()
+        assert bitwise_equal(ours, ce_torch(x, t, **kw, grad_output=go)[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -671,7 +778,7 @@ def test_cross_entropy_target_at_every_position(s, dtype, path):
         check(name + " loss", r["loss"], ref_loss, lowp[0], dtype)
         check(name + " grad_input", r["grad_input"], ref_gx, lowp[1], dtype)
         go = torch.tensor(0.75).to(dtype)
-        rb = s.cross_entropy(x, t, **kw, grad_output=go, lse=r["lse"], want_grad=True,
+        rb = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=r["row_stats"], want_grad=True,
                              layout=lay[0], target_layout=lay[1], out_layout=lay[2])
         _, ref_gx, _ = ce_reference(x, t, **kw, grad_output=go)
         lowp = ce_torch(x, t, **kw, grad_output=go)
@@ -734,24 +841,24 @@ def test_backward_into_the_forwards_buffer(emu, dtype):
     logits = torch.randn(4, 70).to(dtype)
     labels = torch.tensor([3, 0, 69, 5])
     with emu.session() as s:
-        lse = s.cross_entropy(logits, labels)["lse"]
+        stats = s.cross_entropy(logits, labels)["row_stats"]
         emu.lib.tl_emu_set_skip_if_grad_output_is_one(1)
         try:
             kept = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
                                grad_output=torch.tensor(1.0))["grad_input"]
             assert kept.isnan().all(), kept
-            ce_kept = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+            ce_kept = s.cross_entropy(logits, labels, want_grad=True, row_stats=stats,
                                       grad_output=torch.tensor(1.0))["grad_input"]
             assert ce_kept.isnan().all()
             into = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
                                grad_output=torch.tensor(0.25))["grad_input"]
-            ce_into = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+            ce_into = s.cross_entropy(logits, labels, want_grad=True, row_stats=stats,
                                       grad_output=torch.tensor(0.7))["grad_input"]
         finally:
             emu.lib.tl_emu_set_skip_if_grad_output_is_one(0)
         plain = s.pointwise("mse", x, y, w, reduction="sum", want_grad_input=True,
                             grad_output=torch.tensor(0.25))["grad_input"]
-        ce_plain = s.cross_entropy(logits, labels, want_grad=True, lse=lse,
+        ce_plain = s.cross_entropy(logits, labels, want_grad=True, row_stats=stats,
                                    grad_output=torch.tensor(0.7))["grad_input"]
     assert torch.equal(into, plain) and torch.equal(ce_into, ce_plain)
     assert into[0] == torch.tensor(20000.0).to(dtype)  # finite: the g = 1 value, 80000, overflows half

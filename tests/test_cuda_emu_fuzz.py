@@ -98,7 +98,7 @@ def run_kernels(s, spec):
         g.reshape(-1)[0] if g.numel() else g.reshape(()))
     if g.numel() == 0:
         go = torch.ones((), dtype=dtype)
-    bwd = s.cross_entropy(xk, tk, weight=wd, **kw, grad_output=go, lse=fwd["lse"],
+    bwd = s.cross_entropy(xk, tk, weight=wd, **kw, grad_output=go, row_stats=fwd["row_stats"],
                           want_grad=True, want_target_grad=spec["want_target"], layout=layout)
     results.append(("backward", [bwd["grad_input"], bwd["grad_target"]]))
     for kind, outs in results:

@@ -502,10 +502,10 @@ def test_opcheck(probs, reduction, extras, device):
     cw = class_weight(7, device, torch.float32)
     args = (x, w, t, b, cw, -100, 0.1, reduction, False, 4, True, True, True, probs, *extras)
     torch.library.opcheck(LIN._linear_cross_entropy_fwd, args)
-    _, lse, *_ = LIN._linear_cross_entropy_fwd(*args)
+    _, stats, *_ = LIN._linear_cross_entropy_fwd(*args)
     g = torch.rand(9, device=device) if reduction == 0 else torch.rand((), device=device)
     torch.library.opcheck(LIN._linear_cross_entropy_bwd,
-                          (g, x, w, t, b, cw, lse, -100, 0.1, reduction, False, 4, True, True,
+                          (g, x, w, t, b, cw, stats, -100, 0.1, reduction, False, 4, True, True,
                            True, probs, *extras))
 
 

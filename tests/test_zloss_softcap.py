@@ -322,13 +322,13 @@ def test_opcheck(probs, device):
     for z, cap in [(0.1, 2.0), (0.0, 1.5), (0.05, None)]:
         for red in (0, 1, 2):
             opcheck(ops.cross_entropy_fwd, (x, t, w, -100, 0.1, red, True, probs, z, cap))
-            _, lse, _, _ = ops.cross_entropy_fwd(x, t, w, -100, 0.1, red, False, False, z, cap)
+            _, stats, _, _ = ops.cross_entropy_fwd(x, t, w, -100, 0.1, red, False, False, z, cap)
             go = torch.rand((N, D) if red == 0 else (), device=device)
-            opcheck(ops.cross_entropy_bwd, (go, x, t, w, lse, -100, 0.1, red, True, probs, z,
+            opcheck(ops.cross_entropy_bwd, (go, x, t, w, stats, -100, 0.1, red, True, probs, z,
                                             cap))
             if red:
                 gx, gt = torch.empty_like(x), torch.empty_like(x) if probs else x.new_empty(0)
-                opcheck(ops.cross_entropy_bwd_into_, (gx, gt, go, x, t, w, lse, -100, 0.1, red,
+                opcheck(ops.cross_entropy_bwd_into_, (gx, gt, go, x, t, w, stats, -100, 0.1, red,
                                                       z, cap))
             if not probs:
                 opcheck(ops.cross_entropy_fwd_inplace, (x.clone(), t, w, -100, 0.1, red, z, cap))

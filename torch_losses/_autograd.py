@@ -431,6 +431,13 @@ def cross_entropy_composite(input, target, weight, ignore_index, label_smoothing
     return loss + (z.sum() / denominator).to(loss.dtype)
 
 
+def lse_of(row_stats):
+    """The log-sum-exp m + log s from the cross_entropy ops' row statistics (K, ...): the same
+    rounded sum the kernels form for the z-loss. The ops keep m and log s apart for backward,
+    whose softmax would lose up to ulp(lse)/2 of accuracy from the rounded sum."""
+    return row_stats[0] + row_stats[1]
+
+
 def _cross_entropy_backward(ctx, grad_output):
     """CrossEntropyFunction.backward: the forward's gradients finished for grad_output, or one
     cross_entropy_bwd pass ('none', a retained graph), or the composite for double backward."""
@@ -453,7 +460,7 @@ def _cross_entropy_backward(ctx, grad_output):
                 "inplace_backward=False")
         ops.scale_grad_(forward_grads[0], grad_output)  # the logits are gone: scale, not recompute
         return forward_grads[0].view(shape), None
-    input, target, weight, lse = ctx.saved_tensors
+    input, target, weight, row_stats = ctx.saved_tensors
     if torch.is_grad_enabled():
         loss = cross_entropy_composite(
             input, target, None if weight is None else weight.to(input.dtype), ignore_index,
@@ -463,15 +470,15 @@ def _cross_entropy_backward(ctx, grad_output):
     x, t, probs = fold_class_dim(input, target)
     if forward_grads is None:
         grad_input, grad_target = ops.cross_entropy_bwd(
-            grad_output, x, t, weight, lse, ignore_index, label_smoothing,
+            grad_output, x, t, weight, row_stats, ignore_index, label_smoothing,
             reduction_enum(reduction), want_input, probs and want_target, z_loss, softcap)
         forward_grads = (_none_if_empty(grad_input, want_input),
                          _none_if_empty(grad_target, probs and want_target))
     else:
         def recompute_into(grad_input, grad_target):
-            ops.cross_entropy_bwd_into_(grad_input, grad_target, grad_output, x, t, weight, lse,
-                                        ignore_index, label_smoothing, reduction_enum(reduction),
-                                        z_loss, softcap)
+            ops.cross_entropy_bwd_into_(grad_input, grad_target, grad_output, x, t, weight,
+                                        row_stats, ignore_index, label_smoothing,
+                                        reduction_enum(reduction), z_loss, softcap)
 
         _finish_forward_grads(forward_grads, grad_output, recompute_into)
     return tuple(None if g is None else g.view(shape) for g in forward_grads)
@@ -498,11 +505,12 @@ class CrossEntropyFunction(LossFunction):
     @staticmethod
     def forward(input, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                 reduction="mean", inplace_backward=False, z_loss=0.0, softcap=None):
-        """Returns (loss, lse, grad_input, grad_target); apply() returns the loss."""
+        """Returns (loss, row_stats, grad_input, grad_target); apply() returns the loss.
+        row_stats: the ops' per-position statistics (lse_of gives the log-sum-exp)."""
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
         if inplace_backward and input.requires_grad:
-            loss, lse = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
+            loss, row_stats = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red, z_loss, softcap)
             # Tell autograd: any other node that saved these logits now raises in backward.
             torch.autograd.graph.increment_version(input)
@@ -510,22 +518,22 @@ class CrossEntropyFunction(LossFunction):
             grad_input = grad_target = input.new_empty((0,))
         else:
             want_input, want_target = _cross_entropy_grads_wanted(input, target, reduction)
-            loss, lse, grad_input, grad_target = ops.cross_entropy_fwd(
+            loss, row_stats, grad_input, grad_target = ops.cross_entropy_fwd(
                 x, t, weight, ignore_index, label_smoothing, red, want_input, want_target,
                 z_loss, softcap)
         if red == 0:
             loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
-        return loss, lse, grad_input, grad_target
+        return loss, row_stats, grad_input, grad_target
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward,
          z_loss, softcap) = inputs
-        _, lse, grad_input, grad_target = output
+        _, row_stats, grad_input, grad_target = output
         ctx.inplace = inplace_backward and input.requires_grad
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(row_stats)
         # With inplace_backward, input now holds its gradient: not saved.
-        ctx.save_for_backward(None if ctx.inplace else input, target, weight, lse)
+        ctx.save_for_backward(None if ctx.inplace else input, target, weight, row_stats)
         ctx.options = (ignore_index, label_smoothing, reduction, z_loss, softcap)
         ctx.input_shape = input.shape
         ctx.forward_grads = _written_grads(
@@ -539,7 +547,7 @@ class CrossEntropyFunction(LossFunction):
 
 
 class CrossEntropyLseFunction(CrossEntropyFunction):
-    """CrossEntropyFunction whose apply returns forward's whole tuple (loss, lse, ...): the
-    per-position lse for logging, from the same pass."""
+    """CrossEntropyFunction whose apply returns forward's whole tuple (loss, row_stats, ...):
+    the per-position lse for logging (lse_of(row_stats)), from the same pass."""
 
     returns_loss_only = False

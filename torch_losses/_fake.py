@@ -38,29 +38,36 @@ for _name in _POINTWISE:
 register_fake("torch_losses::cross_entropy_bwd_into_")(_bwd_into_fake)
 
 
-def _ce_outputs(input, reduction):
+def row_stats_count(probability_target):
+    """K of the cross_entropy ops' (K, N, D) row statistics: the max m and log s, and the
+    target sum u for probability targets (csrc/ops.h)."""
+    return 3 if probability_target else 2
+
+
+def _ce_outputs(input, target, reduction):
     n, _, d = input.shape
     loss = input.new_empty((n, d)) if reduction == _NONE else input.new_empty(())
-    lse = input.new_empty((n, d), dtype=_acc_dtype(input.dtype))
-    return loss, lse
+    row_stats = input.new_empty((row_stats_count(target.dim() == 3), n, d),
+                                dtype=_acc_dtype(input.dtype))
+    return loss, row_stats
 
 
 @register_fake("torch_losses::cross_entropy_fwd")
 def _cross_entropy_fwd_fake(input, target, weight, ignore_index, label_smoothing, reduction,
                             input_grad, target_grad, z_loss=0.0, softcap=None):
     torch._check(input.dim() == 3, lambda: "cross_entropy ops take input (N, C, D)")
-    loss, lse = _ce_outputs(input, reduction)
-    return loss, lse, _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
+    loss, row_stats = _ce_outputs(input, target, reduction)
+    return loss, row_stats, _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
 
 
 @register_fake("torch_losses::cross_entropy_fwd_inplace")
 def _cross_entropy_fwd_inplace_fake(input, target, weight, ignore_index, label_smoothing,
                                     reduction, z_loss=0.0, softcap=None):
-    return _ce_outputs(input, reduction)
+    return _ce_outputs(input, target, reduction)
 
 
 @register_fake("torch_losses::cross_entropy_bwd")
-def _cross_entropy_bwd_fake(grad_output, input, target, weight, lse, ignore_index,
+def _cross_entropy_bwd_fake(grad_output, input, target, weight, row_stats, ignore_index,
                             label_smoothing, reduction, input_grad, target_grad, z_loss=0.0,
                             softcap=None):
     return _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)

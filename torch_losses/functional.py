@@ -34,6 +34,7 @@ from ._autograd import (
     _reduce,
     cross_entropy_composite,
     loss_of,
+    lse_of,
     reduction_enum,
 )
 
@@ -307,7 +308,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     outputs = function.apply(input, target, weight, ignore_index, float(label_smoothing),
                              reduction, bool(inplace_backward), z_loss, softcap)
     if return_lse:
-        return outputs[0], outputs[1].detach().reshape(_row_shape(input))
+        return outputs[0], lse_of(outputs[1]).detach().reshape(_row_shape(input))
     return loss_of(outputs)
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from ._autograd import _composite_grads, _none_if_empty, _take_forward_grads, \
-    cross_entropy_composite, ops, reduction_enum
+    cross_entropy_composite, lse_of, ops, reduction_enum
+from ._fake import row_stats_count
 from . import functional as _functional  # a cycle: functional re-exports this module's API
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "LinearCrossEntropyFunction"]
@@ -189,7 +190,7 @@ def _linear_cross_entropy_fwd(
         z_loss: float = 0.0, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """input (N, H), linear_weight (C, H), target (N) class indices or (N, C) probabilities.
-    Returns (loss, lse, grad_input, grad_linear_weight, grad_linear_bias, grad_target), the
+    Returns (loss, row_stats, grad_input, grad_linear_weight, grad_linear_bias, grad_target), the
     gradients for grad_output = 1 where asked for (never for reduction 'none'), else empty.
     z_loss and softcap: as the cross_entropy ops' (each chunk's rows get them)."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
@@ -199,7 +200,7 @@ def _linear_cross_entropy_fwd(
     want_logits_grad = any(wants)
     ce_dtype = torch.float32 if upcast and input.dtype != torch.float64 else input.dtype
     row_loss = input.new_empty((n,), dtype=ce_dtype)
-    lse = input.new_empty((n,), dtype=_acc_dtype(ce_dtype))
+    row_stats = input.new_empty((row_stats_count(probs), n), dtype=_acc_dtype(ce_dtype))
     acc = _Accumulators(input, linear_weight, target, linear_bias, wants)
     if reduction == _NONE:
         scale = None
@@ -215,23 +216,23 @@ def _linear_cross_entropy_fwd(
         ce_input3 = ce_input.unsqueeze(-1)
         t2 = t.unsqueeze(-1)
         if not want_logits_grad:
-            loss, chunk_lse, _, _ = ops.cross_entropy_fwd(
+            loss, chunk_stats, _, _ = ops.cross_entropy_fwd(
                 ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, False, False,
                 z_loss, softcap)
             grad = None
         elif probs:
-            loss, chunk_lse, grad, grad_t = ops.cross_entropy_fwd(
+            loss, chunk_stats, grad, grad_t = ops.cross_entropy_fwd(
                 ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, True, wants[3],
                 z_loss, softcap)
             grad = grad.squeeze(-1)
             if wants[3]:
                 acc.target[rows] = grad_t.squeeze(-1)
         else:
-            loss, chunk_lse = ops.cross_entropy_fwd_inplace(
+            loss, chunk_stats = ops.cross_entropy_fwd_inplace(
                 ce_input3, t2, weight, ignore_index, label_smoothing, _NONE, z_loss, softcap)
             grad = ce_input
         row_loss[rows] = loss.squeeze(-1)
-        lse[rows] = chunk_lse.squeeze(-1)
+        row_stats[:, rows] = chunk_stats.squeeze(-1)
         if want_logits_grad:
             if grad.dtype != logits.dtype:
                 grad = logits.copy_(grad)
@@ -244,7 +245,7 @@ def _linear_cross_entropy_fwd(
         if reduction == _MEAN:
             total = total / denominator.to(total.dtype)  # nothing counted: 0/0 = nan, as torch
         loss = total.to(ce_dtype)
-    return (loss, lse, *acc.results(scale, input))
+    return (loss, row_stats, *acc.results(scale, input))
 
 
 @_linear_cross_entropy_fwd.register_fake
@@ -254,13 +255,14 @@ def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smo
     ce_dtype = torch.float32 if upcast and input.dtype != torch.float64 else input.dtype
     n = input.shape[0]
     loss = input.new_empty((n,) if reduction == _NONE else (), dtype=ce_dtype)
-    lse = input.new_empty((n,), dtype=_acc_dtype(ce_dtype))
+    row_stats = input.new_empty((row_stats_count(target.dim() == 2), n),
+                                dtype=_acc_dtype(ce_dtype))
     live = reduction != _NONE
 
     def grad(like, wanted):
         return torch.empty_like(like) if wanted and live else input.new_empty((0,))
 
-    return (loss, lse, grad(input, input_grad), grad(linear_weight, weight_grad),
+    return (loss, row_stats, grad(input, input_grad), grad(linear_weight, weight_grad),
             grad(linear_bias, bias_grad), grad(target, target_grad))
 
 
@@ -268,11 +270,11 @@ def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smo
 def _linear_cross_entropy_bwd(
         grad_output: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
         target: torch.Tensor, linear_bias: torch.Tensor | None, weight: torch.Tensor | None,
-        lse: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: int,
+        row_stats: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: int,
         upcast: bool, rows_per_chunk: int, input_grad: bool, weight_grad: bool,
         bias_grad: bool, target_grad: bool, z_loss: float = 0.0, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients recomputed chunk by chunk from the inputs and the forward's lse:
+    """The gradients recomputed chunk by chunk from the inputs and the forward's row_stats:
     grad_output (N) for reduction 'none', else a scalar. Returns (grad_input,
     grad_linear_weight, grad_linear_bias, grad_target), empty where not asked for."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
@@ -292,7 +294,8 @@ def _linear_cross_entropy_bwd(
             g = grad_output[rows].unsqueeze(-1) if reduction == _NONE else grad_output
             grad, grad_t = ops.cross_entropy_bwd(
                 g.to(ce_dtype), ce_input.unsqueeze(-1), t.unsqueeze(-1), weight,
-                lse[rows].unsqueeze(-1), ignore_index, label_smoothing, chunk_reduction, True,
+                row_stats[:, rows].unsqueeze(-1), ignore_index, label_smoothing, chunk_reduction,
+                True,
                 target_grad, z_loss, softcap)
             if target_grad:
                 acc.target[rows] = grad_t.squeeze(-1)
@@ -305,7 +308,7 @@ def _linear_cross_entropy_bwd(
 
 
 @_linear_cross_entropy_bwd.register_fake
-def _(grad_output, input, linear_weight, target, linear_bias, weight, lse, ignore_index,
+def _(grad_output, input, linear_weight, target, linear_bias, weight, row_stats, ignore_index,
       label_smoothing, reduction, upcast, rows_per_chunk, input_grad, weight_grad, bias_grad,
       target_grad, z_loss=0.0, softcap=None):
     def grad(like, wanted):
@@ -336,10 +339,10 @@ class LinearCrossEntropyFunction(Function):
     def setup_context(ctx, inputs, output):
         (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
          reduction, wants, plan, extras) = inputs
-        loss, lse, *grads = output
-        ctx.mark_non_differentiable(lse, *grads)
+        loss, row_stats, *grads = output
+        ctx.mark_non_differentiable(row_stats, *grads)
         ctx.set_materialize_grads(False)  # else backward gets zeros of every gradient's size
-        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_stats)
         ctx.options = (ignore_index, label_smoothing, reduction, plan, extras)
         ctx.forward_grads = None if reduction == "none" else tuple(
             grad if wanted else None for grad, wanted in zip(grads, wants))
@@ -362,10 +365,10 @@ class LinearCrossEntropyFunction(Function):
                 loss, grad_output, [(input, wanted[0]), (linear_weight, wanted[1]),
                                     (linear_bias, wanted[2]), (target, wanted[3])])
         elif forward_grads is None:  # reduction 'none', or a second backward: recompute
-            input, linear_weight, target, linear_bias, weight, lse = ctx.saved_tensors
+            input, linear_weight, target, linear_bias, weight, row_stats = ctx.saved_tensors
             upcast, _, bwd_rows = plan
             grads = _linear_cross_entropy_bwd(
-                grad_output, input, linear_weight, target, linear_bias, weight, lse,
+                grad_output, input, linear_weight, target, linear_bias, weight, row_stats,
                 ignore_index, label_smoothing, reduction_enum(reduction), upcast, bwd_rows,
                 *wanted, *extras)
             gi, gw, gb, gt = (_none_if_empty(g, w) for g, w in zip(grads, wanted))
@@ -518,12 +521,13 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     bwd_rows = rows or chunk_rows(num_classes, logit_bytes + ce_bytes + grad_bytes,
                                   input.device, chunk_bytes)
     weight = None if weight is None else weight.detach()
-    loss, lse, *_ = LinearCrossEntropyFunction.apply(
+    loss, row_stats, *_ = LinearCrossEntropyFunction.apply(
         input, linear_weight, target, linear_bias, weight, ignore_index,
         float(label_smoothing), reduction, wants, (upcast, fwd_rows, bwd_rows), extras)
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
     if return_lse:
+        lse = lse_of(row_stats)
         return loss, (lse.squeeze(0) if unbatched else lse).detach()
     return loss
 

@@ -1,6 +1,8 @@
-// Softmax cross-entropy on the CPU. Each position (row) is read once for its log-sum-exp
-// (online: a running max and sum of exp, chunk by chunk); when a gradient is wanted the same
-// task writes it right away, while the row is still in cache. Only the per-row lse is kept.
+// Softmax cross-entropy on the CPU. The forward reads each position (row) once for its
+// statistics (online: a running max and sum of exp, chunk by chunk) and saves them per row (max,
+// log of the sum, and the target sum for probability targets); when a gradient is wanted the
+// same task writes it right away, while the row is still in cache. The backward op reads the
+// saved statistics and each row once.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,7 +27,6 @@ namespace {
 template <typename acc_t>
 struct RowStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum = 0;       // sum_c exp(x_c - max) (row_stats_into_exp only)
   acc_t log_sum = 0;   // log(sum_c exp(x_c - max))
   acc_t weight = 0;    // sum_c v_c
   acc_t shifted = 0;   // sum_c v_c (x_c - max): the label-smoothing loss' sum
@@ -113,18 +114,19 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
 // max first (a light sweep that brings the row into cache), then e_c = exp(x_c - max) stored
 // into `e` (the gradient row, which may alias x) and summed, with the label-smoothing sums
 // (v_c = w_c, or 1) when `weighted`; row_grad_from_exp then scales e into the gradient in place.
-// (row_stats' online pass and the gradient's softmax would take one exp each.) The forward
-// and the backward op both use it, so that a recomputed gradient has the forward's bits.
+// (row_stats' online pass and the gradient's softmax would take one exp each.) The backward
+// op passes the saved max and uses only the e_c: the same bits as the forward's gradient.
 // `next_row` (or null): the memory of the row this task reads next, `next_bytes` per element
 // of this row, prefetched into cache during the exp sweep (compute-bound, in cache) so that the
 // next max sweep does not wait on memory.
 template <typename acc_t>
 RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bool weighted,
-                                   acc_t* e, const char* next_row, int64_t next_bytes) {
+                                   acc_t* e, const char* next_row, int64_t next_bytes,
+                                   const acc_t* saved_max = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   RowStats<acc_t> r;
-  r.max = nan_max_of(x, C);
+  r.max = saved_max ? *saved_max : nan_max_of(x, C);
   const Vec max_v(r.max);
   Vec sv(0), vw(0), vs(0);
   int64_t i = 0;
@@ -153,14 +155,14 @@ RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bo
   }
   acc_t lanes[kLanes];
   sv.store(lanes);
-  r.sum = tail_sum;
-  for (int64_t k = 0; k < kLanes; ++k) r.sum += lanes[k];
+  acc_t sum = tail_sum;
+  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
   vw.store(lanes);
   for (int64_t k = 0; k < kLanes; ++k) r.weight += lanes[k];
   vs.store(lanes);
   for (int64_t k = 0; k < kLanes; ++k) r.shifted += lanes[k];
   // An all -inf row: exp(nan) terms and a nan sum, as torch's log_softmax.
-  r.log_sum = std::log(r.sum);
+  r.log_sum = std::log(sum);
   return r;
 }
 
@@ -325,7 +327,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const acc_t* w = p.weight.defined() ? p.weight.const_data_ptr<acc_t>() : nullptr;
   const int64_t* labels = probs ? nullptr : p.target.const_data_ptr<int64_t>();
   const scalar_t* t = probs ? p.target.const_data_ptr<scalar_t>() : nullptr;
-  acc_t* lse = forward ? p.lse.mutable_data_ptr<acc_t>() : nullptr;
+  // The (K, rows) row statistics: the forward writes them, the backward reads them.
+  acc_t* stats_out = forward ? p.row_stats.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t* stats_in = forward ? nullptr : p.row_stats.const_data_ptr<acc_t>();
   scalar_t* gx = p.grad_input.defined() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = p.grad_target.defined() ? p.grad_target.mutable_data_ptr<scalar_t>() : nullptr;
   const bool per_row_g = p.grad_output.defined() && p.grad_output.dim() != 0;
@@ -392,20 +396,22 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
 
-      // A class-index gradient is formed from exp(x - max) left in the gradient row.
+      // A class-index gradient is formed from e = exp(x - max) left in the gradient row, by the
+      // forward and the backward op alike (a recomputed gradient has the forward's bits).
       const bool exp_in_grad = gx && !probs && !ignored;
       acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
       const acc_t x_y = probs || ignored ? acc_t(0) : xr[y];  // before an in-place gradient
       const char* next_row = D == 1 && r + 1 < row_end
                                  ? reinterpret_cast<const char*>(x + offset + C) : nullptr;
-      // The backward op recomputes the row's statistics rather than reading the saved lse:
-      // max + log_sum rounded to one number would cost the softmax its precision.
-      const RowStats<acc_t> st =
-          exp_in_grad ? row_stats_into_exp(xr, w, C, eps != 0, gxr, next_row,
-                                           static_cast<int64_t>(sizeof(scalar_t)))
-                      : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+      constexpr int64_t kElementBytes = sizeof(scalar_t);
+      RowStats<acc_t> st;
       if (forward) {
-        lse[r] = st.lse();
+        st = exp_in_grad
+                 ? row_stats_into_exp(xr, w, C, eps != 0, gxr, next_row, kElementBytes)
+                 : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+        stats_out[r] = st.max;
+        stats_out[rows + r] = st.log_sum;
+        if (probs) stats_out[2 * rows + r] = st.weight;
         acc_t l;
         if (probs) {
           l = row_target_nll(xr, w, tr, C, st, keep, spread);
@@ -418,6 +424,13 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         }
         if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
         row_loss[r] = l;
+      } else {  // the gradient needs no other row statistic
+        st.max = stats_in[r];
+        st.log_sum = stats_in[rows + r];
+        if (probs) st.weight = stats_in[2 * rows + r];
+        if (exp_in_grad) {
+          row_stats_into_exp(xr, w, C, false, gxr, next_row, kElementBytes, &st.max);
+        }
       }
       if (!gx && !gt) continue;
 
@@ -435,7 +448,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         std::fill(gxr, gxr + C, std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0));
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
-        const acc_t inv_sum = acc_t(1) / st.sum;
+        // 1 / sum from the saved log s, so that the backward op's gradient has the same bits.
+        const acc_t inv_sum = std::exp(-st.log_sum);
         const acc_t p_y = gxr[y] * inv_sum;
         row_grad_from_exp(w, gxr, C, s * (keep * wy + spread * weight_sum + z_coef) * inv_sum,
                           s * spread);

@@ -6,10 +6,11 @@
 //    label-smoothing and probability-target terms need, relative to the running max); one
 //    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
 //    The row is entirely read before any gradient element is written (the group reduction is a
-//    barrier), so grad_input may alias input. A backward op runs pass 1 again: the row
-//    statistics are recomputed, never read back from the saved lse (m + log s rounded to one
-//    number costs the softmax up to ulp(lse)/2 of relative accuracy: 5e-4 for float logits near
-//    1e4, 1e-12 for double).
+//    barrier), so grad_input may alias input. The forward saves the row statistics m and
+//    log s apart (and u = sum w t' for probability targets); a backward op reads them and runs
+//    pass 2 only: one read of the row, one write of its gradient. (Their rounded sum, the lse,
+//    would cost the softmax up to ulp(lse)/2 of relative accuracy: 5e-4 for float logits near
+//    1e4.)
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
@@ -228,7 +229,7 @@ template <typename T>
 struct CeParams {
   CrossEntropyArgs<T> a;
   acc_t<T> eps, eps_c;  // label smoothing, label smoothing / C
-  acc_t<T> s_host;      // gradient scale not read from the device: 1, or 1/rows (probability mean)
+  double s_host;        // gradient scale not read from the device: 1, or 1/rows (probability mean)
   const acc_t<T>* W;    // device scalar: class-index mean denominator, else nullptr
   const acc_t<T>* Wsum; // device scalar: sum of the class weights, else nullptr (then C)
   acc_t<T>* row_loss;   // per-row losses for mean/sum
@@ -562,16 +563,23 @@ __device__ __forceinline__ A group_sum(A v, A* smem /* >= 32 */) {
 
 // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output. A mean over
 // a zero total weight is torch's 0 / 0 = NaN (its nll part), label smoothing or not: every
-// gradient of a row that is not ignored.
+// gradient of a row that is not ignored. Formed in double and rounded once, as the CPU backend
+// does (a float 1/W times grad_output rounds twice): once per row, never per element.
 template <typename T>
 __device__ __forceinline__ acc_t<T> grad_scale(const CeParams<T>& P, int64_t row) {
-  using A = acc_t<T>;
-  A sg = P.s_host;
-  if (P.W != nullptr) sg = *P.W == A(0) ? A(NAN) : A(1) / *P.W;
+  double sg = P.s_host;
+  if (P.W != nullptr) sg = *P.W == acc_t<T>(0) ? double(NAN) : 1.0 / double(*P.W);
   if (P.a.grad_output != nullptr) {
-    sg *= to_acc(P.a.grad_output_scalar ? P.a.grad_output[0] : P.a.grad_output[row]);
+    sg *= double(to_acc(P.a.grad_output_scalar ? P.a.grad_output[0] : P.a.grad_output[row]));
   }
-  return sg;
+  return acc_t<T>(sg);
+}
+
+// A backward op's row statistics, saved by the forward (CrossEntropyArgs::row_stats): plane k
+// of row `row`.
+template <typename T>
+__device__ __forceinline__ acc_t<T> saved_stat(const CeParams<T>& P, int k, int64_t row) {
+  return P.a.row_stats[k * P.rows + row];
 }
 
 // Leading scalar elements of a row from p up to a 16-byte boundary (at most len).
@@ -614,19 +622,25 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (P.fwd && leader && !ignored) {  // before any gradient write
       xy = capped<kCap, kApproxExp<T>>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
     }
-    if (P.fwd && P.eps != A(0)) {
-      Pass1Index<T, true, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
-      walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-      st = group_allreduce<kGroup>(f.st, smem);
-    } else {
-      Pass1Index<T, false, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
-      walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-      st = group_allreduce<kGroup>(f.st, smem);
+    if (P.fwd) {
+      if (P.eps != A(0)) {
+        Pass1Index<T, true, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      } else {
+        Pass1Index<T, false, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
+        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        st = group_allreduce<kGroup>(f.st, smem);
+      }
+      m = st.m;
+      log_s = flog(st.s);
+    } else {  // backward: the saved statistics, pass 2 only
+      m = saved_stat(P, 0, row);
+      log_s = saved_stat(P, 1, row);
     }
-    m = st.m;
-    log_s = flog(st.s);
     if (P.fwd && leader) {
-      a.lse[row] = m + log_s;
+      a.row_stats[row] = m;
+      a.row_stats[P.rows + row] = log_s;
       A l = 0;
       if (!ignored) {
         // -log_softmax_y = (m - x_y) + log_s; the smoothing term sum_c w_c (lse - x_c) =
@@ -668,12 +682,18 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       }
     }
   } else {
-    Pass1Prob<T, kCap> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
-                         P.eps_c, st, P.cap, P.inv_cap};
-    walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-    st = group_allreduce<kGroup>(f.st, smem);
-    m = st.m;
-    log_s = flog(st.s);
+    if (P.fwd) {
+      Pass1Prob<T, kCap> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
+                           P.eps_c, st, P.cap, P.inv_cap};
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
+      st = group_allreduce<kGroup>(f.st, smem);
+      m = st.m;
+      log_s = flog(st.s);
+    } else {  // backward: the saved statistics, pass 2 only
+      m = saved_stat(P, 0, row);
+      log_s = saved_stat(P, 1, row);
+      st.u = saved_stat(P, 2, row);
+    }
     if (P.fwd) {
       A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
       if (!isfinite(l)) {  // the same in every thread of the group (st is)
@@ -684,7 +704,9 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
       }
       if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
       if (leader) {
-        a.lse[row] = m + log_s;
+        a.row_stats[row] = m;
+        a.row_stats[P.rows + row] = log_s;
+        a.row_stats[2 * P.rows + row] = st.u;
         if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
         else P.row_loss[row] = l;
       }
@@ -807,14 +829,23 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
   if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
   const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
   const A one_m_eps = A(1) - P.eps;
-  const A* part = P.split + row * S * 4;
-  Stats<A> st{part[0], part[1], part[2], part[3]};
-  for (int64_t j = 1; j < S; ++j) {
-    st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+  Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
+  A m, log_s;
+  if (P.fwd) {
+    const A* part = P.split + row * S * 4;
+    st = Stats<A>{part[0], part[1], part[2], part[3]};
+    for (int64_t j = 1; j < S; ++j) {
+      st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+    }
+    m = st.m;
+    log_s = flog(st.s);
+  } else {  // backward: the saved statistics (launch_split runs no stats kernel)
+    m = saved_stat(P, 0, row);
+    log_s = saved_stat(P, 1, row);
   }
-  const A m = st.m, log_s = flog(st.s);
   if (P.fwd && k == 0 && threadIdx.x == 0) {
-    a.lse[row] = m + log_s;
+    a.row_stats[row] = m;
+    a.row_stats[P.rows + row] = log_s;
     A l = 0;
     if (!ignored) {
       const A xy = P.split[a.N * a.D * S * 4 + row];
@@ -863,7 +894,9 @@ void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
   int threads = 64;
   while (threads < 512 && threads * 16 < nvec) threads *= 2;
   const unsigned grid = unsigned(P.rows * S);
-  launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
+  if (P.fwd) {  // a backward reads the forward's row statistics
+    launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
+  }
   launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
 }
 
@@ -912,9 +945,10 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
       // Rows in flight at once = grid (grid-stride loop). Pass 2 re-reads a row from L2 only if
       // the rows in flight fit in it: cap the grid at ~60% of L2 / row bytes (but >= 1 per SM).
+      // A backward reads each row once: no cap.
       const int64_t row_bytes = a.C * int64_t(sizeof(T)) * (kProb ? 2 : 1);
       int64_t cap = sms * (2048 / threads);
-      cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
+      if (P.fwd) cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
       if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0, kCap>>(grid, threads, 0, stream, P);
       else launch_kernel<ce_row_kernel<T, kProb, false, 0, kCap>>(grid, threads, 0, stream, P);
@@ -945,7 +979,7 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.a = a;
   P.eps = A(a.label_smoothing);
   P.eps_c = a.C > 0 ? A(a.label_smoothing / double(a.C)) : A(0);
-  P.s_host = (prob && mean && rows > 0) ? A(1.0 / double(rows)) : A(1);
+  P.s_host = (prob && mean && rows > 0) ? 1.0 / double(rows) : 1.0;
   P.W = nullptr;
   P.Wsum = nullptr;
   P.row_loss = row_loss;

@@ -96,7 +96,9 @@ struct CrossEntropyArgs {
   bool grad_output_scalar = false;
   bool skip_if_grad_output_is_one = false;  // as in PointwiseArgs (issue 13)
   T* loss = nullptr;                       // forward: (N, D) for none, 1 for mean/sum
-  acc_t<T>* lse = nullptr;                 // (N, D): written by the forward, read by the backward
+  // (K, N, D), written by the forward, read by the backward (csrc/ops.h): [0] the row max m,
+  // [1] log s = log sum_c exp(x_c - m), [2] (probability targets) u = sum_c w_c t'_c.
+  acc_t<T>* row_stats = nullptr;
   T* grad_input = nullptr;                 // may alias input (in-place forward)
   T* grad_target = nullptr;
   // Scratch, sized by ce_scratch_size(): row losses, reduction partials and device scalars.

@@ -154,11 +154,13 @@ class Session:
     # ---- launchers ----------------------------------------------------------------------------
     def cross_entropy(self, x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                       reduction="mean", want_grad=False, want_target_grad=False, inplace=False,
-                      grad_output=None, lse=None, layout=0, target_layout=None,
+                      grad_output=None, row_stats=None, layout=0, target_layout=None,
                       out_layout=None, z_loss=0.0, softcap=None):
         """One launch_cross_entropy call, set up as csrc/ops.h does. x: (N, C, D) or (N, C).
-        Forward: grad_output None; returns loss, lse and the gradients asked for (grad_output
-        1). Backward: grad_output (0-dim, or (N, D) for 'none') and the forward's lse.
+        Forward: grad_output None; returns loss, row_stats (K, N, D) (K = 3 for probability
+        targets, else 2), lse (row_stats[0] + row_stats[1], as torch_losses' lse_of) and the
+        gradients asked for (grad_output 1). Backward: grad_output (0-dim, or (N, D) for
+        'none') and the forward's row_stats.
         z_loss, softcap: the LLM-training extras (softcap None: off)."""
         squeeze = x.dim() == 2
         if squeeze:
@@ -183,11 +185,12 @@ class Session:
             gob = self.copy(grad_output.to(dt).contiguous())
         rows = N * D
         loss = None
+        stats_shape = (3 if prob else 2, N, D)  # csrc/ops.h: row_stats
         if fwd:
             loss = self.poisoned((N, D) if reduction == "none" else (), dt, out_layout)
-            lseb = self.poisoned((N, D), acc_dtype(dt), out_layout)
+            statsb = self.poisoned(stats_shape, acc_dtype(dt), out_layout)
         else:
-            lseb = self.copy(lse.contiguous())
+            statsb = self.copy(row_stats.reshape(stats_shape).contiguous())
         gi = None
         if inplace:
             gi = xb
@@ -200,7 +203,7 @@ class Session:
         rc = self.lib.tl_emu_cross_entropy(
             DTYPE_CODE[dt], xb.ptr, None if prob else tb.ptr, tb.ptr if prob else None,
             self._ptr(wb), self._ptr(gob), int(gob is not None and grad_output.dim() == 0),
-            self._ptr(loss), lseb.ptr, self._ptr(gi), self._ptr(gt), scratch.ptr, N, C, D,
+            self._ptr(loss), statsb.ptr, self._ptr(gi), self._ptr(gt), scratch.ptr, N, C, D,
             ignore_index, ls, REDUCTION[reduction], float(z_loss),
             0.0 if softcap is None else float(softcap))
         self._check(rc)
@@ -215,7 +218,9 @@ class Session:
         r = {"grad_input": out(gi), "grad_target": out(gt)}
         if fwd:
             r["loss"] = out(loss, row_shaped=True)
-            r["lse"] = out(lseb, row_shaped=True)
+            stats = statsb.t.clone()
+            r["row_stats"] = stats.squeeze(2) if squeeze else stats
+            r["lse"] = r["row_stats"][0] + r["row_stats"][1]
         return r
 
     def pointwise(self, kind, x, y, weight=None, aux=None, param=0.0, reduction="mean",

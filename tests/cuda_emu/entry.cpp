@@ -50,7 +50,7 @@ void tl_emu_set_skip_if_grad_output_is_one(int on) { g_skip_if_grad_output_is_on
 
 int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
                          const void* target_prob, const void* weight, const void* grad_output,
-                         int grad_output_scalar, void* loss, void* lse, void* grad_input,
+                         int grad_output_scalar, void* loss, void* row_stats, void* grad_input,
                          void* grad_target, void* scratch, int64_t N, int64_t C, int64_t D,
                          int64_t ignore_index, double label_smoothing, int reduction,
                          double z_loss, double softcap) {
@@ -65,7 +65,7 @@ int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_ind
     a.grad_output = static_cast<const T*>(grad_output);
     a.grad_output_scalar = grad_output_scalar != 0;
     a.loss = static_cast<T*>(loss);
-    a.lse = static_cast<A*>(lse);
+    a.row_stats = static_cast<A*>(row_stats);
     a.grad_input = static_cast<T*>(grad_input);
     a.grad_target = static_cast<T*>(grad_target);
     a.scratch = static_cast<A*>(scratch);
