@@ -11,6 +11,10 @@
 // sets kChecksDomain and gives invalid(x, y), true where an element is outside the domain, and
 // kDomainError.
 // The generic kernels apply the element weight, the reduction and grad_output.
+// The losses with transcendental functions (BCE-with-logits, BCE, the two KL divergences) take
+// the math M as a second parameter: the alias of each (BCEWithLogits<T> = BCEWithLogitsUsing<T,
+// Math<T>>) is what the CPU and the float/double CUDA kernels use; the bf16/fp16 CUDA kernels
+// pass the MUFU-based math of csrc/cuda/pointwise_fast_math.cuh.
 #pragma once
 
 #include "losses/math.h"
@@ -28,11 +32,10 @@ struct NoDomainCheck {
 // (1 - y) x - ((a - 1) y + 1) logsigmoid(x), in torch's order of operations, so that non-finite
 // inputs give torch's inf or nan (a pos_weight of 1 is not the same as none: 0 * inf). The
 // parameter says whether a pos_weight tensor is given (the kernels pass a = 1 without one).
-template <typename T>
-struct BCEWithLogits : NoDomainCheck {
-  using M = Math<T>;
+template <typename T, typename M>
+struct BCEWithLogitsUsing : NoDomainCheck {
   bool pos_weight;
-  explicit TL_HD BCEWithLogits(double has_pos_weight) : pos_weight(has_pos_weight != 0) {}
+  explicit TL_HD BCEWithLogitsUsing(double has_pos_weight) : pos_weight(has_pos_weight != 0) {}
   // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)): finite for any finite x.
   TL_HD static T log_sigmoid(T x, T e) { return M::where(x < T(0), x, T(0)) - M::log1p(e); }
   TL_HD T shared(T x, T) const { return M::exp(-M::abs(x)); }
@@ -51,6 +54,8 @@ struct BCEWithLogits : NoDomainCheck {
     return pos_weight ? log_sigmoid(-x, e) - a * log_sigmoid(x, e) : -x;
   }
 };
+template <typename T>
+using BCEWithLogits = BCEWithLogitsUsing<T, Math<T>>;
 
 // huber_loss: 0.5 z^2 if |z| < delta else delta (|z| - 0.5 delta), z = x - y.
 template <typename T>
@@ -112,13 +117,12 @@ struct L1 : NoDomainCheck {
 };
 
 // binary_cross_entropy on probabilities: -(y max(log x, -100) + (1 - y) max(log(1 - x), -100)).
-template <typename T>
-struct BCE {
-  using M = Math<T>;
+template <typename T, typename M>
+struct BCEUsing {
   static constexpr bool kChecksDomain = true;
   static constexpr const char* kDomainError =
       "binary_cross_entropy: all elements of input and target should be between 0 and 1";
-  explicit TL_HD BCE(double = 0) {}
+  explicit TL_HD BCEUsing(double = 0) {}
   TL_HD static T clamp_log(T v) { return M::where(v < T(-100), T(-100), v); }
   TL_HD T invalid(T x, T y) const {
     return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1)) | (y != y);
@@ -135,6 +139,8 @@ struct BCE {
   // -logit(x), as torch (not clamped).
   TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
 };
+template <typename T>
+using BCE = BCEUsing<T, Math<T>>;
 
 // Binary SVM hinge: max(0, margin - y x), y in {-1, +1}. The gradients are those torch's
 // autograd gives for (margin - y x).clamp_min(0): the mask (v >= 0, so the kink passes -y) times
@@ -156,22 +162,22 @@ struct Hinge {
 
 // kl_div with probability targets: xlogy(y, y) - y x. At y = 0 torch's target gradient is nan
 // (xlogy's d/dother = self / other); it is reproduced.
-template <typename T>
-struct KLDiv : NoDomainCheck {
-  using M = Math<T>;
-  explicit TL_HD KLDiv(double = 0) {}
+template <typename T, typename M>
+struct KLDivUsing : NoDomainCheck {
+  explicit TL_HD KLDivUsing(double = 0) {}
   // log(y), 0 where y == 0 (xlogy's convention)
   TL_HD T shared(T, T y) const { return M::where(y == T(0), T(0), M::log(y)); }
   TL_HD T value(T x, T y, T, T log_y) const { return y * log_y - y * x; }
   TL_HD T grad_input(T, T y, T, T) const { return -y; }
   TL_HD T grad_target(T x, T y, T, T log_y) const { return log_y + y / y - x; }
 };
+template <typename T>
+using KLDiv = KLDivUsing<T, Math<T>>;
 
 // kl_div with log-probability targets: exp(y) (y - x).
-template <typename T>
-struct KLDivLogTarget : NoDomainCheck {
-  using M = Math<T>;
-  explicit TL_HD KLDivLogTarget(double = 0) {}
+template <typename T, typename M>
+struct KLDivLogTargetUsing : NoDomainCheck {
+  explicit TL_HD KLDivLogTargetUsing(double = 0) {}
   TL_HD T shared(T, T y) const { return M::exp(y); }
   TL_HD T value(T x, T y, T, T exp_y) const { return exp_y * (y - x); }
   TL_HD T grad_input(T, T, T, T exp_y) const { return -exp_y; }
@@ -179,5 +185,7 @@ struct KLDivLogTarget : NoDomainCheck {
   // exp(y) = inf with y - x < 0 gives its nan)
   TL_HD T grad_target(T x, T y, T, T exp_y) const { return exp_y * (y - x) + exp_y; }
 };
+template <typename T>
+using KLDivLogTarget = KLDivLogTargetUsing<T, Math<T>>;
 
 }  // namespace torch_losses

@@ -52,6 +52,7 @@ class Emulator:
         lib.tl_emu_pointwise.argtypes = [i32, i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, i64,
                                          dbl, i32]
         lib.tl_emu_set_skip_if_grad_output_is_one.argtypes = [i32]
+        lib.tl_emu_set_fast_math_direction.argtypes = [i32]
         lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
         self.lib = lib
 
@@ -62,6 +63,10 @@ class Emulator:
             yield s
         finally:
             s.close()
+
+    def set_fast_math_direction(self, direction):
+        """The fast intrinsics' error, at its documented worst: +1 up (default), -1 down, 0 none."""
+        self.lib.tl_emu_set_fast_math_direction(direction)
 
     def device_sms(self, device):
         return self.lib.tl_emu_device_sms(device)

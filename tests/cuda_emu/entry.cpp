@@ -48,6 +48,9 @@ int64_t tl_emu_pointwise_num_partials(int dtype, int64_t n) {
 static bool g_skip_if_grad_output_is_one = false;
 void tl_emu_set_skip_if_grad_output_is_one(int on) { g_skip_if_grad_output_is_one = on != 0; }
 
+// The direction of the fast intrinsics' modelled error (tl_cuda_emu.h): +1, -1 or 0.
+void tl_emu_set_fast_math_direction(int direction) { tl_emu::fast_math_direction = direction; }
+
 int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
                          const void* target_prob, const void* weight, const void* grad_output,
                          int grad_output_scalar, void* loss, void* row_stats, void* grad_input,

@@ -202,10 +202,46 @@ inline void __stcs(T* p, T v) {
   *p = v;
 }
 
-// ---- math: the host libm; fast intrinsics map to the accurate functions ----------------------
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
+// ---- math: the host libm; fast intrinsics return it moved by their documented worst-case error
+// (CUDA C++ Programming Guide, intrinsic functions) in the direction fast_math_direction says:
+// +1 up (the default), -1 down, 0 the libm value. The .ftz forms flush subnormal inputs and
+// results to zero as on the GPU; ftz = false models the ex2/lg2.approx.f32 forms, which keep them.
+namespace tl_emu {
+inline int fast_math_direction = 1;
+
+inline float flush_subnormal(float v) {
+  return (v != 0.0f && fabsf(v) < 1.17549435e-38f) ? copysignf(0.0f, v) : v;
+}
+// v moved by `ulps` units in the last place (finite, nonzero v; 0, inf and NaN are kept).
+inline float move_ulps(float v, int ulps) {
+  if (fast_math_direction == 0 || v == 0.0f || !std::isfinite(v)) return v;
+  const float to = fast_math_direction > 0 ? INFINITY : -INFINITY;
+  for (int i = 0; i < ulps && std::isfinite(v); ++i) v = nextafterf(v, to);
+  return v;
+}
+// __expf: 2 + floor(|1.173 x|) ulp.
+inline float approx_exp(float x, bool ftz) {
+  if (ftz) x = flush_subnormal(x);
+  const float r = move_ulps(expf(x), 2 + int(floorf(fminf(fabsf(1.173f * x), 1e6f))));
+  return ftz ? flush_subnormal(r) : r;
+}
+// __logf: absolute error 2^-21.41 for x in [0.5, 2], else 3 ulp.
+inline float approx_log(float x, bool ftz) {
+  if (ftz) x = flush_subnormal(x);
+  const float r = logf(x);
+  if (x >= 0.5f && x <= 2.0f) return r + float(fast_math_direction) * 3.5887879e-7f;  // 2^-21.41
+  return move_ulps(r, 3);
+}
+}  // namespace tl_emu
+inline float __expf(float x) { return tl_emu::approx_exp(x, true); }
+inline float __logf(float x) { return tl_emu::approx_log(x, true); }
+// 2 ulp for |b| in [2^-126, 2^126]; 0 for |b| in (2^126, 2^128), as documented.
+inline float __fdividef(float a, float b) {
+  const float ab = fabsf(b);
+  if (ab > 8.50705917e37f && std::isfinite(b)) return std::isinf(a) ? NAN : 0.0f * a / b;
+  const float r = a / b;
+  return ab >= 1.17549435e-38f ? tl_emu::move_ulps(r, 2) : r;
+}
 // Products that must not be contracted into an FMA (the emulator build allows contraction, as
 // nvcc does): the result passes through memory.
 inline float __fmul_rn(float a, float b) {

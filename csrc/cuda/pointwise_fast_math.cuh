@@ -1,0 +1,72 @@
+// The math of the bf16/fp16 pointwise kernels: float, on the MUFU unit (ex2.approx, lg2.approx)
+// where that cannot change what the result rounds to in 8 or 11 bits. Each function's error
+// bound (the CUDA C++ Programming Guide's for __expf and __logf) is at most ~2^-15 relative in
+// the ranges where a bf16/fp16 result can be nonzero; tests/test_cuda_emu_fast_math.py runs
+// the kernels with these bounds applied in either direction (the emulator's shims) against
+// torch. Unlike __expf/__logf, subnormal inputs and results are kept (the .ftz forms flush
+// them; bf16 has float's subnormals).
+#pragma once
+
+#include "cuda/common.cuh"
+#include "losses/math.h"
+
+namespace torch_losses {
+namespace cuda {
+
+// exp(x) = 2^(x log2 e): one multiply and MUFU.EX2. Error <= 2 + floor(|1.173 x|) ulp (the
+// bound of __expf, the same computation; the rounding of x log2 e grows with |x|).
+TL_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  return r;
+#elif defined(TL_CUDA_EMULATOR)
+  return tl_emu::approx_exp(x, /*ftz=*/false);
+#else
+  return expf(x);  // the host pass of nvcc: never called
+#endif
+}
+
+// log(x) = log2(x) ln 2 on MUFU.LG2: absolute error <= 2^-21.41 for x in [0.5, 2], else 3 ulp
+// (the bound of __logf).
+TL_HD float approx_log(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("lg2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r * 0.6931471805599453f;
+#elif defined(TL_CUDA_EMULATOR)
+  return tl_emu::approx_log(x, /*ftz=*/false);
+#else
+  return logf(x);
+#endif
+}
+
+// log(1 + d) for |d| < 2^-6, where approx_log's absolute error would be a large relative one:
+// the series to d^4 (truncation < d^4 / 5 < 2^-26 relative).
+TL_HD float log1p_series(float d) {
+  return d * fmaf(d, fmaf(d, fmaf(d, -0.25f, 0.33333334f), -0.5f), 1.0f);
+}
+
+// log1p(u): the series for |u| < 2^-6, else approx_log(1 + u). Relative error <= 2^-15
+// (approx_log's 2^-21.41 over |log1p(u)| >= 0.0155, plus the rounding of 1 + u).
+TL_HD float fast_log1p(float u) {
+  const float r = approx_log(1.0f + u);
+  return fabsf(u) < 0.015625f ? log1p_series(u) : r;
+}
+
+// log(x): near 1 (|x - 1| < 2^-6, where x - 1 is exact) the series of x - 1, else approx_log.
+TL_HD float fast_log(float x) {
+  const float d = x - 1.0f;
+  const float r = approx_log(x);
+  return fabsf(d) < 0.015625f ? log1p_series(d) : r;
+}
+
+// The Math policy of the bf16/fp16 pointwise losses (losses/pointwise.h).
+struct FastMath : Math<float> {
+  TL_HD static float exp(float x) { return fast_exp(x); }
+  TL_HD static float log(float x) { return fast_log(x); }
+  TL_HD static float log1p(float x) { return fast_log1p(x); }
+};
+
+}  // namespace cuda
+}  // namespace torch_losses
