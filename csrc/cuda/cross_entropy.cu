@@ -10,6 +10,11 @@
 //    statistics are recomputed, never read back from the saved lse (m + log s rounded to one
 //    number costs the softmax up to ulp(lse)/2 of relative accuracy: 5e-4 for float logits near
 //    1e4, 1e-12 for double).
+//  - split rows (class index; launchers.h: ce_split_count, ce_cluster_count): a row cut into S
+//    slices, one block each, for few long rows (or, on sm_90, rows of >= 256 KiB): on sm_90 the S
+//    blocks form a thread-block cluster that keeps the row in shared memory (read once from
+//    DRAM) and exchanges the slices' statistics through distributed shared memory; elsewhere two
+//    kernels with the partials in global memory. See the split section.
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
