@@ -70,8 +70,8 @@ def test_cluster_barrier_and_distributed_shared_memory(emu, cluster):
 
 
 @pytest.mark.parametrize("which,message", [
-    (1, "the dynamic shared memory of block (0,0,0), which has exited"),
-    (2, "cluster barrier"),
+    (1, "(the dynamic shared memory of block (1,0,0), which has exited)"),
+    (2, "wait at a cluster barrier it has not arrived at"),
     (3, "not an address in the block's dynamic shared memory"),
 ])
 def test_cluster_misuse_is_reported(emu, which, message):

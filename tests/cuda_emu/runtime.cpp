@@ -435,16 +435,23 @@ void run_cluster() {
   s.cluster_arrived = 0;
   s.cluster_phase = 0;
   reset_shared_memory();
+  // Each block runs as far as it can (through its own __syncthreads) before the next one goes
+  // on: a block that does not wait for the others at a cluster barrier exits while they still
+  // need its shared memory, and their access faults.
   for (;;) {
     bool ran = false, all_done = true;
-    for (int i = 0; i < s.total; ++i) {
-      if (s.fibers[i].state == kRunnable) {
-        resume(i);
-        ran = true;
-        if (!s.error.empty()) return;  // the block is abandoned
+    for (int b = 0; b < s.cluster; ++b) {
+      for (bool again = true; again;) {
+        again = false;
+        for (int i = b * s.n; i < (b + 1) * s.n; ++i) {
+          if (s.fibers[i].state != kRunnable) continue;
+          resume(i);
+          ran = again = true;
+          if (!s.error.empty()) return;  // the cluster is abandoned
+        }
       }
-      if (s.fibers[i].state != kDone) all_done = false;
     }
+    for (int i = 0; i < s.total; ++i) all_done = all_done && s.fibers[i].state == kDone;
     if (all_done) return;
     if (!ran) {
       set_error("deadlock: no thread can go on; " + describe_waits());

@@ -11,10 +11,11 @@
 // every later one do nothing until tl_emu_take_error() is called.
 // Thread-block clusters (sm_90, launch_cluster): the blocks of one cluster run together, their
 // threads fibers of one scheduler, so a cluster barrier (arrive / wait) is a rendezvous of every
-// thread of the cluster; each block has its own dynamic shared memory (dynamic_smem), and
-// cluster_map(p, rank) returns the address at p's offset in block rank's. A block's shared memory
-// becomes inaccessible when its threads have all exited, so a late access from another block of
-// the cluster faults and is reported. A kernel launched in clusters must keep its shared data in
+// thread of the cluster (each block runs as far as it can before the next one goes on, so a
+// block that skips a barrier runs ahead); each block has its own dynamic shared memory
+// (dynamic_smem), and cluster_map(p, rank) returns the address at p's offset in block rank's
+// (distributed shared memory). A block's shared memory becomes inaccessible when its threads
+// have all exited, so a late access from another block of the cluster faults and is reported. A kernel launched in clusters must keep its shared data in
 // dynamic shared memory: a static __shared__ variable is one copy per function here.
 #pragma once
 
