@@ -16,8 +16,9 @@ Hot loop method (static, conservative):
     slice back from shared memory and writes the gradient); scalar head/tail loops and
     reductions (their LDS.128 loops store nothing to global memory) are not hot;
   - elements per iteration = V x (16-byte loads in the body) / (16-byte loads per vector of
-    elements), V = 16 / sizeof(T); a loop reads global or shared memory, not both. Loads per vector: cross-entropy class-index kernels 1 (the
-    logits), probability-target kernels 2 (logits and targets); the pointwise kernel walks one
+    elements), V = 16 / sizeof(T); a loop reads global or shared memory, not both. Loads
+    per vector: cross-entropy class-index kernels 1 (the logits), probability-target kernels
+    2 (logits and targets); the pointwise kernel walks one
     vector per iteration (#pragma unroll 1), so all its loads (x, y and the optional weight,
     pos_weight, grad_output streams) count as one vector;
   - instructions per element = body instructions / elements per iteration.

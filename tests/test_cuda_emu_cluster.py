@@ -29,7 +29,8 @@ def emu():
 
 def test_emulated_devices(emu):
     assert emu.device_cc(H100) == 90 and emu.device_cc(A100) == 80
-    assert emu.device_cc(SMALL_SMEM_SM90) == 90 and emu.device_smem_optin(SMALL_SMEM_SM90) == 48 << 10
+    assert emu.device_cc(SMALL_SMEM_SM90) == 90
+    assert emu.device_smem_optin(SMALL_SMEM_SM90) == 48 << 10
     assert emu.device_cc(SM90_WITH_SM80_CODE) == 90
 
 

@@ -125,7 +125,7 @@ __device__ __forceinline__ P* cluster_map(P* p, unsigned rank) {
 #if defined(TL_CUDA_EMULATOR)
   return static_cast<P*>(tl_emu::cluster_map(p, rank));
 #else
-  return static_cast<P*>(__cluster_map_shared_rank(const_cast<void*>(static_cast<const void*>(p)), rank));
+  return static_cast<P*>(__cluster_map_shared_rank(p, rank));
 #endif
 }
 #endif

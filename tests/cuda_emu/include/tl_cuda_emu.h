@@ -15,8 +15,9 @@
 // block that skips a barrier runs ahead); each block has its own dynamic shared memory
 // (dynamic_smem), and cluster_map(p, rank) returns the address at p's offset in block rank's
 // (distributed shared memory). A block's shared memory becomes inaccessible when its threads
-// have all exited, so a late access from another block of the cluster faults and is reported. A kernel launched in clusters must keep its shared data in
-// dynamic shared memory: a static __shared__ variable is one copy per function here.
+// have all exited, so a late access from another block of the cluster faults and is reported.
+// A kernel launched in clusters must keep its shared data in dynamic shared memory: a static
+// __shared__ variable is one copy per function here.
 #pragma once
 
 #include <math.h>
