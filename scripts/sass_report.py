@@ -11,10 +11,14 @@ Hot loop method (static, conservative):
     the rare rescale of an online max, are counted too: an upper bound on the issue per
     iteration);
   - the hot loops are the innermost loops holding a 16-byte global load (LDG.E.128), i.e. the
-    vectorized streaming loops; scalar head/tail loops and reductions are not hot;
+    vectorized streaming loops, or a 16-byte shared-memory load and a 16-byte global store
+    (LDS.128 and STG.128: pass 2 of the sm_90 cluster kernel, ce_cluster_kernel, reads its
+    slice back from shared memory and writes the gradient); scalar head/tail loops and
+    reductions (their LDS.128 loops store nothing to global memory) are not hot;
   - elements per iteration = V x (16-byte loads in the body) / (16-byte loads per vector of
-    elements), V = 16 / sizeof(T). Loads per vector: cross-entropy class-index kernels 1 (the
-    logits), probability-target kernels 2 (logits and targets); the pointwise kernel walks one
+    elements), V = 16 / sizeof(T); a loop reads global or shared memory, not both. Loads
+    per vector: cross-entropy class-index kernels 1 (the logits), probability-target kernels
+    2 (logits and targets); the pointwise kernel walks one
     vector per iteration (#pragma unroll 1), so all its loads (x, y and the optional weight,
     pos_weight, grad_output streams) count as one vector;
   - instructions per element = body instructions / elements per iteration.
@@ -101,8 +105,14 @@ def mnemonic(op):
     return parts[1] if parts[0].startswith("@") else parts[0]
 
 
+def is_load128(op, space):
+    """A 16-byte load from global (LDG) or shared (LDS) memory."""
+    m = mnemonic(op)
+    return m.startswith(space) and m.endswith(".128")
+
+
 def hot_loops(insns):
-    """Innermost loops holding a 16-byte global load: (body, ldg128, stg128, mufu)."""
+    """Innermost loops holding a 16-byte load: (body, ldg128, lds128, stg128, mufu)."""
     addr_index = {a: i for i, (a, _) in enumerate(insns)}
     loops = []
     for i, (addr, op) in enumerate(insns):
@@ -113,7 +123,10 @@ def hot_loops(insns):
         if target >= addr or target not in addr_index:
             continue
         body = insns[addr_index[target]:i + 1]
-        if any(mnemonic(o).startswith("LDG") and mnemonic(o).endswith(".128") for _, o in body):
+        streams = any(is_load128(o, "LDG") for _, o in body) or (
+            any(is_load128(o, "LDS") for _, o in body) and
+            any(mnemonic(o).startswith("STG") and mnemonic(o).endswith(".128") for _, o in body))
+        if streams:
             loops.append((addr_index[target], i, body))
     inner = [l for l in loops
              if not any(o is not l and o[0] >= l[0] and o[1] <= l[1] for o in loops)]
@@ -123,6 +136,7 @@ def hot_loops(insns):
         result.append({
             "body": len([o for o in ops if o != "NOP"]),
             "ldg128": sum(1 for o in ops if o.startswith("LDG") and o.endswith(".128")),
+            "lds128": sum(1 for o in ops if o.startswith("LDS") and o.endswith(".128")),
             "stg128": sum(1 for o in ops if o.startswith("STG") and o.endswith(".128")),
             "mufu": sum(1 for o in ops if o.startswith("MUFU")),
         })
@@ -198,7 +212,7 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
         resident = resident_threads(pi["regs"], threads)
         loop_txt = []
         for lp in loops:
-            elems = VEC[tname] * lp["ldg128"] / loads_per_vector(name, lp)
+            elems = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / loads_per_vector(name, lp)
             loop_txt.append({
                 "per_elem": lp["body"] / elems, "elems": elems, **lp,
                 "kb_in_flight": 16 * lp["ldg128"] * resident / 1024,
@@ -220,7 +234,7 @@ def main():
         os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc/cuda"))
         if f.endswith(".cu"))
     print("| arch | kernel | regs | spill st/ld B | threads/SM (block) | hot loop: instr/elem "
-          "(body / elems, MUFU, 16-B loads) | KB in flight/SM |")
+          "(body / elems, MUFU, 16-B loads: global or shared) | KB in flight/SM |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
@@ -230,7 +244,8 @@ def main():
                         continue
                     loops = "; ".join(
                         f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, "
-                        f"{l['ldg128']})" for l in r["loops"]) or "-"
+                        f"{str(l['lds128']) + ' shared' if l['lds128'] else l['ldg128']})"
+                        for l in r["loops"]) or "-"
                     kb = "; ".join(f"{l['kb_in_flight']:.0f}" for l in r["loops"]) or "-"
                     print(f"| {arch} | {r['kernel']} | {r['regs']} | {r['spill_st']}/"
                           f"{r['spill_ld']} | {r['resident']} ({r['threads']}) | {loops} | "

@@ -794,8 +794,10 @@ def test_cross_entropy_target_at_every_position(s, dtype, path):
 @pytest.mark.parametrize("layout", [0, "tight", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cross_entropy_split_rows(s, dtype, layout, opt):
-    """Few long rows are split in S slices (2 kernels, partials merged in a fixed order): S = 2,
-    3 (a short last slice), 16 (the cap); vector and scalar walks; forward and backward."""
+    """Few long rows are split in S slices (partials merged in a fixed order): S = 2, 3 (a short
+    last slice), 16 (the cap); vector and scalar walks; forward and backward. Device 0 is sm_90:
+    a thread-block cluster per row (test_cuda_emu_cluster.py checks it against the two-kernel
+    split of sm_80, bit for bit)."""
     lays = {0: (0, 0, 0), "tight": ("tight",) * 3, "mixed": (elem(dtype), 8, 0)}[layout]
     for N, C in [(1, 2 * 8192), (2, 3 * 8192 + 5), (3, 16 * 8192 + 9)]:
         run_ce_case(s, dtype, N, C, None, OPTIONS[opt], *lays)

@@ -58,6 +58,78 @@ inline void launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t strea
 #endif
 }
 
+// Launches kKernel in clusters of `cluster` blocks along x (sm_90; grid.x a multiple of it):
+// cudaLaunchKernelEx with the cluster dimension attribute under nvcc.
+template <auto kKernel, typename... Args>
+inline void launch_cluster_kernel(dim3 grid, dim3 block, unsigned cluster, size_t smem,
+                                  cudaStream_t stream, const Args&... args) {
+#if defined(__CUDACC__)
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kKernel, args...);
+#elif defined(TL_CUDA_EMULATOR)
+  tl_emu::launch_cluster<kKernel>(grid, block, cluster, smem, stream, args...);
+#else
+#error "csrc/cuda is compiled by nvcc, or by the host compiler with tests/cuda_emu/include"
+#endif
+}
+
+// ---- thread-block clusters and dynamic shared memory (device side) -----------------------------
+// The block's dynamic shared memory, 16-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#if defined(TL_CUDA_EMULATOR)
+  return static_cast<unsigned char*>(tl_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char tl_dynamic_smem[];
+  return tl_dynamic_smem;
+#endif
+}
+
+// sm_90 cluster intrinsics (callers compile them only where __CUDA_ARCH__ >= 900, or in the
+// emulator): the block's rank in its cluster; the cluster barrier in two halves (arrive has
+// release semantics, wait acquire: shared memory written before the arrive is visible to every
+// block of the cluster after its wait); the address at p's offset in the shared memory of block
+// `rank` of the cluster (distributed shared memory).
+#if defined(TL_CUDA_EMULATOR) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define TL_HAVE_CLUSTERS 1
+__device__ __forceinline__ unsigned cluster_block_rank() {
+#if defined(TL_CUDA_EMULATOR)
+  return tl_emu::cluster_rank();
+#else
+  return __clusterRelativeBlockRank();
+#endif
+}
+#if defined(TL_CUDA_EMULATOR)
+inline void cluster_arrive(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  tl_emu::cluster_arrive(file, line);
+}
+inline void cluster_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  tl_emu::cluster_wait(file, line);
+}
+#else
+__device__ __forceinline__ void cluster_arrive() { __cluster_barrier_arrive(); }
+__device__ __forceinline__ void cluster_wait() { __cluster_barrier_wait(); }
+#endif
+template <typename P>
+__device__ __forceinline__ P* cluster_map(P* p, unsigned rank) {
+#if defined(TL_CUDA_EMULATOR)
+  return static_cast<P*>(tl_emu::cluster_map(p, rank));
+#else
+  return static_cast<P*>(__cluster_map_shared_rank(p, rank));
+#endif
+}
+#endif
+
 // ---- 16-byte vectors ------------------------------------------------------------------------
 template <typename T>
 struct VecTraits {
@@ -186,6 +258,67 @@ inline int num_sms() {
 inline int64_t l2_bytes() {
   static std::atomic<int> cache[kMaxDevices];
   return cached_device_attribute(cudaDevAttrL2CacheSize, cache, 40 << 20);
+}
+
+inline int compute_capability_major() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cache, 1);
+}
+
+// Dynamic shared memory one block may opt in to (227 KiB on sm_90, 163 KiB on sm_80).
+inline int64_t smem_optin_bytes() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache, 48 << 10);
+}
+
+// Whether kKernel, launched in clusters of `cluster` blocks of `threads` threads with `smem`
+// bytes of dynamic shared memory, runs on the current device with its sm_90 code. Once per
+// device and kernel: the compute capability and the code's (cudaFuncGetAttributes: a build
+// without sm_90 code JIT-compiles compute_80 PTX there), and the attributes that allow up to
+// the device's opt-in shared memory and clusters of up to 16 (non-portable). Clusters of at most
+// 8 (portable) launch whenever one block fits an SM; larger ones are asked of
+// cudaOccupancyMaxActiveClusters (a host-side query, no device sync) at each call.
+template <auto kKernel>
+inline bool cluster_launch_ok(unsigned cluster, int threads, size_t smem) {
+  static std::atomic<int> ready[kMaxDevices];  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  int r = ready[dev].load(std::memory_order_relaxed);
+  if (r == 0) {
+    r = -1;
+    if (compute_capability_major() >= 9) {
+      cudaFuncAttributes fa;
+      const bool ok =
+          cudaFuncGetAttributes(&fa, kKernel) == cudaSuccess && fa.binaryVersion >= 90 &&
+          cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(smem_optin_bytes())) == cudaSuccess &&
+          cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+              cudaSuccess;
+      if (!ok) cudaGetLastError();  // a refused query is not the next launch's error
+      r = ok ? 1 : -1;
+    }
+    ready[dev].store(r, std::memory_order_relaxed);
+  }
+  if (r < 0 || cluster < 2 || cluster > 16 || int64_t(smem) > smem_optin_bytes()) return false;
+  if (cluster <= 8) return true;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = smem;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return clusters > 0;
 }
 
 // sum over i < n of load(i), divided by denom (or *denom_ptr); written to out / out_acc.

@@ -11,6 +11,11 @@
 //    pass 2 only: one read of the row, one write of its gradient. (Their rounded sum, the lse,
 //    would cost the softmax up to ulp(lse)/2 of relative accuracy: 5e-4 for float logits near
 //    1e4.)
+//  - split rows (class index; launchers.h: ce_split_count, ce_cluster_count): a row cut into S
+//    slices, one block each, for few long rows (or, on sm_90, rows of >= 256 KiB): on sm_90 the S
+//    blocks form a thread-block cluster that keeps the row in shared memory (read once from
+//    DRAM) and exchanges the slices' statistics through distributed shared memory; elsewhere two
+//    kernels with the partials in global memory. See the split section.
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
@@ -22,6 +27,7 @@
 // and a change of the softmax's coefficient (2 z lse) in the gradient.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 
@@ -773,9 +779,18 @@ struct TargetWeightLoad {
   }
 };
 
-// ---- split rows (class index, D == 1, float/half/bfloat16; launchers.h: ce_split_count) ----
-// Block b = row S + k walks classes [c0, c0 + len) of its row: k L up to (k + 1) L, L = C / S
-// rounded up to whole vectors.
+// ---- split rows (class index, D == 1; launchers.h: ce_split_count and ce_cluster_count) ----
+// A row is cut into S slices, one block each. On sm_90 the S blocks of a row form a thread-block
+// cluster (ce_cluster_kernel): each keeps its slice in shared memory as it reads it, so the row is
+// read once from DRAM, and the S partial statistics go through distributed shared memory.
+// Elsewhere (or where the slice does not fit, or a cluster cannot be scheduled) two kernels:
+// ce_split_stats_kernel writes the partials to global memory, ce_split_grad_kernel merges them
+// and re-reads its slice (from L2 at the shapes this is picked for). Both walk the same slices
+// with the same threads and merge the partials in the same fixed order, so they give the same
+// bits (tests/test_cuda_emu_cluster.py); S depends on the shape only.
+//
+// Block k of a row walks classes [c0, c0 + len): k L up to (k + 1) L, L = C / S rounded up to
+// whole vectors.
 template <typename T>
 __device__ __forceinline__ void split_slice(int64_t C, int64_t S, int64_t k, int64_t& c0,
                                             int64_t& len) {
@@ -783,6 +798,15 @@ __device__ __forceinline__ void split_slice(int64_t C, int64_t S, int64_t k, int
   const int64_t L = ((C + S - 1) / S + V - 1) / V * V;
   c0 = k * L < C ? k * L : C;
   len = (c0 + L < C ? c0 + L : C) - c0;
+}
+
+// Threads per slice block: 64 to 512, ~16 vectors each.
+template <typename T>
+inline int split_threads(int64_t C, int64_t S) {
+  const int64_t nvec = (C / S) / VecTraits<T>::kVec;
+  int threads = 64;
+  while (threads < 512 && threads * 16 < nvec) threads *= 2;
+  return threads;
 }
 
 // Kernel 1: each slice's statistics, and x_y (read before kernel 2 may write the gradient over
@@ -815,57 +839,56 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
   }
 }
 
-// Kernel 2: the row's S partials merged in a fixed order (the same bits in every block), the
-// loss (block k = 0) and the slice's gradient.
-template <typename T, bool kVec, bool kSmooth, bool kCap>
-__global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P, int64_t S) {
+// The row's loss and lse from its merged statistics st (both split paths; xy = the capped x_y).
+template <typename T>
+__device__ __forceinline__ void split_row_loss(const CeParams<T>& P, int64_t row,
+                                               const Stats<acc_t<T>>& st, bool ignored,
+                                               acc_t<T> wy, acc_t<T> xy) {
   using A = acc_t<T>;
-  if (skip_backward(P.a)) return;  // issue 13
+  const A m = st.m, log_s = flog(st.s);
+  P.a.row_stats[row] = m;
+  P.a.row_stats[P.rows + row] = log_s;
+  A l = 0;
+  if (!ignored) {
+    l = (A(1) - P.eps) * wy * ((m - xy) + log_s);
+    if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
+    if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
+  }
+  if (P.a.reduction == 0) P.a.loss[row] = from_acc<T>(l);
+  else P.row_loss[row] = l;
+}
+
+// Pass 2 reading the slice from shared memory (the cluster kernel): plain loads.
+template <typename T, bool kSmooth, bool kCap>
+struct Pass2IndexShared : Pass2Index<T, kSmooth, kCap> {
+  __device__ __forceinline__ explicit Pass2IndexShared(const Pass2Index<T, kSmooth, kCap>& p)
+      : Pass2Index<T, kSmooth, kCap>(p) {}
+  template <int N>
+  __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
+    if (N == 1) xv.v[0] = this->x[c];
+    else xv = ld_vec(this->x + c);
+  }
+};
+template <typename T, bool kSmooth, bool kCap, bool kShared>
+using Pass2Slice = typename std::conditional<kShared, Pass2IndexShared<T, kSmooth, kCap>,
+                                             Pass2Index<T, kSmooth, kCap>>::type;
+
+// The gradient of slice [c0, c0 + len) of a row with merged statistics st; xs: the slice's
+// logits, in global memory or (kShared) in shared memory with the same alignment modulo 16
+// (head: its scalar head, vec_head of the global slice).
+template <typename T, bool kVec, bool kSmooth, bool kCap, bool kShared>
+__device__ __forceinline__ void split_slice_grad(const CeParams<T>& P, int64_t row, int64_t y,
+                                                 bool ignored, acc_t<T> wy, acc_t<T> m,
+                                                 acc_t<T> log_s, const T* xs, int64_t c0,
+                                                 int64_t len, int head) {
+  using A = acc_t<T>;
   const CrossEntropyArgs<T>& a = P.a;
-  const int64_t C = a.C;
-  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
-  const int64_t y = a.target_index[row];
-  const bool ignored = y == a.ignore_index;
-  if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < C, TL_CE_TARGET_CHECK);
-  const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
-  const A one_m_eps = A(1) - P.eps;
-  Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
-  A m, log_s;
-  if (P.fwd) {
-    const A* part = P.split + row * S * 4;
-    st = Stats<A>{part[0], part[1], part[2], part[3]};
-    for (int64_t j = 1; j < S; ++j) {
-      st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
-    }
-    m = st.m;
-    log_s = flog(st.s);
-  } else {  // backward: the saved statistics (launch_split runs no stats kernel)
-    m = saved_stat(P, 0, row);
-    log_s = saved_stat(P, 1, row);
-  }
-  if (P.fwd && k == 0 && threadIdx.x == 0) {
-    a.row_stats[row] = m;
-    a.row_stats[P.rows + row] = log_s;
-    A l = 0;
-    if (!ignored) {
-      const A xy = P.split[a.N * a.D * S * 4 + row];
-      l = one_m_eps * wy * ((m - xy) + log_s);
-      if (P.eps != A(0)) l += P.eps_c * (st.d + st.u * log_s);
-      if (P.z != A(0)) l += P.z * (m + log_s) * (m + log_s);
-    }
-    if (a.reduction == 0) a.loss[row] = from_acc<T>(l);
-    else P.row_loss[row] = l;
-  }
-  if (a.grad_input == nullptr) return;
-  int64_t c0, len;
-  split_slice<T>(C, S, k, c0, len);
-  const T* xs = a.input + row * C + c0;
-  T* gs = a.grad_input + row * C + c0;
-  const int head = vec_head<T, kVec>(xs, len);
+  T* gs = a.grad_input + row * a.C + c0;
   const int gt = threadIdx.x, G = blockDim.x;
   if (ignored && ignored_row_reads<T>(m, log_s)) {  // as in ce_row
-    Pass2Index<T, false, kCap> f{xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0),
-                                 A(0), A(1), A(0), A(0), P.cap, P.inv_cap};
+    Pass2Slice<T, false, kCap, kShared> f(Pass2Index<T, false, kCap>{
+        xs, gs, nullptr, 1, m, log_s, log_s * A(kLog2e), A(0), A(0), A(0), A(1), A(0), A(0),
+        P.cap, P.inv_cap});
     walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
     return;
   }
@@ -877,22 +900,167 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
   // As in ce_row: the thread that walks class y reads x_y before writing it, then fixes it up.
   const bool owns_y = y >= c0 && y < c0 + len && gt == walk_owner<T, kVec>(y - c0, len, head, G);
   const A xy_own = owns_y ? to_acc(xs[y - c0]) : A(0);
-  const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-  const A wy1 = one_m_eps * wy;
+  const A wsum = P.Wsum != nullptr ? *P.Wsum : A(a.C);
+  const A wy1 = (A(1) - P.eps) * wy;
   const A zc = A(2) * P.z * (m + log_s);
-  Pass2Index<T, kSmooth, kCap> f{xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m,
-                                 log_s, log_s * A(kLog2e), wy1, wsum, P.eps_c,
-                                 grad_scale(P, row), wy1 + zc, zc, P.cap, P.inv_cap};
+  Pass2Slice<T, kSmooth, kCap, kShared> f(Pass2Index<T, kSmooth, kCap>{
+      xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m, log_s, log_s * A(kLog2e),
+      wy1, wsum, P.eps_c, grad_scale(P, row), wy1 + zc, zc, P.cap, P.inv_cap});
   walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
   if (owns_y) f.fix_target(y - c0, xy_own);
 }
 
+// Kernel 2: the row's S partials merged in a fixed order (the same bits in every block), the
+// loss (block k = 0) and the slice's gradient.
+template <typename T, bool kVec, bool kSmooth, bool kCap>
+__global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P, int64_t S) {
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t row = blockIdx.x / S, k = blockIdx.x % S;
+  const int64_t y = a.target_index[row];
+  const bool ignored = y == a.ignore_index;
+  if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < a.C, TL_CE_TARGET_CHECK);
+  const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+  A m, log_s;
+  if (P.fwd) {
+    const A* part = P.split + row * S * 4;
+    Stats<A> st{part[0], part[1], part[2], part[3]};
+    for (int64_t j = 1; j < S; ++j) {
+      st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+    }
+    m = st.m;
+    log_s = flog(st.s);
+    if (k == 0 && threadIdx.x == 0) {
+      split_row_loss(P, row, st, ignored, wy, ignored ? A(0) : P.split[a.N * a.D * S * 4 + row]);
+    }
+  } else {  // backward: the saved statistics (launch_split runs no stats kernel)
+    m = saved_stat(P, 0, row);
+    log_s = saved_stat(P, 1, row);
+  }
+  if (a.grad_input == nullptr) return;
+  int64_t c0, len;
+  split_slice<T>(a.C, S, k, c0, len);
+  const T* xs = a.input + row * a.C + c0;
+  split_slice_grad<T, kVec, kSmooth, kCap, false>(P, row, y, ignored, wy, m, log_s, xs, c0, len,
+                                                  vec_head<T, kVec>(xs, len));
+}
+
+// ---- split rows in a thread-block cluster (sm_90) ----
+// The S blocks of a cluster walk the S slices of one row (block rank k: slice k). Pass 1 stores
+// each loaded vector into the block's shared memory as it folds it into the statistics; thread 0
+// puts the block's partial (and the capped x_y, when y is in its slice) in shared memory; after a
+// cluster barrier, threads j < S copy block j's partial through distributed shared memory, and
+// every thread merges them in the order j = 0..S-1 (as kernel 2); pass 2 reads the slice back
+// from shared memory. A second barrier, arrived at once the copies are done and waited for at the
+// end, keeps every block's shared memory alive until the others have read it. The gradient may
+// alias the input: a block writes only its own slice, after reading all of it.
+// Dynamic shared memory (cluster_smem_bytes): the block reduction's 32 Stats, the block's
+// partial, the S partials copied, then the slice, shifted by the input's misalignment modulo 16
+// so that the vector walk of the global slice and of its copy are the same.
+template <typename A>
+struct SlicePartial {
+  Stats<A> st;
+  A xy;  // the capped x_y: in the partial of the block whose slice holds y
+};
+constexpr int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+template <typename A>
+constexpr int64_t kClusterPartOffset = 32 * int64_t(sizeof(Stats<A>));
+template <typename A>
+constexpr int64_t kClusterPartsOffset = kClusterPartOffset<A> + round16(sizeof(SlicePartial<A>));
+template <typename A>
+constexpr int64_t kClusterSliceOffset =
+    round16(kClusterPartsOffset<A> + kCeSplitMax * int64_t(sizeof(SlicePartial<A>)));
+
+template <typename T>
+inline size_t cluster_smem_bytes(int64_t C, int64_t S) {
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t L = ((C + S - 1) / S + V - 1) / V * V;  // split_slice's slice length
+  return size_t(kClusterSliceOffset<acc_t<T>> + round16(L * int64_t(sizeof(T)) + 16));
+}
+
+// Pass 1 of the cluster kernel: Pass1Index reading the slice once (evict-first) and keeping it.
+template <typename T, bool kSmooth, bool kCap>
+struct Pass1IndexKeep : Pass1Index<T, kSmooth, kCap> {
+  T* keep;  // the slice in shared memory
+  template <int N>
+  __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
+    if (N == 1) xv.v[0] = this->x[c];
+    else xv = ld_vec_last(this->x + c);
+  }
+  template <int N>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
+    if (N == 1) keep[c] = xv.v[0];
+    else st_vec(keep + c, xv);
+    Pass1Index<T, kSmooth, kCap>::template compute<N>(c, xv, tv);
+  }
+};
+
+template <typename T, bool kVec, bool kSmooth, bool kCap>
+__global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, int64_t S) {
+#if defined(TL_HAVE_CLUSTERS)
+  using A = acc_t<T>;
+  if (skip_backward(P.a)) return;  // issue 13 (every block of the cluster: no barrier waits)
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t row = blockIdx.x / S;
+  const unsigned k = cluster_block_rank();  // blockIdx.x % S: clusters are S blocks along x
+  unsigned char* sm = dynamic_smem();
+  Stats<A>* red = reinterpret_cast<Stats<A>*>(sm);
+  SlicePartial<A>* own = reinterpret_cast<SlicePartial<A>*>(sm + kClusterPartOffset<A>);
+  SlicePartial<A>* parts = reinterpret_cast<SlicePartial<A>*>(sm + kClusterPartsOffset<A>);
+  int64_t c0, len;
+  split_slice<T>(a.C, S, k, c0, len);
+  const T* xs = a.input + row * a.C + c0;
+  T* keep = reinterpret_cast<T*>(sm + kClusterSliceOffset<A> +
+                                 (reinterpret_cast<uintptr_t>(xs) & 15));
+  const int64_t y = a.target_index[row];
+  const bool ignored = y == a.ignore_index;
+  if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < a.C, TL_CE_TARGET_CHECK);
+  const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
+  const int head = vec_head<T, kVec>(xs, len);
+  Pass1IndexKeep<T, kSmooth, kCap> f{
+      {xs, a.weight != nullptr ? a.weight + c0 : nullptr, 1,
+       Stats<A>{A(-INFINITY), A(0), A(0), A(0)}, P.cap, P.inv_cap},
+      keep};
+  walk<T, kVec, kWalkUnrollIndex>(f, len, head, threadIdx.x, blockDim.x);
+  const Stats<A> st_k = block_allreduce(f.st, red);  // its barriers also complete `keep`
+  if (threadIdx.x == 0) {
+    own->st = st_k;
+    own->xy = !ignored && y >= c0 && y < c0 + len
+                  ? capped<kCap, kApproxExp<T>>(to_acc(keep[y - c0]), P.cap, P.inv_cap)
+                  : A(0);
+  }
+  cluster_arrive();  // release: the partial, to every block of the cluster after its wait
+  cluster_wait();
+  if (threadIdx.x < S) parts[threadIdx.x] = *cluster_map(own, threadIdx.x);
+  __syncthreads();
+  cluster_arrive();  // done with the other blocks' shared memory (waited for before exiting)
+  Stats<A> st = parts[0].st;
+  for (int64_t j = 1; j < S; ++j) st = merge(st, parts[j].st);
+  if (P.fwd && k == 0 && threadIdx.x == 0) {
+    A xy = 0;
+    if (!ignored) {
+      int64_t cj, lj;
+      for (int64_t j = 0; j < S; ++j) {
+        split_slice<T>(a.C, S, j, cj, lj);
+        if (y >= cj && y < cj + lj) xy = parts[j].xy;
+      }
+    }
+    split_row_loss(P, row, st, ignored, wy, xy);
+  }
+  if (a.grad_input != nullptr) {
+    split_slice_grad<T, kVec, kSmooth, kCap, true>(P, row, y, ignored, wy, st.m, flog(st.s),
+                                                   keep, c0, len, head);
+  }
+  cluster_wait();
+#else
+  __trap();  // launched only where the sm_90 code runs (cluster_launch_ok)
+#endif
+}
+
 template <typename T, bool kVec, bool kSmooth, bool kCap>
 void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
-  constexpr int V = VecTraits<T>::kVec;
-  const int64_t nvec = (P.a.C / S) / V;
-  int threads = 64;
-  while (threads < 512 && threads * 16 < nvec) threads *= 2;
+  const int threads = split_threads<T>(P.a.C, S);
   const unsigned grid = unsigned(P.rows * S);
   if (P.fwd) {  // a backward reads the forward's row statistics
     launch_kernel<ce_split_stats_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
@@ -900,18 +1068,38 @@ void launch_split(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
   launch_kernel<ce_split_grad_kernel<T, kVec, kSmooth, kCap>>(grid, threads, 0, stream, P, S);
 }
 
-// Splits the rows when there are too few (class index, float/half/bfloat16, with statistics).
+// The cluster path, when this device runs it for S slices of this row (false: not launched).
+template <typename T, bool kVec, bool kSmooth, bool kCap>
+bool launch_cluster(const CeParams<T>& P, int64_t S, cudaStream_t stream) {
+  constexpr auto kKernel = ce_cluster_kernel<T, kVec, kSmooth, kCap>;
+  const int threads = split_threads<T>(P.a.C, S);
+  const size_t smem = cluster_smem_bytes<T>(P.a.C, S);
+  if (!cluster_launch_ok<kKernel>(unsigned(S), threads, smem)) return false;
+  launch_cluster_kernel<kKernel>(unsigned(P.rows * S), threads, unsigned(S), smem, stream, P, S);
+  return true;
+}
+
+template <typename T, bool kVec, bool kSmooth, bool kCap>
+bool launch_split_rows(const CeParams<T>& P, cudaStream_t stream) {
+  // A backward op reads the saved statistics and each row once already: no cluster needed.
+  const int64_t Sc = P.fwd ? ce_cluster_count(P.rows, P.a.C, int64_t(sizeof(T))) : 1;
+  if (Sc > 1 && launch_cluster<T, kVec, kSmooth, kCap>(P, Sc, stream)) return true;
+  const int64_t S = ce_split_count(P.rows, P.a.C);
+  if (S <= 1) return false;
+  launch_split<T, kVec, kSmooth, kCap>(P, S, stream);
+  return true;
+}
+
+// Splits the rows when there are too few, or (sm_90 clusters) when they are too long for the row
+// kernel's second read to hit L2 (class index, with statistics).
 template <typename T, bool kProb, bool kCap>
 bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
-  if constexpr (!kProb && sizeof(T) <= 4) {
-    const int64_t S = ce_split_count(P.rows, P.a.C);
-    if (S <= 1) return false;
+  if constexpr (!kProb) {
     const bool smooth = P.eps != acc_t<T>(0);
-    if (vec && smooth) launch_split<T, true, true, kCap>(P, S, stream);
-    else if (vec) launch_split<T, true, false, kCap>(P, S, stream);
-    else if (smooth) launch_split<T, false, true, kCap>(P, S, stream);
-    else launch_split<T, false, false, kCap>(P, S, stream);
-    return true;
+    if (vec && smooth) return launch_split_rows<T, true, true, kCap>(P, stream);
+    if (vec) return launch_split_rows<T, true, false, kCap>(P, stream);
+    if (smooth) return launch_split_rows<T, false, true, kCap>(P, stream);
+    return launch_split_rows<T, false, false, kCap>(P, stream);
   } else {
     return false;
   }

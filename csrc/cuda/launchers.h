@@ -126,6 +126,30 @@ inline int64_t ce_split_count(int64_t rows, int64_t C) {
   if (s > C / kCeSliceMin) s = C / kCeSliceMin;
   return s;
 }
+// The slices of a row on sm_90, where the S blocks of a row form a thread-block cluster that
+// keeps the row in shared memory (one read from DRAM; cross_entropy.cu: ce_cluster_kernel): the
+// split's S where it splits (so the two paths give the same bits), else, for rows of at least
+// kCeClusterRowBytes, slices of ~kCeClusterSliceBytes. Why those: the row kernel reads a row
+// twice and hopes for L2 on the second read; 132 SMs x 256 KiB rows in flight are 33 MB, beyond
+// the ~60% of a 50 MB L2 that the row kernel's grid cap aims at, so from 256 KiB on its second
+// read comes from DRAM (1024 x 256000 bf16: 3 passes). 64 KiB slices let three blocks share an
+// SM's 228 KiB of shared memory (one loads while another writes its gradient), and keep the
+// cluster at <= 8 blocks (portable) for rows up to 512 KiB (1024 x 256000 bf16: 8 slices of
+// 62.5 KiB, 8192 blocks); 16 (non-portable, checked with cudaOccupancyMaxActiveClusters) above.
+// Rows of 128256 bf16 classes (250.5 KiB) stay on the row kernel (prediction in
+// benchmarks/NOTES.md). Rows longer than 16 slices of the device's opt-in shared memory
+// (~3.5 MB) are not clustered. 1 = no cluster.
+constexpr int64_t kCeClusterRowBytes = 256 << 10;
+constexpr int64_t kCeClusterSliceBytes = 64 << 10;
+inline int64_t ce_cluster_count(int64_t rows, int64_t C, int64_t elem_bytes) {
+  const int64_t s = ce_split_count(rows, C);
+  if (s > 1) return s;
+  const int64_t row_bytes = C * elem_bytes;
+  if (rows <= 0 || row_bytes < kCeClusterRowBytes) return 1;
+  const int64_t n = (row_bytes + kCeClusterSliceBytes - 1) / kCeClusterSliceBytes;
+  return n < kCeSplitMax ? n : kCeSplitMax;
+}
+
 // Per split row: S partial statistics of 4 values, and x_y (read before an in-place gradient).
 inline int64_t ce_split_scratch(int64_t rows, int64_t C) {
   const int64_t s = ce_split_count(rows, C);

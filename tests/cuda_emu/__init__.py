@@ -43,6 +43,10 @@ class Emulator:
         lib.tl_emu_set_device.argtypes = [i32]
         lib.tl_emu_device_sms.argtypes = [i32]
         lib.tl_emu_device_l2.argtypes = [i32]
+        lib.tl_emu_device_cc.argtypes = [i32]
+        lib.tl_emu_device_smem_optin.argtypes = [i32]
+        lib.tl_emu_launch_log.restype = ctypes.c_char_p
+        lib.tl_emu_selftest_cluster.argtypes = [i32, i32, i32, i32, i32, i32, vp]
         lib.tl_emu_ce_scratch_size.restype = i64
         lib.tl_emu_ce_scratch_size.argtypes = [i64, i64]
         lib.tl_emu_pointwise_num_partials.restype = i64
@@ -73,6 +77,22 @@ class Emulator:
 
     def device_l2(self, device):
         return self.lib.tl_emu_device_l2(device)
+
+    def device_cc(self, device):
+        """Compute capability as 10 major + minor (>= 90: thread-block clusters)."""
+        return self.lib.tl_emu_device_cc(device)
+
+    def device_smem_optin(self, device):
+        return self.lib.tl_emu_device_smem_optin(device)
+
+    def launch_log(self):
+        """The kernels launched since the last call, one (name, grid, block, cluster, smem) each."""
+        out = []
+        for line in self.lib.tl_emu_launch_log().decode().splitlines():
+            name, rest = line.rsplit(" grid=", 1)
+            grid, block, cluster, smem = (int(f.split("=")[-1]) for f in ("grid=" + rest).split())
+            out.append((name, grid, block, cluster, smem))
+        return out
 
 
 class Buffer:

@@ -90,6 +90,29 @@ __global__ void shared_kernel(int* out) {
   }
 }
 
+// Thread-block clusters of S blocks: each block fills its dynamic shared memory with
+// 1000 blockIdx.x + threadIdx.x, and after the cluster barrier every thread reads element
+// threadIdx.x of its neighbour's (rank k + 1 mod S) through cluster_map, writing (value, k).
+// which: 0 as CUDA requires; 1 no second barrier (a block reads the shared memory of a block
+// that has exited); 2 thread 5 of block 1 skips the barrier; 3 cluster_map of a global address.
+__global__ void cluster_kernel(int which, unsigned S, int* out) {
+  using namespace torch_losses::cuda;
+  int* s = reinterpret_cast<int*>(dynamic_smem());
+  const unsigned k = cluster_block_rank();
+  s[threadIdx.x] = int(blockIdx.x * 1000 + threadIdx.x);
+  if (which == 2 && blockIdx.x == 1 && threadIdx.x == 5) return;
+  cluster_arrive();
+  cluster_wait();
+  const int* peer = cluster_map(which == 3 ? static_cast<const int*>(out) : s, (k + 1) % S);
+  int* o = out + 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+  o[0] = peer[threadIdx.x];
+  o[1] = int(k);
+  if (which != 1) {
+    cluster_arrive();
+    cluster_wait();
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -116,6 +139,20 @@ int tl_emu_selftest_warp_ops(int threads, int* out) {
 }
 int tl_emu_selftest_shared(int blocks, int threads, int* out) {
   launch_kernel<shared_kernel>(blocks, threads, 0, nullptr, out);
+  return cudaGetLastError() == cudaSuccess ? 0 : 1;
+}
+
+// attrs: bit 0 raises the kernel's dynamic shared memory limit to smem, bit 1 allows clusters
+// above 8 blocks (both reset to CUDA's defaults otherwise).
+int tl_emu_selftest_cluster(int which, int clusters, int cluster, int threads, int smem,
+                            int attrs, int* out) {
+  cudaFuncSetAttribute(cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       (attrs & 1) ? smem : 48 << 10);
+  cudaFuncSetAttribute(cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed,
+                       (attrs & 2) ? 1 : 0);
+  torch_losses::cuda::launch_cluster_kernel<cluster_kernel>(
+      unsigned(clusters * cluster), threads, unsigned(cluster), size_t(smem), nullptr, which,
+      unsigned(cluster), out);
   return cudaGetLastError() == cudaSuccess ? 0 : 1;
 }
 

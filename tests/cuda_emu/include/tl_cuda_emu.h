@@ -9,6 +9,15 @@
 // that skips a barrier, exits while others wait, or meets another barrier is reported as an error
 // naming the kernel, the block and the thread. Errors are sticky (as CUDA's): the launch and
 // every later one do nothing until tl_emu_take_error() is called.
+// Thread-block clusters (sm_90, launch_cluster): the blocks of one cluster run together, their
+// threads fibers of one scheduler, so a cluster barrier (arrive / wait) is a rendezvous of every
+// thread of the cluster (each block runs as far as it can before the next one goes on, so a
+// block that skips a barrier runs ahead); each block has its own dynamic shared memory
+// (dynamic_smem), and cluster_map(p, rank) returns the address at p's offset in block rank's
+// (distributed shared memory). A block's shared memory becomes inaccessible when its threads
+// have all exited, so a late access from another block of the cluster faults and is reported.
+// A kernel launched in clusters must keep its shared data in dynamic shared memory: a static
+// __shared__ variable is one copy per function here.
 #pragma once
 
 #include <math.h>
@@ -48,7 +57,42 @@ struct alignas(16) int4 {
 
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrL2CacheSize = 38 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrL2CacheSize = 38,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 14,
+};
+struct cudaFuncAttributes {
+  int binaryVersion;  // the emulated device's compute capability (10 major + minor)
+  int ptxVersion;
+  int maxDynamicSharedSizeBytes;
+};
+// cudaLaunchKernelEx's configuration: only the cluster dimension attribute is emulated.
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
 
 // Set by the scheduler before a fiber runs (all fibers share one OS thread).
 extern uint3 threadIdx;
@@ -70,6 +114,25 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, Kerne
                                                           int block_size, size_t /*smem*/) {
   return tl_emu_occupancy(num_blocks, block_size);
 }
+// Per-kernel attributes (the kernel's address is its key): the dynamic shared memory limit
+// (48 KiB until raised, as CUDA's) and whether clusters above 8 blocks are allowed.
+cudaError_t tl_emu_func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
+cudaError_t tl_emu_func_get_attributes(cudaFuncAttributes* attr, const void* kernel);
+cudaError_t tl_emu_max_active_clusters(int* num_clusters, const void* kernel,
+                                       const cudaLaunchConfig_t* config);
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  return tl_emu_func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, Kernel* kernel) {
+  return tl_emu_func_get_attributes(attr, reinterpret_cast<const void*>(kernel));
+}
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveClusters(int* num_clusters, Kernel* kernel,
+                                           const cudaLaunchConfig_t* config) {
+  return tl_emu_max_active_clusters(num_clusters, reinterpret_cast<const void*>(kernel), config);
+}
 
 // A failed device assert: reported as the launch's error; the thread stops (the block is
 // abandoned, as a CUDA kernel stops at a trap). Named by the macro below because glibc's
@@ -80,8 +143,22 @@ extern "C" [[noreturn]] void tl_emu_assert_fail(const char* msg, const char* fil
 
 namespace tl_emu {
 
-// The scheduler: runs body(ctx) once per thread of every block of the grid.
-void run_grid(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), void* ctx);
+// The scheduler: runs body(ctx) once per thread of every block of the grid; the blocks of a
+// cluster (cluster blocks along x, 1: no cluster) together, each with `smem` bytes of dynamic
+// shared memory. `key`: the kernel's address (its attributes).
+void run_grid(const char* kernel, const void* key, dim3 grid, dim3 block, unsigned cluster,
+              size_t smem, void (*body)(void*), void* ctx);
+
+// The running block's dynamic shared memory (16-byte aligned; NaN-patterned at the start).
+void* dynamic_smem();
+// Thread-block clusters: the block's rank in its cluster, the cluster barrier in two halves
+// (every thread of the cluster arrives, then waits for the others; arrive orders the thread's
+// earlier memory accesses before the others' accesses after their wait), and the address at
+// p's offset in the dynamic shared memory of block `rank` of the cluster.
+unsigned cluster_rank();
+void cluster_arrive(const char* file, int line);
+void cluster_wait(const char* file, int line);
+void* cluster_map(const void* p, unsigned rank);
 
 // Reports an error in the running thread (kernel, block, thread) and stops it.
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -124,11 +201,17 @@ const char* kernel_name() {
 }
 
 template <auto kKernel, typename... Args>
-void launch(dim3 grid, dim3 block, size_t /*dynamic smem: unused*/, cudaStream_t,
-            const Args&... args) {
+void launch_cluster(dim3 grid, dim3 block, unsigned cluster, size_t smem, cudaStream_t,
+                    const Args&... args) {
   using Tuple = std::tuple<Args...>;
   Tuple t(args...);
-  run_grid(kernel_name<kKernel>(), grid, block, &run_kernel<kKernel, Tuple>, &t);
+  run_grid(kernel_name<kKernel>(), reinterpret_cast<const void*>(kKernel), grid, block, cluster,
+           smem, &run_kernel<kKernel, Tuple>, &t);
+}
+
+template <auto kKernel, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+  launch_cluster<kKernel>(grid, block, 1, smem, stream, args...);
 }
 
 template <typename T>
