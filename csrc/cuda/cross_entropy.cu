@@ -648,18 +648,11 @@ __device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_
   return {n * a.x_stride_n + d * a.x_stride_d, n * a.t_stride_n + d * a.t_stride_d, row * a.C};
 }
 
-// Calls f(std::integral_constant<int, kW>{}) with the class-weight load mode of a row whose
-// vectors start at class `head` (load_weights).
-template <bool kVec, typename A, typename F>
-__device__ __forceinline__ void with_weight_mode(const A* weight, int head, const F& f) {
-  if (weight == nullptr) f(std::integral_constant<int, kWeightNone>{});
-  else if (kVec && aligned16(weight + head)) f(std::integral_constant<int, kWeightVec>{});
-  else f(std::integral_constant<int, kWeightAny>{});
-}
-
 // One row: element c of the input at rb.x + c * stride (stride = D in the column kernel, 1 in
 // the row kernel), of the target at rb.t + c * stride, of the gradients at rb.g + c * stride.
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
+// kW: how the smoothing and probability passes load class weights (load_weights), one mode per
+// kernel (a per-row choice between loop variants costs the 64-register kernels spills).
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
@@ -674,6 +667,9 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
   const A sg = grad_scale(P, row);
   // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
   constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
+  // Smoothing passes with 16-byte class weights: 2 more loads per logit vector (bf16/fp16), so
+  // half the unroll (the same bytes in flight, no spills at the 64-register cap).
+  constexpr int kUnrollSmooth = kW == kWeightVec ? kWalkUnrollProb : kUnrollIndex;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
   // The row's max and log(sum of exp(x - max)).
@@ -694,13 +690,9 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       xy = capped<kCap, kApproxExp<T>>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
     }
     if (P.fwd && P.eps != A(0)) {
-      with_weight_mode<kVec>(a.weight, head, [&](auto mode) {
-        Pass1Index<T, true, kCap, decltype(mode)::value> f{xr, a.weight, stride, st, P.cap,
-                                                           P.inv_cap};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-        st = f.st;
-      });
-      st = group_allreduce<kGroup>(st, smem);
+      Pass1Index<T, true, kCap, kW> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
+      walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
+      st = group_allreduce<kGroup>(f.st, smem);
     } else {
       Pass1Index<T, false, kCap> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
       walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
@@ -735,13 +727,10 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
         const A wy1 = one_m_eps * wy;
         const A zc = A(2) * P.z * (m + log_s);
         if (P.eps_c != A(0)) {
-          with_weight_mode<kVec>(a.weight, head, [&](auto mode) {
-            Pass2Index<T, true, kCap, decltype(mode)::value> f{
-                xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum, P.eps_c, sg, wy1 + zc, zc,
-                P.cap, P.inv_cap};
-            walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
-            if (owns_y) f.fix_target(y, xy_own);
-          });
+          Pass2Index<T, true, kCap, kW> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
+                                          P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
+          walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
+          if (owns_y) f.fix_target(y, xy_own);
         } else {
           Pass2Index<T, false, kCap> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
                                        P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
@@ -751,13 +740,9 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       }
     }
   } else {
-    with_weight_mode<kVec>(a.weight, head, [&](auto mode) {
-      Pass1Prob<T, kCap, decltype(mode)::value> f{xr, tr, a.weight, stride, one_m_eps, P.eps_c,
-                                                  st, P.cap, P.inv_cap};
-      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-      st = f.st;
-    });
-    st = group_allreduce<kGroup>(st, smem);
+    Pass1Prob<T, kCap, kW> f{xr, tr, a.weight, stride, one_m_eps, P.eps_c, st, P.cap, P.inv_cap};
+    walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
+    st = group_allreduce<kGroup>(f.st, smem);
     m = st.m;
     log_s = flog(st.s);
     if (P.fwd) {
@@ -777,13 +762,10 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     }
     const A tw = st.u + A(2) * P.z * (m + log_s);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
-      with_weight_mode<kVec>(a.weight, head, [&](auto mode) {
-        Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value,
-                  decltype(mode)::value>
-            f{xr, tr, gir, gtr, a.weight, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
-              P.eps_c, sg, P.cap, P.inv_cap};
-        walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-      });
+      Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value, kW> f{
+          xr, tr, gir, gtr, a.weight, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
+          P.eps_c, sg, P.cap, P.inv_cap};
+      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     };
     if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
@@ -801,7 +783,7 @@ __device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
 // loads in flight); the probability-target and double ones get 128 (no spills).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
 __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
@@ -811,7 +793,7 @@ __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row
   const int64_t first = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int64_t step = int64_t(gridDim.x) * groups_per_block;
   for (int64_t row = first; row < P.rows; row += step) {
-    ce_row<T, kProb, kVec, kGroup, kCap>(P, row, row_base(P.a, row), 1, gt, G, smem);
+    ce_row<T, kProb, kVec, kGroup, kCap, kW>(P, row, row_base(P.a, row), 1, gt, G, smem);
   }
 }
 
@@ -825,11 +807,12 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < P.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
     if (P.a.rows_strided) {
-      ce_row<T, kProb, false, 1, kCap>(P, row, row_base(P.a, row), 1, 0, 1, nullptr);
+      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, row_base(P.a, row), 1, 0, 1, nullptr);
     } else {
       const int64_t n = row / D, d = row - n * D;
       const int64_t base = n * CD + d;
-      ce_row<T, kProb, false, 1, kCap>(P, row, RowBase{base, base, base}, D, 0, 1, nullptr);
+      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, RowBase{base, base, base}, D, 0, 1,
+                                                   nullptr);
     }
   }
 }
@@ -981,6 +964,25 @@ bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
   }
 }
 
+// The row kernel for the vector flag and class-weight mode chosen by launch_main.
+template <typename T, bool kProb, int kGroup, bool kCap>
+void launch_row(const CeParams<T>& P, bool vec, int wmode, unsigned grid, int threads,
+                cudaStream_t stream) {
+  if (!vec) {
+    launch_kernel<ce_row_kernel<T, kProb, false, kGroup, kCap, kWeightAny>>(grid, threads, 0,
+                                                                          stream, P);
+  } else if (wmode == kWeightNone) {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightNone>>(grid, threads, 0,
+                                                                           stream, P);
+  } else if (wmode == kWeightVec) {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightVec>>(grid, threads, 0,
+                                                                          stream, P);
+  } else {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightAny>>(grid, threads, 0,
+                                                                          stream, P);
+  }
+}
+
 template <typename T, bool kProb, bool kCap>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
   const CrossEntropyArgs<T>& a = P.a;
@@ -1006,14 +1008,20 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     const bool contiguous = a.D == 1 && a.x_stride_n == a.C &&
                             (a.target_prob == nullptr || a.t_stride_n == a.C);
     if (contiguous && try_split<T, kProb, kCap>(P, vec, stream)) return;
+    // Class weights in 16-byte loads where every row's vectors start at an aligned weight: the
+    // rows' scalar heads all alike (row strides of whole 16 bytes) and weight + head aligned.
+    int wmode = kWeightAny;
+    if (vec && a.weight == nullptr) {
+      wmode = kWeightNone;
+    } else if (vec && (a.N <= 1 || (a.x_stride_n * int64_t(sizeof(T))) % 16 == 0) &&
+               (a.D <= 1 || (a.x_stride_d * int64_t(sizeof(T))) % 16 == 0)) {
+      const int64_t head = std::min<int64_t>(((16 - (xa & 15)) & 15) / sizeof(T), a.C);
+      if (aligned16(a.weight + head)) wmode = kWeightVec;
+    }
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      if (vec) {
-        launch_kernel<ce_row_kernel<T, kProb, true, 32, kCap>>(grid, kThreads, 0, stream, P);
-      } else {
-        launch_kernel<ce_row_kernel<T, kProb, false, 32, kCap>>(grid, kThreads, 0, stream, P);
-      }
+      launch_row<T, kProb, 32, kCap>(P, vec, wmode, grid, kThreads, stream);
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
@@ -1023,8 +1031,7 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       int64_t cap = sms * (2048 / threads);
       cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
-      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0, kCap>>(grid, threads, 0, stream, P);
-      else launch_kernel<ce_row_kernel<T, kProb, false, 0, kCap>>(grid, threads, 0, stream, P);
+      launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid, threads, stream);
     }
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
