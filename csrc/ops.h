@@ -265,7 +265,7 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
 // (n, d, c) order the kernels write.
 inline Tensor ce_grad_like(const CrossEntropyProblem& p, bool wanted) {
   if (!wanted) return Tensor();
-  if (!p.rows_strided) return at::empty(p.input.sizes(), p.input.options());
+  if (!p.rows_strided || p.D == 1) return at::empty({p.N, p.C, p.D}, p.input.options());
   return at::empty({p.N, p.D, p.C}, p.input.options()).transpose(1, 2);
 }
 
