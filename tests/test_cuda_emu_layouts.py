@@ -62,11 +62,12 @@ LAYOUT_OPTIONS = ["index_mean", "index_weight_smooth_sum", "index_smooth_none",
 
 
 def _row_kernel(r):
-    """The row kernel's template flags (kProb, kVec, kGroup) from the launch log, or None."""
+    """The row kernel's template flags (kProb, kVec, kGroup, kW) from the launch log, or None.
+    kW, the class-weight loads: 0 scalar, 1 none, 2 16-byte vectors."""
     for k in r["kernels"]:
         if "ce_row_kernel<" in k:
             args = [a.strip() for a in k.split("ce_row_kernel<")[1].rstrip(">").split(",")]
-            return args[1] == "true", args[2] == "true", int(args[3])
+            return args[1] == "true", args[2] == "true", int(args[3]), int(args[5])
     return None
 
 
@@ -130,22 +131,29 @@ def test_transposed_views(s, dtype, opt):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_class_weights_misaligned(s, dtype):
-    """Class weights at every offset past a 16-byte boundary (a slice at an odd offset), with
-    the input aligned (head 0) and ending at a guard page (a head, so weight + head decides):
-    16-byte weight loads where aligned (the emulator checks each), scalar ones elsewhere."""
+    """Class weights at every offset past a 16-byte boundary (a slice at an odd offset): the
+    16-byte weight-load kernel exactly where every row's vectors meet aligned weights (the
+    emulator checks each load), scalar loads elsewhere. Rows aligned (head 0) or one row ending
+    at a guard page (a head of C mod V classes, so weight + head decides); several rows of C
+    not a whole number of vectors have different heads: scalar loads."""
     v = VEC[dtype]
     acc = 8 if dtype == torch.float64 else 4
     g = torch.Generator().manual_seed(5)
     for opt in ("index_weight_smooth_sum", "prob_weight_sum", "index_weight_zloss_cap_mean"):
         opts = {**OPTIONS[opt], "label_smoothing": 0.1}
-        for C in (64 + 3 * v + 1, 512 * v + 2 * v + 3):
-            x, t, w = ce_inputs(4, C, None, dtype, opts["prob"], g,
-                                ignore_index=opts.get("ignore_index", -100))
-            for woff in range(0, 16, acc):
-                for layout in (0, "tight"):
-                    run_layout_case(s, f"{dtype} {C} weight at +{woff} input {layout} {opt}",
-                                    x, t, w, opts, dtype, expect_rows=False, layout=layout,
-                                    weight_layout=woff)
+        for C in (64 + 4 * v, 512 * v + 8 * v, 64 + 3 * v + 1):
+            for N, layout in ((4, 0), (1, "tight")):
+                x, t, w = ce_inputs(N, C, None, dtype, opts["prob"], g,
+                                    ignore_index=opts.get("ignore_index", -100))
+                for woff in range(0, 16, acc):
+                    r = run_layout_case(s, f"{dtype} {N}x{C} weight at +{woff} input {layout} "
+                                        f"{opt}", x, t, w, opts, dtype, expect_rows=False,
+                                        layout=layout, weight_layout=woff)
+                    head = 0 if layout == 0 else C % v
+                    same_heads = N == 1 or C % v == 0
+                    want = 2 if same_heads and (woff + head * acc) % 16 == 0 else 0
+                    assert _row_kernel(r)[1:] == (True, 32 if C // v <= 512 else 0, want), (
+                        r["kernels"], N, C, woff, layout)
 
 
 def test_rows_strided_rule(emu):
