@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/ce_layout.h"
 #include "losses/math.h"
 #include "losses/pointwise.h"
 
@@ -41,7 +42,7 @@ struct PointwiseProblem {
 
 // One cross-entropy call over input (N, C, D).
 struct CrossEntropyProblem {
-  Tensor input;        // (N, C, D), contiguous
+  Tensor input;        // (N, C, D), contiguous unless rows_strided
   Tensor target;       // (N, D) int64, or (N, C, D) probabilities of input's dtype
   Tensor weight;       // (C) in the accumulation dtype, or undefined
   Tensor grad_output;  // backward op: 0-dim, or (N, D) for 'none'; forward op: undefined
@@ -63,6 +64,10 @@ struct CrossEntropyProblem {
   double z_loss = 0;
   double softcap = 0;
   int64_t N = 0, C = 0, D = 0;
+  // CUDA (cuda::ce_rows_strided): input kept with its strides, its classes contiguous in each
+  // row; a probability target with classes contiguous too; the gradients dense in (n, d, c)
+  // order (ce_grad_like). Else every tensor is the contiguous (N, C, D).
+  bool rows_strided = false;
 };
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
@@ -93,9 +98,12 @@ inline void check_like_input(const Tensor& input, const Tensor& t, const char* n
 // A fresh large CPU output from the output cache (csrc/cpu/output_cache.cpp), else at::empty.
 Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+inline Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
+}
+
 inline Tensor grad_like(const Tensor& t, bool wanted) {
-  if (!wanted) return Tensor();
-  return t.is_cpu() ? empty_cpu_output(t.sizes(), t.options()) : at::empty(t.sizes(), t.options());
+  return wanted ? fresh_output(t.sizes(), t.options()) : Tensor();
 }
 
 inline Tensor or_empty(const Tensor& t, const Tensor& like) {
@@ -234,8 +242,20 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
                 p.D, ")");
   }
   TORCH_CHECK(p.C > 0 || p.N * p.D == 0, "torch_losses: cross_entropy needs at least one class");
-  p.input = input.contiguous();
-  p.target = target.contiguous();
+  p.rows_strided = input.is_cuda() &&
+                   cuda::ce_rows_strided(p.N, p.C, p.D, input.stride(0), input.stride(1),
+                                         input.stride(2));
+  if (p.rows_strided) {
+    p.input = input;
+    // A probability target keeps its strides where its classes are contiguous too; else it is
+    // copied in (n, d, c) order.
+    if (!p.probability_target) p.target = target.contiguous();
+    else if (target.stride(1) == 1) p.target = target;
+    else p.target = target.transpose(1, 2).contiguous().transpose(1, 2);
+  } else {
+    p.input = input.contiguous();
+    p.target = target.contiguous();
+  }
   if (weight.has_value()) {
     TORCH_CHECK(weight->device() == input.device(), "torch_losses: weight is on ",
                 weight->device(), " but input is on ", input.device());
@@ -250,6 +270,24 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
   p.z_loss = z_loss;
   p.softcap = softcap.value_or(0.0);
   return p;
+}
+
+// A cross-entropy gradient buffer: the contiguous (N, C, D), or for rows_strided the dense
+// (n, d, c) order the kernels write.
+inline Tensor ce_grad_like(const CrossEntropyProblem& p, bool wanted) {
+  if (!wanted) return Tensor();
+  if (!p.rows_strided || p.D == 1) return fresh_output({p.N, p.C, p.D}, p.input.options());
+  return at::empty({p.N, p.D, p.C}, p.input.options()).transpose(1, 2);
+}
+
+// forward_grad_buffer for cross-entropy: the layout ce_grad_like gives.
+inline Tensor ce_grad_buffer(const Tensor& buffer, const CrossEntropyProblem& p,
+                             const char* name) {
+  if (buffer.numel() == 0) return Tensor();
+  check_like_input(p.input, buffer, name);
+  TORCH_CHECK(p.rows_strided ? buffer.transpose(1, 2).is_contiguous() : buffer.is_contiguous(),
+              "torch_losses: ", name, " must be in the layout of the forward's gradient");
+  return buffer;
 }
 
 // K of the (K, N, D) row statistics: m and log s, and u for probability targets.
@@ -282,8 +320,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd(
   auto opts = p.input.options();
   p.loss = reduction == kNone ? at::empty({p.N, p.D}, opts) : at::empty({}, opts);
   p.row_stats = new_row_stats(p);
-  p.grad_input = grad_like(p.input, input_grad);
-  if (target_grad) p.grad_target = grad_like(p.target, true);
+  p.grad_input = ce_grad_like(p, input_grad);
+  if (target_grad) p.grad_target = ce_grad_like(p, true);
   Backend::cross_entropy(p);
   return {p.loss, p.row_stats, or_empty(p.grad_input, p.input),
           or_empty(p.grad_target, p.input)};
@@ -323,8 +361,8 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
   check_saved_row_stats(p, row_stats);
   p.grad_output = backward_grad_output(grad_output, input, reduction, {p.N, p.D});
   p.row_stats = row_stats.contiguous();
-  p.grad_input = grad_like(p.input, input_grad);
-  if (target_grad) p.grad_target = grad_like(p.target, true);
+  p.grad_input = ce_grad_like(p, input_grad);
+  if (target_grad) p.grad_target = ce_grad_like(p, true);
   Backend::cross_entropy(p);
   return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
 }
@@ -344,10 +382,8 @@ void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tenso
   check_saved_row_stats(p, row_stats);
   p.grad_output = backward_grad_output(grad_output, input, reduction, {});
   p.row_stats = row_stats.contiguous();
-  p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
-  if (p.probability_target) {
-    p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
-  }
+  p.grad_input = ce_grad_buffer(grad_input, p, "grad_input");
+  if (p.probability_target) p.grad_target = ce_grad_buffer(grad_target, p, "grad_target");
   TORCH_CHECK(p.probability_target || grad_target.numel() == 0,
               "torch_losses: class-index targets have no gradient");
   p.skip_if_grad_output_is_one = true;

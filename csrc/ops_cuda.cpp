@@ -136,6 +136,15 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
     a.N = p.N;
     a.C = p.C;
     a.D = p.D;
+    a.rows_strided = p.rows_strided;
+    if (p.rows_strided) {
+      a.x_stride_n = p.input.stride(0);
+      a.x_stride_d = p.input.stride(2);
+      if (p.probability_target) {
+        a.t_stride_n = p.target.stride(0);
+        a.t_stride_d = p.target.stride(2);
+      }
+    }
     a.ignore_index = p.ignore_index;
     a.label_smoothing = p.label_smoothing;
     a.reduction = static_cast<int>(p.reduction);

@@ -145,23 +145,42 @@ struct Stats {
     if (m != -INFINITY) {
 #pragma unroll
       for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - m);
-    } else {
+    } else {  // nothing but -inf and NaN so far: a NaN makes s NaN (one predicate per element)
+      bool nan = false;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        if (v[i] != v[i]) s = v[i];  // nothing but -inf and NaN so far: keep the NaN
-      }
+      for (int i = 0; i < N; ++i) nan |= v[i] != v[i];
+      if (nan) s = A(NAN);
     }
   }
 
   // Folds u_c (m - x_c) for N logits already pushed (m covers them). While m is -inf, every
-  // logit so far is -inf (or NaN) and its term is +inf (NaN).
-  template <int N>
+  // logit so far is -inf (or NaN) and its term is +inf (NaN). u takes the vector's weight sum
+  // at once (N, folded, without class weights).
+  // A scalar (N == 1), and float/double rows, rebase each term on m on its own: the max's term
+  // is exactly 0 (a one-class row's loss is 0, no cancellation for large float logits).
+  // 16-bit vectors (kFused): the vector's sum w x, then one rebase, mm sw - sum w x: one
+  // instruction less per element; its rounding, a few ulp(m) per vector, stays far below the
+  // 2^-8 / 2^-11 rounding of the loss.
+  template <bool kFused, int N>
   __device__ __forceinline__ void push_linear(const A (&v)[N], const A (&w)[N]) {
+    const A mm = m == -INFINITY ? A(0) : m;
+    A sw = 0;
+    if (kFused && N > 1) {
+      A swx = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      u += w[i];
-      d += w[i] * (m == -INFINITY ? -v[i] : m - v[i]);
+      for (int i = 0; i < N; ++i) {
+        sw += w[i];
+        swx += w[i] * v[i];
+      }
+      d += mm * sw - swx;
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        sw += w[i];
+        d += w[i] * (mm - v[i]);
+      }
     }
+    u += sw;
   }
 };
 
@@ -231,6 +250,29 @@ __device__ __forceinline__ void st_vec_stream(T* p, const Vec<T>& v) {
   __stcs(reinterpret_cast<int4*>(p), r);
 }
 
+// Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
+// scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
+// kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
+// double vector), for rows where weight + c is 16-byte aligned at every vector (weight_vec_ok).
+constexpr int kWeightAny = 0, kWeightNone = 1, kWeightVec = 2;
+template <int kW, int N, typename A>
+__device__ __forceinline__ void load_weights(const A* weight, int64_t c, A (&w)[N]) {
+  constexpr int kPerLoad = 16 / int(sizeof(A));
+  if constexpr (kW == kWeightNone) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = A(1);
+  } else if constexpr (kW == kWeightVec && N % kPerLoad == 0) {
+#pragma unroll
+    for (int k = 0; k < N / kPerLoad; ++k) {
+      const int4 r = __ldg(reinterpret_cast<const int4*>(weight + c) + k);
+      memcpy(&w[k * kPerLoad], &r, sizeof(r));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
+  }
+}
+
 template <typename T>
 struct CeParams {
   CrossEntropyArgs<T> a;
@@ -250,7 +292,7 @@ struct CeParams {
 // Each functor: load<N>(c, xv, tv) then compute<N>(c, xv, tv) for N = 1 (scalar, element c at
 // offset c*stride) or N = V (a vector of V consecutive classes, stride 1).
 
-template <typename T, bool kSmooth, bool kCap>
+template <typename T, bool kSmooth, bool kCap, int kW = kWeightAny>
 struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c) when smoothing
   using A = acc_t<T>;
   const T* x;
@@ -273,14 +315,13 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
-#pragma unroll
-      for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
-      st.push_linear(v, w);
+      load_weights<kW>(weight, c, w);
+      st.template push_linear<kApproxExp<T>>(v, w);
     }
   }
 };
 
-template <typename T, bool kCap>
+template <typename T, bool kCap, int kW = kWeightAny>
 struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t' (m - x)
   using A = acc_t<T>;
   const T* x;
@@ -303,17 +344,16 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
     A wt[N];
+    load_weights<kW>(weight, c, wt);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      wt[i] = (weight != nullptr ? weight[c + i] : A(1)) * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-    }
+    for (int i = 0; i < N; ++i) wt[i] *= one_m_eps * to_acc(tv.v[i]) + eps_c;
     A v[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
     }
     st.template push<kApproxExp<T>>(v);
-    st.push_linear(v, wt);
+    st.template push_linear<kApproxExp<T>>(v, wt);
   }
 };
 
@@ -364,7 +404,7 @@ __device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> pc, acc_t<T>
   return g * sg;
 }
 
-template <typename T, bool kSmooth, bool kCap>
+template <typename T, bool kSmooth, bool kCap, int kW = kWeightAny>
 struct Pass2Index {
   using A = acc_t<T>;
   const T* x;
@@ -382,13 +422,19 @@ struct Pass2Index {
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) const {
     Vec<T> out;
+    A w[N];
+    if (kSmooth) load_weights<kW>(weight, c, w);
+    // 16-bit rows with smoothing: sg (pc p + eps_c (wsum p - w)) as p k1 - w k2, one FFMA (and
+    // one FMUL with weights) per element; float and double keep index_grad's rounding.
+    const A k1 = sg * (pc + eps_c * wsum), k2 = sg * eps_c;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
       const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
       const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
-      const A w = kSmooth ? (weight != nullptr ? weight[c + i] : A(1)) : A(0);
-      A g = index_grad<T, kSmooth>(p, pc, wsum, eps_c, w, sg);
+      A g = kSmooth && kApproxExp<T> ? p * k1 - w[i] * k2
+                                     : index_grad<T, kSmooth>(p, pc, wsum, eps_c,
+                                                              kSmooth ? w[i] : A(0), sg);
       if (kCap) g *= dcap;
       out.v[i] = from_acc<T>(g);
     }
@@ -434,7 +480,8 @@ struct Pass2Zero {
   }
 };
 
-template <typename T, bool kCap>
+// kGI / kGT: which gradients are written (template flags: no per-element branch).
+template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny>
 struct Pass2Prob {  // probability target gradients
   using A = acc_t<T>;
   const T* x;
@@ -450,36 +497,41 @@ struct Pass2Prob {  // probability target gradients
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
       xv.v[0] = x[c * stride];
-      if (gi != nullptr) tv.v[0] = t[c * stride];
+      if (kGI) tv.v[0] = t[c * stride];
     } else {
       xv = ld_vec_last(x + c);
-      if (gi != nullptr) tv = ld_vec_last(t + c);
+      if (kGI) tv = ld_vec_last(t + c);
     }
   }
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) const {
     Vec<T> oi, ot;
+    A w[N];
+    load_weights<kW>(weight, c, w);
+    // ka w = sg (1 - eps) w: the target gradient's factor. sg (p tw - w t') keeps its order: a
+    // one-class row's gradient is exactly 0.
+    const A ka = sg * one_m_eps;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
       const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
       const A xm = xc - m;
-      const A w = weight != nullptr ? weight[c + i] : A(1);
-      if (gi != nullptr) {
-        const A wt = w * (one_m_eps * to_acc(tv.v[i]) + eps_c);
+      const A kaw = ka * w[i];
+      if (kGI) {
         const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
+        const A wt = w[i] * (one_m_eps * to_acc(tv.v[i]) + eps_c);
         A g = sg * (p * tw - wt);
         if (kCap) g *= dcap;
         oi.v[i] = from_acc<T>(g);
       }
-      if (gt != nullptr) ot.v[i] = from_acc<T>(sg * one_m_eps * w * (log_s - xm));
+      if (kGT) ot.v[i] = from_acc<T>(kaw * (log_s - xm));
     }
     if (N == 1) {
-      if (gi != nullptr) gi[c * stride] = oi.v[0];
-      if (gt != nullptr) gt[c * stride] = ot.v[0];
+      if (kGI) gi[c * stride] = oi.v[0];
+      if (kGT) gt[c * stride] = ot.v[0];
     } else {
-      if (gi != nullptr) st_vec_stream(gi + c, oi);
-      if (gt != nullptr) st_vec_stream(gt + c, ot);
+      if (kGI) st_vec_stream(gi + c, oi);
+      if (kGT) st_vec_stream(gt + c, ot);
     }
   }
 };
@@ -596,19 +648,41 @@ __device__ __forceinline__ int vec_head(const T* p, int64_t len) {
   return head > len ? int(len) : head;
 }
 
-// One row: `base` = offset of element (n, 0, d), `stride` = D.
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
-__device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_t base,
+// Offsets of one row's class 0: in the input, a probability target and the gradients.
+struct RowBase {
+  int64_t x, t, g;
+};
+
+// Row (n, d) in the row kernel's layout (launchers.h, CrossEntropyArgs::x_stride_n): the input
+// and a probability target by their strides, the gradients dense in (n, d, c) order.
+template <typename T>
+__device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_t row) {
+  const int64_t n = a.D == 1 ? row : row / a.D, d = row - n * a.D;
+  return {n * a.x_stride_n + d * a.x_stride_d, n * a.t_stride_n + d * a.t_stride_d, row * a.C};
+}
+
+// One row: element c of the input at rb.x + c * stride (stride = D in the column kernel, 1 in
+// the row kernel), of the target at rb.t + c * stride, of the gradients at rb.g + c * stride.
+// kW: how the smoothing and probability passes load class weights (load_weights), one mode per
+// kernel (a per-row choice between loop variants costs the 64-register kernels spills).
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
+__device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C;
-  const T* xr = a.input + base;
+  const T* xr = a.input + rb.x;
+  const T* tr = kProb ? a.target_prob + rb.t : nullptr;
+  T* gir = a.grad_input != nullptr ? a.grad_input + rb.g : nullptr;
+  T* gtr = a.grad_target != nullptr ? a.grad_target + rb.g : nullptr;
   const bool leader = gt == 0;
   const int head = vec_head<T, kVec>(xr, C);
   const A sg = grad_scale(P, row);
   // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
   constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
+  // Smoothing passes with 16-byte class weights: 2 more loads per logit vector (bf16/fp16), so
+  // half the unroll (the same bytes in flight, no spills at the 64-register cap).
+  constexpr int kUnrollSmooth = kW == kWeightVec ? kWalkUnrollProb : kUnrollIndex;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st{A(-INFINITY), A(0), A(0), A(0)};
   // The row's max and log(sum of exp(x - max)).
@@ -630,11 +704,11 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     }
     if (P.fwd) {
       if (P.eps != A(0)) {
-        Pass1Index<T, true, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        Pass1Index<T, true, kCap, kW> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
+        walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       } else {
-        Pass1Index<T, false, kCap> f{a.input + base, a.weight, stride, st, P.cap, P.inv_cap};
+        Pass1Index<T, false, kCap> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
         walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       }
@@ -660,12 +734,11 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     }
     if (a.grad_input != nullptr) {
       if (ignored && ignored_row_reads<T>(m, log_s)) {
-        Pass2Index<T, false, kCap> f{a.input + base, a.grad_input + base, nullptr, stride, m,
-                                     log_s, log_s * A(kLog2e), A(0), A(0), A(0), A(1), A(0),
-                                     A(0), P.cap, P.inv_cap};
+        Pass2Index<T, false, kCap> f{xr, gir, nullptr, stride, m, log_s, log_s * A(kLog2e), A(0),
+                                     A(0), A(0), A(1), A(0), A(0), P.cap, P.inv_cap};
         walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       } else if (ignored) {
-        Pass2Zero<T> f{a.grad_input + base, stride};
+        Pass2Zero<T> f{gir, stride};
         walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
       } else {
         const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
@@ -673,15 +746,13 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
         const A wy1 = one_m_eps * wy;
         const A zc = A(2) * P.z * (m + log_s);
         if (P.eps_c != A(0)) {
-          Pass2Index<T, true, kCap> f{a.input + base, a.grad_input + base, a.weight, stride, m,
-                                      log_s, ls2, wy1, wsum, P.eps_c, sg, wy1 + zc, zc, P.cap,
-                                      P.inv_cap};
-          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+          Pass2Index<T, true, kCap, kW> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
+                                          P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
+          walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         } else {
-          Pass2Index<T, false, kCap> f{a.input + base, a.grad_input + base, a.weight, stride, m,
-                                       log_s, ls2, wy1, wsum, P.eps_c, sg, wy1 + zc, zc, P.cap,
-                                       P.inv_cap};
+          Pass2Index<T, false, kCap> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
+                                       P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
           walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         }
@@ -689,8 +760,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     }
   } else {
     if (P.fwd) {
-      Pass1Prob<T, kCap> f{a.input + base, a.target_prob + base, a.weight, stride, one_m_eps,
-                           P.eps_c, st, P.cap, P.inv_cap};
+      Pass1Prob<T, kCap, kW> f{xr, tr, a.weight, stride, one_m_eps, P.eps_c, st, P.cap,
+                               P.inv_cap};
       walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
       st = group_allreduce<kGroup>(f.st, smem);
       m = st.m;
@@ -703,8 +774,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
     if (P.fwd) {
       A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
       if (!isfinite(l)) {  // the same in every thread of the group (st is)
-        ProbLossTerms<T, kCap> terms{a.input + base, a.target_prob + base, a.weight, stride, m,
-                                     log_s, one_m_eps, P.eps_c, P.cap, P.inv_cap, A(0)};
+        ProbLossTerms<T, kCap> terms{xr, tr, a.weight, stride, m, log_s, one_m_eps, P.eps_c,
+                                     P.cap, P.inv_cap, A(0)};
         walk<T, kVec, kWalkUnrollProb>(terms, C, head, gt, G);
         l = group_sum<kGroup>(terms.sum, reinterpret_cast<A*>(smem));
       }
@@ -717,14 +788,16 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, int64_
         else P.row_loss[row] = l;
       }
     }
-    if (a.grad_input != nullptr || a.grad_target != nullptr) {
-      Pass2Prob<T, kCap> f{a.input + base, a.target_prob + base,
-                           a.grad_input ? a.grad_input + base : nullptr,
-                           a.grad_target ? a.grad_target + base : nullptr, a.weight, stride, m,
-                           log_s, log_s * A(kLog2e), st.u + A(2) * P.z * (m + log_s), one_m_eps,
-                           P.eps_c, sg, P.cap, P.inv_cap};
+    const A tw = st.u + A(2) * P.z * (m + log_s);
+    auto pass2 = [&](auto gi_flag, auto gt_flag) {
+      Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value, kW> f{
+          xr, tr, gir, gtr, a.weight, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
+          P.eps_c, sg, P.cap, P.inv_cap};
       walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-    }
+    };
+    if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
+    else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
+    else if (gtr != nullptr) pass2(std::false_type{}, std::true_type{});
   }
 }
 
@@ -738,7 +811,7 @@ __device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
 // loads in flight); the probability-target and double ones get 128 (no spills).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
 __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
@@ -748,11 +821,12 @@ __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row
   const int64_t first = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int64_t step = int64_t(gridDim.x) * groups_per_block;
   for (int64_t row = first; row < P.rows; row += step) {
-    ce_row<T, kProb, kVec, kGroup, kCap>(P, row, row * P.a.C, 1, gt, G, smem);
+    ce_row<T, kProb, kVec, kGroup, kCap, kW>(P, row, row_base(P.a, row), 1, gt, G, smem);
   }
 }
 
-// One thread per position (n, d): coalesced over d for D > 1.
+// One thread per position (n, d): coalesced over d for the contiguous (N, C, D), D > 1; also
+// the rows_strided layout's rows of few classes.
 template <typename T, bool kProb, bool kCap>
 __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13
@@ -760,8 +834,14 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   const int64_t CD = P.a.C * D;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < P.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = row / D, d = row - n * D;
-    ce_row<T, kProb, false, 1, kCap>(P, row, n * CD + d, D, 0, 1, nullptr);
+    if (P.a.rows_strided) {
+      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, row_base(P.a, row), 1, 0, 1, nullptr);
+    } else {
+      const int64_t n = row / D, d = row - n * D;
+      const int64_t base = n * CD + d;
+      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, RowBase{base, base, base}, D, 0, 1,
+                                                   nullptr);
+    }
   }
 }
 
@@ -1105,29 +1185,64 @@ bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
   }
 }
 
+// The row kernel for the vector flag and class-weight mode chosen by launch_main.
+template <typename T, bool kProb, int kGroup, bool kCap>
+void launch_row(const CeParams<T>& P, bool vec, int wmode, unsigned grid, int threads,
+                cudaStream_t stream) {
+  if (!vec) {
+    launch_kernel<ce_row_kernel<T, kProb, false, kGroup, kCap, kWeightAny>>(grid, threads, 0,
+                                                                          stream, P);
+  } else if (wmode == kWeightNone) {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightNone>>(grid, threads, 0,
+                                                                           stream, P);
+  } else if (wmode == kWeightVec) {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightVec>>(grid, threads, 0,
+                                                                          stream, P);
+  } else {
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightAny>>(grid, threads, 0,
+                                                                          stream, P);
+  }
+}
+
 template <typename T, bool kProb, bool kCap>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t sms = num_sms();
   constexpr int V = VecTraits<T>::kVec;
-  if (a.D == 1 && a.C >= 64) {
-    // Vector path when every array the row kernel touches has the input's misalignment.
+  if (a.rows_strided && a.C >= 64) {
+    // Vector path when every array the row kernel touches has the input's misalignment in every
+    // row: the same at row 0, and row strides that differ by whole 16-byte vectors.
     const uintptr_t xa = reinterpret_cast<uintptr_t>(a.input);
     auto same = [xa](const void* p) {
       return p == nullptr || ((reinterpret_cast<uintptr_t>(p) - xa) & 15) == 0;
     };
+    auto same_steps = [&a](int64_t sn, int64_t sd) {
+      return (a.N <= 1 || (a.x_stride_n - sn) % V == 0) && (a.D <= 1 || (a.x_stride_d - sd) % V == 0);
+    };
+    const bool grads = a.grad_input != nullptr || a.grad_target != nullptr;
     const bool vec = (xa % sizeof(T)) == 0 && same(a.target_prob) && same(a.grad_input) &&
-                     same(a.grad_target);
+                     same(a.grad_target) &&
+                     (a.target_prob == nullptr || same_steps(a.t_stride_n, a.t_stride_d)) &&
+                     (!grads || same_steps(a.D * a.C, a.C));
     const int64_t nvec = a.C / V;
-    if (try_split<T, kProb, kCap>(P, vec, stream)) return;
+    // The split kernels index the contiguous (N, C).
+    const bool contiguous = a.D == 1 && a.x_stride_n == a.C &&
+                            (a.target_prob == nullptr || a.t_stride_n == a.C);
+    if (contiguous && try_split<T, kProb, kCap>(P, vec, stream)) return;
+    // Class weights in 16-byte loads where every row's vectors start at an aligned weight: the
+    // rows' scalar heads all alike (row strides of whole 16 bytes) and weight + head aligned.
+    int wmode = kWeightAny;
+    if (vec && a.weight == nullptr) {
+      wmode = kWeightNone;
+    } else if (vec && (a.N <= 1 || (a.x_stride_n * int64_t(sizeof(T))) % 16 == 0) &&
+               (a.D <= 1 || (a.x_stride_d * int64_t(sizeof(T))) % 16 == 0)) {
+      const int64_t head = std::min<int64_t>(((16 - (xa & 15)) & 15) / sizeof(T), a.C);
+      if (aligned16(a.weight + head)) wmode = kWeightVec;
+    }
     if (nvec <= 512) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      if (vec) {
-        launch_kernel<ce_row_kernel<T, kProb, true, 32, kCap>>(grid, kThreads, 0, stream, P);
-      } else {
-        launch_kernel<ce_row_kernel<T, kProb, false, 32, kCap>>(grid, kThreads, 0, stream, P);
-      }
+      launch_row<T, kProb, 32, kCap>(P, vec, wmode, grid, kThreads, stream);
     } else {
       int threads = 64;
       while (threads < 512 && threads * 16 < nvec) threads *= 2;
@@ -1138,8 +1253,7 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       int64_t cap = sms * (2048 / threads);
       if (P.fwd) cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       const unsigned grid = grid_for(P.rows, cap);
-      if (vec) launch_kernel<ce_row_kernel<T, kProb, true, 0, kCap>>(grid, threads, 0, stream, P);
-      else launch_kernel<ce_row_kernel<T, kProb, false, 0, kCap>>(grid, threads, 0, stream, P);
+      launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid, threads, stream);
     }
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
@@ -1165,6 +1279,11 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
 
   CeParams<T> P;
   P.a = a;
+  if (!a.rows_strided && a.D == 1) {  // the contiguous (N, C): the row layout with row stride C
+    P.a.rows_strided = true;
+    P.a.x_stride_n = P.a.t_stride_n = a.C;
+    P.a.x_stride_d = P.a.t_stride_d = 0;
+  }
   P.eps = A(a.label_smoothing);
   P.eps_c = a.C > 0 ? A(a.label_smoothing / double(a.C)) : A(0);
   P.s_host = (prob && mean && rows > 0) ? 1.0 / double(rows) : 1.0;

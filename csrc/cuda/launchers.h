@@ -104,6 +104,14 @@ struct CrossEntropyArgs {
   // Scratch, sized by ce_scratch_size(): row losses, reduction partials and device scalars.
   acc_t<T>* scratch = nullptr;
   int64_t N = 0, C = 0, D = 0;
+  // Layout. rows_strided false: input, a probability target and the gradients are the contiguous
+  // (N, C, D). rows_strided: the classes of each row (n, d) are contiguous (stride 1); its input
+  // starts at n x_stride_n + d x_stride_d, its probability target at n t_stride_n + d t_stride_d,
+  // and the gradients are dense in (n, d, c) order (row n D + d at (n D + d) C: for D == 1 the
+  // contiguous (N, C)). Rows of a slice x[:, :C] of a wider tensor, or an (N, d, C) tensor seen
+  // as (N, C, d), take the row kernel this way, without a copy.
+  bool rows_strided = false;
+  int64_t x_stride_n = 0, x_stride_d = 0, t_stride_n = 0, t_stride_d = 0;
   int64_t ignore_index = -100;
   double label_smoothing = 0;
   int reduction = 1;

@@ -57,6 +57,9 @@ class Emulator:
                                          dbl, i32]
         lib.tl_emu_set_skip_if_grad_output_is_one.argtypes = [i32]
         lib.tl_emu_set_fast_math_direction.argtypes = [i32]
+        lib.tl_emu_set_ce_rows_strided.argtypes = [i32, i64, i64, i64, i64]
+        lib.tl_emu_ce_rows_strided.argtypes = [i64] * 6
+        lib.tl_emu_take_launches.restype = ctypes.c_char_p
         lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
         self.lib = lib
 
@@ -160,6 +163,15 @@ class Session:
             b.t.copy_(t)
         return b
 
+    def _storage_copy(self, t, layout):
+        """A copy of t's whole storage (what t's view does not cover: NaN) starting `layout`
+        bytes past a 16-byte boundary, and the byte offset of t's first element in it."""
+        elem = t.element_size()
+        span = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        flat = torch.full((span,), float("nan"), dtype=t.dtype)
+        flat.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
+        return self.copy(flat, layout), t.storage_offset() * elem
+
     def check_padding(self):
         for b in self.buffers:
             if self.lib.tl_emu_padding_intact(b.ptr) != 1:
@@ -180,13 +192,20 @@ class Session:
     def cross_entropy(self, x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                       reduction="mean", want_grad=False, want_target_grad=False, inplace=False,
                       grad_output=None, row_stats=None, layout=0, target_layout=None,
-                      out_layout=None, z_loss=0.0, softcap=None):
+                      out_layout=None, z_loss=0.0, softcap=None, keep_strides=False,
+                      weight_layout=0):
         """One launch_cross_entropy call, set up as csrc/ops.h does. x: (N, C, D) or (N, C).
         Forward: grad_output None; returns loss, row_stats (K, N, D) (K = 3 for probability
         targets, else 2), lse (row_stats[0] + row_stats[1], as torch_losses' lse_of) and the
         gradients asked for (grad_output 1). Backward: grad_output (0-dim, or (N, D) for
         'none') and the forward's row_stats.
-        z_loss, softcap: the LLM-training extras (softcap None: off)."""
+        z_loss, softcap: the LLM-training extras (softcap None: off).
+        keep_strides: x (and a probability target) as csrc/ops.h passes them on CUDA: where
+        ce_rows_strided says so, in place in a copy of their whole storage (the elements outside
+        the view NaN, so that a read outside it shows), starting `layout` bytes past a 16-byte
+        boundary, with their strides; the gradients then come back in (n, d, c) order.
+        r["rows_strided"] says which; r["kernels"] lists the kernels launched. weight_layout: the
+        class weights' buffer's offset past a 16-byte boundary (as `layout`)."""
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(2)
@@ -201,9 +220,27 @@ class Session:
         prob = target.is_floating_point()
         target_layout = layout if target_layout is None else target_layout
         out_layout = layout if out_layout is None else out_layout
-        xb = self.copy(x.contiguous(), layout)
-        tb = self.copy(target.contiguous(), target_layout)
-        wb = None if weight is None else self.copy(weight.to(acc_dtype(dt)))
+        by_rows = bool(keep_strides) and self.lib.tl_emu_ce_rows_strided(
+            N, C, D, x.stride(0), x.stride(1), x.stride(2)) == 1
+        if by_rows:
+            xb, x_off = self._storage_copy(x, layout)
+            if prob and target.stride(1) != 1:  # ops.h: copied in (n, d, c) order
+                target = target.transpose(1, 2).contiguous().transpose(1, 2)
+            if prob:
+                tb, t_off = self._storage_copy(target, target_layout)
+            else:
+                tb, t_off = self.copy(target.contiguous(), target_layout), 0
+            x_ptr, t_ptr = xb.ptr + x_off, tb.ptr + t_off
+            self.lib.tl_emu_set_ce_rows_strided(1, x.stride(0), x.stride(2),
+                                                target.stride(0) if prob else 0,
+                                                target.stride(2) if prob else 0)
+        else:
+            xb = self.copy(x.contiguous(), layout)
+            tb = self.copy(target.contiguous(), target_layout)
+            x_ptr, t_ptr = xb.ptr, tb.ptr
+            self.lib.tl_emu_set_ce_rows_strided(0, 0, 0, 0, 0)
+        self.lib.tl_emu_take_launches()
+        wb = None if weight is None else self.copy(weight.to(acc_dtype(dt)), weight_layout)
         fwd = grad_output is None
         gob = None
         if not fwd:
@@ -216,31 +253,37 @@ class Session:
             statsb = self.poisoned(stats_shape, acc_dtype(dt), out_layout)
         else:
             statsb = self.copy(row_stats.reshape(stats_shape).contiguous())
+        grad_shape = (N, D, C) if by_rows else (N, C, D)
         gi = None
         if inplace:
             gi = xb
         elif want_grad:
-            gi = self.poisoned((N, C, D), dt, out_layout)
-        gt = self.poisoned((N, C, D), dt, out_layout) if want_target_grad else None
+            gi = self.poisoned(grad_shape, dt, out_layout)
+        gt = self.poisoned(grad_shape, dt, out_layout) if want_target_grad else None
         scratch = self.poisoned((self.lib.tl_emu_ce_scratch_size(rows, C),), acc_dtype(dt),
                                 "tight")
         ls = label_smoothing if label_smoothing > 0 else 0.0
         rc = self.lib.tl_emu_cross_entropy(
-            DTYPE_CODE[dt], xb.ptr, None if prob else tb.ptr, tb.ptr if prob else None,
+            DTYPE_CODE[dt], x_ptr, None if prob else t_ptr, t_ptr if prob else None,
             self._ptr(wb), self._ptr(gob), int(gob is not None and grad_output.dim() == 0),
             self._ptr(loss), statsb.ptr, self._ptr(gi), self._ptr(gt), scratch.ptr, N, C, D,
             ignore_index, ls, REDUCTION[reduction], float(z_loss),
             0.0 if softcap is None else float(softcap))
+        self.lib.tl_emu_set_ce_rows_strided(0, 0, 0, 0, 0)
+        kernels = self.lib.tl_emu_take_launches().decode().splitlines()
         self._check(rc)
 
         def out(b, row_shaped=False):
             if b is None:
                 return None
             t = b.t.clone()
+            if by_rows and not row_shaped and t.dim() == 3:
+                t = t.transpose(1, 2)
             if squeeze and t.dim() > 0:
                 t = t.squeeze(1 if row_shaped else 2)
             return t
-        r = {"grad_input": out(gi), "grad_target": out(gt)}
+        r = {"grad_input": out(gi), "grad_target": out(gt), "rows_strided": by_rows,
+             "kernels": kernels}
         if fwd:
             r["loss"] = out(loss, row_shaped=True)
             stats = statsb.t.clone()

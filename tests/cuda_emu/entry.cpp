@@ -3,6 +3,7 @@
 // buffers, and returns 0, or 1 with the error in tl_emu_take_error().
 #include <cuda_runtime.h>
 
+#include "cuda/ce_layout.h"
 #include "cuda/launchers.h"
 #include "cuda/vocab_parallel_launchers.h"
 
@@ -50,6 +51,21 @@ void tl_emu_set_skip_if_grad_output_is_one(int on) { g_skip_if_grad_output_is_on
 
 // The direction of the fast intrinsics' modelled error (tl_cuda_emu.h): +1, -1 or 0.
 void tl_emu_set_fast_math_direction(int direction) { tl_emu::fast_math_direction = direction; }
+// The rows_strided layout of CrossEntropyArgs for the cross-entropy calls that follow (on = 0:
+// the contiguous (N, C, D)); and csrc/ops.h's rule for choosing it.
+static bool g_ce_rows_strided = false;
+static int64_t g_ce_strides[4] = {0, 0, 0, 0};
+void tl_emu_set_ce_rows_strided(int on, int64_t x_stride_n, int64_t x_stride_d,
+                                int64_t t_stride_n, int64_t t_stride_d) {
+  g_ce_rows_strided = on != 0;
+  g_ce_strides[0] = x_stride_n;
+  g_ce_strides[1] = x_stride_d;
+  g_ce_strides[2] = t_stride_n;
+  g_ce_strides[3] = t_stride_d;
+}
+int tl_emu_ce_rows_strided(int64_t N, int64_t C, int64_t D, int64_t sN, int64_t sC, int64_t sD) {
+  return tc::ce_rows_strided(N, C, D, sN, sC, sD) ? 1 : 0;
+}
 
 int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
                          const void* target_prob, const void* weight, const void* grad_output,
@@ -81,6 +97,11 @@ int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_ind
     a.z_loss = z_loss;
     a.softcap = softcap;
     a.skip_if_grad_output_is_one = g_skip_if_grad_output_is_one;
+    a.rows_strided = g_ce_rows_strided;
+    a.x_stride_n = g_ce_strides[0];
+    a.x_stride_d = g_ce_strides[1];
+    a.t_stride_n = g_ce_strides[2];
+    a.t_stride_d = g_ce_strides[3];
     tc::launch_cross_entropy<T>(a, nullptr);
   });
 }

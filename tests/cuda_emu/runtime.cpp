@@ -497,10 +497,15 @@ void fail(const char* fmt, ...) {
   vfail(fmt, ap);
 }
 
+// The kernels launched since the last tl_emu_take_launches(), one name per line: which path
+// a launcher chose.
+std::string g_launches;
+
 void run_grid(const char* kernel, const void* key, dim3 grid, dim3 block, unsigned cluster,
               size_t smem, void (*body)(void*), void* ctx) {
   Scheduler& s = S();
   if (!s.error.empty()) return;  // sticky error: later launches do nothing
+  g_launches += std::string(kernel) + "\n";
   const long threads = long(block.x) * block.y * block.z;
   s.kernel = kernel;
   if (g_launch_log.size() < (1u << 20)) {
@@ -743,6 +748,14 @@ const char* tl_emu_take_error() {
   static std::string last;
   last = S().error;
   S().error.clear();
+  return last.c_str();
+}
+
+// The kernels launched since the last call, one name per line, and clears the list.
+const char* tl_emu_take_launches() {
+  static std::string last;
+  last.swap(g_launches);
+  g_launches.clear();
   return last.c_str();
 }
 
