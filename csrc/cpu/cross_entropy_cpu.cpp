@@ -1,8 +1,9 @@
-// Softmax cross-entropy on the CPU. The forward reads each position (row) once for its
-// statistics (online: a running max and sum of exp, chunk by chunk) and saves them per row (max,
-// log of the sum, and the target sum for probability targets); when a gradient is wanted the
-// same task writes it right away, while the row is still in cache. The backward op reads the
-// saved statistics and each row once.
+// Softmax cross-entropy on the CPU. The forward reads each position (row) once from memory for
+// its statistics and saves them per row (max, log of the sum, and the target sum for probability
+// targets). Without a class-index gradient: an online max and sum of exp, chunk by chunk. With
+// one: a max sweep, then exp(x - max) written into the gradient row and summed, then that row
+// scaled in place while it is in cache (row_stats_into_exp). The backward op reads the saved
+// statistics and each row once.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
