@@ -113,16 +113,16 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
 
 // The statistics of a class-index row whose gradient is wanted, with one exp per element: the
 // max first (a light sweep that brings the row into cache), then e_c = exp(x_c - max) stored
-// into `e` (the gradient row, which may alias x) and summed, with the label-smoothing sums
-// (v_c = w_c, or 1) when `weighted`; row_grad_from_exp then scales e into the gradient in place.
-// (row_stats' online pass and the gradient's softmax would take one exp each.) The backward
-// op passes the saved max and uses only the e_c: the same bits as the forward's gradient.
-// `next_row` (or null): the memory of the row this task reads next, `next_bytes` per element
-// of this row, prefetched into cache during the exp sweep (compute-bound, in cache) so that the
-// next max sweep does not wait on memory.
-template <typename acc_t>
-RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bool weighted,
-                                   acc_t* e, const char* next_row, int64_t next_bytes,
+// into `e` (the gradient row, which may alias x, or a float row for half and bfloat16 x, read
+// in its own type) and summed, with the label-smoothing sums (v_c = w_c, or 1) when `weighted`;
+// row_grad_from_exp then scales e into the gradient. (row_stats' online pass and the gradient's
+// softmax would take one exp each.) The backward op passes the saved max and uses only the
+// e_c: the same bits as the forward's gradient. `next_row` (or null): the memory of the row
+// this task reads next, prefetched into cache during the exp sweep (compute-bound, in cache)
+// so that the next max sweep does not wait on memory.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C, bool weighted,
+                                   acc_t* e, const scalar_t* next_row,
                                    const acc_t* saved_max = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
@@ -130,22 +130,20 @@ RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bo
   r.max = saved_max ? *saved_max : nan_max_of(x, C);
   const Vec max_v(r.max);
   Vec sv(0), vw(0), vs(0);
-  int64_t i = 0;
-  for (; i + kLanes <= C; i += kLanes) {
-    if (next_row) __builtin_prefetch(next_row + i * next_bytes, 0, 2);
-    const Vec xv = Vec::loadu(x + i);
+  int64_t i = for_each_acc_vec(x, C, [&](int64_t j, const Vec& xv) {
+    if (next_row) __builtin_prefetch(next_row + j, 0, 2);
     const Vec ev = Math<Vec>::exp(xv - max_v);
     if (weighted) {
-      const Vec v = w ? Vec::loadu(w + i) : Vec(1);
+      const Vec v = w ? Vec::loadu(w + j) : Vec(1);
       vw = vw + v;
       vs = vs + v * (xv - max_v);
     }
-    ev.store(e + i);
+    ev.store(e + j);
     sv = sv + ev;
-  }
+  });
   acc_t tail_sum = 0;
   for (; i < C; ++i) {
-    const acc_t xs = x[i];
+    const acc_t xs = static_cast<acc_t>(x[i]);
     e[i] = std::exp(xs - r.max);
     tail_sum += e[i];
     if (weighted) {
@@ -167,20 +165,29 @@ RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bo
   return r;
 }
 
-// grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max) in `grad`
-// (class-index targets; the target entry is fixed after).
-template <typename acc_t>
-void row_grad_from_exp(const acc_t* w, acc_t* grad, int64_t C, acc_t a_over_sum, acc_t b) {
+// grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max), into `grad`
+// (in place when it is e; class-index targets; the target entry is fixed after).
+template <typename acc_t, typename scalar_t>
+void row_grad_from_exp(const acc_t* w, const acc_t* e, scalar_t* grad, int64_t C,
+                       acc_t a_over_sum, acc_t b) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec scale_v(a_over_sum), b_v(b);
+  const auto grad_vec = [&](int64_t j) {
+    const Vec gv = scale_v * Vec::loadu(e + j);
+    if (w && b != 0) return gv - b_v * Vec::loadu(w + j);
+    return b != 0 ? gv - b_v : gv;
+  };
   int64_t i = 0;
-  for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = scale_v * Vec::loadu(grad + i);
-    if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
-    else if (b != 0) gv = gv - b_v;
-    gv.store(grad + i);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= C; i += Vec::size()) grad_vec(i).store(grad + i);
+  } else {  // two float vectors rounded into one vector of half or bfloat16
+    using VecS = at::vec::Vectorized<scalar_t>;
+    for (; i + VecS::size() <= C; i += VecS::size()) {
+      at::vec::convert_from_float<scalar_t>(grad_vec(i), grad_vec(i + Vec::size()))
+          .store(grad + i);
+    }
   }
-  for (; i < C; ++i) grad[i] = a_over_sum * grad[i] - b * (w ? w[i] : acc_t(1));
+  for (; i < C; ++i) grad[i] = static_cast<scalar_t>(a_over_sum * e[i] - b * (w ? w[i] : acc_t(1)));
 }
 
 // Probability targets: sum_c v_c (-log_softmax_c), v_c = w_c t'_c, term by term as torch (an
@@ -388,28 +395,37 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       }
       const int64_t n = r / D, d = r % D;
       const int64_t offset = n * C * D + d;
-      const acc_t* xr = load_row(x + offset, C, D, x_buf.data());
+      const int64_t y = probs ? 0 : labels[r];
+      const bool ignored = !probs && y == p.ignore_index;
+      // A class-index gradient is formed from e = exp(x - max) left in the gradient row (a float
+      // row for half and bfloat16), by the forward and the backward op alike (a recomputed
+      // gradient has the forward's bits).
+      const bool exp_in_grad = gx && !probs && !ignored;
+      // Such a row of a contiguous (N, C) without soft-capping is read and written in its own
+      // type (no converted copies): half and bfloat16 are converted in registers.
+      const bool direct = exp_in_grad && D == 1 && cap == 0;
+      const acc_t* xr = direct ? nullptr : load_row(x + offset, C, D, x_buf.data());
       if (cap != 0) {  // the capped logits replace the row from here on
         softcap_row(xr, x_buf.data(), C, cap);
         xr = x_buf.data();
       }
       const acc_t* tr = probs ? load_row(t + offset, C, D, t_buf.data()) : nullptr;
-      const int64_t y = probs ? 0 : labels[r];
-      const bool ignored = !probs && y == p.ignore_index;
-
-      // A class-index gradient is formed from e = exp(x - max) left in the gradient row, by the
-      // forward and the backward op alike (a recomputed gradient has the forward's bits).
-      const bool exp_in_grad = gx && !probs && !ignored;
       acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
-      const acc_t x_y = probs || ignored ? acc_t(0) : xr[y];  // before an in-place gradient
-      const char* next_row = D == 1 && r + 1 < row_end
-                                 ? reinterpret_cast<const char*>(x + offset + C) : nullptr;
-      constexpr int64_t kElementBytes = sizeof(scalar_t);
+      // x_y before an in-place gradient overwrites it
+      const acc_t x_y = probs || ignored ? acc_t(0)
+                        : direct         ? static_cast<acc_t>(x[offset + y])
+                                         : xr[y];
+      const scalar_t* next_row = D == 1 && r + 1 < row_end ? x + offset + C : nullptr;
+      const auto into_exp = [&](const acc_t* saved_max) {
+        return direct ? row_stats_into_exp(x + offset, w, C, eps != 0 && !saved_max, gxr,
+                                           next_row, saved_max)
+                      : row_stats_into_exp<acc_t>(xr, w, C, eps != 0 && !saved_max, gxr,
+                                                  nullptr, saved_max);
+      };
       RowStats<acc_t> st;
       if (forward) {
-        st = exp_in_grad
-                 ? row_stats_into_exp(xr, w, C, eps != 0, gxr, next_row, kElementBytes)
-                 : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+        st = exp_in_grad ? into_exp(nullptr)
+                         : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
         stats_out[r] = st.max;
         stats_out[rows + r] = st.log_sum;
         if (probs) stats_out[2 * rows + r] = st.weight;
@@ -429,9 +445,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         st.max = stats_in[r];
         st.log_sum = stats_in[rows + r];
         if (probs) st.weight = stats_in[2 * rows + r];
-        if (exp_in_grad) {
-          row_stats_into_exp(xr, w, C, false, gxr, next_row, kElementBytes, &st.max);
-        }
+        if (exp_in_grad) into_exp(&st.max);
       }
       if (!gx && !gt) continue;
 
@@ -452,12 +466,19 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         // 1 / sum from the saved log s, so that the backward op's gradient has the same bits.
         const acc_t inv_sum = std::exp(-st.log_sum);
         const acc_t p_y = gxr[y] * inv_sum;
-        row_grad_from_exp(w, gxr, C, s * (keep * wy + spread * weight_sum + z_coef) * inv_sum,
-                          s * spread);
+        const acc_t a_over_sum = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
         // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
         // differences formed before the scale (C = 1 without z-loss gives exactly 0).
-        gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) +
-                      z_coef * p_y);
+        const acc_t g_y =
+            s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+        if (direct) {
+          scalar_t* out = gx + offset;
+          row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread);
+          out[y] = static_cast<scalar_t>(g_y);
+          continue;
+        }
+        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, s * spread);
+        gxr[y] = g_y;
       }
       if (gx && cap != 0) softcap_grad_row(xr, gxr, C, cap);
       if (gx) store_row(gx + offset, C, D, gxr);

@@ -2,10 +2,10 @@
 // the CPU. Comparisons of Vectorized values give lane masks; where() blends on them.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
-#include <limits>
 #include <limits>
 #include <type_traits>
 
@@ -175,19 +175,42 @@ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-// max of x[0, n) (-inf for n = 0), NaN if any element is NaN; vectorized.
-template <typename acc_t>
-acc_t nan_max_of(const acc_t* x, int64_t n) {
+// Calls f(i, v) in order for the vectors v = x[i, i + Vec::size()) in the accumulation type
+// (half and bfloat16 converted in registers, two float vectors per load); returns the first
+// index not visited, where the scalar tail starts.
+template <typename scalar_t, class F>
+int64_t for_each_acc_vec(const scalar_t* x, int64_t n, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) f(i, Vec::loadu(x + i));
+  } else {
+    using VecS = at::vec::Vectorized<scalar_t>;
+    static_assert(VecS::size() == 2 * Vec::size());
+    for (; i + VecS::size() <= n; i += VecS::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecS::loadu(x + i));
+      f(i, lo);
+      f(i + Vec::size(), hi);
+    }
+  }
+  return i;
+}
+
+// max of x[0, n) in the accumulation type (-inf for n = 0), NaN if any element is NaN;
+// vectorized.
+template <typename scalar_t>
+at::opmath_type<scalar_t> nan_max_of(const scalar_t* x, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   Vec mv(-std::numeric_limits<acc_t>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) mv = at::vec::maximum(mv, Vec::loadu(x + i));
+  int64_t i = for_each_acc_vec(x, n, [&](int64_t, const Vec& v) { mv = at::vec::maximum(mv, v); });
   acc_t lanes[kLanes];
   mv.store(lanes);
   acc_t m = lanes[0];
   for (int64_t k = 1; k < kLanes; ++k) m = nan_max(m, lanes[k]);
-  for (; i < n; ++i) m = nan_max(m, x[i]);
+  for (; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
   return m;
 }
 
