@@ -789,6 +789,25 @@ def test_cpu_half_rows_are_the_float_rows_rounded_once(C, dtype):
             assert torch.equal(g16, g32.to(dtype)), kw
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_streamed_gradient_equals_rows_a_few_at_a_time(dtype):
+    """A class-index gradient of >= 8 MiB is written with non-temporal stores from an aligned
+    element on (C odd: every row starts at another alignment): bitwise the gradient of the same
+    rows computed four at a time (small outputs, ordinary stores)."""
+    C = 65539
+    N = (8 << 20) // (C * dtype.itemsize) + 2
+    x, t = make_inputs((N, C), "cpu", dtype)
+    w = _weight((N, C), "cpu", dtype)
+    for weight, ls in [(None, 0.0), (w, 0.1)]:
+        xo = leaf(x)
+        TLF.cross_entropy(xo, t, weight=weight, label_smoothing=ls, reduction="sum").backward()
+        for r in range(0, N, 4):
+            xr = leaf(x[r:r + 4])
+            TLF.cross_entropy(xr, t[r:r + 4], weight=weight, label_smoothing=ls,
+                              reduction="sum").backward()
+            assert torch.equal(xo.grad[r:r + 4], xr.grad), (r, ls)
+
+
 def test_expanded_grad_output_of_none_is_read_as_a_scalar(device):
     """loss.sum() of a 'none' loss hands backward an expanded grad_output: the same gradient
     as a materialized one."""

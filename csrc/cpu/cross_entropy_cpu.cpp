@@ -166,10 +166,11 @@ RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C,
 }
 
 // grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max), into `grad`
-// (in place when it is e; class-index targets; the target entry is fixed after).
+// (in place when it is e; class-index targets; the target entry is fixed after). `stream`:
+// non-temporal stores (grad is not e).
 template <typename acc_t, typename scalar_t>
 void row_grad_from_exp(const acc_t* w, const acc_t* e, scalar_t* grad, int64_t C,
-                       acc_t a_over_sum, acc_t b) {
+                       acc_t a_over_sum, acc_t b, bool stream) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec scale_v(a_over_sum), b_v(b);
   const auto grad_vec = [&](int64_t j) {
@@ -177,17 +178,26 @@ void row_grad_from_exp(const acc_t* w, const acc_t* e, scalar_t* grad, int64_t C
     if (w && b != 0) return gv - b_v * Vec::loadu(w + j);
     return b != 0 ? gv - b_v : gv;
   };
-  int64_t i = 0;
+  const auto grad_at = [&](int64_t j) {
+    return static_cast<scalar_t>(a_over_sum * e[j] - b * (w ? w[j] : acc_t(1)));
+  };
+  using VecS = at::vec::Vectorized<scalar_t>;
+  // A streamed row starts with single elements up to the first vector-aligned one.
+  constexpr int64_t kVecBytes = sizeof(VecS);
+  int64_t i = stream ? std::min<int64_t>(C, (-reinterpret_cast<intptr_t>(grad) & (kVecBytes - 1)) /
+                                                 int64_t(sizeof(scalar_t)))
+                     : 0;
+  for (int64_t j = 0; j < i; ++j) grad[j] = grad_at(j);
+  const auto store = [&](scalar_t* p, const VecS& v) { stream ? stream_store(p, v) : v.store(p); };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (; i + Vec::size() <= C; i += Vec::size()) grad_vec(i).store(grad + i);
+    for (; i + Vec::size() <= C; i += Vec::size()) store(grad + i, grad_vec(i));
   } else {  // two float vectors rounded into one vector of half or bfloat16
-    using VecS = at::vec::Vectorized<scalar_t>;
     for (; i + VecS::size() <= C; i += VecS::size()) {
-      at::vec::convert_from_float<scalar_t>(grad_vec(i), grad_vec(i + Vec::size()))
-          .store(grad + i);
+      store(grad + i, at::vec::convert_from_float<scalar_t>(grad_vec(i), grad_vec(i + Vec::size())));
     }
   }
-  for (; i < C; ++i) grad[i] = static_cast<scalar_t>(a_over_sum * e[i] - b * (w ? w[i] : acc_t(1)));
+  for (; i < C; ++i) grad[i] = grad_at(i);
+  if (stream) stream_fence();  // before the target's entry is stored over them
 }
 
 // Probability targets: sum_c v_c (-log_softmax_c), v_c = w_c t'_c, term by term as torch (an
@@ -410,7 +420,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         xr = x_buf.data();
       }
       const acc_t* tr = probs ? load_row(t + offset, C, D, t_buf.data()) : nullptr;
-      acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
+      // A large gradient is streamed out of a float row of e in cache (its lines not read).
+      const bool stream = direct && grad_bytes >= kStreamMinBytes;
+      acc_t* gxr = !gx ? nullptr : stream ? gx_buf.data() : row_out(gx + offset, D, gx_buf.data());
       // x_y before an in-place gradient overwrites it
       const acc_t x_y = probs || ignored ? acc_t(0)
                         : direct         ? static_cast<acc_t>(x[offset + y])
@@ -473,11 +485,11 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
             s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
         if (direct) {
           scalar_t* out = gx + offset;
-          row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread);
+          row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread, stream);
           out[y] = static_cast<scalar_t>(g_y);
           continue;
         }
-        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, s * spread);
+        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, s * spread, false);
         gxr[y] = g_y;
       }
       if (gx && cap != 0) softcap_grad_row(xr, gxr, C, cap);

@@ -214,6 +214,30 @@ at::opmath_type<scalar_t> nan_max_of(const scalar_t* x, int64_t n) {
   return m;
 }
 
+// v into p with a non-temporal store (p aligned to the vector's size): the line is not read
+// first nor kept in cache. For outputs far larger than the caches, written once.
+template <typename T>
+inline void stream_store(T* p, const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before its later stores (a task's end).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  _mm_sfence();
+#endif
+}
+
 // src[0, n) converted to the accumulation type (float for half and bfloat16).
 template <typename scalar_t, typename acc_t>
 void convert_to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
