@@ -113,27 +113,27 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
 
 // The statistics of a class-index row whose gradient is wanted, with one exp per element: the
 // max first (a light sweep that brings the row into cache), then e_c = exp(x_c - max) stored
-// into `e` (the gradient row, which may alias x, or a float row for half and bfloat16 x, read
-// in its own type) and summed, with the label-smoothing sums (v_c = w_c, or 1) when `weighted`;
+// into `e` (the gradient row, which may alias x, or a float row in cache) and summed, with the
+// label-smoothing sums (v_c = w_c, or 1) when kWeighted;
 // row_grad_from_exp then scales e into the gradient. (row_stats' online pass and the gradient's
 // softmax would take one exp each.) The backward op passes the saved max and uses only the
 // e_c: the same bits as the forward's gradient. `next_row` (or null): the memory of the row
 // this task reads next, prefetched into cache during the exp sweep (compute-bound, in cache)
 // so that the next max sweep does not wait on memory.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C, bool weighted,
-                                   acc_t* e, const scalar_t* next_row,
-                                   const acc_t* saved_max = nullptr) {
+template <bool kWeighted, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C, acc_t* e,
+                                   const scalar_t* next_row, const acc_t* saved_max) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   RowStats<acc_t> r;
   r.max = saved_max ? *saved_max : nan_max_of(x, C);
   const Vec max_v(r.max);
   Vec sv(0), vw(0), vs(0);
+  constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
   int64_t i = for_each_acc_vec(x, C, [&](int64_t j, const Vec& xv) {
-    if (next_row) __builtin_prefetch(next_row + j, 0, 2);
+    if (next_row && j % kLineElements == 0) __builtin_prefetch(next_row + j, 0, 2);
     const Vec ev = Math<Vec>::exp(xv - max_v);
-    if (weighted) {
+    if constexpr (kWeighted) {
       const Vec v = w ? Vec::loadu(w + j) : Vec(1);
       vw = vw + v;
       vs = vs + v * (xv - max_v);
@@ -146,7 +146,7 @@ RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C,
     const acc_t xs = static_cast<acc_t>(x[i]);
     e[i] = std::exp(xs - r.max);
     tail_sum += e[i];
-    if (weighted) {
+    if constexpr (kWeighted) {
       const acc_t v = w ? w[i] : acc_t(1);
       r.weight += v;
       r.shifted += v * (xs - r.max);
@@ -428,11 +428,16 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                         : direct         ? static_cast<acc_t>(x[offset + y])
                                          : xr[y];
       const scalar_t* next_row = D == 1 && r + 1 < row_end ? x + offset + C : nullptr;
+      // The backward op needs no label-smoothing sums.
       const auto into_exp = [&](const acc_t* saved_max) {
-        return direct ? row_stats_into_exp(x + offset, w, C, eps != 0 && !saved_max, gxr,
-                                           next_row, saved_max)
-                      : row_stats_into_exp<acc_t>(xr, w, C, eps != 0 && !saved_max, gxr,
-                                                  nullptr, saved_max);
+        const bool weighted = eps != 0 && !saved_max;
+        if (direct) {
+          return weighted ? row_stats_into_exp<true>(x + offset, w, C, gxr, next_row, saved_max)
+                          : row_stats_into_exp<false>(x + offset, w, C, gxr, next_row, saved_max);
+        }
+        const acc_t* no_prefetch = nullptr;
+        return weighted ? row_stats_into_exp<true>(xr, w, C, gxr, no_prefetch, saved_max)
+                        : row_stats_into_exp<false>(xr, w, C, gxr, no_prefetch, saved_max);
       };
       RowStats<acc_t> st;
       if (forward) {
