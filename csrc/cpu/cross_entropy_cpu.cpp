@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/ce_rows_avx512.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/vec_math.h"
 
@@ -164,6 +165,21 @@ RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C,
   r.log_sum = std::log(sum);
   return r;
 }
+
+#if defined(TL_HAVE_AVX512_ROWS)
+// row_stats_into_exp with the AVX-512 sweeps (csrc/cpu/ce_rows_avx512.h).
+template <bool kWeighted, typename scalar_t>
+RowStats<float> row_stats_into_exp_avx512(const scalar_t* x, const float* w, int64_t C, float* e,
+                                          const scalar_t* next_row, const float* saved_max) {
+  RowStats<float> r;
+  r.max = saved_max ? *saved_max : avx512_rows::nan_max(x, C);
+  const avx512_rows::ExpSums sums = avx512_rows::exp_sweep<kWeighted>(x, w, C, r.max, e, next_row);
+  r.weight = sums.weight;
+  r.shifted = sums.shifted;
+  r.log_sum = std::log(sums.sum);
+  return r;
+}
+#endif
 
 // grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max), into `grad`
 // (in place when it is e; class-index targets; the target entry is fixed after). `stream`:
@@ -391,6 +407,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const int64_t prefault_rows = std::max<int64_t>(
       1, (int64_t(256) << 10) / std::max<int64_t>(C * static_cast<int64_t>(sizeof(scalar_t)), 1));
 
+  // The direct rows' sweeps in AVX-512 where torch's kernels run it (float accumulation).
+  const bool avx512 = std::is_same_v<acc_t, float> && avx512_rows::enabled();
+
   std::vector<acc_t> row_loss(forward ? rows : 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
@@ -431,6 +450,16 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       // The backward op needs no label-smoothing sums.
       const auto into_exp = [&](const acc_t* saved_max) {
         const bool weighted = eps != 0 && !saved_max;
+#if defined(TL_HAVE_AVX512_ROWS)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (direct && avx512) {
+            return weighted ? row_stats_into_exp_avx512<true>(x + offset, w, C, gxr, next_row,
+                                                              saved_max)
+                            : row_stats_into_exp_avx512<false>(x + offset, w, C, gxr, next_row,
+                                                               saved_max);
+          }
+        }
+#endif
         if (direct) {
           return weighted ? row_stats_into_exp<true>(x + offset, w, C, gxr, next_row, saved_max)
                           : row_stats_into_exp<false>(x + offset, w, C, gxr, next_row, saved_max);
@@ -490,7 +519,12 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
             s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
         if (direct) {
           scalar_t* out = gx + offset;
-          row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread, stream);
+#if defined(TL_HAVE_AVX512_ROWS)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (avx512) avx512_rows::scale_sweep(w, gxr, out, C, a_over_sum, s * spread, stream);
+          }
+#endif
+          if (!avx512) row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread, stream);
           out[y] = static_cast<scalar_t>(g_y);
           continue;
         }
