@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/vec_math.h"
+
 #if defined(__x86_64__) && !defined(_MSC_VER)
 #include <immintrin.h>
 #define TL_HAVE_AVX512_ROWS 1
@@ -81,20 +83,24 @@ TL_AVX512 inline void store(T* p, __m512 v, bool stream) {
   stream ? _mm256_stream_si256(q, h) : _mm256_storeu_si256(q, h);
 }
 
-// avx2_math::exp (csrc/cpu/vec_math.h) on 16 lanes: the same operations, the same results.
+// avx2_math::exp (csrc/cpu/vec_math.h) on 16 lanes: the same operations on the same constants
+// (exp_poly), the same results. (One template for both widths would carry this function's
+// AVX-512 target into the AVX2 build.)
+TL_AVX512 inline __m512 splat(float v) { return _mm512_set1_ps(v); }
 TL_AVX512 inline __m512 exp(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.8f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+  using namespace exp_poly;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, splat(kLowest)), splat(kHighest));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, splat(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 40320);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 5040));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  __m512 r = _mm512_fnmadd_ps(n, splat(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, splat(kLn2Lo), r);
+  __m512 p = splat(kR8);
+  p = _mm512_fmadd_ps(p, r, splat(kR7));
+  p = _mm512_fmadd_ps(p, r, splat(kR6));
+  p = _mm512_fmadd_ps(p, r, splat(kR5));
+  p = _mm512_fmadd_ps(p, r, splat(kR4));
+  p = _mm512_fmadd_ps(p, r, splat(kR3));
+  p = _mm512_fmadd_ps(p, r, splat(kR2));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
   const __m512i ni = _mm512_cvtps_epi32(n);
