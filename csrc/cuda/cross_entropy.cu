@@ -134,23 +134,19 @@ struct Stats {
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <bool kApprox, int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
-    A vmax = -INFINITY;
+    A vmax = v[0];  // NaN only if every v is NaN: then no rebase, as for -inf
 #pragma unroll
-    for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
+    for (int i = 1; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
     if (vmax > m) {
       s *= exp_hot<kApprox>(m - vmax);
       if (m != -INFINITY) d += (vmax - m) * u;
       m = vmax;
     }
-    if (m != -INFINITY) {
+    // While m is -inf, every logit so far is -inf or NaN: exp(v - 0) adds 0, or NaN for a NaN,
+    // so one branch-free sum covers both cases.
+    const A mm = m == -INFINITY ? A(0) : m;
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - m);
-    } else {  // nothing but -inf and NaN so far: a NaN makes s NaN (one predicate per element)
-      bool nan = false;
-#pragma unroll
-      for (int i = 0; i < N; ++i) nan |= v[i] != v[i];
-      if (nan) s = A(NAN);
-    }
+    for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - mm);
   }
 
   // Folds u_c (m - x_c) for N logits already pushed (m covers them). While m is -inf, every
@@ -250,6 +246,26 @@ __device__ __forceinline__ void st_vec_stream(T* p, const Vec<T>& v) {
   __stcs(reinterpret_cast<int4*>(p), r);
 }
 
+// The first N elements of a vector in acc_t. bf16 is the high half of a float: a 32-bit word of
+// two is unpacked with one shift and one mask (a per-element conversion of the high half takes
+// two instructions).
+template <int N, typename T>
+__device__ __forceinline__ void vec_to_acc(const Vec<T>& xv, acc_t<T> (&v)[N]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && N % 2 == 0) {
+    uint32_t u[N / 2];
+    memcpy(u, &xv, sizeof(u));
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const uint32_t lo = u[k] << 16, hi = u[k] & 0xffff0000u;
+      memcpy(&v[2 * k], &lo, sizeof(lo));
+      memcpy(&v[2 * k + 1], &hi, sizeof(hi));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+  }
+}
+
 // Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
 // scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
 // kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
@@ -308,10 +324,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
     A v[N];
+    vec_to_acc<N>(xv, v);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
-    }
+    for (int i = 0; i < N; ++i) v[i] = capped<kCap, kApproxExp<T>>(v[i], cap, inv_cap);
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
@@ -427,10 +442,12 @@ struct Pass2Index {
     // 16-bit rows with smoothing: sg (pc p + eps_c (wsum p - w)) as p k1 - w k2, one FFMA (and
     // one FMUL with weights) per element; float and double keep index_grad's rounding.
     const A k1 = sg * (pc + eps_c * wsum), k2 = sg * eps_c;
+    A xa[N];
+    vec_to_acc<N>(xv, xa);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
-      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
+      const A xc = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap, dcap);
       const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
       A g = kSmooth && kApproxExp<T> ? p * k1 - w[i] * k2
                                      : index_grad<T, kSmooth>(p, pc, wsum, eps_c,
@@ -553,22 +570,25 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
       f.template load<1>(gt, xv[0], tv[0]);
       f.template compute<1>(gt, xv[0], tv[0]);
     }
-    const int64_t nv = (C - head) / V;
-    int64_t j = gt;
-    for (; j + (U - 1) * int64_t(G) < nv; j += U * int64_t(G)) {
+    // Vector j of the thread starts at class head + j V; walked by its class index, so that
+    // each vector's address is one 64-bit add away from the previous one.
+    const int64_t end = head + (C - head) / V * V;  // past the last whole vector
+    const int64_t GV = int64_t(G) * V;
+    int64_t c = head + int64_t(gt) * V;
+    for (; c + (U - 1) * GV < end; c += U * GV) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) f.template load<V>(head + (j + u * G) * V, xv[u], tv[u]);
+      for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) f.template compute<V>(head + (j + u * G) * V, xv[u], tv[u]);
+      for (int u = 0; u < U; ++u) f.template compute<V>(c + u * GV, xv[u], tv[u]);
     }
-    for (; j < nv; j += G) {
-      f.template load<V>(head + j * V, xv[0], tv[0]);
-      f.template compute<V>(head + j * V, xv[0], tv[0]);
+    for (; c < end; c += GV) {
+      f.template load<V>(c, xv[0], tv[0]);
+      f.template compute<V>(c, xv[0], tv[0]);
     }
-    const int64_t c = head + nv * V + gt;
-    if (c < C) {
-      f.template load<1>(c, xv[0], tv[0]);
-      f.template compute<1>(c, xv[0], tv[0]);
+    const int64_t ct = end + gt;
+    if (ct < C) {
+      f.template load<1>(ct, xv[0], tv[0]);
+      f.template compute<1>(ct, xv[0], tv[0]);
     }
   } else {
     int64_t c = gt;
