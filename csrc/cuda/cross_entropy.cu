@@ -894,7 +894,9 @@ template <typename T, bool kProb, bool kCap>
 __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int64_t base) {
   using A = acc_t<T>;
   constexpr int V = VecTraits<T>::kVec;
-  constexpr int U = kWalkUnrollProb;  // the column kernel's loads in flight, now 16 bytes each
+  // 16-byte loads in flight per thread and array: 4 for 16-bit logits alone (~240 registers,
+  // one 256-thread block per SM: 16 KB per SM), else 2 (4 would spill float and double rows).
+  constexpr int U = (kProb || sizeof(T) > 2) ? kWalkUnrollProb : kWalkUnrollIndex;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C, D = a.D;
   const T* xr = a.input + base;
