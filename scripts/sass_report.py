@@ -146,6 +146,8 @@ def hot_loops(insns):
 def loads_per_vector(name, loop):
     if name.startswith("ce_row_kernel"):
         return 2 if re.match(r"ce_row_kernel<\w+, 1", name) else 1
+    if name.startswith("ce_column_vec_kernel"):  # probability targets: logits and targets
+        return 2 if re.match(r"ce_column_vec_kernel<\w+, 1", name) else 1
     if name.startswith("pointwise_kernel"):
         return loop["ldg128"]
     return 1
