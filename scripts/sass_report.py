@@ -245,7 +245,7 @@ def loads_per_vector(name, loop, insns):
 
 PRED = re.compile(r"^!?(U?P[0-6T])$")
 CONST_LOAD = re.compile(r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
-SETP = re.compile(r"^U?ISETP\.(NE|EQ)(?:\.U32)?\.(AND|OR)(\.EX)?$")
+SETP = re.compile(r"^(?:U?ISETP|DSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
 
 
 def operands(op):
@@ -340,9 +340,13 @@ def step(state, consts, op, params):
     cmp_, comb, ex = sm.groups()
     a, b = ops[2], ops[3]
     srcs = [t for t in (a, b) if t not in ("RZ", "URZ", "0x0")]
-    if len(srcs) != 1 or srcs[0] not in consts:
+    bank = re.match(r"^c\[0x0\]\[(0x[0-9a-f]+)\]$", srcs[0]) if len(srcs) == 1 else None
+    if bank:  # sm_80 compares the constant bank directly
+        src = int(bank.group(1), 16)
+    elif len(srcs) != 1 or srcs[0] not in consts:
         return new
-    src = consts[srcs[0]]
+    else:
+        src = consts[srcs[0]]
     field = flag_bits(src, 0x7f) if isinstance(src, dict) else params(src)
     if field is None:
         return new
@@ -432,7 +436,7 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
 # PointwiseArgs field offsets (csrc/cuda/launchers.h) from the start of the kernel parameters.
 PW_FIELDS = {"grad_output": 0x20, "grad_output_scalar": 0x28, "skip_if_grad_output_is_one": 0x29,
              "loss": 0x30, "grad_input": 0x38, "grad_target": 0x40, "partials": 0x48,
-             "n": 0x50, "reduction": 0x60}
+             "n": 0x50, "param": 0x58, "reduction": 0x60}
 # The kernel parameters start at c[0x0][0x210] on sm_90, c[0x0][0x160] on sm_80.
 PARAM_BASE = {"sm_90": 0x210, "sm_80": 0x160}
 # The paths reported: the forward with the gradient (reduction mean, the benchmarked case) and
@@ -455,6 +459,16 @@ def pw_params(arch, values):
                 return values[fields[start]]
         return None
     return lookup
+
+
+def pointwise_param_nonzero(name):
+    """The loss parameter of the benchmarked calls: BCE-with-logits passes whether a pos_weight
+    stream is given (kAuxStream), Huber's delta, SmoothL1's beta and the hinge margin default
+    to 1; the other losses ignore it."""
+    args = template_args(name)
+    if args[0].startswith("BCEWithLogitsUsing"):
+        return args[2] == "1" and bool(int(args[3]) & 2)
+    return True
 
 
 def pointwise_streams(name):
@@ -536,6 +550,7 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                     continue  # the last chunk's loops: not the hot pair loop
                 entry["paths"] = {}
                 for path, values in PW_PATHS.items():
+                    values = {**values, "param": pointwise_param_nonzero(name)}
                     counts = path_counts(insns, lp["first"], lp["last"], pw_params(arch, values),
                                          lambda op: is_load128(op, "LDG", True))
                     if counts is None:
