@@ -149,8 +149,8 @@ def is_store128(op):
 
 
 def hot_loops(insns, const_loads=False):
-    """Innermost loops holding a 16-byte load: (first, last index, body, ldg128, lds128, stg128,
-    mufu)."""
+    """Innermost loops holding a 16-byte load: dicts of first and last index, body (instructions),
+    ldg128, lds128, stg128, mufu."""
     addr_index = {a: i for i, (a, _) in enumerate(insns)}
     loops = []
     for i, (addr, op) in enumerate(insns):
@@ -557,8 +557,7 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                         continue
                     (lo, lo_loads), (hi, hi_loads) = counts
                     entry["paths"][path] = (lo / (VEC[tname] * lo_loads / streams),
-                                            hi / (VEC[tname] * hi_loads / streams),
-                                            VEC[tname] * hi_loads // streams)
+                                            hi / (VEC[tname] * hi_loads / streams))
                 entry["elems"] = VEC[tname] * lp["ldg128"] / streams
             else:
                 entry["elems"] = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / \
@@ -574,7 +573,7 @@ def loop_cell(l):
     """body / elems per element, or per path (fewest-most instructions per element)."""
     loads = f"{l['lds128']} shared" if l["lds128"] else f"{l['ldg128']}"
     if "paths" in l:
-        paths = ", ".join(f"{p} {lo:.1f}-{hi:.1f}" for p, (lo, hi, _) in l["paths"].items())
+        paths = ", ".join(f"{p} {lo:.1f}-{hi:.1f}" for p, (lo, hi) in l["paths"].items())
         return (f"{paths} (loop {l['body']}/{l['elems']:g}: all copies, {l['mufu']}, "
                 f"{loads})")
     return f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads})"
