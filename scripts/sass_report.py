@@ -33,14 +33,14 @@ grad_input wanted, no grad_target, no grad_output): a branch on a predicate set 
 parameter (read from the constant bank) with zero goes the way the parameters say, a data
 branch both ways, and paths through a CALL (division or sqrt slow paths) are left out. It
 prints the fewest-most instructions per element over those paths (an iteration's instructions /
-its elements); the range is the data branches (e.g. SmoothL1's beta == 0 test, a parameter
-that is not a pointer: both ways).
+its elements); the range comes from the data branches. The loss parameter is the benchmarked
+call's (pointwise_param_nonzero: BCE-with-logits' pos_weight flag, delta, beta, margin 1).
 Bytes in flight per SM = 16 x (16-byte loads in the body, all issued before the first use in
 these loops) x resident threads per SM, where residency is what the registers allow for the
 block size the launcher uses (cross-entropy row kernels ce_row_kernel<T, kProb, kVec, kGroup,
 kCap, kW>: a warp per row, kGroup = 32, in 256-thread blocks, else 512; 65536 registers per SM,
-allocated per warp in units of 256, at most 2048 threads and 32 blocks per SM). The launcher's grid can cap residency lower (noted in
-benchmarks/NOTES.md).
+allocated per warp in units of 256, at most 2048 threads and 32 blocks per SM). The launcher's
+grid can cap residency lower (noted in benchmarks/NOTES.md).
 
 Usage: python scripts/sass_report.py [--arch sm_90 --arch sm_80] [--filter NAME] [--files F.cu ...]
 """
@@ -244,7 +244,8 @@ def loads_per_vector(name, loop, insns):
 # paths from the loop head to its backward branch bound one iteration's issue.
 
 PRED = re.compile(r"^!?(U?P[0-6T])$")
-CONST_LOAD = re.compile(r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
+CONST_LOAD = re.compile(
+    r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
 SETP = re.compile(r"^(?:U?ISETP|DSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
 
 
@@ -407,7 +408,11 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
                 cond = True if g is None else taken
                 for t in extra:
                     v = pred_value(state, t)
-                    cond = None if (cond is None or v is None) and cond is not False and v is not False else (cond and v)
+                    # "BRA !P2, target" under a guard: taken when both hold.
+                    if cond is False or v is False:
+                        cond = False
+                    elif cond is None or v is None:
+                        cond = None
                 tgt = addr_index.get(int(m.group(1), 16))
                 succ = []
                 if cond is not False:
