@@ -231,6 +231,8 @@ def loads_per_vector(name, loop, insns):
         if stores and max(len(loads_feeding(body, k)) for k in stores) == 1:
             return 1
         return 2
+    if name.startswith("ce_column_vec_kernel<"):  # probability targets: logits and targets
+        return 2 if template_args(name)[1] == "1" else 1
     return 1
 
 

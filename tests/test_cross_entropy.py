@@ -768,6 +768,46 @@ def test_first_backward_equals_retained_second(probs, dtype, device):
             assert torch.equal(a, b), reduction
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [5, 37, 515])  # scalar tail only; vectors and a tail
+def test_cpu_half_rows_are_the_float_rows_rounded_once(C, dtype):
+    """A 16-bit (N, C) row with a class-index gradient is read and written in its own type
+    (converted in registers, no float copies): its loss and gradients are exactly the float32
+    kernel's on the same values, rounded once (C % 16 < 8: the same summation order), for the
+    forward's gradient and the backward op's recomputed one."""
+    x, t = make_inputs((6, C), "cpu", dtype, ignore_hit=1)
+    w = _weight((6, C), "cpu", dtype)
+    for weight, ls, reduction in itertools.product([None, w], [0.0, 0.1], REDUCTIONS):
+        kw = dict(label_smoothing=ls, reduction=reduction, ignore_index=1)
+        x16, x32 = leaf(x), leaf(x.float())
+        out16 = TLF.cross_entropy(x16, t, weight=weight, **kw)
+        out32 = TLF.cross_entropy(x32, t, weight=None if weight is None else weight.float(), **kw)
+        assert torch.equal(out16, out32.to(dtype)), kw
+        for g in (torch.ones_like(out16), (torch.rand_like(out16.float()) + 0.3).to(dtype)):
+            g16 = torch.autograd.grad(out16, x16, g, retain_graph=True)[0]
+            g32 = torch.autograd.grad(out32, x32, g.float(), retain_graph=True)[0]
+            assert torch.equal(g16, g32.to(dtype)), kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_streamed_gradient_equals_rows_a_few_at_a_time(dtype):
+    """A class-index gradient of >= 8 MiB is written with non-temporal stores from an aligned
+    element on (C odd: every row starts at another alignment): bitwise the gradient of the same
+    rows computed four at a time (small outputs, ordinary stores)."""
+    C = 65539
+    N = (8 << 20) // (C * dtype.itemsize) + 2
+    x, t = make_inputs((N, C), "cpu", dtype)
+    w = _weight((N, C), "cpu", dtype)
+    for weight, ls in [(None, 0.0), (w, 0.1)]:
+        xo = leaf(x)
+        TLF.cross_entropy(xo, t, weight=weight, label_smoothing=ls, reduction="sum").backward()
+        for r in range(0, N, 4):
+            xr = leaf(x[r:r + 4])
+            TLF.cross_entropy(xr, t[r:r + 4], weight=weight, label_smoothing=ls,
+                              reduction="sum").backward()
+            assert torch.equal(xo.grad[r:r + 4], xr.grad), (r, ls)
+
+
 def test_expanded_grad_output_of_none_is_read_as_a_scalar(device):
     """loss.sum() of a 'none' loss hands backward an expanded grad_output: the same gradient
     as a materialized one."""

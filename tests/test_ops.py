@@ -232,3 +232,38 @@ def test_cross_entropy_bwd_into_op(combo, dtype, extras, device):
             for got, expected, want in [(gx, ex, ig), (gt, et, tg)]:
                 if want:
                     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_pointwise_ops_non_contiguous_inputs(name, device):
+    """The fake kernels give the real ops' output strides (inductor asserts them): a fresh
+    contiguous gradient whatever the input's strides."""
+    x, y = _inputs(name, (5, 3), torch.float32, device)
+    x, y = x.t(), y.t()
+    extra = POINTWISE[name](x)[0]
+    for reduction in (NONE, MEAN):
+        check(getattr(ops, f"{name}_fwd"), (x, y, *extra, reduction, True, True))
+        g = torch.randn((3, 5) if reduction == NONE else (), device=device)
+        check(getattr(ops, f"{name}_bwd"), (g, x, y, *extra, reduction, True, True))
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("layout", ["transposed", "row_slice"])
+def test_cross_entropy_ops_non_contiguous_inputs(layout, probs, device):
+    """Logits whose classes are contiguous in each row but whose rows are not (CUDA reads them
+    in place, the CPU copies): the fake kernels give the real gradients' strides."""
+    N, C, D = 2, 5, 3
+    if layout == "transposed":  # (N, D, C) seen as (N, C, D)
+        x = torch.randn(N, D, C, device=device).transpose(1, 2)
+        t = torch.randn(N, D, C, device=device).softmax(2).transpose(1, 2) if probs else \
+            torch.randint(0, C, (N, D), device=device)
+    else:  # rows of a wider tensor, D = 1
+        D = 1
+        x = torch.randn(N, C + 3, 1, device=device)[:, :C]
+        t = torch.randn(N, C, 1, device=device).softmax(1) if probs else \
+            torch.randint(0, C, (N, 1), device=device)
+    for reduction in (NONE, MEAN):
+        check(ops.cross_entropy_fwd, (x, t, None, -100, 0.1, reduction, True, probs))
+        _, stats, _, _ = ops.cross_entropy_fwd(x, t, None, -100, 0.1, reduction, False, False)
+        g = torch.randn((N, D) if reduction == NONE else (), device=device)
+        check(ops.cross_entropy_bwd, (g, x, t, None, stats, -100, 0.1, reduction, True, probs))

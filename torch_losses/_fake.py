@@ -1,5 +1,6 @@
-"""Fake (meta) kernels of the torch_losses ops: output shapes and dtypes only, so that
-torch.compile, torch.export and FakeTensor tracing see through the ops without running them."""
+"""Fake (meta) kernels of the torch_losses ops: output shapes, dtypes and strides (those the
+real ops give: inductor checks them), so that torch.compile, torch.export and FakeTensor tracing
+see through the ops without running them."""
 import torch
 from torch.library import register_fake
 
@@ -12,7 +13,28 @@ def _acc_dtype(dtype):
 
 
 def _grad_or_empty(like, wanted):
-    return torch.empty_like(like) if wanted else like.new_empty((0,))
+    """A gradient is a fresh contiguous tensor of like's shape (csrc/ops.h grad_like), whatever
+    like's strides."""
+    return like.new_empty(like.shape) if wanted else like.new_empty((0,))
+
+
+def _ce_rows_strided(input):
+    """csrc/cuda/ce_layout.h ce_rows_strided: CUDA logits (N, C, D) read with their strides."""
+    n, c, d = input.shape
+    s_n, s_c, _ = input.stride()
+    contiguous = d == 1 and (n <= 1 or s_n == c)
+    return input.device.type == "cuda" and c >= 2 and s_c == 1 and not contiguous
+
+
+def _ce_grad_or_empty(input, wanted):
+    """A cross-entropy gradient (csrc/ops.h ce_grad_like): the contiguous (N, C, D), or for
+    CUDA rows read with their strides and D > 1, a dense (N, D, C) seen as (N, C, D)."""
+    if not wanted:
+        return input.new_empty((0,))
+    n, c, d = input.shape
+    if d > 1 and _ce_rows_strided(input):
+        return input.new_empty((n, d, c)).transpose(1, 2)
+    return input.new_empty((n, c, d))
 
 
 def _pointwise_fwd_fake(input, target, *args):
@@ -57,7 +79,8 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, label_smoothing
                             input_grad, target_grad, z_loss=0.0, softcap=None):
     torch._check(input.dim() == 3, lambda: "cross_entropy ops take input (N, C, D)")
     loss, row_stats = _ce_outputs(input, target, reduction)
-    return loss, row_stats, _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
+    return (loss, row_stats, _ce_grad_or_empty(input, input_grad),
+            _ce_grad_or_empty(input, target_grad))
 
 
 @register_fake("torch_losses::cross_entropy_fwd_inplace")
@@ -70,7 +93,7 @@ def _cross_entropy_fwd_inplace_fake(input, target, weight, ignore_index, label_s
 def _cross_entropy_bwd_fake(grad_output, input, target, weight, row_stats, ignore_index,
                             label_smoothing, reduction, input_grad, target_grad, z_loss=0.0,
                             softcap=None):
-    return _grad_or_empty(input, input_grad), _grad_or_empty(input, target_grad)
+    return _ce_grad_or_empty(input, input_grad), _ce_grad_or_empty(input, target_grad)
 
 
 @register_fake("torch_losses::scale_grad_")

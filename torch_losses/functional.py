@@ -162,17 +162,17 @@ def _follow_autocast(torch_loss, input, target, *others):
 # Under torch.compile(fullgraph=True) dynamo runs this while tracing (it cannot trace
 # warnings.warn itself): the warning comes once per compilation, as torch's losses' warnings do.
 @torch._dynamo.assume_constant_result
-def _warn_broadcast(message):
-    warnings.warn(message, UserWarning, stacklevel=4)
+def _warn(message, stacklevel):
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
     return True
 
 
 def _broadcast(input, target, torch_loss):
     if target.size() != input.size():
-        _warn_broadcast(
+        _warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to "
-            "broadcasting. Please ensure they have the same size.")
+            "broadcasting. Please ensure they have the same size.", 3)
     _check_dtypes_like_torch(torch_loss, input, target)
     input, target = _promote(input, target, torch_loss)
     return torch.broadcast_tensors(input, target)
@@ -460,13 +460,11 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         kernel_reduction = _Reduction.legacy_get_string(size_average, reduce)
     else:
         if reduction == "mean":
-            warnings.warn(
+            _warn(
                 "reduction: 'mean' divides the total loss by both the batch size and the "
                 "support size.'batchmean' divides only by the batch size, and aligns with the KL "
                 "div math definition.'mean' will be changed to behave the same as 'batchmean' in "
-                "the next major release.",
-                stacklevel=2,
-            )
+                "the next major release.", 2)
         kernel_reduction = "sum" if reduction == "batchmean" else reduction
     reduction_enum(kernel_reduction)
     _check_same_device(input, target)

@@ -24,6 +24,9 @@ void prefault_for_write(T* out, int64_t begin, int64_t end) {
 }
 // Outputs below this size likely come from the heap, already mapped.
 constexpr int64_t kPrefaultMinBytes = int64_t(1) << 20;
+// Outputs from this size on are written with non-temporal stores where a kernel can (several
+// times a core's L2: they leave the caches before they are read again).
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 
 // Work units of the CPU kernels: fixed sizes, so that results do not depend on the thread count.
 constexpr int64_t kCpuChunk = 2048;

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/ce_rows_avx512.h"
 #include "cpu/cpu_backend.h"
 #include "cpu/vec_math.h"
 
@@ -113,42 +114,40 @@ RowStats<acc_t> row_stats(const acc_t* x, const acc_t* w, const acc_t* t, int64_
 
 // The statistics of a class-index row whose gradient is wanted, with one exp per element: the
 // max first (a light sweep that brings the row into cache), then e_c = exp(x_c - max) stored
-// into `e` (the gradient row, which may alias x) and summed, with the label-smoothing sums
-// (v_c = w_c, or 1) when `weighted`; row_grad_from_exp then scales e into the gradient in place.
-// (row_stats' online pass and the gradient's softmax would take one exp each.) The backward
-// op passes the saved max and uses only the e_c: the same bits as the forward's gradient.
-// `next_row` (or null): the memory of the row this task reads next, `next_bytes` per element
-// of this row, prefetched into cache during the exp sweep (compute-bound, in cache) so that the
-// next max sweep does not wait on memory.
-template <typename acc_t>
-RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bool weighted,
-                                   acc_t* e, const char* next_row, int64_t next_bytes,
-                                   const acc_t* saved_max = nullptr) {
+// into `e` (the gradient row, which may alias x, or a float row in cache) and summed, with the
+// label-smoothing sums (v_c = w_c, or 1) when kWeighted;
+// row_grad_from_exp then scales e into the gradient. (row_stats' online pass and the gradient's
+// softmax would take one exp each.) The backward op passes the saved max and uses only the
+// e_c: the same bits as the forward's gradient. `next_row` (or null): the memory of the row
+// this task reads next, prefetched into cache during the exp sweep (compute-bound, in cache)
+// so that the next max sweep does not wait on memory.
+template <bool kWeighted, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+RowStats<acc_t> row_stats_into_exp(const scalar_t* x, const acc_t* w, int64_t C, acc_t* e,
+                                   const scalar_t* next_row, const acc_t* saved_max) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   RowStats<acc_t> r;
   r.max = saved_max ? *saved_max : nan_max_of(x, C);
   const Vec max_v(r.max);
   Vec sv(0), vw(0), vs(0);
-  int64_t i = 0;
-  for (; i + kLanes <= C; i += kLanes) {
-    if (next_row) __builtin_prefetch(next_row + i * next_bytes, 0, 2);
-    const Vec xv = Vec::loadu(x + i);
+  constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
+  int64_t i = for_each_acc_vec(x, C, [&](int64_t j, const Vec& xv) {
+    if (next_row && j % kLineElements == 0) __builtin_prefetch(next_row + j, 0, 2);
     const Vec ev = Math<Vec>::exp(xv - max_v);
-    if (weighted) {
-      const Vec v = w ? Vec::loadu(w + i) : Vec(1);
+    if constexpr (kWeighted) {
+      const Vec v = w ? Vec::loadu(w + j) : Vec(1);
       vw = vw + v;
       vs = vs + v * (xv - max_v);
     }
-    ev.store(e + i);
+    ev.store(e + j);
     sv = sv + ev;
-  }
+  });
   acc_t tail_sum = 0;
   for (; i < C; ++i) {
-    const acc_t xs = x[i];
+    const acc_t xs = static_cast<acc_t>(x[i]);
     e[i] = std::exp(xs - r.max);
     tail_sum += e[i];
-    if (weighted) {
+    if constexpr (kWeighted) {
       const acc_t v = w ? w[i] : acc_t(1);
       r.weight += v;
       r.shifted += v * (xs - r.max);
@@ -167,20 +166,54 @@ RowStats<acc_t> row_stats_into_exp(const acc_t* x, const acc_t* w, int64_t C, bo
   return r;
 }
 
-// grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max) in `grad`
-// (class-index targets; the target entry is fixed after).
-template <typename acc_t>
-void row_grad_from_exp(const acc_t* w, acc_t* grad, int64_t C, acc_t a_over_sum, acc_t b) {
+#if defined(TL_HAVE_AVX512_ROWS)
+// row_stats_into_exp with the AVX-512 sweeps (csrc/cpu/ce_rows_avx512.h).
+template <bool kWeighted, typename scalar_t>
+RowStats<float> row_stats_into_exp_avx512(const scalar_t* x, const float* w, int64_t C, float* e,
+                                          const scalar_t* next_row, const float* saved_max) {
+  RowStats<float> r;
+  r.max = saved_max ? *saved_max : avx512_rows::nan_max(x, C);
+  const avx512_rows::ExpSums sums = avx512_rows::exp_sweep<kWeighted>(x, w, C, r.max, e, next_row);
+  r.weight = sums.weight;
+  r.shifted = sums.shifted;
+  r.log_sum = std::log(sums.sum);
+  return r;
+}
+#endif
+
+// grad_c = a softmax_c - b w_c = (a / sum) e_c - b w_c from e_c = exp(x_c - max), into `grad`
+// (in place when it is e; class-index targets; the target entry is fixed after). `stream`:
+// non-temporal stores (grad is not e).
+template <typename acc_t, typename scalar_t>
+void row_grad_from_exp(const acc_t* w, const acc_t* e, scalar_t* grad, int64_t C,
+                       acc_t a_over_sum, acc_t b, bool stream) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec scale_v(a_over_sum), b_v(b);
-  int64_t i = 0;
-  for (; i + Vec::size() <= C; i += Vec::size()) {
-    Vec gv = scale_v * Vec::loadu(grad + i);
-    if (w && b != 0) gv = gv - b_v * Vec::loadu(w + i);
-    else if (b != 0) gv = gv - b_v;
-    gv.store(grad + i);
+  const auto grad_vec = [&](int64_t j) {
+    const Vec gv = scale_v * Vec::loadu(e + j);
+    if (w && b != 0) return gv - b_v * Vec::loadu(w + j);
+    return b != 0 ? gv - b_v : gv;
+  };
+  const auto grad_at = [&](int64_t j) {
+    return static_cast<scalar_t>(a_over_sum * e[j] - b * (w ? w[j] : acc_t(1)));
+  };
+  using VecS = at::vec::Vectorized<scalar_t>;
+  // A streamed row starts with single elements up to the first vector-aligned one.
+  constexpr int64_t kVecBytes = sizeof(VecS);
+  int64_t i = stream ? std::min<int64_t>(C, (-reinterpret_cast<intptr_t>(grad) & (kVecBytes - 1)) /
+                                                 int64_t(sizeof(scalar_t)))
+                     : 0;
+  for (int64_t j = 0; j < i; ++j) grad[j] = grad_at(j);
+  const auto store = [&](scalar_t* p, const VecS& v) { stream ? stream_store(p, v) : v.store(p); };
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= C; i += Vec::size()) store(grad + i, grad_vec(i));
+  } else {  // two float vectors rounded into one vector of half or bfloat16
+    for (; i + VecS::size() <= C; i += VecS::size()) {
+      store(grad + i, at::vec::convert_from_float<scalar_t>(grad_vec(i), grad_vec(i + Vec::size())));
+    }
   }
-  for (; i < C; ++i) grad[i] = a_over_sum * grad[i] - b * (w ? w[i] : acc_t(1));
+  for (; i < C; ++i) grad[i] = grad_at(i);
+  if (stream) stream_fence();  // before the target's entry is stored over them
 }
 
 // Probability targets: sum_c v_c (-log_softmax_c), v_c = w_c t'_c, term by term as torch (an
@@ -374,6 +407,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const int64_t prefault_rows = std::max<int64_t>(
       1, (int64_t(256) << 10) / std::max<int64_t>(C * static_cast<int64_t>(sizeof(scalar_t)), 1));
 
+  // The direct rows' sweeps in AVX-512 where torch's kernels run it (float accumulation).
+  const bool avx512 = std::is_same_v<acc_t, float> && avx512_rows::enabled();
+
   std::vector<acc_t> row_loss(forward ? rows : 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
@@ -388,28 +424,54 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       }
       const int64_t n = r / D, d = r % D;
       const int64_t offset = n * C * D + d;
-      const acc_t* xr = load_row(x + offset, C, D, x_buf.data());
+      const int64_t y = probs ? 0 : labels[r];
+      const bool ignored = !probs && y == p.ignore_index;
+      // A class-index gradient is formed from e = exp(x - max) left in the gradient row (a float
+      // row for half and bfloat16), by the forward and the backward op alike (a recomputed
+      // gradient has the forward's bits).
+      const bool exp_in_grad = gx && !probs && !ignored;
+      // Such a row of a contiguous (N, C) without soft-capping is read and written in its own
+      // type (no converted copies): half and bfloat16 are converted in registers.
+      const bool direct = exp_in_grad && D == 1 && cap == 0;
+      const acc_t* xr = direct ? nullptr : load_row(x + offset, C, D, x_buf.data());
       if (cap != 0) {  // the capped logits replace the row from here on
         softcap_row(xr, x_buf.data(), C, cap);
         xr = x_buf.data();
       }
       const acc_t* tr = probs ? load_row(t + offset, C, D, t_buf.data()) : nullptr;
-      const int64_t y = probs ? 0 : labels[r];
-      const bool ignored = !probs && y == p.ignore_index;
-
-      // A class-index gradient is formed from e = exp(x - max) left in the gradient row, by the
-      // forward and the backward op alike (a recomputed gradient has the forward's bits).
-      const bool exp_in_grad = gx && !probs && !ignored;
-      acc_t* gxr = gx ? row_out(gx + offset, D, gx_buf.data()) : nullptr;
-      const acc_t x_y = probs || ignored ? acc_t(0) : xr[y];  // before an in-place gradient
-      const char* next_row = D == 1 && r + 1 < row_end
-                                 ? reinterpret_cast<const char*>(x + offset + C) : nullptr;
-      constexpr int64_t kElementBytes = sizeof(scalar_t);
+      // A large gradient is streamed out of a float row of e in cache (its lines not read).
+      const bool stream = direct && grad_bytes >= kStreamMinBytes;
+      acc_t* gxr = !gx ? nullptr : stream ? gx_buf.data() : row_out(gx + offset, D, gx_buf.data());
+      // x_y before an in-place gradient overwrites it
+      const acc_t x_y = probs || ignored ? acc_t(0)
+                        : direct         ? static_cast<acc_t>(x[offset + y])
+                                         : xr[y];
+      const scalar_t* next_row = D == 1 && r + 1 < row_end ? x + offset + C : nullptr;
+      // The backward op needs no label-smoothing sums.
+      const auto into_exp = [&](const acc_t* saved_max) {
+        const bool weighted = eps != 0 && !saved_max;
+#if defined(TL_HAVE_AVX512_ROWS)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (direct && avx512) {
+            return weighted ? row_stats_into_exp_avx512<true>(x + offset, w, C, gxr, next_row,
+                                                              saved_max)
+                            : row_stats_into_exp_avx512<false>(x + offset, w, C, gxr, next_row,
+                                                               saved_max);
+          }
+        }
+#endif
+        if (direct) {
+          return weighted ? row_stats_into_exp<true>(x + offset, w, C, gxr, next_row, saved_max)
+                          : row_stats_into_exp<false>(x + offset, w, C, gxr, next_row, saved_max);
+        }
+        const acc_t* no_prefetch = nullptr;
+        return weighted ? row_stats_into_exp<true>(xr, w, C, gxr, no_prefetch, saved_max)
+                        : row_stats_into_exp<false>(xr, w, C, gxr, no_prefetch, saved_max);
+      };
       RowStats<acc_t> st;
       if (forward) {
-        st = exp_in_grad
-                 ? row_stats_into_exp(xr, w, C, eps != 0, gxr, next_row, kElementBytes)
-                 : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+        st = exp_in_grad ? into_exp(nullptr)
+                         : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
         stats_out[r] = st.max;
         stats_out[rows + r] = st.log_sum;
         if (probs) stats_out[2 * rows + r] = st.weight;
@@ -429,9 +491,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         st.max = stats_in[r];
         st.log_sum = stats_in[rows + r];
         if (probs) st.weight = stats_in[2 * rows + r];
-        if (exp_in_grad) {
-          row_stats_into_exp(xr, w, C, false, gxr, next_row, kElementBytes, &st.max);
-        }
+        if (exp_in_grad) into_exp(&st.max);
       }
       if (!gx && !gt) continue;
 
@@ -452,12 +512,24 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         // 1 / sum from the saved log s, so that the backward op's gradient has the same bits.
         const acc_t inv_sum = std::exp(-st.log_sum);
         const acc_t p_y = gxr[y] * inv_sum;
-        row_grad_from_exp(w, gxr, C, s * (keep * wy + spread * weight_sum + z_coef) * inv_sum,
-                          s * spread);
+        const acc_t a_over_sum = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
         // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
         // differences formed before the scale (C = 1 without z-loss gives exactly 0).
-        gxr[y] = s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) +
-                      z_coef * p_y);
+        const acc_t g_y =
+            s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+        if (direct) {
+          scalar_t* out = gx + offset;
+#if defined(TL_HAVE_AVX512_ROWS)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (avx512) avx512_rows::scale_sweep(w, gxr, out, C, a_over_sum, s * spread, stream);
+          }
+#endif
+          if (!avx512) row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread, stream);
+          out[y] = static_cast<scalar_t>(g_y);
+          continue;
+        }
+        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, s * spread, false);
+        gxr[y] = g_y;
       }
       if (gx && cap != 0) softcap_grad_row(xr, gxr, C, cap);
       if (gx) store_row(gx + offset, C, D, gxr);

@@ -2,16 +2,30 @@
 // the CPU. Comparisons of Vectorized values give lane masks; where() blends on them.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
-#include <limits>
 #include <limits>
 #include <type_traits>
 
 #include "losses/math.h"
 
 namespace torch_losses {
+
+// The vectorized exp's constants (avx2_math::exp below, and its AVX-512 lanes in
+// csrc/cpu/ce_rows_avx512.h): exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in
+// [-ln2/2, ln2/2] (Cody-Waite: the high part of ln 2 has 15 significant bits, so n ln2_hi is
+// exact); exp(r) by its Taylor series to r^8 (truncation < 1e-9 relative).
+namespace exp_poly {
+constexpr float kLowest = -104.0f;  // below: 0 after the subnormals
+constexpr float kHighest = 88.8f;   // above: inf
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f;
+constexpr float kLn2Lo = 1.428606765330187e-06f;
+constexpr float kR8 = 1.0f / 40320, kR7 = 1.0f / 5040, kR6 = 1.0f / 720, kR5 = 1.0f / 120,
+                kR4 = 1.0f / 24, kR3 = 1.0f / 6, kR2 = 0.5f;
+}  // namespace exp_poly
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 // exp, log and log1p of 8 floats, inlined, within 1 ulp (0.98, 0.89 and 0.89 ulp at most over a
@@ -25,23 +39,21 @@ namespace avx2_math {
 inline __m256 splat(float v) { return _mm256_set1_ps(v); }
 inline __m256 blend(__m256 mask, __m256 a, __m256 b) { return _mm256_blendv_ps(b, a, mask); }
 
-// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite: the
-// high part of ln 2 has 15 significant bits, so n ln2_hi is exact); exp(r) by its Taylor series
-// to r^8 (truncation < 1e-9 relative); 2^n applied in two halves so that subnormal results
-// round once.
+// exp (exp_poly); 2^n applied in two halves so that subnormal results round once.
 inline __m256 exp(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, splat(-104.0f)), splat(88.8f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, splat(1.44269504088896341f)),
+  using namespace exp_poly;
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, splat(kLowest)), splat(kHighest));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, splat(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, splat(0.693145751953125f), xc);
-  r = _mm256_fnmadd_ps(n, splat(1.428606765330187e-06f), r);
-  __m256 p = splat(1.0f / 40320);
-  p = _mm256_fmadd_ps(p, r, splat(1.0f / 5040));
-  p = _mm256_fmadd_ps(p, r, splat(1.0f / 720));
-  p = _mm256_fmadd_ps(p, r, splat(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, splat(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, splat(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, splat(0.5f));
+  __m256 r = _mm256_fnmadd_ps(n, splat(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, splat(kLn2Lo), r);
+  __m256 p = splat(kR8);
+  p = _mm256_fmadd_ps(p, r, splat(kR7));
+  p = _mm256_fmadd_ps(p, r, splat(kR6));
+  p = _mm256_fmadd_ps(p, r, splat(kR5));
+  p = _mm256_fmadd_ps(p, r, splat(kR4));
+  p = _mm256_fmadd_ps(p, r, splat(kR3));
+  p = _mm256_fmadd_ps(p, r, splat(kR2));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);  // r + r^2 (1/2 + ...)
   p = _mm256_add_ps(p, splat(1.0f));
   const __m256i ni = _mm256_cvtps_epi32(n);
@@ -175,20 +187,67 @@ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-// max of x[0, n) (-inf for n = 0), NaN if any element is NaN; vectorized.
-template <typename acc_t>
-acc_t nan_max_of(const acc_t* x, int64_t n) {
+// Calls f(i, v) in order for the vectors v = x[i, i + Vec::size()) in the accumulation type
+// (half and bfloat16 converted in registers, two float vectors per load); returns the first
+// index not visited, where the scalar tail starts.
+template <typename scalar_t, class F>
+int64_t for_each_acc_vec(const scalar_t* x, int64_t n, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) f(i, Vec::loadu(x + i));
+  } else {
+    using VecS = at::vec::Vectorized<scalar_t>;
+    static_assert(VecS::size() == 2 * Vec::size());
+    for (; i + VecS::size() <= n; i += VecS::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecS::loadu(x + i));
+      f(i, lo);
+      f(i + Vec::size(), hi);
+    }
+  }
+  return i;
+}
+
+// max of x[0, n) in the accumulation type (-inf for n = 0), NaN if any element is NaN;
+// vectorized.
+template <typename scalar_t>
+at::opmath_type<scalar_t> nan_max_of(const scalar_t* x, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   Vec mv(-std::numeric_limits<acc_t>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) mv = at::vec::maximum(mv, Vec::loadu(x + i));
+  int64_t i = for_each_acc_vec(x, n, [&](int64_t, const Vec& v) { mv = at::vec::maximum(mv, v); });
   acc_t lanes[kLanes];
   mv.store(lanes);
   acc_t m = lanes[0];
   for (int64_t k = 1; k < kLanes; ++k) m = nan_max(m, lanes[k]);
-  for (; i < n; ++i) m = nan_max(m, x[i]);
+  for (; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
   return m;
+}
+
+// v into p with a non-temporal store (p aligned to the vector's size): the line is not read
+// first nor kept in cache. For outputs far larger than the caches, written once.
+template <typename T>
+inline void stream_store(T* p, const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before its later stores (a task's end).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  _mm_sfence();
+#endif
 }
 
 // src[0, n) converted to the accumulation type (float for half and bfloat16).

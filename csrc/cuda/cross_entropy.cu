@@ -17,7 +17,9 @@
 //    DRAM) and exchanges the slices' statistics through distributed shared memory; elsewhere two
 //    kernels with the partials in global memory. See the split section.
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
-//    D, so a warp reads 32 consecutive d (coalesced).
+//    D, so a warp reads 32 consecutive d (coalesced). The contiguous (N, C, D) with D a multiple
+//    of V = 16 / sizeof(T) and aligned arrays runs the vector column kernel instead: one thread
+//    per V consecutive d, one 16-byte load per class for all V, the same per-position numerics.
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
 //    main kernel so the fused gradient can use 1/W without a host sync), the class-weight sum and
 //    the reduction of the per-row losses.
@@ -134,23 +136,19 @@ struct Stats {
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <bool kApprox, int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
-    A vmax = -INFINITY;
+    A vmax = v[0];  // NaN only if every v is NaN: then no rebase, as for -inf
 #pragma unroll
-    for (int i = 0; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
+    for (int i = 1; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
     if (vmax > m) {
       s *= exp_hot<kApprox>(m - vmax);
       if (m != -INFINITY) d += (vmax - m) * u;
       m = vmax;
     }
-    if (m != -INFINITY) {
+    // While m is -inf, every logit so far is -inf or NaN: exp(v - 0) adds 0, or NaN for a NaN,
+    // so one branch-free sum covers both cases.
+    const A mm = m == -INFINITY ? A(0) : m;
 #pragma unroll
-      for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - m);
-    } else {  // nothing but -inf and NaN so far: a NaN makes s NaN (one predicate per element)
-      bool nan = false;
-#pragma unroll
-      for (int i = 0; i < N; ++i) nan |= v[i] != v[i];
-      if (nan) s = A(NAN);
-    }
+    for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - mm);
   }
 
   // Folds u_c (m - x_c) for N logits already pushed (m covers them). While m is -inf, every
@@ -250,6 +248,26 @@ __device__ __forceinline__ void st_vec_stream(T* p, const Vec<T>& v) {
   __stcs(reinterpret_cast<int4*>(p), r);
 }
 
+// The first N elements of a vector in acc_t. bf16 is the high half of a float: a 32-bit word of
+// two is unpacked with one shift and one mask (a per-element conversion of the high half takes
+// two instructions).
+template <int N, typename T>
+__device__ __forceinline__ void vec_to_acc(const Vec<T>& xv, acc_t<T> (&v)[N]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && N % 2 == 0) {
+    uint32_t u[N / 2];
+    memcpy(u, &xv, sizeof(u));
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const uint32_t lo = u[k] << 16, hi = u[k] & 0xffff0000u;
+      memcpy(&v[2 * k], &lo, sizeof(lo));
+      memcpy(&v[2 * k + 1], &hi, sizeof(hi));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_acc(xv.v[i]);
+  }
+}
+
 // Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
 // scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
 // kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
@@ -308,10 +326,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
     A v[N];
+    vec_to_acc<N>(xv, v);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
-    }
+    for (int i = 0; i < N; ++i) v[i] = capped<kCap, kApproxExp<T>>(v[i], cap, inv_cap);
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
@@ -427,10 +444,12 @@ struct Pass2Index {
     // 16-bit rows with smoothing: sg (pc p + eps_c (wsum p - w)) as p k1 - w k2, one FFMA (and
     // one FMUL with weights) per element; float and double keep index_grad's rounding.
     const A k1 = sg * (pc + eps_c * wsum), k2 = sg * eps_c;
+    A xa[N];
+    vec_to_acc<N>(xv, xa);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
-      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
+      const A xc = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap, dcap);
       const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
       A g = kSmooth && kApproxExp<T> ? p * k1 - w[i] * k2
                                      : index_grad<T, kSmooth>(p, pc, wsum, eps_c,
@@ -553,22 +572,25 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
       f.template load<1>(gt, xv[0], tv[0]);
       f.template compute<1>(gt, xv[0], tv[0]);
     }
-    const int64_t nv = (C - head) / V;
-    int64_t j = gt;
-    for (; j + (U - 1) * int64_t(G) < nv; j += U * int64_t(G)) {
+    // Vector j of the thread starts at class head + j V; walked by its class index, so that
+    // each vector's address is one 64-bit add away from the previous one.
+    const int64_t end = head + (C - head) / V * V;  // past the last whole vector
+    const int64_t GV = int64_t(G) * V;
+    int64_t c = head + int64_t(gt) * V;
+    for (; c + (U - 1) * GV < end; c += U * GV) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) f.template load<V>(head + (j + u * G) * V, xv[u], tv[u]);
+      for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) f.template compute<V>(head + (j + u * G) * V, xv[u], tv[u]);
+      for (int u = 0; u < U; ++u) f.template compute<V>(c + u * GV, xv[u], tv[u]);
     }
-    for (; j < nv; j += G) {
-      f.template load<V>(head + j * V, xv[0], tv[0]);
-      f.template compute<V>(head + j * V, xv[0], tv[0]);
+    for (; c < end; c += GV) {
+      f.template load<V>(c, xv[0], tv[0]);
+      f.template compute<V>(c, xv[0], tv[0]);
     }
-    const int64_t c = head + nv * V + gt;
-    if (c < C) {
-      f.template load<1>(c, xv[0], tv[0]);
-      f.template compute<1>(c, xv[0], tv[0]);
+    const int64_t ct = end + gt;
+    if (ct < C) {
+      f.template load<1>(ct, xv[0], tv[0]);
+      f.template compute<1>(ct, xv[0], tv[0]);
     }
   } else {
     int64_t c = gt;
@@ -842,6 +864,254 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
       ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, RowBase{base, base, base}, D, 0, 1,
                                                    nullptr);
     }
+  }
+}
+
+// ---- D > 1 vectorized across d ----------------------------------------------------------------
+// The contiguous (N, C, D) with D % V == 0 and 16-byte aligned arrays (launch_main decides; else
+// the column kernel): one thread owns V consecutive positions (n, d0 .. d0 + V - 1), which share
+// every class's 16-byte vector x[n, c, d0 .. d0 + V - 1]. Each lane i keeps the column kernel's
+// per-position state and calls the same functors' compute<1> on its element, classes in the
+// same order: every position's result is bitwise the column kernel's. Pass 2 writes the V
+// gradients of a class with one 16-byte store (the functors write into a register vector).
+
+// Lane i of a loaded vector as a one-element Vec (what compute<1> reads).
+template <typename T>
+__device__ __forceinline__ Vec<T> lane_of(const Vec<T>& v, int i) {
+  Vec<T> r;
+  r.v[0] = v.v[i];
+  return r;
+}
+
+// Classes 0 .. C-1 of V positions: the vectors at x + c D (and t + c D where kT), U loads in
+// flight per array, then step(c, xv, tv) in class order. kLast: the row's last read
+// (evict-first).
+template <typename T, bool kT, bool kLast, int U, class Step>
+__device__ __forceinline__ void lanes_walk(const T* x, const T* t, int64_t C, int64_t D,
+                                           Step&& step) {
+  auto load = [](const T* p) { return kLast ? ld_vec_last(p) : ld_vec(p); };
+  Vec<T> xv[U], tv[U];
+  int64_t c = 0;
+  for (; c + U <= C; c += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      xv[u] = load(x + (c + u) * D);
+      if (kT) tv[u] = load(t + (c + u) * D);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) step(c + u, xv[u], tv[u]);
+  }
+  for (; c < C; ++c) {
+    xv[0] = load(x + c * D);
+    if (kT) tv[0] = load(t + c * D);
+    step(c, xv[0], tv[0]);
+  }
+}
+
+// ce_row (kGroup 1, scalar walk, kWeightAny) for the V positions row0 .. row0 + V - 1, whose
+// class 0 is at offset `base` of every (N, C, D) array.
+template <typename T, bool kProb, bool kCap>
+__device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int64_t base) {
+  using A = acc_t<T>;
+  constexpr int V = VecTraits<T>::kVec;
+  // 16-byte loads in flight per thread and array: 4 for 16-bit logits alone (~240 registers,
+  // one 256-thread block per SM: 16 KB per SM), else 2 (4 would spill float and double rows).
+  constexpr int U = (kProb || sizeof(T) > 2) ? kWalkUnrollProb : kWalkUnrollIndex;
+  const CrossEntropyArgs<T>& a = P.a;
+  const int64_t C = a.C, D = a.D;
+  const T* xr = a.input + base;
+  const T* tr = kProb ? a.target_prob + base : nullptr;
+  T* gir = a.grad_input != nullptr ? a.grad_input + base : nullptr;
+  T* gtr = a.grad_target != nullptr ? a.grad_target + base : nullptr;
+  const A one_m_eps = A(1) - P.eps;
+  Stats<A> st[V];
+  A m[V], log_s[V], sg[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    st[i] = Stats<A>{A(-INFINITY), A(0), A(0), A(0)};
+    sg[i] = grad_scale(P, row0 + i);
+  }
+
+  if (!kProb) {
+    int64_t y[V];
+    bool ignored[V];
+    A wy[V], xy[V];  // xy: the target's logit as loaded, read before any gradient write
+    bool all_ignored = true;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      y[i] = a.target_index[row0 + i];
+      ignored[i] = y[i] == a.ignore_index;
+      if (!ignored[i]) TL_DEVICE_ASSERT(y[i] >= 0 && y[i] < C, TL_CE_TARGET_CHECK);
+      all_ignored &= ignored[i];
+      wy[i] = ignored[i] ? A(0) : (a.weight != nullptr ? a.weight[y[i]] : A(1));
+      xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
+    }
+    if (P.fwd) {
+      auto pass1 = [&](auto smooth) {
+        Pass1Index<T, decltype(smooth)::value, kCap> f[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
+        lanes_walk<T, false, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                                               const Vec<T>&) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), xv);
+        });
+#pragma unroll
+        for (int i = 0; i < V; ++i) st[i] = f[i].st;
+      };
+      if (P.eps != A(0)) pass1(std::true_type{});
+      else pass1(std::false_type{});
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        m[i] = st[i].m;
+        log_s[i] = flog(st[i].s);
+        a.row_stats[row0 + i] = m[i];
+        a.row_stats[P.rows + row0 + i] = log_s[i];
+        A l = 0;
+        if (!ignored[i]) {
+          const A xc = capped<kCap, kApproxExp<T>>(xy[i], P.cap, P.inv_cap);
+          l = one_m_eps * wy[i] * ((m[i] - xc) + log_s[i]);
+          if (P.eps != A(0)) l += P.eps_c * (st[i].d + st[i].u * log_s[i]);
+          if (P.z != A(0)) l += P.z * (m[i] + log_s[i]) * (m[i] + log_s[i]);
+        }
+        if (a.reduction == 0) a.loss[row0 + i] = from_acc<T>(l);
+        else P.row_loss[row0 + i] = l;
+      }
+    } else {  // backward: the saved statistics, pass 2 only
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        m[i] = saved_stat(P, 0, row0 + i);
+        log_s[i] = saved_stat(P, 1, row0 + i);
+      }
+    }
+    if (gir == nullptr) return;
+    bool any_reads = !all_ignored;
+#pragma unroll
+    for (int i = 0; i < V; ++i) any_reads |= ignored[i] && ignored_row_reads<T>(m[i], log_s[i]);
+    if (!any_reads) {  // every position ignored with finite statistics: zeros, the row not read
+      Pass2Zero<T> f{gir, D};
+      Vec<T> none;
+      for (int64_t c = 0; c < C; ++c) f.template compute<V>(c * D, none, none);
+      return;
+    }
+    // An ignored position runs with the coefficients that make its gradient 0 * softmax (ce_row's
+    // ignored row with non-finite statistics): exactly 0 where the softmax is finite.
+    const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+    auto pass2 = [&](auto smooth) {
+      using F = Pass2Index<T, decltype(smooth)::value, kCap>;
+      F f[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A ls2 = log_s[i] * A(kLog2e);
+        if (ignored[i]) {
+          f[i] = F{xr + i, gir + i, nullptr, D, m[i], log_s[i], ls2, A(0), A(0), A(0), A(1),
+                   A(0), A(0), P.cap, P.inv_cap};
+        } else {
+          const A wy1 = one_m_eps * wy[i];
+          const A zc = A(2) * P.z * (m[i] + log_s[i]);
+          f[i] = F{xr + i, gir + i, a.weight, D, m[i], log_s[i], ls2, wy1, wsum, P.eps_c, sg[i],
+                   wy1 + zc, zc, P.cap, P.inv_cap};
+        }
+      }
+      lanes_walk<T, false, true, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                                            const Vec<T>&) {
+        Vec<T> out;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          F fi = f[i];
+          fi.gi = &out.v[i];
+          fi.stride = 0;
+          fi.template compute<1>(c, lane_of(xv, i), xv);
+        }
+        st_vec_stream(gir + c * D, out);
+      });
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (!ignored[i]) f[i].fix_target(y[i], xy[i]);
+      }
+    };
+    if (P.eps_c != A(0)) pass2(std::true_type{});
+    else pass2(std::false_type{});
+  } else {
+    if (P.fwd) {
+      Pass1Prob<T, kCap> f[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        f[i] = {xr + i, tr + i, a.weight, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
+      }
+      lanes_walk<T, true, false, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                                       const Vec<T>& tv) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+      });
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        st[i] = f[i].st;
+        m[i] = st[i].m;
+        log_s[i] = flog(st[i].s);
+        A l = st[i].d + st[i].u * log_s[i];
+        if (!isfinite(l)) {  // rare: ce_row's term-by-term sum, for this position alone
+          ProbLossTerms<T, kCap> terms{xr + i, tr + i, a.weight, D, m[i], log_s[i], one_m_eps,
+                                       P.eps_c, P.cap, P.inv_cap, A(0)};
+          walk<T, false, kWalkUnrollProb>(terms, C, 0, 0, 1);
+          l = terms.sum;
+        }
+        if (P.z != A(0)) l += P.z * (m[i] + log_s[i]) * (m[i] + log_s[i]);
+        a.row_stats[row0 + i] = m[i];
+        a.row_stats[P.rows + row0 + i] = log_s[i];
+        a.row_stats[2 * P.rows + row0 + i] = st[i].u;
+        if (a.reduction == 0) a.loss[row0 + i] = from_acc<T>(l);
+        else P.row_loss[row0 + i] = l;
+      }
+    } else {  // backward: the saved statistics, pass 2 only
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        m[i] = saved_stat(P, 0, row0 + i);
+        log_s[i] = saved_stat(P, 1, row0 + i);
+        st[i].u = saved_stat(P, 2, row0 + i);
+      }
+    }
+    auto pass2 = [&](auto gi_flag, auto gt_flag) {
+      constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
+      using F = Pass2Prob<T, kCap, kGI, kGT>;
+      F f[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A tw = st[i].u + A(2) * P.z * (m[i] + log_s[i]);
+        f[i] = F{xr + i, tr + i, nullptr, nullptr, a.weight, D, m[i], log_s[i],
+                 log_s[i] * A(kLog2e), tw, one_m_eps, P.eps_c, sg[i], P.cap, P.inv_cap};
+      }
+      lanes_walk<T, kGI, true, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                                     const Vec<T>& tv) {
+        Vec<T> oi, ot;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          F fi = f[i];
+          fi.gi = &oi.v[i];
+          fi.gt = &ot.v[i];
+          fi.stride = 0;
+          fi.template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+        }
+        if (kGI) st_vec_stream(gir + c * D, oi);
+        if (kGT) st_vec_stream(gtr + c * D, ot);
+      });
+    };
+    if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
+    else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
+    else if (gtr != nullptr) pass2(std::false_type{}, std::true_type{});
+  }
+}
+
+// V positions per thread (ce_lanes); groups of V in a grid-stride loop.
+template <typename T, bool kProb, bool kCap>
+__global__ void __launch_bounds__(256) ce_column_vec_kernel(const CeParams<T> P) {
+  if (skip_backward(P.a)) return;  // issue 13
+  constexpr int V = VecTraits<T>::kVec;
+  const int64_t D = P.a.D, groups_per_n = D / V, groups = P.rows / V;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = g / groups_per_n, d0 = (g - n * groups_per_n) * V;
+    ce_lanes<T, kProb, kCap>(P, g * V, n * P.a.C * D + d0);
   }
 }
 
@@ -1255,6 +1525,11 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       const unsigned grid = grid_for(P.rows, cap);
       launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid, threads, stream);
     }
+  } else if (!a.rows_strided && a.D % V == 0 && aligned16(a.input) &&
+             aligned16(a.target_prob) && aligned16(a.grad_input) && aligned16(a.grad_target)) {
+    // The contiguous (N, C, D) in whole 16-byte vectors of d (nullptr counts as aligned).
+    const unsigned grid = grid_for((P.rows / V + 255) / 256, sms * 8);
+    launch_kernel<ce_column_vec_kernel<T, kProb, kCap>>(grid, 256, 0, stream, P);
   } else {
     const unsigned grid = grid_for((P.rows + 255) / 256, sms * 8);
     launch_kernel<ce_column_kernel<T, kProb, kCap>>(grid, 256, 0, stream, P);

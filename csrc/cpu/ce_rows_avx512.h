@@ -1,0 +1,201 @@
+// AVX-512 versions of the three sweeps of a cross-entropy row whose class-index gradient is
+// wanted (csrc/cpu/cross_entropy_cpu.cpp: max, exp into a float row, scale into the gradient),
+// 16 floats per instruction where the AVX2 build does 8: that row is compute-bound at 2 threads.
+// Only these functions are compiled for AVX-512 (a target attribute each, internal linkage);
+// the rest of the extension stays an AVX2 build, and they run only where torch's own kernels
+// run AVX-512 (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY=avx2).
+// Same formulas as the AVX2 sweeps: exp is avx2_math::exp's algorithm lane for lane, and the
+// 16-bit roundings are at::vec's; the sums have 16 lanes instead of 8 (other last bits).
+#pragma once
+
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/vec_math.h"
+
+#if defined(__x86_64__) && !defined(_MSC_VER)
+#include <immintrin.h>
+#define TL_HAVE_AVX512_ROWS 1
+#define TL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#endif
+
+namespace torch_losses {
+namespace avx512_rows {
+namespace {
+
+// Whether the AVX-512 sweeps run here (decided once).
+inline bool enabled() {
+#if defined(TL_HAVE_AVX512_ROWS)
+  static const bool on = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512dq") && at::get_cpu_capability() == "AVX512";
+  return on;
+#else
+  return false;
+#endif
+}
+
+// e_c = exp(x_c - max) summed, and (kWeighted) the label-smoothing sums of v_c (w_c, or 1).
+struct ExpSums {
+  float sum = 0;
+  float weight = 0;
+  float shifted = 0;
+};
+
+#if defined(TL_HAVE_AVX512_ROWS)
+constexpr int64_t kLanes = 16;
+
+TL_AVX512 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+TL_AVX512 inline __m512 load(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+TL_AVX512 inline __m512 load(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 floats rounded to nearest even into 16-bit (NaN: 0xffff for bfloat16), as at::vec's AVX2
+// conversions.
+TL_AVX512 inline __m256i round_to_16bit(__m512 v, const at::BFloat16*) {
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)), i);
+  r = _mm512_srli_epi32(r, 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xffff));
+  return _mm512_cvtepi32_epi16(r);
+}
+TL_AVX512 inline __m256i round_to_16bit(__m512 v, const at::Half*) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+TL_AVX512 inline void store(float* p, __m512 v, bool stream) {
+  stream ? _mm512_stream_ps(p, v) : _mm512_storeu_ps(p, v);
+}
+template <typename T>
+TL_AVX512 inline void store(T* p, __m512 v, bool stream) {
+  const __m256i h = round_to_16bit(v, p);
+  auto* q = reinterpret_cast<__m256i*>(p);
+  stream ? _mm256_stream_si256(q, h) : _mm256_storeu_si256(q, h);
+}
+
+// avx2_math::exp (csrc/cpu/vec_math.h) on 16 lanes: the same operations on the same constants
+// (exp_poly), the same results. (One template for both widths would carry this function's
+// AVX-512 target into the AVX2 build.)
+TL_AVX512 inline __m512 splat(float v) { return _mm512_set1_ps(v); }
+TL_AVX512 inline __m512 exp(__m512 x) {
+  using namespace exp_poly;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, splat(kLowest)), splat(kHighest));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, splat(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, splat(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, splat(kLn2Lo), r);
+  __m512 p = splat(kR8);
+  p = _mm512_fmadd_ps(p, r, splat(kR7));
+  p = _mm512_fmadd_ps(p, r, splat(kR6));
+  p = _mm512_fmadd_ps(p, r, splat(kR5));
+  p = _mm512_fmadd_ps(p, r, splat(kR4));
+  p = _mm512_fmadd_ps(p, r, splat(kR3));
+  p = _mm512_fmadd_ps(p, r, splat(kR2));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_cvtps_epi32(n);
+  const __m512i n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+  const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+  const __m512 result = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+  return _mm512_mask_mov_ps(result, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+TL_AVX512 inline float nan_max_scalar(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// max of x[0, n) in float, NaN if any element is NaN (-inf for n = 0).
+template <typename T>
+TL_AVX512 float nan_max(const T* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 v = load(x + i);
+    m = _mm512_max_ps(m, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float r = nan ? NAN : _mm512_reduce_max_ps(m);
+  for (; i < n; ++i) r = nan_max_scalar(r, static_cast<float>(x[i]));
+  return r;
+}
+
+// e[0, C) = exp(x - max) and their sums; next_row (or null) prefetched a line at a time.
+template <bool kWeighted, typename T>
+TL_AVX512 ExpSums exp_sweep(const T* x, const float* w, int64_t C, float max, float* e,
+                            const T* next_row) {
+  constexpr int64_t kLineElements = 64 / sizeof(T);
+  const __m512 max_v = _mm512_set1_ps(max);
+  __m512 sv = _mm512_setzero_ps(), vw = _mm512_setzero_ps(), vs = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= C; i += kLanes) {
+    if (next_row && i % kLineElements == 0) __builtin_prefetch(next_row + i, 0, 2);
+    const __m512 d = _mm512_sub_ps(load(x + i), max_v);
+    const __m512 ev = exp(d);
+    if constexpr (kWeighted) {
+      const __m512 v = w ? _mm512_loadu_ps(w + i) : _mm512_set1_ps(1.0f);
+      vw = _mm512_add_ps(vw, v);
+      vs = _mm512_add_ps(vs, _mm512_mul_ps(v, d));
+    }
+    _mm512_storeu_ps(e + i, ev);
+    sv = _mm512_add_ps(sv, ev);
+  }
+  ExpSums s;
+  float tail = 0;
+  for (; i < C; ++i) {
+    const float d = static_cast<float>(x[i]) - max;
+    e[i] = std::exp(d);
+    tail += e[i];
+    if constexpr (kWeighted) {
+      const float v = w ? w[i] : 1.0f;
+      s.weight += v;
+      s.shifted += v * d;
+    }
+  }
+  // Lane sums in lane order after the tail, as the AVX2 sweep.
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, sv);
+  s.sum = tail;
+  for (float l : lanes) s.sum += l;
+  _mm512_store_ps(lanes, vw);
+  for (float l : lanes) s.weight += l;
+  _mm512_store_ps(lanes, vs);
+  for (float l : lanes) s.shifted += l;
+  return s;
+}
+
+// grad_c = a e_c - b w_c (b w_c = b without weights), rounded to T; `stream`: non-temporal
+// stores from the first vector-aligned element on.
+template <typename T>
+TL_AVX512 void scale_sweep(const float* w, const float* e, T* grad, int64_t C, float a, float b,
+                           bool stream) {
+  const auto grad_at = [&](int64_t j) { return static_cast<T>(a * e[j] - b * (w ? w[j] : 1.0f)); };
+  constexpr int64_t kVecBytes = kLanes * sizeof(T);
+  int64_t i = stream ? std::min<int64_t>(C, (-reinterpret_cast<intptr_t>(grad) & (kVecBytes - 1)) /
+                                                 int64_t(sizeof(T)))
+                     : 0;
+  for (int64_t j = 0; j < i; ++j) grad[j] = grad_at(j);
+  const __m512 a_v = _mm512_set1_ps(a), b_v = _mm512_set1_ps(b);
+  for (; i + kLanes <= C; i += kLanes) {
+    __m512 g = _mm512_mul_ps(a_v, _mm512_loadu_ps(e + i));
+    if (b != 0) g = _mm512_sub_ps(g, w ? _mm512_mul_ps(b_v, _mm512_loadu_ps(w + i)) : b_v);
+    store(grad + i, g, stream);
+  }
+  for (; i < C; ++i) grad[i] = grad_at(i);
+  if (stream) _mm_sfence();  // before the target's entry is stored over them
+}
+#endif
+
+}  // namespace
+}  // namespace avx512_rows
+}  // namespace torch_losses

@@ -1,0 +1,175 @@
+"""Cross-entropy over the contiguous (N, C, D), D > 1, under the CUDA emulator: the vector column
+kernel (one thread per V = 16 / sizeof(T) consecutive d, csrc/cuda/cross_entropy.cu
+ce_column_vec_kernel) vs torch, and vs the scalar column kernel, which the same inputs take when
+the logits (and a probability target) are one element off a 16-byte boundary: bitwise but for
+the loss's last bit (_assert_same; the per-position summation order is the same in both). The
+launch log says which kernel ran."""
+import pytest
+import torch
+
+from cuda_emu import Emulator, build
+from test_cuda_emu import DTYPES, OPTIONS, VEC, ce_inputs, ce_reference, ce_torch, check
+from tl_helpers import bitwise_equal
+
+VECTOR, SCALAR = "ce_column_vec_kernel<", "ce_column_kernel<"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emulator(build.build())
+
+
+@pytest.fixture
+def s(emu):
+    with emu.session() as sess:
+        yield sess
+
+
+def _kwargs(opts, w):
+    return dict(weight=w if opts.get("weight") else None,
+                ignore_index=opts.get("ignore_index", -100),
+                label_smoothing=opts.get("label_smoothing", 0.0),
+                reduction=opts.get("reduction", "mean"),
+                z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+
+
+def _ran(r, kernel):
+    return any(kernel in k for k in r["kernels"])
+
+
+def _fwd_bwd(s, x, t, kw, prob, layout):
+    """Forward (fused gradients for mean/sum) and the backward op (grad_output not 1)."""
+    fused = kw["reduction"] != "none"
+    lay = dict(layout=layout, target_layout=layout if prob else 0, out_layout=0)
+    r = s.cross_entropy(x, t, **kw, want_grad=fused, want_target_grad=fused and prob, **lay)
+    go = (torch.randn(r["loss"].shape, generator=torch.Generator().manual_seed(1))
+          if kw["reduction"] == "none" else torch.tensor(0.75)).to(x.dtype)
+    rb = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=r["row_stats"], want_grad=True,
+                         want_target_grad=prob, **lay)
+    return r, rb, go
+
+
+def _check_vs_torch(name, r, rb, go, x, t, kw, prob, dtype):
+    fused = kw["reduction"] != "none"
+    ref = ce_reference(x, t, **kw)
+    lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None,) * 3
+    check(name + " loss", r["loss"], ref[0], lowp[0], dtype)
+    if fused:
+        check(name + " grad_input", r["grad_input"], ref[1], lowp[1], dtype)
+        if prob:
+            check(name + " grad_target", r["grad_target"], ref[2], lowp[2], dtype)
+    ref = ce_reference(x, t, **kw, grad_output=go)
+    lowp = ce_torch(x, t, **kw, grad_output=go) if dtype != torch.float64 else (None,) * 3
+    check(name + " bwd grad_input", rb["grad_input"], ref[1], lowp[1], dtype)
+    if prob:
+        check(name + " bwd grad_target", rb["grad_target"], ref[2], lowp[2], dtype)
+
+
+def _assert_same(name, a, b):
+    """Gradients and row statistics bitwise; the loss within 2 ulp of its dtype: its last step,
+    l = (1 - eps) w_y ((m - x_y) + log s) + eps/C (d + u log s) (+ z lse^2), is contracted into
+    FMAs as the compiler sees fit in each kernel (the emulator's g++ -ffp-contract=fast, nvcc by
+    default), so its last bit may differ between the two kernels."""
+    for key in ("row_stats", "grad_input", "grad_target"):
+        if a.get(key) is not None:
+            assert bitwise_equal(a[key], b[key]), f"{name} {key}: vector != scalar column kernel"
+    if a.get("loss") is not None:
+        eps = torch.finfo(a["loss"].dtype).eps
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=2 * eps, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name} loss: {m}")
+
+
+def run_column_case(s, dtype, N, C, D, opts, x=None, t=None, seed=0, vs_torch=True):
+    g = torch.Generator().manual_seed(seed)
+    prob = opts["prob"]
+    x0, t0, w = ce_inputs(N, C, D, dtype, prob, g, ignore_index=opts.get("ignore_index", -100))
+    x = x0 if x is None else x
+    t = t0 if t is None else t
+    kw = _kwargs(opts, w)
+    name = f"{dtype} {N}x{C}x{D} {opts}"
+    vec = D > 1 and D % VEC[dtype] == 0
+    r, rb, go = _fwd_bwd(s, x, t, kw, prob, layout=0)
+    for res in (r, rb):
+        assert _ran(res, VECTOR) == vec and _ran(res, SCALAR) == (not vec), (name, res["kernels"])
+    if vs_torch:
+        _check_vs_torch(name, r, rb, go, x, t, kw, prob, dtype)
+    if vec:  # the same inputs one element off a 16-byte boundary: the scalar column kernel
+        r1, rb1, _ = _fwd_bwd(s, x, t, kw, prob, layout=x.element_size())
+        assert _ran(r1, SCALAR) and not _ran(r1, VECTOR), (name, r1["kernels"])
+        _assert_same(name + " fwd", r, r1)
+        _assert_same(name + " bwd", rb, rb1)
+
+
+DS = [1, 2, 3, 7, 8, 9, 16, 33]
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_small_classes(s, dtype, opt):
+    for D in DS:
+        for C in (1, 5):
+            run_column_case(s, dtype, 3, C, D, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_many_classes(s, dtype, opt):
+    # 70 classes: 35 unrolled pairs of class vectors per thread
+    for D in (2, 8, 9, 16):
+        run_column_case(s, dtype, 2, 70, D, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_ignored_groups_and_nonfinite(s, dtype):
+    """Whole groups of V ignored positions (their gradient zeros, the row not read), groups mixing
+    ignored and counted positions, an ignored position with a NaN logit (its gradient NaN, as
+    torch's 0 * softmax); then +-inf logits in counted positions (infinite or NaN losses, where
+    the flash rule does not apply: bitwise vs the scalar column kernel only)."""
+    v = VEC[dtype]
+    N, C, D = 2, 6, 4 * v
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(N, C, D, generator=g) * 2).to(dtype)
+    t = torch.randint(0, C, (N, D), generator=g)
+    t[0, :v] = -100            # a whole group ignored, finite
+    t[0, v:2 * v:2] = -100     # half a group ignored
+    t[1, :v] = -100            # a whole group ignored, one NaN logit in it
+    x[1, 2, 3] = float("nan")
+    xinf = x.clone()
+    xinf[0, 1, 2 * v + 1] = float("inf")
+    xinf[1, 4, 3 * v] = float("-inf")
+    for opt in ("index_mean", "index_weight_smooth_sum", "index_smooth_none",
+                "index_weight_zloss_cap_mean"):
+        opts = dict(OPTIONS[opt], ignore_index=-100)
+        run_column_case(s, dtype, N, C, D, opts, x=x, t=t)
+        run_column_case(s, dtype, N, C, D, opts, x=xinf, t=t, vs_torch=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_in_place(s, dtype):
+    """grad_input aliasing the input (the fused forward writes the gradient over the logits)."""
+    v = VEC[dtype]
+    N, C, D = 2, 5, 2 * v
+    for opt in ("index_weight_smooth_sum", "prob_smooth_mean", "index_cap_none"):
+        opts = OPTIONS[opt]
+        if opts.get("reduction") == "none":
+            continue
+        x, t, w = ce_inputs(N, C, D, dtype, opts["prob"], torch.Generator().manual_seed(5))
+        kw = _kwargs(opts, w)
+        ref = s.cross_entropy(x, t, **kw, want_grad=True)
+        r = s.cross_entropy(x, t, **kw, want_grad=True, inplace=True)
+        assert _ran(r, VECTOR)
+        assert bitwise_equal(r["grad_input"], ref["grad_input"]), (dtype, opt)
+        assert bitwise_equal(r["loss"], ref["loss"]), (dtype, opt)
+
+
+def test_columns_misaligned_target_takes_the_scalar_kernel(s):
+    """A probability target (or gradient) off a 16-byte boundary while the logits are aligned:
+    the launch glue must not take the vector kernel (it would fault)."""
+    dtype = torch.float32
+    x, t, _ = ce_inputs(2, 5, 8, dtype, True, torch.Generator().manual_seed(2))
+    r = s.cross_entropy(x, t, want_grad=True, want_target_grad=True, target_layout=4)
+    assert _ran(r, SCALAR) and not _ran(r, VECTOR), r["kernels"]
+    r = s.cross_entropy(x, t, want_grad=True, out_layout=4)
+    assert _ran(r, SCALAR) and not _ran(r, VECTOR), r["kernels"]
+    ref = ce_reference(x, t)
+    check("misaligned out", r["grad_input"], ref[1], ce_torch(x, t)[1], dtype)

@@ -1,0 +1,134 @@
+"""The class-index row kernel's hot loops under the emulator (issue 8, the SASS budget with class
+weights): the online max without a branch for -inf / NaN (while the running max is -inf the sum
+takes exp(v - 0): 0 for -inf, NaN for NaN), a vector's max seeded by its first element, bf16
+pairs unpacked from 32-bit words, and the vectors walked by class index (c += G V) across the
+unrolled loop, its remainder and the scalar head and tail. Class weights in 16-byte loads and
+scalar ones, label smoothing on and off, ignored rows, every dtype, against torch."""
+import pytest
+import torch
+
+from cuda_emu import Emulator, build
+from test_cuda_emu import DTYPES, VEC, ce_reference, ce_torch, check
+from test_cuda_emu_layouts import _row_kernel
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emulator(build.build())
+
+
+@pytest.fixture
+def s(emu):
+    with emu.session() as sess:
+        yield sess
+
+
+def _weight_offsets(dtype):
+    """Offsets of the class weights (float32; float64 for float64 logits) past a 16-byte
+    boundary: 0, and one element."""
+    return (0, 8 if dtype == torch.float64 else 4)
+
+
+def check_nonfinite(name, ours, ref64, lowp, dtype):
+    """The same NaN / +inf / -inf positions as torch in float64; the finite values as `check`."""
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(ours), kind(ref64)), f"{name}: {kind.__name__} positions differ"
+    fin = torch.isfinite(ref64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours[fin], ref64[fin], rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
+    elif fin.any():
+        check(name, ours[fin], ref64[fin], lowp[fin], dtype)
+
+
+# C: warp per row (C / V <= 512) and block per row. Whole vectors per row, aligned: class weights
+# at +0 bytes in 16-byte loads (kW = 2), at +acc in scalar ones (kW = 0); C + 3 classes with the
+# buffers ending at a guard page ("tight"): rows with scalar heads and tails of their own
+# (scalar weight loads).
+def _paths(dtype):
+    v = VEC[dtype]
+    return {"warp": 64 + 3 * v, "block": 512 * v + 2 * v}
+
+
+@pytest.mark.parametrize("path", ["warp", "block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_logits_with_class_weights(s, dtype, path):
+    """Rows: finite; one NaN / +inf / -inf at a position; -inf everywhere but one finite logit
+    (the running max stays -inf for the first vectors, then rebases); all -inf (its target 0,
+    and ignored). Smoothing 0 and 0.1, class weights in 16-byte and in scalar loads: torch's loss
+    per row and gradient, NaN and inf where torch has them."""
+    v = VEC[dtype]
+    g = torch.Generator().manual_seed(21)
+    kernels = set()
+    for C, layout in ((_paths(dtype)[path], 0), (_paths(dtype)[path] + 3, "tight")):
+        positions = sorted({0, 1, v - 1, v, v + 1, C // 2, C - 3, C - 1})
+        for special in (float("nan"), float("inf"), -float("inf")):
+            for pos in positions:
+                x = (torch.randn(5, C, generator=g) * 2).to(dtype)
+                x[1, pos] = special
+                x[2] = -float("inf")
+                x[2, pos] = 1.5
+                x[3:] = -float("inf")
+                t = torch.tensor([3, pos, pos, 0, -100])
+                w = torch.rand(C, generator=g) + 0.5
+                for eps in (0.0, 0.1):
+                    for woff in _weight_offsets(dtype):
+                        kw = dict(weight=w, label_smoothing=eps)
+                        name = (f"{path} {dtype} C={C} {layout} x[1, {pos}] = {special} eps {eps} "
+                                f"weight +{woff}")
+                        lay = dict(layout=layout, target_layout=layout, out_layout=layout,
+                                   weight_layout=woff)
+                        rn = s.cross_entropy(x, t, **kw, reduction="none", **lay)
+                        r = s.cross_entropy(x, t, **kw, reduction="sum", want_grad=True, **lay)
+                        kernels.add(_row_kernel(r))
+                        ref_none, _, _ = ce_reference(x, t, **kw, reduction="none")
+                        _, ref_gx, _ = ce_reference(x, t, **kw, reduction="sum")
+                        lowp_none = ce_torch(x, t, **kw, reduction="none")[0]
+                        lowp_gx = ce_torch(x, t, **kw, reduction="sum")[1]
+                        check_nonfinite(name + " loss", rn["loss"], ref_none, lowp_none, dtype)
+                        check_nonfinite(name + " grad_input", r["grad_input"], ref_gx, lowp_gx,
+                                        dtype)
+    group = 32 if path == "warp" else 0
+    # The vector path with both class-weight loads: 16-byte (2) and scalar (0).
+    assert {k[1:] for k in kernels} == {(True, group, 2), (True, group, 0)}, kernels
+
+
+def _walk_sizes(dtype):
+    """Class counts around the unrolled loop's trip boundaries: U G V classes per trip (U = 4
+    loads in flight, 2 with 16-byte class weights; G = 32 lanes or 512 threads), +- a vector
+    and +- one element (the tail), with a scalar head of C mod V ("tight")."""
+    v = VEC[dtype]
+    sizes = []
+    for G, U in ((32, 4), (32, 2)):
+        trip = U * G * v
+        sizes += [trip - 1, trip, trip + 1, trip + v + 1, 2 * trip - v]
+    for G, U in ((512, 4), (512, 2)):
+        trip = U * G * v
+        sizes += [trip + 1, trip + (U - 1) * G * v + 3]
+    # From 2 x 8192 classes, 3 rows are split across blocks (launchers.h, ce_split_count).
+    return sorted(c for c in set(sizes) if c < 16384)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_walk_trip_boundaries(s, dtype):
+    """Every class visited once: loss and gradient vs torch at class counts around the unrolled
+    loop's trip boundaries, warp and block per row, with and without 16-byte class weights,
+    smoothing on (one ignored row) and off, an aligned and a misaligned input (head > 0)."""
+    g = torch.Generator().manual_seed(22)
+    for C in _walk_sizes(dtype):
+        x = (torch.randn(3, C, generator=g) * 2).to(dtype)
+        t = torch.tensor([C - 1, 0, -100])
+        w = torch.rand(C, generator=g) + 0.5
+        for kw in (dict(weight=w, label_smoothing=0.1), dict(label_smoothing=0.1),
+                   dict(weight=w)):
+            for layout in (0, "tight"):
+                name = f"{dtype} C={C} {sorted(kw)} eps {kw.get('label_smoothing', 0)} {layout}"
+                r = s.cross_entropy(x, t, **kw, reduction="sum", want_grad=True, layout=layout,
+                                    target_layout=layout, out_layout=layout)
+                ref_loss, ref_gx, _ = ce_reference(x, t, **kw, reduction="sum")
+                lowp = ce_torch(x, t, **kw, reduction="sum")
+                check(name + " loss", r["loss"], ref_loss,
+                      None if dtype == torch.float64 else lowp[0], dtype)
+                check(name + " grad_input", r["grad_input"], ref_gx,
+                      None if dtype == torch.float64 else lowp[1], dtype)
+                assert _row_kernel(r)[1], (name, r["kernels"])  # the vector path
