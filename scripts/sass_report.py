@@ -17,18 +17,32 @@ Hot loop method (static, conservative):
     reductions (their LDS.128 loops store nothing to global memory) are not hot;
   - elements per iteration = V x (16-byte loads in the body) / (16-byte loads per vector of
     elements), V = 16 / sizeof(T); a loop reads global or shared memory, not both. Loads
-    per vector: cross-entropy class-index kernels 1 (the logits), probability-target kernels
-    2 (logits and targets); the pointwise kernel walks one
-    vector per iteration (#pragma unroll 1), so all its loads (x, y and the optional weight,
-    pos_weight, grad_output streams) count as one vector;
+    per vector: cross-entropy class-index kernels 1 (the logits; class weights are
+    `LDG.E.128.CONSTANT` loads and count as no elements), probability-target kernels 2 (logits
+    and targets) except the pass writing only the target's gradient, which reads the logits: it
+    is told apart by its stores, none of which depends on two loaded vectors (a backward slice
+    of each 16-byte store's data within one iteration);
   - instructions per element = body instructions / elements per iteration.
+Pointwise kernels (pointwise_kernel<Loss, T, kVecPath, kStreams>): their element loads are
+`LDG.E.128.CONSTANT` (const __restrict__ streams), and the hot loop is the pair loop of a whole
+chunk (2 x the streams' 16-byte loads: x, y and the optional weight, pos_weight, grad_output
+streams of kStreams). nvcc unswitched its body on runtime flags (loss wanted, the gradients'
+pointers), so the static body holds several copies. The script follows the paths through one
+iteration for a given set of kernel parameters (PW_PATHS: reduction mean or none, loss and
+grad_input wanted, no grad_target, no grad_output): a branch on a predicate set by comparing a
+parameter (read from the constant bank) with zero goes the way the parameters say, a data
+branch both ways, and paths through a CALL (division or sqrt slow paths) are left out. It
+prints the fewest-most instructions per element over those paths (an iteration's instructions /
+its elements); the range comes from the data branches. The loss parameter is the benchmarked
+call's (pointwise_param_nonzero: BCE-with-logits' pos_weight flag, delta, beta, margin 1).
 Bytes in flight per SM = 16 x (16-byte loads in the body, all issued before the first use in
 these loops) x resident threads per SM, where residency is what the registers allow for the
-block size the launcher uses (65536 registers per SM, allocated per warp in units of 256, at most
-2048 threads and 32 blocks per SM). The launcher's grid can cap residency lower (noted in
-benchmarks/NOTES.md).
+block size the launcher uses (cross-entropy row kernels ce_row_kernel<T, kProb, kVec, kGroup,
+kCap, kW>: a warp per row, kGroup = 32, in 256-thread blocks, else 512; 65536 registers per SM,
+allocated per warp in units of 256, at most 2048 threads and 32 blocks per SM). The launcher's
+grid can cap residency lower (noted in benchmarks/NOTES.md).
 
-Usage: python scripts/sass_report.py [--arch sm_90 --arch sm_80] [--filter NAME] [--markdown]
+Usage: python scripts/sass_report.py [--arch sm_90 --arch sm_80] [--filter NAME] [--files F.cu ...]
 """
 import argparse
 import os
@@ -76,13 +90,27 @@ def demangle(names):
 def short_name(pretty):
     """ce_row_kernel<bf16, kProb=0, kVec=1, kGroup=0> style names."""
     s = re.sub(r"^void ", "", pretty)
-    s = re.sub(r"torch_losses::cuda::(\(anonymous namespace\)::)?", "", s)
+    s = re.sub(r"torch_losses::(cuda::)?(\(anonymous namespace\)::)?", "", s)
     s = re.sub(r"\(.*\)$", "", s)  # parameter list
     for k, v in SHORT_T.items():
         s = re.sub(r"\b%s\b" % re.escape(k), v, s)
     s = re.sub(r"(\w+)<(\w+)>::type<float>|LossOf<PointwiseKind::\w+>::type<\w+>", "", s)
     s = s.replace("(bool)1", "1").replace("(bool)0", "0").replace("true", "1").replace("false", "0")
     return s
+
+
+def template_args(name):
+    """The top-level template arguments of a short kernel name."""
+    inner = name[name.index("<") + 1:name.rindex(">")] if "<" in name else ""
+    args, depth, cur = [], 0, ""
+    for ch in inner:
+        depth += (ch == "<") - (ch == ">")
+        if ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return args + [cur.strip()] if inner else []
 
 
 def parse_sass(text):
@@ -105,14 +133,24 @@ def mnemonic(op):
     return parts[1] if parts[0].startswith("@") else parts[0]
 
 
-def is_load128(op, space):
-    """A 16-byte load from global (LDG) or shared (LDS) memory."""
+def is_load128(op, space, const_loads=False):
+    """A 16-byte load from global (LDG) or shared (LDS) memory. `.CONSTANT` global loads
+    (ld.global.nc) are element loads in the pointwise kernels (their const __restrict__ streams)
+    but class weights (`__ldg`) in the cross-entropy ones."""
     m = mnemonic(op)
+    if const_loads and m.startswith(space) and m.endswith(".128.CONSTANT"):
+        return True
     return m.startswith(space) and m.endswith(".128")
 
 
-def hot_loops(insns):
-    """Innermost loops holding a 16-byte load: (body, ldg128, lds128, stg128, mufu)."""
+def is_store128(op):
+    m = mnemonic(op)
+    return m.startswith("STG") and m.endswith(".128")
+
+
+def hot_loops(insns, const_loads=False):
+    """Innermost loops holding a 16-byte load: dicts of first and last index, body (instructions),
+    ldg128, lds128, stg128, mufu."""
     addr_index = {a: i for i, (a, _) in enumerate(insns)}
     loops = []
     for i, (addr, op) in enumerate(insns):
@@ -123,40 +161,335 @@ def hot_loops(insns):
         if target >= addr or target not in addr_index:
             continue
         body = insns[addr_index[target]:i + 1]
-        streams = any(is_load128(o, "LDG") for _, o in body) or (
-            any(is_load128(o, "LDS") for _, o in body) and
-            any(mnemonic(o).startswith("STG") and mnemonic(o).endswith(".128") for _, o in body))
+        streams = any(is_load128(o, "LDG", const_loads) for _, o in body) or (
+            any(is_load128(o, "LDS") for _, o in body) and any(is_store128(o) for _, o in body))
         if streams:
             loops.append((addr_index[target], i, body))
     inner = [l for l in loops
              if not any(o is not l and o[0] >= l[0] and o[1] <= l[1] for o in loops)]
     result = []
     for start, end, body in inner:
-        ops = [mnemonic(o) for _, o in body]
+        ops = [o for _, o in body]
         result.append({
-            "body": len([o for o in ops if o != "NOP"]),
-            "ldg128": sum(1 for o in ops if o.startswith("LDG") and o.endswith(".128")),
-            "lds128": sum(1 for o in ops if o.startswith("LDS") and o.endswith(".128")),
-            "stg128": sum(1 for o in ops if o.startswith("STG") and o.endswith(".128")),
-            "mufu": sum(1 for o in ops if o.startswith("MUFU")),
+            "first": start, "last": end,
+            "body": len([o for o in ops if mnemonic(o) != "NOP"]),
+            "ldg128": sum(1 for o in ops if is_load128(o, "LDG", const_loads)),
+            "lds128": sum(1 for o in ops if is_load128(o, "LDS")),
+            "stg128": sum(1 for o in ops if is_store128(o)),
+            "mufu": sum(1 for o in ops if mnemonic(o).startswith("MUFU")),
         })
     return result
 
 
-def loads_per_vector(name, loop):
-    if name.startswith("ce_row_kernel"):
-        return 2 if re.match(r"ce_row_kernel<\w+, 1", name) else 1
-    if name.startswith("ce_column_vec_kernel"):  # probability targets: logits and targets
-        return 2 if re.match(r"ce_column_vec_kernel<\w+, 1", name) else 1
-    if name.startswith("pointwise_kernel"):
-        return loop["ldg128"]
+def registers(token):
+    """The 32-bit registers an operand names: R4 -> {R4}, R4.64 -> {R4, R5}; [R4.64+0x10] too."""
+    out = set()
+    for m in re.finditer(r"\b(R)(\d+)(\.64)?\b", token):
+        n = int(m.group(2))
+        out.update({f"R{n}", f"R{n + 1}"} if m.group(3) else {f"R{n}"})
+    return out
+
+
+def loads_feeding(body, k):
+    """The 16-byte global loads of the loop body whose values reach the data of the store
+    body[k] within one iteration (a backward slice in program order)."""
+    ops = operands(body[k])
+    need = set().union(*(registers(t) for t in ops[1:])) if len(ops) > 1 else set()
+    loads = set()
+    for j in range(k - 1, -1, -1):
+        op = body[j]
+        ops = operands(op)
+        if not ops or mnemonic(op).startswith(("ST", "BRA", "BSSY", "BSYNC")):
+            continue
+        dest = registers(ops[0]) if not ops[0].startswith("[") else set()
+        if is_load128(op, "LDG"):
+            n = int(re.match(r"R(\d+)", ops[0]).group(1))
+            dest = {f"R{n + i}" for i in range(4)}
+        if not dest & need:
+            continue
+        if is_load128(op, "LDG"):
+            loads.add(j)
+        if not op.startswith("@"):
+            need -= dest
+        srcs = ops[1:]
+        if mnemonic(op).startswith("PRMT") and srcs and srcs[-1] == ops[0]:
+            # PRMT d, a, 0x7632, d: the high half of a moved down, d's bytes as filler that
+            # the unpacking shift discards (not a dependency on d).
+            srcs = srcs[:-1]
+        need |= set().union(set(), *(registers(t) for t in srcs))
+    return loads
+
+
+def loads_per_vector(name, loop, insns):
+    """16-byte loads per vector of elements in a loop."""
+    if name.startswith("ce_row_kernel<") and template_args(name)[1] == "1":
+        # Probability targets read logits and targets, except the pass that writes only the
+        # target's gradient, which reads the logits: there no stored value depends on two
+        # loaded vectors (the input's gradient depends on x and t, stored or not with it).
+        body = [op for _, op in insns[loop["first"]:loop["last"] + 1]]
+        stores = [k for k, op in enumerate(body) if is_store128(op)]
+        if stores and max(len(loads_feeding(body, k)) for k in stores) == 1:
+            return 1
+        return 2
+    if name.startswith("ce_column_vec_kernel<"):  # probability targets: logits and targets
+        return 2 if template_args(name)[1] == "1" else 1
     return 1
+
+
+# --- Per-path counts of a loop whose body the compiler unswitched on runtime flags ------------
+# The pointwise kernel tests kernel parameters (output pointers, reduction) inside its vector
+# loop; nvcc turns these tests into branches between copies of the body. A path through the loop
+# body is followed for one assignment of those parameters: a predicate set by comparing a
+# kernel parameter (loaded from the constant bank c[0x0][...]) with zero takes the value the
+# assignment gives, every other branch (data-dependent: the log series of |x - 1| < 2^-6, a
+# division's slow path) may go either way. The fewest and the most instructions issued on the
+# paths from the loop head to its backward branch bound one iteration's issue.
+
+PRED = re.compile(r"^!?(U?P[0-6T])$")
+CONST_LOAD = re.compile(
+    r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
+SETP = re.compile(r"^(?:U?ISETP|DSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
+
+
+def operands(op):
+    parts = op.split(None, 2 if op.startswith("@") else 1)
+    rest = parts[-1] if len(parts) > (2 if op.startswith("@") else 1) else ""
+    return [t.strip() for t in rest.split(",")] if rest else []
+
+
+def guard(op):
+    """(predicate, negated) of a guard such as @!P1, or None."""
+    if not op.startswith("@"):
+        return None
+    g = op.split()[0][1:]
+    return (g.lstrip("!"), g.startswith("!"))
+
+
+def pred_value(state, token):
+    """True/False/None (unknown) of a predicate operand such as !P2, PT, UP0."""
+    neg = token.startswith("!")
+    name = token.lstrip("!")
+    if name in ("PT", "UPT"):
+        v = True
+    else:
+        v = state.get(name)
+    return None if v is None else (v != neg)
+
+
+def flag_bits(bits, mask):
+    """(r & mask) != 0 for a register holding saved predicate bits, None if unknown."""
+    if not isinstance(bits, dict):
+        return None
+    sel = [bits.get(k) for k in range(7) if mask >> k & 1]
+    if any(v is True for v in sel):
+        return True
+    return False if all(v is False for v in sel) else None
+
+
+def step(state, consts, op, params):
+    """The predicate state after op; consts: register -> constant-bank offset, or -> {bit:
+    value} for a register holding saved predicates (P2R)."""
+    m = CONST_LOAD.match(mnemonic(op) + " " + ", ".join(operands(op)))
+    ops = operands(op)
+    mn = mnemonic(op)
+    if m:
+        width, kind, reg, off = m.group(1), m.group(2), int(m.group(3)), int(m.group(4), 16)
+        consts[f"{kind}{reg}"] = off
+        if width == "64":
+            consts[f"{kind}{reg + 1}"] = off + 4
+        return state
+    g = guard(op)
+    unguarded = g is None or pred_value(state, ("!" if g[1] else "") + g[0]) is True
+    if mn == "P2R" and len(ops) == 4 and ops[1] == "PR" and unguarded:
+        # Predicates saved as bits of a register (nvcc keeps flags there under register
+        # pressure): bit k is Pk where the mask has it, else the bit of the third operand.
+        mask = int(ops[3], 16)
+        old = {} if ops[2] == "RZ" else consts.get(ops[2])
+        if isinstance(old, dict):
+            bits = {k: v for k, v in old.items() if not mask >> k & 1}
+            for k in range(7):
+                if mask >> k & 1:
+                    bits[k] = state.get(f"P{k}")
+            consts[ops[0]] = bits
+        else:
+            consts.pop(ops[0], None)
+        return state
+    dests = [t for t in ops[:2] if PRED.match(t) and t not in ("PT", "UPT")]
+    if mn.startswith(("R2P", "R2UR")) or "PR" in ops[:1]:
+        return {}
+    if not dests:
+        # A register written from anything but the constant bank is no parameter any more.
+        if ops and re.match(r"^U?R\d+$", ops[0]) and ops[0] in consts:
+            consts.pop(ops[0])
+        return state
+    new = dict(state)
+    for d in dests:
+        new.pop(d, None)
+    if not unguarded:
+        return new
+    if mn == "PLOP3.LUT" and ops[1:4] == ["PT", "PT", "PT"] and ops[5:] == ["0x80", "0x0"]:
+        new[dests[0]] = pred_value(state, ops[4])  # a copy of a (uniform) predicate
+        if new[dests[0]] is None:
+            new.pop(dests[0])
+        return new
+    if mn == "LOP3.LUT" and len(ops) == 7 and ops[1] == "RZ" and ops[4:] == ["RZ", "0xc0", "!PT"]:
+        v = flag_bits(consts.get(ops[2]), int(ops[3], 16))  # (r & mask) != 0
+        if v is not None:
+            new[dests[0]] = v
+        return new
+    sm = SETP.match(mn)
+    if not sm:
+        return new
+    cmp_, comb, ex = sm.groups()
+    a, b = ops[2], ops[3]
+    srcs = [t for t in (a, b) if t not in ("RZ", "URZ", "0x0")]
+    bank = re.match(r"^c\[0x0\]\[(0x[0-9a-f]+)\]$", srcs[0]) if len(srcs) == 1 else None
+    if bank:  # sm_80 compares the constant bank directly
+        src = int(bank.group(1), 16)
+    elif len(srcs) != 1 or srcs[0] not in consts:
+        return new
+    else:
+        src = consts[srcs[0]]
+    field = flag_bits(src, 0x7f) if isinstance(src, dict) else params(src)
+    if field is None:
+        return new
+    v = field if cmp_ == "NE" else not field
+    if ex:  # the high word of a 64-bit compare, chained to the low word's predicate
+        lo = pred_value(state, ops[5]) if len(ops) > 5 else None
+        if lo is None:
+            return new
+        v = (v or lo) if cmp_ == "NE" else (v and lo)
+    c = pred_value(state, ops[4])
+    if c is None:
+        return new
+    v = (v and c) if comb == "AND" else (v or c)
+    new[dests[0]] = v
+    return new
+
+
+def path_counts(insns, first, last, params, elem_load, calls=False):
+    """(fewest, most) instructions and the element loads on those paths from insns[first] to
+    the loop's backward branch insns[last], for the parameter values params(offset) gives.
+    Paths through a CALL (the out-of-line slow path of a division or of sqrt for operands near
+    the exponent range's ends) are left out unless no other path exists."""
+    addr_index = {a: i for i, (a, _) in enumerate(insns)}
+    state, consts = {}, {}
+    for _, op in insns[:first]:
+        state = step(state, consts, op, params)
+    memo = {}
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20 * (last - first) + 1000))
+
+    def walk(i, state, consts):
+        key = (i, tuple(sorted(state.items())),
+               tuple(sorted((r, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                            for r, v in consts.items())))
+        if key in memo:
+            return memo[key]
+        n = loads = 0
+        consts = dict(consts)
+        while True:
+            addr, op = insns[i]
+            n += mnemonic(op) != "NOP"
+            loads += elem_load(op)
+            if i == last:
+                res = ((n, loads), (n, loads))
+                break
+            mn = mnemonic(op)
+            g = guard(op)
+            taken = None if g is None else pred_value(state, ("!" if g[1] else "") + g[0])
+            if mn.startswith("CALL") and not calls:
+                res = None
+                break
+            if mn.startswith("EXIT") or mn == "RET" or mn.startswith("RET."):
+                if g is None or taken is True:
+                    res = None
+                    break
+            m = BRANCH.match(op)
+            if m:
+                extra = [t for t in operands(op)[:-1] if PRED.match(t)]
+                cond = True if g is None else taken
+                for t in extra:
+                    v = pred_value(state, t)
+                    # "BRA !P2, target" under a guard: taken when both hold.
+                    if cond is False or v is False:
+                        cond = False
+                    elif cond is None or v is None:
+                        cond = None
+                tgt = addr_index.get(int(m.group(1), 16))
+                succ = []
+                if cond is not False:
+                    succ.append(tgt if tgt is not None and first <= tgt <= last else None)
+                if cond is not True:
+                    succ.append(i + 1)
+                outs = [walk(s, state, consts) for s in succ if s is not None]
+                outs = [o for o in outs if o is not None]
+                if not outs:
+                    res = None
+                else:
+                    lo = min((o[0] for o in outs))
+                    hi = max((o[1] for o in outs))
+                    res = ((lo[0] + n, lo[1] + loads), (hi[0] + n, hi[1] + loads))
+                break
+            state = step(state, consts, op, params)
+            i += 1
+        memo[key] = res
+        return res
+
+    res = walk(first, state, consts)
+    return res if res is not None or calls else path_counts(insns, first, last, params,
+                                                            elem_load, calls=True)
+
+
+# PointwiseArgs field offsets (csrc/cuda/launchers.h) from the start of the kernel parameters.
+PW_FIELDS = {"grad_output": 0x20, "grad_output_scalar": 0x28, "skip_if_grad_output_is_one": 0x29,
+             "loss": 0x30, "grad_input": 0x38, "grad_target": 0x40, "partials": 0x48,
+             "n": 0x50, "param": 0x58, "reduction": 0x60}
+# The kernel parameters start at c[0x0][0x210] on sm_90, c[0x0][0x160] on sm_80.
+PARAM_BASE = {"sm_90": 0x210, "sm_80": 0x160}
+# The paths reported: the forward with the gradient (reduction mean, the benchmarked case) and
+# reduction 'none' with the gradient. Fields absent here are unknown (both branches followed).
+PW_PATHS = {
+    "mean+grad": {"loss": True, "grad_input": True, "grad_target": False, "reduction": True,
+                  "partials": True, "grad_output": False, "n": True},
+    "none+grad": {"loss": True, "grad_input": True, "grad_target": False, "reduction": False,
+                  "partials": False, "grad_output": False, "n": True},
+}
+
+
+def pw_params(arch, values):
+    base = PARAM_BASE.get(arch)
+    fields = {base + off: name for name, off in PW_FIELDS.items()} if base is not None else {}
+
+    def lookup(off):
+        for start in (off, off - 4):  # the high word of a 64-bit field
+            if start in fields and fields[start] in values:
+                return values[fields[start]]
+        return None
+    return lookup
+
+
+def pointwise_param_nonzero(name):
+    """The loss parameter of the benchmarked calls: BCE-with-logits passes whether a pos_weight
+    stream is given (kAuxStream), Huber's delta, SmoothL1's beta and the hinge margin default
+    to 1; the other losses ignore it."""
+    args = template_args(name)
+    if args[0].startswith("BCEWithLogitsUsing"):
+        return args[2] == "1" and bool(int(args[3]) & 2)
+    return True
+
+
+def pointwise_streams(name):
+    """Streams a pointwise_kernel<Loss, T, kVecPath, kStreams> vector iteration reads."""
+    args = template_args(name)
+    return 2 + bin(int(args[3])).count("1") if args[2] == "1" else None
 
 
 def block_size(name):
     """The block size the launchers use (for the residency estimate)."""
-    if name.startswith("ce_row_kernel"):
-        return 256 if name.rstrip(">").endswith("32") else 512
+    if name.startswith("ce_row_kernel<"):
+        # ce_row_kernel<T, kProb, kVec, kGroup, kCap, kW>: kGroup 32 is a warp per row in 256-thread
+        # blocks; the block per row (kGroup 0) runs up to 512 threads (launch_main: 64-512 by C).
+        return 256 if template_args(name)[3] == "32" else 512
     if name.startswith("final_sum_kernel"):
         return 1024
     return 256
@@ -207,21 +540,50 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
         name = short_name(names[mangled])
         pi = info.get(mangled, {"regs": -1, "spill_st": -1, "spill_ld": -1})
         # T: the first template argument of ce kernels, the second of pointwise_kernel.
-        m = re.match(r"\w+<(?:[\w:]+<\w+>, )?(bf16|f16|f32|f64)\b", name)
-        tname = next((t for t in VEC if m and SHORT_T[t] == m.group(1)), None)
+        args = template_args(name)
+        targ = args[1] if name.startswith("pointwise_kernel<") else (args[0] if args else "")
+        tname = next((t for t in VEC if SHORT_T[t] == targ), None)
         threads = block_size(name)
-        loops = hot_loops(funcs[mangled]) if tname else []
+        pointwise = name.startswith("pointwise_kernel<")
+        insns = funcs[mangled]
+        loops = hot_loops(insns, const_loads=pointwise) if tname else []
         resident = resident_threads(pi["regs"], threads)
         loop_txt = []
         for lp in loops:
-            elems = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / loads_per_vector(name, lp)
-            loop_txt.append({
-                "per_elem": lp["body"] / elems, "elems": elems, **lp,
-                "kb_in_flight": 16 * lp["ldg128"] * resident / 1024,
-            })
+            entry = {**lp, "kb_in_flight": 16 * lp["ldg128"] * resident / 1024}
+            if pointwise:
+                streams = pointwise_streams(name)
+                if streams is None or lp["ldg128"] != 2 * streams:
+                    continue  # the last chunk's loops: not the hot pair loop
+                entry["paths"] = {}
+                for path, values in PW_PATHS.items():
+                    values = {**values, "param": pointwise_param_nonzero(name)}
+                    counts = path_counts(insns, lp["first"], lp["last"], pw_params(arch, values),
+                                         lambda op: is_load128(op, "LDG", True))
+                    if counts is None:
+                        continue
+                    (lo, lo_loads), (hi, hi_loads) = counts
+                    entry["paths"][path] = (lo / (VEC[tname] * lo_loads / streams),
+                                            hi / (VEC[tname] * hi_loads / streams))
+                entry["elems"] = VEC[tname] * lp["ldg128"] / streams
+            else:
+                entry["elems"] = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / \
+                    loads_per_vector(name, lp, insns)
+            entry["per_elem"] = lp["body"] / entry["elems"]
+            loop_txt.append(entry)
         rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
                      "threads": threads, "resident": resident, "loops": loop_txt})
     return rows
+
+
+def loop_cell(l):
+    """body / elems per element, or per path (fewest-most instructions per element)."""
+    loads = f"{l['lds128']} shared" if l["lds128"] else f"{l['ldg128']}"
+    if "paths" in l:
+        paths = ", ".join(f"{p} {lo:.1f}-{hi:.1f}" for p, (lo, hi) in l["paths"].items())
+        return (f"{paths} (loop {l['body']}/{l['elems']:g}: all copies, {l['mufu']}, "
+                f"{loads})")
+    return f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads})"
 
 
 def main():
@@ -244,10 +606,7 @@ def main():
                 for r in report_file(cu, arch, nvcc, cuobjdump, tmp):
                     if args.filter not in r["kernel"]:
                         continue
-                    loops = "; ".join(
-                        f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, "
-                        f"{str(l['lds128']) + ' shared' if l['lds128'] else l['ldg128']})"
-                        for l in r["loops"]) or "-"
+                    loops = "; ".join(loop_cell(l) for l in r["loops"]) or "-"
                     kb = "; ".join(f"{l['kb_in_flight']:.0f}" for l in r["loops"]) or "-"
                     print(f"| {arch} | {r['kernel']} | {r['regs']} | {r['spill_st']}/"
                           f"{r['spill_ld']} | {r['resident']} ({r['threads']}) | {loops} | "
