@@ -426,9 +426,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       const int64_t offset = n * C * D + d;
       const int64_t y = probs ? 0 : labels[r];
       const bool ignored = !probs && y == p.ignore_index;
-      // A class-index gradient is formed from e = exp(x - max) left in the gradient row (a float
-      // row for half and bfloat16), by the forward and the backward op alike (a recomputed
-      // gradient has the forward's bits).
+      // A class-index gradient is formed from e = exp(x - max) left in the gradient row (or in a
+      // float row in cache: half and bfloat16, streamed gradients), by the forward and the
+      // backward op alike (a recomputed gradient has the forward's bits).
       const bool exp_in_grad = gx && !probs && !ignored;
       // Such a row of a contiguous (N, C) without soft-capping is read and written in its own
       // type (no converted copies): half and bfloat16 are converted in registers.
