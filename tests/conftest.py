@@ -31,3 +31,19 @@ def _seed():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+# The CUDA emulator (tests/cuda_emu), for the tests/test_cuda_emu*.py files; a module may
+# override `emu` (extra ctypes signatures, state to restore) and `s` then uses its own.
+@pytest.fixture(scope="module")
+def emu():
+    """The emulator's library, built (or taken from its cache) once per test module."""
+    from cuda_emu import Emulator, build
+    return Emulator(build.build())
+
+
+@pytest.fixture
+def s(emu):
+    """A session of the emulator: fresh emulated devices per test."""
+    with emu.session() as sess:
+        yield sess

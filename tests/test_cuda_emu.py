@@ -13,22 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_emu import NUM_DEVICES, Emulator, EmulatorError, build
+from cuda_emu import NUM_DEVICES, EmulatorError
 from tl_helpers import assert_flash_rule, bitwise_equal, ce_extras_reference
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 VEC = {torch.float64: 2, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # per 16 bytes
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
-
-
-@pytest.fixture
-def s(emu):
-    with emu.session() as sess:
-        yield sess
 
 
 def elem(dtype):
@@ -232,15 +221,20 @@ OPTIONS = {
 }
 
 
+def ce_kwargs(opts, w):
+    """The cross_entropy keyword arguments of an OPTIONS entry (w: the class weights drawn)."""
+    return dict(weight=w if opts.get("weight") else None,
+                ignore_index=opts.get("ignore_index", -100),
+                label_smoothing=opts.get("label_smoothing", 0.0),
+                reduction=opts.get("reduction", "mean"),
+                z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+
+
 def run_ce_case(s, dtype, N, C, D, opts, layout=0, target_layout=None, out_layout=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     prob = opts["prob"]
     x, t, w = ce_inputs(N, C, D, dtype, prob, g, ignore_index=opts.get("ignore_index", -100))
-    kw = dict(weight=w if opts.get("weight") else None,
-              ignore_index=opts.get("ignore_index", -100),
-              label_smoothing=opts.get("label_smoothing", 0.0),
-              reduction=opts.get("reduction", "mean"),
-              z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+    kw = ce_kwargs(opts, w)
     lay = dict(layout=layout, target_layout=target_layout, out_layout=out_layout)
     name = f"{dtype} {N}x{C}x{D} {opts}"
     # Forward (with the fused gradient for mean/sum, as autograd asks for it).

@@ -13,18 +13,13 @@ import ctypes
 import pytest
 import torch
 
-from cuda_emu import Emulator, EmulatorError, build
+from cuda_emu import EmulatorError
 from test_cuda_emu import OPTIONS, ce_inputs, ce_reference, ce_torch, check, run_ce_case
 from tl_helpers import bitwise_equal
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 H100, A100, SMALL_SMEM_SM90, SM90_WITH_SM80_CODE = 0, 1, 4, 6
 SLICE_MIN = 8192  # launchers.h: kCeSliceMin
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
 
 
 def test_emulated_devices(emu):

@@ -7,30 +7,11 @@ launch log says which kernel ran."""
 import pytest
 import torch
 
-from cuda_emu import Emulator, build
-from test_cuda_emu import DTYPES, OPTIONS, VEC, ce_inputs, ce_reference, ce_torch, check
+from test_cuda_emu import (DTYPES, OPTIONS, VEC, ce_inputs, ce_kwargs, ce_reference, ce_torch,
+                           check)
 from tl_helpers import bitwise_equal
 
 VECTOR, SCALAR = "ce_column_vec_kernel<", "ce_column_kernel<"
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
-
-
-@pytest.fixture
-def s(emu):
-    with emu.session() as sess:
-        yield sess
-
-
-def _kwargs(opts, w):
-    return dict(weight=w if opts.get("weight") else None,
-                ignore_index=opts.get("ignore_index", -100),
-                label_smoothing=opts.get("label_smoothing", 0.0),
-                reduction=opts.get("reduction", "mean"),
-                z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
 
 
 def _ran(r, kernel):
@@ -85,7 +66,7 @@ def run_column_case(s, dtype, N, C, D, opts, x=None, t=None, seed=0, vs_torch=Tr
     x0, t0, w = ce_inputs(N, C, D, dtype, prob, g, ignore_index=opts.get("ignore_index", -100))
     x = x0 if x is None else x
     t = t0 if t is None else t
-    kw = _kwargs(opts, w)
+    kw = ce_kwargs(opts, w)
     name = f"{dtype} {N}x{C}x{D} {opts}"
     vec = D > 1 and D % VEC[dtype] == 0
     r, rb, go = _fwd_bwd(s, x, t, kw, prob, layout=0)
@@ -154,7 +135,7 @@ def test_columns_in_place(s, dtype):
         if opts.get("reduction") == "none":
             continue
         x, t, w = ce_inputs(N, C, D, dtype, opts["prob"], torch.Generator().manual_seed(5))
-        kw = _kwargs(opts, w)
+        kw = ce_kwargs(opts, w)
         ref = s.cross_entropy(x, t, **kw, want_grad=True)
         r = s.cross_entropy(x, t, **kw, want_grad=True, inplace=True)
         assert _ran(r, VECTOR)

@@ -14,13 +14,11 @@ drawn aligned, 8 bytes off 16, or ending at a guard page."""
 import os
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuda_emu import Emulator, build
 from test_fuzz import (PROFILE, _abs_scale, _ce_tensors, _grad_output, _pointwise_values,
                        _term_sizes, _torch_call, _weights, assert_matches, ce_grad_scale,
                        ce_mean_denominator, ce_value_scale, cross_entropy_specs,
@@ -28,11 +26,6 @@ from test_fuzz import (PROFILE, _abs_scale, _ce_tensors, _grad_output, _pointwis
 
 # The emulator runs every thread of every block on the CPU: fewer examples than test_fuzz.py.
 EXAMPLES = max(1, PROFILE.max_examples // int(os.environ.get("TL_EMU_FUZZ_DIVISOR", 3)))
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
 
 
 @st.composite

@@ -7,33 +7,15 @@ import pytest
 import torch
 
 from cuda_emu import Emulator, build
-from test_cuda_emu import DTYPES, OPTIONS, VEC, ce_inputs, ce_reference, ce_torch, check
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
-
-
-@pytest.fixture
-def s(emu):
-    with emu.session() as sess:
-        yield sess
-
-
-def _kwargs(opts, w):
-    return dict(weight=w if opts.get("weight") else None,
-                ignore_index=opts.get("ignore_index", -100),
-                label_smoothing=opts.get("label_smoothing", 0.0),
-                reduction=opts.get("reduction", "mean"),
-                z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
+from test_cuda_emu import (DTYPES, OPTIONS, VEC, ce_inputs, ce_kwargs, ce_reference, ce_torch,
+                           check)
 
 
 def run_layout_case(s, name, x, t, w, opts, dtype, expect_rows=True, **lay):
     """Forward (fused gradients for mean/sum) and backward op on x, t as laid out, vs torch on
     their values. Returns the forward's result."""
     prob = opts["prob"]
-    kw = _kwargs(opts, w)
+    kw = ce_kwargs(opts, w)
     fused = kw["reduction"] != "none"
     r = s.cross_entropy(x, t, **kw, want_grad=fused, want_target_grad=fused and prob,
                         keep_strides=True, **lay)

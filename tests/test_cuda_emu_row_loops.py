@@ -7,20 +7,8 @@ scalar ones, label smoothing on and off, ignored rows, every dtype, against torc
 import pytest
 import torch
 
-from cuda_emu import Emulator, build
 from test_cuda_emu import DTYPES, VEC, ce_reference, ce_torch, check
 from test_cuda_emu_layouts import _row_kernel
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return Emulator(build.build())
-
-
-@pytest.fixture
-def s(emu):
-    with emu.session() as sess:
-        yield sess
 
 
 def _weight_offsets(dtype):
