@@ -657,7 +657,7 @@ struct RowCache {
 
 // Vectors per thread of a cached row: K x 16 B in flight per thread, 128 KB per SM at 2048
 // threads; the cached row in 4 K registers.
-constexpr int kRowCacheVectors = 8;
+constexpr int kRowCacheVectors = 4;
 
 // walk<T, kVec, U>, or (K > 0) the same walk over the row cached in registers.
 template <typename T, bool kVec, int U, int K, class F>
