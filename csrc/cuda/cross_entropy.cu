@@ -5,6 +5,8 @@
 //    row once with 16-byte vector loads and keeps an online max / sum of exp (plus the sums the
 //    label-smoothing and probability-target terms need, relative to the running max); one
 //    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
+//    A forward that writes the gradient of a short row (class index, up to 512 K vectors) holds
+//    each thread's share of the row in registers instead (RowCache): one read.
 //    The row is entirely read before any gradient element is written (the group reduction is a
 //    barrier), so grad_input may alias input. The forward saves the row statistics m and
 //    log s apart (and u = sum w t' for probability targets); a backward op reads them and runs
@@ -655,8 +657,8 @@ struct RowCache {
   }
 };
 
-// Vectors per thread of a cached row: K x 16 B in flight per thread, 128 KB per SM at 2048
-// threads; the cached row in 4 K registers.
+// Vectors per thread of a cached row (4 K registers): K x 16 B in flight per thread, 64 KB per
+// SM at the 1024 threads of the 64-register cap. K = 8 spilled 100-400 bytes there.
 constexpr int kRowCacheVectors = 4;
 
 // walk<T, kVec, U>, or (K > 0) the same walk over the row cached in registers.
