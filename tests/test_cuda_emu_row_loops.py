@@ -29,7 +29,7 @@ def check_nonfinite(name, ours, ref64, lowp, dtype):
         check(name, ours[fin], ref64[fin], lowp[fin], dtype)
 
 
-# C: warp per row (C / V <= 512) and block per row. Whole vectors per row, aligned: class weights
+# C: warp per row (C / V <= 128) and block per row. Whole vectors per row, aligned: class weights
 # at +0 bytes in 16-byte loads (kW = 2), at +acc in scalar ones (kW = 0); C + 3 classes with the
 # buffers ending at a guard page ("tight"): rows with scalar heads and tails of their own
 # (scalar weight loads).

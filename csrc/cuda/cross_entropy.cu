@@ -5,6 +5,8 @@
 //    row once with 16-byte vector loads and keeps an online max / sum of exp (plus the sums the
 //    label-smoothing and probability-target terms need, relative to the running max); one
 //    fixed-order group reduction; pass 2 re-reads the row (an L2 hit) and writes the gradient.
+//    A forward that writes the gradient of a short row (class index, up to 512 K vectors) holds
+//    each thread's share of the row in registers instead (RowCache): one read.
 //    The row is entirely read before any gradient element is written (the group reduction is a
 //    barrier), so grad_input may alias input. The forward saves the row statistics m and
 //    log s apart (and u = sum w t' for probability targets); a backward op reads them and runs
@@ -619,6 +621,54 @@ __device__ __forceinline__ int walk_owner(int64_t c, int64_t C, int head, int G)
   return int(c - head - nv * V);  // the scalar tail
 }
 
+// Short rows held in registers (ce_row with K > 0: a forward that writes the gradient, class
+// index, vector path): each thread loads its whole share of the row once, all K vectors in
+// flight plus its scalar head and tail element, and both passes compute from those registers
+// in walk's order, so the statistics and gradients are walk's bit for bit, without pass 2's
+// re-read. The raw loaded logits are kept (each pass caps them itself, as walk's do). Needs
+// (C - head) / V <= K G (launch_main); int indices (such rows are short). Class-index functors
+// only: no target vector (the logit vector is passed in its place, unread).
+template <typename T, int K>
+struct RowCache {
+  Vec<T> xv[K > 0 ? K : 1];
+  Vec<T> xh, xt;  // the thread's scalar head and tail element, in v[0]
+  __device__ __forceinline__ void load(const T* x, int64_t C, int head, int gt, int G) {
+    constexpr int V = VecTraits<T>::kVec;
+    const int end = head + (int(C) - head) / V * V;
+    if (gt < head) xh.v[0] = x[gt];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int c = head + (j * G + gt) * V;
+      if (c < end) xv[j] = ld_vec_last(x + c);  // the row's only read: evict-first
+    }
+    if (end + gt < C) xt.v[0] = x[end + gt];
+  }
+  template <class F>
+  __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) const {
+    constexpr int V = VecTraits<T>::kVec;
+    const int end = head + (int(C) - head) / V * V;
+    if (gt < head) f.template compute<1>(gt, xh, xh);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int c = head + (j * G + gt) * V;
+      if (c < end) f.template compute<V>(c, xv[j], xv[j]);
+    }
+    if (end + gt < C) f.template compute<1>(end + gt, xt, xt);
+  }
+};
+
+// Vectors per thread of a cached row (4 K registers): K x 16 B in flight per thread, 64 KB per
+// SM at the 1024 threads of the 64-register cap. K = 8 spilled 100-400 bytes there.
+constexpr int kRowCacheVectors = 4;
+
+// walk<T, kVec, U>, or (K > 0) the same walk over the row cached in registers.
+template <typename T, bool kVec, int U, int K, class F>
+__device__ __forceinline__ void walk_row(F& f, const RowCache<T, K>& cache, int64_t C, int head,
+                                         int gt, int G) {
+  if constexpr (K > 0) cache.walk(f, C, head, gt, G);
+  else walk<T, kVec, U>(f, C, head, gt, G);
+}
+
 // Group reductions: kGroup == 32: a warp per row; 0: the whole block per row; 1: one thread.
 template <int kGroup, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
@@ -687,7 +737,8 @@ __device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_
 // the row kernel), of the target at rb.t + c * stride, of the gradients at rb.g + c * stride.
 // kW: how the smoothing and probability passes load class weights (load_weights), one mode per
 // kernel (a per-row choice between loop variants costs the 64-register kernels spills).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
+// K > 0 (class index, kVec, forward writing the gradient): the row held in registers (RowCache).
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
@@ -724,14 +775,16 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     if (P.fwd && leader && !ignored) {  // before any gradient write
       xy = capped<kCap, kApproxExp<T>>(to_acc(xr[y * stride]), P.cap, P.inv_cap);
     }
+    RowCache<T, K> cache;
+    if constexpr (K > 0) cache.load(xr, C, head, gt, G);  // K > 0: forward only (launch_main)
     if (P.fwd) {
       if (P.eps != A(0)) {
         Pass1Index<T, true, kCap, kW> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
-        walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
+        walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       } else {
         Pass1Index<T, false, kCap> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       }
       m = st.m;
@@ -758,10 +811,10 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       if (ignored && ignored_row_reads<T>(m, log_s)) {
         Pass2Index<T, false, kCap> f{xr, gir, nullptr, stride, m, log_s, log_s * A(kLog2e), A(0),
                                      A(0), A(0), A(1), A(0), A(0), P.cap, P.inv_cap};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
       } else if (ignored) {
         Pass2Zero<T> f{gir, stride};
-        walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+        walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
       } else {
         const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
         const A ls2 = log_s * A(kLog2e);
@@ -770,12 +823,12 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
         if (P.eps_c != A(0)) {
           Pass2Index<T, true, kCap, kW> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
                                           P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
-          walk<T, kVec, kUnrollSmooth>(f, C, head, gt, G);
+          walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         } else {
           Pass2Index<T, false, kCap> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
                                        P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
-          walk<T, kVec, kUnrollIndex>(f, C, head, gt, G);
+          walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         }
       }
@@ -833,7 +886,7 @@ __device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
 // loads in flight); the probability-target and double ones get 128 (no spills).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
 __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
@@ -843,7 +896,7 @@ __global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row
   const int64_t first = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int64_t step = int64_t(gridDim.x) * groups_per_block;
   for (int64_t row = first; row < P.rows; row += step) {
-    ce_row<T, kProb, kVec, kGroup, kCap, kW>(P, row, row_base(P.a, row), 1, gt, G, smem);
+    ce_row<T, kProb, kVec, kGroup, kCap, kW, K>(P, row, row_base(P.a, row), 1, gt, G, smem);
   }
 }
 
@@ -1474,6 +1527,23 @@ void launch_row(const CeParams<T>& P, bool vec, int wmode, unsigned grid, int th
   }
 }
 
+// The class-index row kernel with the row cached in registers, for the class-weight mode.
+template <typename T, int kGroup, bool kCap>
+void launch_row_cached(const CeParams<T>& P, int wmode, unsigned grid, int threads,
+                       cudaStream_t stream) {
+  constexpr int K = kRowCacheVectors;
+  if (wmode == kWeightNone) {
+    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightNone, K>>(grid, threads, 0,
+                                                                              stream, P);
+  } else if (wmode == kWeightVec) {
+    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightVec, K>>(grid, threads, 0,
+                                                                             stream, P);
+  } else {
+    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightAny, K>>(grid, threads, 0,
+                                                                             stream, P);
+  }
+}
+
 template <typename T, bool kProb, bool kCap>
 void launch_main(const CeParams<T>& P, cudaStream_t stream) {
   const CrossEntropyArgs<T>& a = P.a;
@@ -1509,21 +1579,32 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       const int64_t head = std::min<int64_t>(((16 - (xa & 15)) & 15) / sizeof(T), a.C);
       if (aligned16(a.weight + head)) wmode = kWeightVec;
     }
-    if (nvec <= 512) {
+    // A warp per row up to 32 K vectors, else a block of the fewest threads (a power of two,
+    // 64 .. 512) that give each at most K vectors; one rule with and without the row cache,
+    // so that a forward's statistics (and loss) are the same bits with or without a gradient.
+    // A forward that writes the gradient of rows of at most 512 K vectors holds each thread's
+    // share of the row in registers (RowCache): one read.
+    constexpr int K = kRowCacheVectors;
+    const bool cached = !kProb && vec && P.fwd && a.grad_input != nullptr && nvec <= 512 * K;
+    if (nvec <= 32 * K) {
       constexpr int kThreads = 256;
       const unsigned grid = grid_for((P.rows + 7) / 8, sms * 8);
-      launch_row<T, kProb, 32, kCap>(P, vec, wmode, grid, kThreads, stream);
+      if (cached) launch_row_cached<T, 32, kCap>(P, wmode, grid, kThreads, stream);
+      else launch_row<T, kProb, 32, kCap>(P, vec, wmode, grid, kThreads, stream);
     } else {
       int threads = 64;
-      while (threads < 512 && threads * 16 < nvec) threads *= 2;
+      while (threads < 512 && threads * K < nvec) threads *= 2;
+      int64_t cap = sms * (2048 / threads);
+      if (cached) {
+        launch_row_cached<T, 0, kCap>(P, wmode, grid_for(P.rows, cap), threads, stream);
+        return;
+      }
       // Rows in flight at once = grid (grid-stride loop). Pass 2 re-reads a row from L2 only if
       // the rows in flight fit in it: cap the grid at ~60% of L2 / row bytes (but >= 1 per SM).
       // A backward reads each row once: no cap.
       const int64_t row_bytes = a.C * int64_t(sizeof(T)) * (kProb ? 2 : 1);
-      int64_t cap = sms * (2048 / threads);
       if (P.fwd) cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
-      const unsigned grid = grid_for(P.rows, cap);
-      launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid, threads, stream);
+      launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid_for(P.rows, cap), threads, stream);
     }
   } else if (!a.rows_strided && a.D % V == 0 && aligned16(a.input) &&
              aligned16(a.target_prob) && aligned16(a.grad_input) && aligned16(a.grad_target)) {
