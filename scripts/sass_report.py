@@ -21,7 +21,11 @@ Hot loop method (static, conservative):
     `LDG.E.128.CONSTANT` loads and count as no elements), probability-target kernels 2 (logits
     and targets) except the pass writing only the target's gradient, which reads the logits: it
     is told apart by its stores, none of which depends on two loaded vectors (a backward slice
-    of each 16-byte store's data within one iteration);
+    of each 16-byte store's data within one iteration, through the loads' data, not their
+    addresses; 16-byte and 64-bit operands as 4 and 2 registers). The same rule for the
+    probability-target vector column kernel (ce_column_vec_kernel<T, 1, kCap>). The slice is
+    path-insensitive: in the double soft-capped kernels (tanh's two paths inside the loop) it
+    still counts that loop at 2 loads per vector, i.e. 2 x its per-element count;
   - instructions per element = body instructions / elements per iteration.
 Pointwise kernels (pointwise_kernel<Loss, T, kVecPath, kStreams>): their element loads are
 `LDG.E.128.CONSTANT` (const __restrict__ streams), and the hot loop is the pair loop of a whole
@@ -190,39 +194,61 @@ def registers(token):
     return out
 
 
+# Double-precision arithmetic: its register operands are pairs (R4 names R4 and R5).
+DOUBLE_OPS = ("DADD", "DMUL", "DFMA", "DMNMX")
+
+
+def wide(token, mn):
+    """The registers of a data operand of instruction mn: 4 from R8 of a 16-byte load or store
+    (LDG.E.128.CONSTANT R8 is R8..R11), 2 of a 64-bit one (IMAD.WIDE, LDG.E.64, DADD), else
+    as written."""
+    m = re.fullmatch(r"-?\|?R(\d+)\|?", token)
+    n = 4 if re.search(r"\.128\b", mn) else \
+        2 if re.search(r"\.(WIDE|64)\b", mn) or mn.startswith(DOUBLE_OPS) else 1
+    if m is None or n == 1:
+        return registers(token)
+    return {f"R{int(m.group(1)) + i}" for i in range(n)}
+
+
 def loads_feeding(body, k):
     """The 16-byte global loads of the loop body whose values reach the data of the store
-    body[k] within one iteration (a backward slice in program order)."""
+    body[k] within one iteration (a backward slice in program order). A value depends on a load
+    through the load's data only: the slice stops at every load (its address is no data of the
+    store) and takes the 64-bit results of .64/.WIDE instructions as register pairs."""
     ops = operands(body[k])
-    need = set().union(*(registers(t) for t in ops[1:])) if len(ops) > 1 else set()
+    need = set().union(*(wide(t, mnemonic(body[k])) for t in ops[1:])) if len(ops) > 1 else set()
     loads = set()
     for j in range(k - 1, -1, -1):
         op = body[j]
         ops = operands(op)
-        if not ops or mnemonic(op).startswith(("ST", "BRA", "BSSY", "BSYNC")):
+        mn = mnemonic(op)
+        if not ops or mn.startswith(("ST", "BRA", "BSSY", "BSYNC")):
             continue
-        dest = registers(ops[0]) if not ops[0].startswith("[") else set()
-        if is_load128(op, "LDG"):
-            n = int(re.match(r"R(\d+)", ops[0]).group(1))
-            dest = {f"R{n + i}" for i in range(4)}
+        dest = wide(ops[0], mn) if not ops[0].startswith("[") else set()
         if not dest & need:
             continue
         if is_load128(op, "LDG"):
             loads.add(j)
         if not op.startswith("@"):
             need -= dest
+        if mn.startswith("LD"):
+            continue  # its data comes from memory, not from its address registers
         srcs = ops[1:]
-        if mnemonic(op).startswith("PRMT") and srcs and srcs[-1] == ops[0]:
+        if mn.startswith("PRMT") and srcs and srcs[-1] == ops[0]:
             # PRMT d, a, 0x7632, d: the high half of a moved down, d's bytes as filler that
             # the unpacking shift discards (not a dependency on d).
             srcs = srcs[:-1]
-        need |= set().union(set(), *(registers(t) for t in srcs))
+        # Double arithmetic reads register pairs; other sources are as written (R4.64 a pair).
+        pairs = mn.startswith(DOUBLE_OPS)
+        need |= set().union(set(), *(wide(t, mn) if pairs else registers(t) for t in srcs))
     return loads
 
 
 def loads_per_vector(name, loop, insns):
     """16-byte loads per vector of elements in a loop."""
-    if name.startswith("ce_row_kernel<") and template_args(name)[1] == "1":
+    prob = (name.startswith("ce_row_kernel<") or name.startswith("ce_column_vec_kernel<")) and \
+        template_args(name)[1] == "1"
+    if prob:
         # Probability targets read logits and targets, except the pass that writes only the
         # target's gradient, which reads the logits: there no stored value depends on two
         # loaded vectors (the input's gradient depends on x and t, stored or not with it).
@@ -231,8 +257,6 @@ def loads_per_vector(name, loop, insns):
         if stores and max(len(loads_feeding(body, k)) for k in stores) == 1:
             return 1
         return 2
-    if name.startswith("ce_column_vec_kernel<"):  # probability targets: logits and targets
-        return 2 if template_args(name)[1] == "1" else 1
     return 1
 
 

@@ -120,3 +120,62 @@ def test_walk_trip_boundaries(s, dtype):
                 check(name + " grad_input", r["grad_input"], ref_gx,
                       None if dtype == torch.float64 else lowp[1], dtype)
                 assert _row_kernel(r)[1], (name, r["kernels"])  # the vector path
+
+
+# Probability targets on the vector path: both arrays unpacked by 32-bit words (bf16), pass 2's
+# 16-bit input gradient as p (sg tw) - w (ka t + ke), scalar class weights loaded without a
+# per-element test (kW = 0 on the vector path always has weights).
+def _prob_rows(dtype, C, g):
+    """Rows: moderate logits; logits near +1e4 and near -1e4 (x - m must come first); a target
+    with zeros (most classes 0, one row all 0); NaN, +inf and -inf logits at vector edges."""
+    v = VEC[dtype]
+    x = torch.randn(8, C, generator=g) * 2
+    x[1] += 1e4
+    x[2] -= 1e4
+    x[5, v - 1] = float("nan")
+    x[6, v] = float("inf")
+    x[7, 1] = -float("inf")
+    x[7, C - 1] = -float("inf")
+    t = torch.softmax(torch.randn(8, C, generator=g) * 3, 1)
+    t[3, torch.rand(C, generator=g) < 0.8] = 0
+    t[4] = 0
+    return x.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("path", ["warp", "block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prob_target_rows(s, dtype, path):
+    """Loss, input and target gradients (both, input only, target only) vs torch, per row, for
+    the rows of _prob_rows: no class weights, 16-byte and scalar ones, smoothing 0 and 0.1,
+    soft-capping on and off; NaN and inf where torch has them."""
+    g = torch.Generator().manual_seed(23)
+    C = _paths(dtype)[path]
+    kernels = set()
+    x, t = _prob_rows(dtype, C, g)
+    w = torch.rand(C, generator=g) + 0.5
+    for weight, woff in ((None, 0), (w, 0), (w, _weight_offsets(dtype)[1])):
+        for eps in (0.0, 0.1):
+            for softcap in (None, 30.0):
+                kw = dict(weight=weight, label_smoothing=eps, softcap=softcap)
+                name = (f"{path} {dtype} C={C} weight {weight is not None} +{woff} eps {eps} "
+                        f"softcap {softcap}")
+                ref_none, _, _ = ce_reference(x, t, **kw, reduction="none")
+                _, ref_gx, ref_gt = ce_reference(x, t, **kw, reduction="sum")
+                lowp_none = ce_torch(x, t, **kw, reduction="none")[0]
+                lowp = ce_torch(x, t, **kw, reduction="sum")
+                rn = s.cross_entropy(x, t, **kw, reduction="none", weight_layout=woff)
+                check_nonfinite(name + " loss", rn["loss"], ref_none, lowp_none, dtype)
+                for gi, gtg in ((True, True), (True, False), (False, True)):
+                    r = s.cross_entropy(x, t, **kw, reduction="sum", want_grad=gi,
+                                        want_target_grad=gtg, weight_layout=woff)
+                    kernels.add(_row_kernel(r))
+                    if gi:
+                        check_nonfinite(f"{name} grads {gi, gtg} grad_input", r["grad_input"],
+                                        ref_gx, lowp[1], dtype)
+                    if gtg:
+                        check_nonfinite(f"{name} grads {gi, gtg} grad_target",
+                                        r["grad_target"], ref_gt, lowp[2], dtype)
+    group = 32 if path == "warp" else 0
+    # The vector path with every class-weight mode: scalar (0), none (1), 16-byte (2).
+    assert {k[1:] for k in kernels if k and k[0]} == {(True, group, kw) for kw in (0, 1, 2)}, \
+        kernels

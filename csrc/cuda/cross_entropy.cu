@@ -273,8 +273,11 @@ __device__ __forceinline__ void vec_to_acc(const Vec<T>& xv, acc_t<T> (&v)[N]) {
 // Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
 // scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
 // kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
-// double vector), for rows where weight + c is 16-byte aligned at every vector (weight_vec_ok).
-constexpr int kWeightAny = 0, kWeightNone = 1, kWeightVec = 2;
+// double vector), for rows where weight + c is 16-byte aligned at every vector (weight_vec_ok);
+// kWeightScalar: scalar loads of a weight known to be given (no per-element test and select),
+// what ce_row makes of kWeightAny on the vector path (the launcher picks kWeightNone there when
+// there are no weights).
+constexpr int kWeightAny = 0, kWeightNone = 1, kWeightVec = 2, kWeightScalar = 3;
 template <int kW, int N, typename A>
 __device__ __forceinline__ void load_weights(const A* weight, int64_t c, A (&w)[N]) {
   constexpr int kPerLoad = 16 / int(sizeof(A));
@@ -287,6 +290,9 @@ __device__ __forceinline__ void load_weights(const A* weight, int64_t c, A (&w)[
       const int4 r = __ldg(reinterpret_cast<const int4*>(weight + c) + k);
       memcpy(&w[k * kPerLoad], &r, sizeof(r));
     }
+  } else if constexpr (kW == kWeightScalar) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = weight[c + i];
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) w[i] = weight != nullptr ? weight[c + i] : A(1);
@@ -362,15 +368,14 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   }
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
-    A wt[N];
+    A wt[N], ta[N], v[N];
     load_weights<kW>(weight, c, wt);
+    vec_to_acc<N>(tv, ta);
+    vec_to_acc<N>(xv, v);
 #pragma unroll
-    for (int i = 0; i < N; ++i) wt[i] *= one_m_eps * to_acc(tv.v[i]) + eps_c;
-    A v[N];
+    for (int i = 0; i < N; ++i) wt[i] *= one_m_eps * ta[i] + eps_c;
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      v[i] = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap);
-    }
+    for (int i = 0; i < N; ++i) v[i] = capped<kCap, kApproxExp<T>>(v[i], cap, inv_cap);
     st.template push<kApproxExp<T>>(v);
     st.template push_linear<kApproxExp<T>>(v, wt);
   }
@@ -529,19 +534,24 @@ struct Pass2Prob {  // probability target gradients
     Vec<T> oi, ot;
     A w[N];
     load_weights<kW>(weight, c, w);
-    // ka w = sg (1 - eps) w: the target gradient's factor. sg (p tw - w t') keeps its order: a
-    // one-class row's gradient is exactly 0.
-    const A ka = sg * one_m_eps;
+    // ka w = sg (1 - eps) w: the target gradient's factor. float/double: sg (p tw - w t') keeps
+    // its order (a one-class row's gradient is exactly 0). 16-bit rows: p (sg tw) - w (ka t + ke),
+    // ke = sg eps_c: two FFMA per element without weights (was FFMA, FFMA, FMUL); its rounding,
+    // a few ulp(sg p tw), stays far below the 2^-8 / 2^-11 of the gradient.
+    const A ka = sg * one_m_eps, ke = sg * eps_c, sgtw = sg * tw;
+    A xa[N], ta[N];
+    vec_to_acc<N>(xv, xa);
+    if (kGI) vec_to_acc<N>(tv, ta);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
-      const A xc = capped<kCap, kApproxExp<T>>(to_acc(xv.v[i]), cap, inv_cap, dcap);
+      const A xc = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap, dcap);
       const A xm = xc - m;
       const A kaw = ka * w[i];
       if (kGI) {
         const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
-        const A wt = w[i] * (one_m_eps * to_acc(tv.v[i]) + eps_c);
-        A g = sg * (p * tw - wt);
+        A g = kApproxExp<T> ? p * sgtw - w[i] * (ka * ta[i] + ke)
+                            : sg * (p * tw - w[i] * (one_m_eps * ta[i] + eps_c));
         if (kCap) g *= dcap;
         oi.v[i] = from_acc<T>(g);
       }
@@ -738,10 +748,12 @@ __device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_
 // kW: how the smoothing and probability passes load class weights (load_weights), one mode per
 // kernel (a per-row choice between loop variants costs the 64-register kernels spills).
 // K > 0 (class index, kVec, forward writing the gradient): the row held in registers (RowCache).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kWArg, int K = 0>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
+  // The vector path runs kWeightAny only with class weights (launch_main).
+  constexpr int kW = kVec && kWArg == kWeightAny ? kWeightScalar : kWArg;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C;
   const T* xr = a.input + rb.x;
@@ -885,9 +897,19 @@ __device__ __forceinline__ bool skip_backward(const CrossEntropyArgs<T>& a) {
 
 // D == 1: a warp (kGroup 32) or the block (kGroup 0) per row; rows in a grid-stride loop.
 // The hot class-index kernels are capped at 64 registers (2 blocks of 512 threads per SM: enough
-// loads in flight); the probability-target and double ones get 128 (no spills).
+// loads in flight); the probability-target and double ones get 128 (no spills), except the
+// 16-bit probability warp kernels without soft-capping or 16-byte weights: 80, i.e. 3 blocks of
+// 256 threads per SM (the warp kernels run 256-thread blocks, launch_main).
+template <bool kProb, int kGroup, bool kCap, int kW, int kSize>
+constexpr int row_kernel_min_blocks() {
+  if (kGroup != 32) return (kProb || kSize == 8) ? 1 : 2;
+  if (kProb && kSize == 2 && !kCap && kW != kWeightVec) return 3;
+  return (kProb || kSize == 8) ? 2 : 4;
+}
 template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
-__global__ void __launch_bounds__(512, (kProb || sizeof(T) == 8) ? 1 : 2) ce_row_kernel(const CeParams<T> P) {
+__global__ void __launch_bounds__(kGroup == 32 ? 256 : 512,
+                                  row_kernel_min_blocks<kProb, kGroup, kCap, kW, sizeof(T)>())
+    ce_row_kernel(const CeParams<T> P) {
   if (skip_backward(P.a)) return;  // issue 13: the forward's buffer already holds it
   __shared__ Stats<acc_t<T>> smem[32];
   const int G = kGroup == 32 ? 32 : blockDim.x;
