@@ -135,6 +135,25 @@ def test_columns_ignored_groups_and_nonfinite(s, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_smoothing_weight_modes(s, dtype):
+    """The vector kernel's smoothing passes load class weights three ways (none, 16-byte loads
+    where the weights are 16-byte aligned, scalar loads where they are not): each vs torch."""
+    N, C, D = 2, 19, 2 * VEC[dtype]  # C % V != 0: whole chunks of V classes and a tail
+    x, t, w = ce_inputs(N, C, D, dtype, False, torch.Generator().manual_seed(7))
+    # weights in the accumulation type: one element off a 16-byte boundary
+    off = 8 if dtype == torch.float64 else 4
+    for weight, weight_layout in ((None, 0), (w, 0), (w, off)):
+        kw = dict(weight=weight, label_smoothing=0.1, reduction="sum")
+        r = s.cross_entropy(x, t, **kw, want_grad=True, weight_layout=weight_layout)
+        assert _ran(r, VECTOR), r["kernels"]
+        ref = ce_reference(x, t, **kw)
+        lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None,) * 3
+        name = f"{dtype} weight {weight is not None} at +{weight_layout} B"
+        check(name + " loss", r["loss"], ref[0], lowp[0], dtype)
+        check(name + " grad_input", r["grad_input"], ref[1], lowp[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_columns_in_place(s, dtype):
     """grad_input aliasing the input (the fused forward writes the gradient over the logits)."""
     v = VEC[dtype]

@@ -945,14 +945,17 @@ __device__ __forceinline__ void lanes_walk(const T* x, const T* t, int64_t C, in
   }
 }
 
-// ce_row (kGroup 1, scalar walk, kWeightAny) for the V positions row0 .. row0 + V - 1, whose
+template <int kW>
+using WeightMode = std::integral_constant<int, kW>;
+
+// ce_row (kGroup 1, scalar walk) for the V positions row0 .. row0 + V - 1, whose
 // class 0 is at offset `base` of every (N, C, D) array.
 template <typename T, bool kProb, bool kCap>
 __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int64_t base) {
   using A = acc_t<T>;
   constexpr int V = VecTraits<T>::kVec;
-  // 16-byte loads in flight per thread and array: 4 for 16-bit logits alone (~240 registers,
-  // one 256-thread block per SM: 16 KB per SM), else 2 (4 would spill float and double rows).
+  // Pass 2's 16-byte loads in flight per thread and array (pass 1 loads V at once): 4 for
+  // 16-bit logits alone, else 2 (4 would spill float and double rows).
   constexpr int U = (kProb || sizeof(T) > 2) ? kWalkUnrollProb : kWalkUnrollIndex;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C, D = a.D;
@@ -984,8 +987,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
     }
     if (P.fwd) {
-      auto pass1 = [&](auto smooth) {
-        Pass1Index<T, decltype(smooth)::value, kCap> f[V];
+      auto pass1 = [&](auto smooth, auto wmode) {
+        Pass1Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value> f[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
         lanes_walk_chunks<T, false>(
@@ -1004,8 +1007,12 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
 #pragma unroll
         for (int i = 0; i < V; ++i) st[i] = f[i].st;
       };
-      if (P.eps != A(0)) pass1(std::true_type{});
-      else pass1(std::false_type{});
+      // Smoothing's class weights (load_weights), one loop per mode: scalar loads of the same
+      // weights in each lane's compute<V> are not merged by nvcc (8 per lane and chunk).
+      if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
+      else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
+      else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
+      else pass1(std::true_type{}, WeightMode<kWeightAny>{});
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         m[i] = st[i].m;
@@ -1042,8 +1049,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     // An ignored position runs with the coefficients that make its gradient 0 * softmax (ce_row's
     // ignored row with non-finite statistics): exactly 0 where the softmax is finite.
     const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-    auto pass2 = [&](auto smooth) {
-      using F = Pass2Index<T, decltype(smooth)::value, kCap>;
+    auto pass2 = [&](auto smooth, auto wmode) {
+      using F = Pass2Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1075,8 +1082,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         if (!ignored[i]) f[i].fix_target(y[i], xy[i]);
       }
     };
-    if (P.eps_c != A(0)) pass2(std::true_type{});
-    else pass2(std::false_type{});
+    if (P.eps_c == A(0)) pass2(std::false_type{}, WeightMode<kWeightAny>{});
+    else if (a.weight == nullptr) pass2(std::true_type{}, WeightMode<kWeightNone>{});
+    else pass2(std::true_type{}, WeightMode<kWeightAny>{});
   } else {
     if (P.fwd) {
       Pass1Prob<T, kCap> f[V];
