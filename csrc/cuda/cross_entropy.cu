@@ -19,7 +19,8 @@
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced). The contiguous (N, C, D) with D a multiple
 //    of V = 16 / sizeof(T) and aligned arrays runs the vector column kernel instead: one thread
-//    per V consecutive d, one 16-byte load per class for all V, the same per-position numerics.
+//    per V consecutive d, one 16-byte load per class for all V; pass 1 folds V classes at once
+//    per position (the row functors' compute<V>, so it rounds unlike the column kernel).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
 //    main kernel so the fused gradient can use 1/W without a host sync), the class-weight sum and
 //    the reduction of the per-row losses.
@@ -926,25 +927,25 @@ __device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int64_
 template <typename T, bool kT, int U, class Step>
 __device__ __forceinline__ void lanes_walk(const T* x, const T* t, int64_t C, int64_t D,
                                            Step&& step) {
-  auto load = [](const T* p) { return ld_vec_last(p); };
   Vec<T> xv[U], tv[U];
   int64_t c = 0;
   for (; c + U <= C; c += U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      xv[u] = load(x + (c + u) * D);
-      if (kT) tv[u] = load(t + (c + u) * D);
+      xv[u] = ld_vec_last(x + (c + u) * D);
+      if (kT) tv[u] = ld_vec_last(t + (c + u) * D);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) step(c + u, xv[u], tv[u]);
   }
   for (; c < C; ++c) {
-    xv[0] = load(x + c * D);
-    if (kT) tv[0] = load(t + c * D);
+    xv[0] = ld_vec_last(x + c * D);
+    if (kT) tv[0] = ld_vec_last(t + c * D);
     step(c, xv[0], tv[0]);
   }
 }
 
+// A class-weight mode (load_weights) as a type: the lambdas below take it as a template flag.
 template <int kW>
 using WeightMode = std::integral_constant<int, kW>;
 
@@ -1008,7 +1009,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         for (int i = 0; i < V; ++i) st[i] = f[i].st;
       };
       // Smoothing's class weights (load_weights), one loop per mode: scalar loads of the same
-      // weights in each lane's compute<V> are not merged by nvcc (8 per lane and chunk).
+      // weights in each lane's compute<V> are not merged by nvcc (V per lane and chunk).
       if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
       else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
       else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
@@ -1066,7 +1067,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         }
       }
       lanes_walk<T, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                            const Vec<T>&) {
+                                                      const Vec<T>&) {
         Vec<T> out;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -1144,7 +1145,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
                  log_s[i] * A(kLog2e), tw, one_m_eps, P.eps_c, sg[i], P.cap, P.inv_cap};
       }
       lanes_walk<T, kGI, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                     const Vec<T>& tv) {
+                                               const Vec<T>& tv) {
         Vec<T> oi, ot;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
