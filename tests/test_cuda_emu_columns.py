@@ -1,9 +1,12 @@
 """Cross-entropy over the contiguous (N, C, D), D > 1, under the CUDA emulator: the vector column
 kernel (one thread per V = 16 / sizeof(T) consecutive d, csrc/cuda/cross_entropy.cu
 ce_column_vec_kernel) vs torch, and vs the scalar column kernel, which the same inputs take when
-the logits (and a probability target) are one element off a 16-byte boundary: bitwise but for
-the loss's last bit (_assert_same; the per-position summation order is the same in both). The
-launch log says which kernel ran."""
+the logits (and a probability target) are one element off a 16-byte boundary: both vs torch.
+The two kernels are not bitwise equal: the vector kernel's pass 1 folds V classes at once per
+position (the row kernel's compute<V>: one max per V classes, the instruction budget of issue 8),
+the scalar one a class at a time, so their sums of exp round differently (_assert_close_kernels
+bounds the difference where torch gives no finite reference). The launch log says which kernel
+ran."""
 import pytest
 import torch
 
@@ -46,18 +49,21 @@ def _check_vs_torch(name, r, rb, go, x, t, kw, prob, dtype):
         check(name + " bwd grad_target", rb["grad_target"], ref[2], lowp[2], dtype)
 
 
-def _assert_same(name, a, b):
-    """Gradients and row statistics bitwise; the loss within 2 ulp of its dtype: its last step,
-    l = (1 - eps) w_y ((m - x_y) + log s) + eps/C (d + u log s) (+ z lse^2), is contracted into
-    FMAs as the compiler sees fit in each kernel (the emulator's g++ -ffp-contract=fast, nvcc by
-    default), so its last bit may differ between the two kernels."""
-    for key in ("row_stats", "grad_input", "grad_target"):
-        if a.get(key) is not None:
-            assert bitwise_equal(a[key], b[key]), f"{name} {key}: vector != scalar column kernel"
-    if a.get("loss") is not None:
-        eps = torch.finfo(a["loss"].dtype).eps
-        torch.testing.assert_close(a["loss"], b["loss"], rtol=2 * eps, atol=0, equal_nan=True,
-                                   msg=lambda m: f"{name} loss: {m}")
+def _assert_close_kernels(name, a, b):
+    """Vector vs scalar column kernel on inputs with infinite logits (no finite torch reference
+    to hold both to): the same NaN and infinite entries, the finite ones within 4 ulp of their
+    dtype (the statistics' sums round differently, see the module's docstring)."""
+    for key in ("row_stats", "loss", "grad_input", "grad_target"):
+        if a.get(key) is None:
+            continue
+        u, v = a[key], b[key]
+        assert torch.equal(u.isnan(), v.isnan()), f"{name} {key}: NaN positions differ"
+        fin = ~u.isnan()
+        assert torch.equal(u[u.isinf()], v[u.isinf()]), f"{name} {key}: infinities differ"
+        fin &= ~u.isinf()
+        eps = torch.finfo(u.dtype).eps
+        torch.testing.assert_close(u[fin], v[fin], rtol=4 * eps, atol=4 * eps,
+                                   msg=lambda m: f"{name} {key}: {m}")
 
 
 def run_column_case(s, dtype, N, C, D, opts, x=None, t=None, seed=0, vs_torch=True):
@@ -77,18 +83,21 @@ def run_column_case(s, dtype, N, C, D, opts, x=None, t=None, seed=0, vs_torch=Tr
     if vec:  # the same inputs one element off a 16-byte boundary: the scalar column kernel
         r1, rb1, _ = _fwd_bwd(s, x, t, kw, prob, layout=x.element_size())
         assert _ran(r1, SCALAR) and not _ran(r1, VECTOR), (name, r1["kernels"])
-        _assert_same(name + " fwd", r, r1)
-        _assert_same(name + " bwd", rb, rb1)
+        if vs_torch:
+            _check_vs_torch(name + " scalar kernel", r1, rb1, go, x, t, kw, prob, dtype)
+        else:
+            _assert_close_kernels(name + " fwd", r, r1)
+            _assert_close_kernels(name + " bwd", rb, rb1)
 
 
-DS = [1, 2, 3, 7, 8, 9, 16, 33]
+DS = [1, 2, 3, 7, 8, 9, 16, 24, 33]
 
 
 @pytest.mark.parametrize("opt", list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_columns_small_classes(s, dtype, opt):
     for D in DS:
-        for C in (1, 5):
+        for C in (1, 5, 8):  # 8: whole chunks of V classes (bf16), C % V != 0 (double)
             run_column_case(s, dtype, 3, C, D, OPTIONS[opt])
 
 
@@ -105,7 +114,7 @@ def test_columns_ignored_groups_and_nonfinite(s, dtype):
     """Whole groups of V ignored positions (their gradient zeros, the row not read), groups mixing
     ignored and counted positions, an ignored position with a NaN logit (its gradient NaN, as
     torch's 0 * softmax); then +-inf logits in counted positions (infinite or NaN losses, where
-    the flash rule does not apply: bitwise vs the scalar column kernel only)."""
+    the flash rule does not apply: vs the scalar column kernel only)."""
     v = VEC[dtype]
     N, C, D = 2, 6, 4 * v
     g = torch.Generator().manual_seed(3)
@@ -123,6 +132,25 @@ def test_columns_ignored_groups_and_nonfinite(s, dtype):
         opts = dict(OPTIONS[opt], ignore_index=-100)
         run_column_case(s, dtype, N, C, D, opts, x=x, t=t)
         run_column_case(s, dtype, N, C, D, opts, x=xinf, t=t, vs_torch=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_smoothing_weight_modes(s, dtype):
+    """The vector kernel's smoothing passes load class weights three ways (none, 16-byte loads
+    where the weights are 16-byte aligned, scalar loads where they are not): each vs torch."""
+    N, C, D = 2, 19, 2 * VEC[dtype]  # C % V != 0: whole chunks of V classes and a tail
+    x, t, w = ce_inputs(N, C, D, dtype, False, torch.Generator().manual_seed(7))
+    # weights in the accumulation type: one element off a 16-byte boundary
+    off = 8 if dtype == torch.float64 else 4
+    for weight, weight_layout in ((None, 0), (w, 0), (w, off)):
+        kw = dict(weight=weight, label_smoothing=0.1, reduction="sum")
+        r = s.cross_entropy(x, t, **kw, want_grad=True, weight_layout=weight_layout)
+        assert _ran(r, VECTOR), r["kernels"]
+        ref = ce_reference(x, t, **kw)
+        lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None,) * 3
+        name = f"{dtype} weight {weight is not None} at +{weight_layout} B"
+        check(name + " loss", r["loss"], ref[0], lowp[0], dtype)
+        check(name + " grad_input", r["grad_input"], ref[1], lowp[1], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -21,7 +21,8 @@
 //  - column kernel (D > 1, or few classes): one thread per position (n, d) walking c with stride
 //    D, so a warp reads 32 consecutive d (coalesced). The contiguous (N, C, D) with D a multiple
 //    of V = 16 / sizeof(T) and aligned arrays runs the vector column kernel instead: one thread
-//    per V consecutive d, one 16-byte load per class for all V, the same per-position numerics.
+//    per V consecutive d, one 16-byte load per class for all V; pass 1 folds V classes at once
+//    per position (the row functors' compute<V>, so it rounds unlike the column kernel).
 //  - deterministic two-stage sums (common.cuh) for W = sum of target weights (computed before the
 //    main kernel so the fused gradient can use 1/W without a host sync), the class-weight sum and
 //    the reduction of the per-row losses.
@@ -945,10 +946,14 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
 // ---- D > 1 vectorized across d ----------------------------------------------------------------
 // The contiguous (N, C, D) with D % V == 0 and 16-byte aligned arrays (launch_main decides; else
 // the column kernel): one thread owns V consecutive positions (n, d0 .. d0 + V - 1), which share
-// every class's 16-byte vector x[n, c, d0 .. d0 + V - 1]. Each lane i keeps the column kernel's
-// per-position state and calls the same functors' compute<1> on its element, classes in the
-// same order: every position's result is bitwise the column kernel's. Pass 2 writes the V
-// gradients of a class with one 16-byte store (the functors write into a register vector).
+// every class's 16-byte vector x[n, c, d0 .. d0 + V - 1]. Pass 1 loads V classes at once (V
+// vectors) and gives each lane i its V classes as one vector (element i of each), so that the
+// row functors' compute<V> runs the row kernel's arithmetic per position (one max and one
+// rescale check per V classes, not per element); the last C % V classes go through compute<1>.
+// The column kernel folds one class at a time, so the two kernels round the statistics
+// differently (both are tested against torch). Pass 2 is elementwise: each lane calls the
+// functors' compute<1> on its element, the V gradients of a class written with one 16-byte
+// store (the functors write into a register vector).
 
 // Lane i of a loaded vector as a one-element Vec (what compute<1> reads).
 template <typename T>
@@ -958,39 +963,75 @@ __device__ __forceinline__ Vec<T> lane_of(const Vec<T>& v, int i) {
   return r;
 }
 
-// Classes 0 .. C-1 of V positions: the vectors at x + c D (and t + c D where kT), U loads in
-// flight per array, then step(c, xv, tv) in class order. kLast: the row's last read
+// Lane i of V vectors (V consecutive classes of one position) as one Vec (what compute<V> reads).
+template <typename T>
+__device__ __forceinline__ Vec<T> lane_gather(const Vec<T> (&v)[VecTraits<T>::kVec], int i) {
+  Vec<T> r;
+#pragma unroll
+  for (int k = 0; k < VecTraits<T>::kVec; ++k) r.v[k] = v[k].v[i];
+  return r;
+}
+
+// Classes 0 .. C-1 of V positions in chunks of V classes: the V vectors at x + (c + k) D (and
+// t + (c + k) D where kT) loaded at once, then chunk(c, xv, tv); the last C % V classes one at a
+// time, tail(c, xv, tv). Pass 1 only (never the row's last read).
+template <typename T, bool kT, class Chunk, class Tail>
+__device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int64_t C, int64_t D,
+                                                  Chunk&& chunk, Tail&& tail) {
+  constexpr int V = VecTraits<T>::kVec;
+  Vec<T> xv[V], tv[V];
+  int64_t c = 0;
+  for (; c + V <= C; c += V) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      xv[k] = ld_vec(x + (c + k) * D);
+      if (kT) tv[k] = ld_vec(t + (c + k) * D);
+    }
+    chunk(c, xv, tv);
+  }
+  for (; c < C; ++c) {
+    xv[0] = ld_vec(x + c * D);
+    if (kT) tv[0] = ld_vec(t + c * D);
+    tail(c, xv[0], tv[0]);
+  }
+}
+
+// Classes 0 .. C-1 of V positions, pass 2: the vectors at x + c D (and t + c D where kT), U
+// loads in flight per array, then step(c, xv, tv) in class order; the row's last read
 // (evict-first).
-template <typename T, bool kT, bool kLast, int U, class Step>
+template <typename T, bool kT, int U, class Step>
 __device__ __forceinline__ void lanes_walk(const T* x, const T* t, int64_t C, int64_t D,
                                            Step&& step) {
-  auto load = [](const T* p) { return kLast ? ld_vec_last(p) : ld_vec(p); };
   Vec<T> xv[U], tv[U];
   int64_t c = 0;
   for (; c + U <= C; c += U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      xv[u] = load(x + (c + u) * D);
-      if (kT) tv[u] = load(t + (c + u) * D);
+      xv[u] = ld_vec_last(x + (c + u) * D);
+      if (kT) tv[u] = ld_vec_last(t + (c + u) * D);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) step(c + u, xv[u], tv[u]);
   }
   for (; c < C; ++c) {
-    xv[0] = load(x + c * D);
-    if (kT) tv[0] = load(t + c * D);
+    xv[0] = ld_vec_last(x + c * D);
+    if (kT) tv[0] = ld_vec_last(t + c * D);
     step(c, xv[0], tv[0]);
   }
 }
 
-// ce_row (kGroup 1, scalar walk, kWeightAny) for the V positions row0 .. row0 + V - 1, whose
+// A class-weight mode (load_weights) as a type: the lambdas below take it as a template flag.
+template <int kW>
+using WeightMode = std::integral_constant<int, kW>;
+
+// ce_row (kGroup 1, scalar walk) for the V positions row0 .. row0 + V - 1, whose
 // class 0 is at offset `base` of every (N, C, D) array.
 template <typename T, bool kProb, bool kCap>
 __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int64_t base) {
   using A = acc_t<T>;
   constexpr int V = VecTraits<T>::kVec;
-  // 16-byte loads in flight per thread and array: 4 for 16-bit logits alone (~240 registers,
-  // one 256-thread block per SM: 16 KB per SM), else 2 (4 would spill float and double rows).
+  // Pass 2's 16-byte loads in flight per thread and array (pass 1 loads V at once): 4 for
+  // 16-bit logits alone, else 2 (4 would spill float and double rows).
   constexpr int U = (kProb || sizeof(T) > 2) ? kWalkUnrollProb : kWalkUnrollIndex;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C, D = a.D;
@@ -1022,20 +1063,32 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
     }
     if (P.fwd) {
-      auto pass1 = [&](auto smooth) {
-        Pass1Index<T, decltype(smooth)::value, kCap> f[V];
+      auto pass1 = [&](auto smooth, auto wmode) {
+        Pass1Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value> f[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
-        lanes_walk<T, false, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                               const Vec<T>&) {
+        lanes_walk_chunks<T, false>(
+            xr, nullptr, C, D,
+            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
 #pragma unroll
-          for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), xv);
-        });
+              for (int i = 0; i < V; ++i) {
+                const Vec<T> xi = lane_gather<T>(xv, i);
+                f[i].template compute<V>(c, xi, xi);
+              }
+            },
+            [&](int64_t c, const Vec<T>& xv, const Vec<T>&) {
+#pragma unroll
+              for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), xv);
+            });
 #pragma unroll
         for (int i = 0; i < V; ++i) st[i] = f[i].st;
       };
-      if (P.eps != A(0)) pass1(std::true_type{});
-      else pass1(std::false_type{});
+      // Smoothing's class weights (load_weights), one loop per mode: scalar loads of the same
+      // weights in each lane's compute<V> are not merged by nvcc (V per lane and chunk).
+      if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
+      else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
+      else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
+      else pass1(std::true_type{}, WeightMode<kWeightAny>{});
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         m[i] = st[i].m;
@@ -1072,8 +1125,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     // An ignored position runs with the coefficients that make its gradient 0 * softmax (ce_row's
     // ignored row with non-finite statistics): exactly 0 where the softmax is finite.
     const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
-    auto pass2 = [&](auto smooth) {
-      using F = Pass2Index<T, decltype(smooth)::value, kCap>;
+    auto pass2 = [&](auto smooth, auto wmode) {
+      using F = Pass2Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1088,8 +1141,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
                    wy1 + zc, zc, P.cap, P.inv_cap};
         }
       }
-      lanes_walk<T, false, true, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                            const Vec<T>&) {
+      lanes_walk<T, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                                      const Vec<T>&) {
         Vec<T> out;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -1105,8 +1158,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         if (!ignored[i]) f[i].fix_target(y[i], xy[i]);
       }
     };
-    if (P.eps_c != A(0)) pass2(std::true_type{});
-    else pass2(std::false_type{});
+    if (P.eps_c == A(0)) pass2(std::false_type{}, WeightMode<kWeightAny>{});
+    else if (a.weight == nullptr) pass2(std::true_type{}, WeightMode<kWeightNone>{});
+    else pass2(std::true_type{}, WeightMode<kWeightAny>{});
   } else {
     if (P.fwd) {
       Pass1Prob<T, kCap> f[V];
@@ -1114,11 +1168,20 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       for (int i = 0; i < V; ++i) {
         f[i] = {xr + i, tr + i, a.weight, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
       }
-      lanes_walk<T, true, false, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                       const Vec<T>& tv) {
+      lanes_walk_chunks<T, true>(
+          xr, tr, C, D,
+          [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
 #pragma unroll
-        for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
-      });
+            for (int i = 0; i < V; ++i) {
+              f[i].template compute<V>(c, lane_gather<T>(xv, i), lane_gather<T>(tv, i));
+            }
+          },
+          [&](int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+            }
+          });
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         st[i] = f[i].st;
@@ -1156,8 +1219,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         f[i] = F{xr + i, tr + i, nullptr, nullptr, a.weight, D, m[i], log_s[i],
                  log_s[i] * A(kLog2e), tw, one_m_eps, P.eps_c, sg[i], P.cap, P.inv_cap};
       }
-      lanes_walk<T, kGI, true, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                     const Vec<T>& tv) {
+      lanes_walk<T, kGI, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
+                                               const Vec<T>& tv) {
         Vec<T> oi, ot;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
