@@ -183,12 +183,6 @@ def ce_inputs(N, C, D, dtype, prob, g, scale=2.0, ignore_index=-100):
     return x, t, w
 
 
-def ce_path(C, D, dtype):
-    if D not in (None, 1) or C < 64:
-        return "column"
-    return "warp" if C // VEC[dtype] <= 128 else "block"
-
-
 # (N, C, D): D None is an (N, C) input. Around every path boundary: the column kernel (C < 64
 # or D > 1), warp per row (C / vec <= 128), block per row (held in registers up to 2048
 # vectors when the forward writes the gradient); sizes at the vector width +- 1.
