@@ -26,7 +26,11 @@ Hot loop method (static, conservative):
     probability-target vector column kernel (ce_column_vec_kernel<T, 1, kCap>). The slice is
     path-insensitive: in the double soft-capped kernels (tanh's two paths inside the loop) it
     still counts that loop at 2 loads per vector, i.e. 2 x its per-element count;
-  - instructions per element = body instructions / elements per iteration.
+  - instructions per element = body instructions / elements per iteration;
+  - the paths through one iteration are followed too (path_counts, every branch both ways):
+    where the fewest and the most instructions per element differ, the cell adds "paths
+    fewest-most". The row kernels' hot loops have no branch inside (nvcc predicates the rescale
+    of a new row maximum): their static count is their issue per iteration.
 Pointwise kernels (pointwise_kernel<Loss, T, kVecPath, kStreams>): their element loads are
 `LDG.E.128.CONSTANT` (const __restrict__ streams), and the hot loop is the pair loop of a whole
 chunk (2 x the streams' 16-byte loads: x, y and the optional weight, pos_weight, grad_output
@@ -445,7 +449,10 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
                     succ.append(tgt if tgt is not None and first <= tgt <= last else None)
                 if cond is not True:
                     succ.append(i + 1)
-                outs = [walk(s, state, consts) for s in succ if s is not None]
+                # A branch back into the loop from inside (a `continue` to the head) ends the
+                # iteration there.
+                outs = [((0, 0), (0, 0)) if s <= i else walk(s, state, consts)
+                        for s in succ if s is not None]
                 outs = [o for o in outs if o is not None]
                 if not outs:
                     res = None
@@ -462,6 +469,19 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
     res = walk(first, state, consts)
     return res if res is not None or calls else path_counts(insns, first, last, params,
                                                             elem_load, calls=True)
+
+
+def row_path_counts(insns, lp, elems_per_load):
+    """(fewest, most) instructions per element over the paths through one iteration of a
+    cross-entropy loop, every branch followed both ways: the fewest is the path that skips the
+    cold blocks (the rescale of a new row maximum, the all -inf/NaN prefix), i.e. the issue of
+    all but a few iterations of a row. None where no path reaches the backward branch."""
+    counts = path_counts(insns, lp["first"], lp["last"], lambda off: None,
+                         lambda op: is_load128(op, "LDG") or is_load128(op, "LDS"))
+    if counts is None or not counts[0][1] or not counts[1][1]:
+        return None
+    (lo, lo_loads), (hi, hi_loads) = counts
+    return lo / (lo_loads * elems_per_load), hi / (hi_loads * elems_per_load)
 
 
 # PointwiseArgs field offsets (csrc/cuda/launchers.h) from the start of the kernel parameters.
@@ -591,8 +611,9 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                                             hi / (VEC[tname] * hi_loads / streams))
                 entry["elems"] = VEC[tname] * lp["ldg128"] / streams
             else:
-                entry["elems"] = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / \
-                    loads_per_vector(name, lp, insns)
+                per_vector = loads_per_vector(name, lp, insns)
+                entry["elems"] = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / per_vector
+                entry["hot_path"] = row_path_counts(insns, lp, VEC[tname] / per_vector)
             entry["per_elem"] = lp["body"] / entry["elems"]
             loop_txt.append(entry)
         rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
@@ -607,7 +628,9 @@ def loop_cell(l):
         paths = ", ".join(f"{p} {lo:.1f}-{hi:.1f}" for p, (lo, hi) in l["paths"].items())
         return (f"{paths} (loop {l['body']}/{l['elems']:g}: all copies, {l['mufu']}, "
                 f"{loads})")
-    return f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads})"
+    hot = l.get("hot_path")
+    paths = f", paths {hot[0]:.1f}-{hot[1]:.1f}" if hot and hot[0] != hot[1] else ""
+    return f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads}{paths})"
 
 
 def main():
