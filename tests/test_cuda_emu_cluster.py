@@ -224,6 +224,40 @@ def test_cluster_equals_split(emu, dtype, layout):
             check(name + " grad_input", r0["grad_input"], ref_gx, lowp[1], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_smoothing_class_weight_loads(emu, dtype):
+    """Label smoothing reads the class weights in each slice's pass 1 (split_pass1): none, in
+    16-byte loads (weights at +0 bytes) or scalar ones (one element off 16 bytes); aligned rows
+    and rows with a scalar head ("tight"). The cluster (H100) and the two-kernel split (A100)
+    agree bit for bit, and both with torch."""
+    N, C = 2, 3 * SLICE_MIN + 5
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(N, C, generator=g) * 3).to(dtype)
+    t = torch.tensor([5, C - 2])
+    w = torch.rand(C, generator=g) + 0.5
+    off = 8 if dtype == torch.float64 else 4  # one class weight (float64 for float64 logits)
+    for weight, woff in ((None, 0), (w, 0), (w, off)):
+        for layout in (0, "tight"):
+            kw = dict(weight=weight, label_smoothing=0.1)
+            lay = dict(layout=layout, target_layout=layout, out_layout=layout,
+                       weight_layout=woff)
+            name = f"{dtype} weight {weight is not None} +{woff} B, layout {layout}"
+            res = []
+            for device in (H100, A100):
+                with emu.session(device) as s:
+                    emu.launch_log()
+                    res.append(s.cross_entropy(x, t, **kw, reduction="sum", want_grad=True, **lay))
+                    names = kernels(emu.launch_log())
+                    assert ("ce_cluster_kernel" in names) == (device == H100), (name, names)
+                    assert ("ce_split_stats_kernel" in names) == (device == A100), (name, names)
+            for key in ("loss", "lse", "grad_input"):
+                assert bitwise_equal(res[0][key], res[1][key]), f"{name} {key}"
+            ref_loss, ref_gx, _ = ce_reference(x, t, **kw, reduction="sum")
+            lowp = ce_torch(x, t, **kw, reduction="sum") if dtype != torch.float64 else (None,) * 3
+            check(name + " loss", res[0]["loss"], ref_loss, lowp[0], dtype)
+            check(name + " grad_input", res[0]["grad_input"], ref_gx, lowp[1], dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cluster_target_at_every_slice_edge(emu, dtype):
     """The target at the first and last class of every slice (the owner block's x_y goes to
