@@ -1060,27 +1060,16 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
   T* gtr = a.grad_target != nullptr ? a.grad_target + base : nullptr;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st[V];
-  A m[V], log_s[V], sg[V];
+  A m[V], log_s[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    st[i] = Stats<A>{A(-INFINITY), A(0), A(0), A(0)};
-    sg[i] = grad_scale(P, row0 + i);
-  }
+  for (int i = 0; i < V; ++i) st[i] = Stats<A>{A(-INFINITY), A(0), A(0), A(0)};
+  // The gradient scales, read after pass 1 (not held through its loop).
+  auto grad_scales = [&](A(&sg)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) sg[i] = grad_scale(P, row0 + i);
+  };
 
   if (!kProb) {
-    int64_t y[V];
-    bool ignored[V];
-    A wy[V], xy[V];  // xy: the target's logit as loaded, read before any gradient write
-    bool all_ignored = true;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      y[i] = a.target_index[row0 + i];
-      ignored[i] = y[i] == a.ignore_index;
-      if (!ignored[i]) TL_DEVICE_ASSERT(y[i] >= 0 && y[i] < C, TL_CE_TARGET_CHECK);
-      all_ignored &= ignored[i];
-      wy[i] = ignored[i] ? A(0) : (a.weight != nullptr ? a.weight[y[i]] : A(1));
-      xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
-    }
     if (P.fwd) {
       // Smoothing's class weights (load_weights mode kW) are loaded once per class for the V
       // lanes (nvcc does not merge the lanes' loads of the same address).
@@ -1117,6 +1106,22 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
       else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
       else pass1(std::true_type{}, WeightMode<kWeightScalar>{});
+    }
+    // The targets, read after pass 1 (not held through its loop), before any gradient write.
+    int64_t y[V];
+    bool ignored[V];
+    A wy[V], xy[V];  // xy: the target's logit as loaded, read before any gradient write
+    bool all_ignored = true;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      y[i] = a.target_index[row0 + i];
+      ignored[i] = y[i] == a.ignore_index;
+      if (!ignored[i]) TL_DEVICE_ASSERT(y[i] >= 0 && y[i] < C, TL_CE_TARGET_CHECK);
+      all_ignored &= ignored[i];
+      wy[i] = ignored[i] ? A(0) : (a.weight != nullptr ? a.weight[y[i]] : A(1));
+      xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
+    }
+    if (P.fwd) {
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         m[i] = st[i].m;
@@ -1154,6 +1159,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     // ignored row with non-finite statistics): exactly 0 where the softmax and the class weight
     // are finite. Smoothing's class weight is loaded once per class for the V lanes.
     const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+    A sg[V];
+    grad_scales(sg);
     auto pass2 = [&](auto smooth, auto wmode) {
       constexpr bool kSmooth = decltype(smooth)::value;
       using F = Pass2Index<T, kSmooth, kCap>;
@@ -1241,6 +1248,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         st[i].u = saved_stat(P, 2, row0 + i);
       }
     }
+    A sg[V];
+    grad_scales(sg);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
       using F = Pass2Prob<T, kCap, kGI, kGT>;
