@@ -21,10 +21,11 @@ def _ran(r, kernel):
     return any(kernel in k for k in r["kernels"])
 
 
-def _fwd_bwd(s, x, t, kw, prob, layout):
+def _fwd_bwd(s, x, t, kw, prob, layout, weight_layout=0):
     """Forward (fused gradients for mean/sum) and the backward op (grad_output not 1)."""
     fused = kw["reduction"] != "none"
-    lay = dict(layout=layout, target_layout=layout if prob else 0, out_layout=0)
+    lay = dict(layout=layout, target_layout=layout if prob else 0, out_layout=0,
+               weight_layout=weight_layout)
     r = s.cross_entropy(x, t, **kw, want_grad=fused, want_target_grad=fused and prob, **lay)
     go = (torch.randn(r["loss"].shape, generator=torch.Generator().manual_seed(1))
           if kw["reduction"] == "none" else torch.tensor(0.75)).to(x.dtype)
@@ -134,23 +135,33 @@ def test_columns_ignored_groups_and_nonfinite(s, dtype):
         run_column_case(s, dtype, N, C, D, opts, x=xinf, t=t, vs_torch=False)
 
 
+# Label smoothing with the other options the vector kernel's smoothing loops run under.
+SMOOTH_OPTIONS = [dict(reduction="sum"), dict(reduction="mean", z_loss=0.05),
+                  dict(reduction="none", softcap=3.0),
+                  dict(reduction="mean", softcap=3.0, z_loss=0.1)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_columns_smoothing_weight_modes(s, dtype):
-    """The vector kernel's smoothing passes load class weights three ways (none, 16-byte loads
-    where the weights are 16-byte aligned, scalar loads where they are not): each vs torch."""
-    N, C, D = 2, 19, 2 * VEC[dtype]  # C % V != 0: whole chunks of V classes and a tail
-    x, t, w = ce_inputs(N, C, D, dtype, False, torch.Generator().manual_seed(7))
-    # weights in the accumulation type: one element off a 16-byte boundary
-    off = 8 if dtype == torch.float64 else 4
-    for weight, weight_layout in ((None, 0), (w, 0), (w, off)):
-        kw = dict(weight=weight, label_smoothing=0.1, reduction="sum")
-        r = s.cross_entropy(x, t, **kw, want_grad=True, weight_layout=weight_layout)
-        assert _ran(r, VECTOR), r["kernels"]
-        ref = ce_reference(x, t, **kw)
-        lowp = ce_torch(x, t, **kw) if dtype != torch.float64 else (None,) * 3
-        name = f"{dtype} weight {weight is not None} at +{weight_layout} B"
-        check(name + " loss", r["loss"], ref[0], lowp[0], dtype)
-        check(name + " grad_input", r["grad_input"], ref[1], lowp[1], dtype)
+    """The vector kernel's smoothing passes load each class's weight once for a thread's V
+    positions (pass 1: V classes at a time, then the C % V tail; pass 2: one class at a time),
+    three ways: no weights, 16-byte loads where the weights are 16-byte aligned, scalar loads
+    where they are not. Each vs torch: the forward with its fused gradient and the backward op,
+    every 5th position ignored (its lanes share the weights with counted ones), with z-loss,
+    soft-capping and every reduction."""
+    v = VEC[dtype]
+    off = 8 if dtype == torch.float64 else 4  # weights (accumulation type) off a 16-byte boundary
+    for D in (v, 2 * v, 3 * v):  # bf16/fp16: 8, 16, 24
+        for C in (v - 1, 19):  # only a tail; whole chunks of V classes and a tail (C % V != 0)
+            x, t, w = ce_inputs(2, C, D, dtype, False, torch.Generator().manual_seed(7 + D))
+            for weight, weight_layout in ((None, 0), (w, 0), (w, off)):
+                for opts in SMOOTH_OPTIONS:
+                    kw = dict(weight=weight, label_smoothing=0.1, **opts)
+                    r, rb, go = _fwd_bwd(s, x, t, kw, False, 0, weight_layout)
+                    assert _ran(r, VECTOR) and _ran(rb, VECTOR), (r["kernels"], rb["kernels"])
+                    name = (f"{dtype} 2x{C}x{D} weight {weight is not None} at "
+                            f"+{weight_layout} B {opts}")
+                    _check_vs_torch(name, r, rb, go, x, t, kw, False, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -332,8 +332,11 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     if (N == 1) xv.v[0] = x[c * stride];
     else xv = ld_vec(x + c);
   }
-  template <int N>
-  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) {
+  // kShared: the N classes' weights given in `shared` (the vector column kernel loads them once
+  // for its V positions).
+  template <int N, bool kShared = false>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&,
+                                          const A* shared = nullptr) {
     A v[N];
     vec_to_acc<N>(xv, v);
 #pragma unroll
@@ -341,7 +344,12 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     st.template push<kApproxExp<T>>(v);
     if (kSmooth) {
       A w[N];
-      load_weights<kW>(weight, c, w);
+      if constexpr (kShared) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) w[i] = shared[i];
+      } else {
+        load_weights<kW>(weight, c, w);
+      }
       st.template push_linear<kApproxExp<T>>(v, w);
     }
   }
@@ -466,11 +474,21 @@ struct Pass2Index {
     if (N == 1) xv.v[0] = x[c * stride];
     else xv = ld_vec_last(x + c);
   }
-  template <int N>
-  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&) const {
+  // kShared: the N classes' weights given in `shared` (the vector column kernel loads them once
+  // for its V positions).
+  template <int N, bool kShared = false>
+  __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>&,
+                                          const A* shared = nullptr) const {
     Vec<T> out;
     A w[N];
-    if (kSmooth) load_weights<kW>(weight, c, w);
+    if (kSmooth) {
+      if constexpr (kShared) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) w[i] = shared[i];
+      } else {
+        load_weights<kW>(weight, c, w);
+      }
+    }
     // 16-bit rows with smoothing: sg (pc p + eps_c (wsum p - w)) as p k1 - w k2, one FFMA (and
     // one FMUL with weights) per element; float and double keep index_grad's rounding.
     const A k1 = sg * (pc + eps_c * wsum), k2 = sg * eps_c;
@@ -1008,7 +1026,8 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
 // The column kernel folds one class at a time, so the two kernels round the statistics
 // differently (both are tested against torch). Pass 2 is elementwise: each lane calls the
 // functors' compute<1> on its element, the V gradients of a class written with one 16-byte
-// store (the functors write into a register vector).
+// store (the functors write into a register vector). Smoothing's class weights are loaded once
+// per class for the V lanes and handed to their compute (kShared).
 
 // Lane i of a loaded vector as a one-element Vec (what compute<1> reads).
 template <typename T>
@@ -1096,14 +1115,54 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
   T* gtr = a.grad_target != nullptr ? a.grad_target + base : nullptr;
   const A one_m_eps = A(1) - P.eps;
   Stats<A> st[V];
-  A m[V], log_s[V], sg[V];
+  A m[V], log_s[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    st[i] = Stats<A>{A(-INFINITY), A(0), A(0), A(0)};
-    sg[i] = grad_scale(P, row0 + i);
-  }
+  for (int i = 0; i < V; ++i) st[i] = Stats<A>{A(-INFINITY), A(0), A(0), A(0)};
+  // The gradient scales, read after pass 1 (not held through its loop).
+  auto grad_scales = [&](A(&sg)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) sg[i] = grad_scale(P, row0 + i);
+  };
 
   if (!kProb) {
+    if (P.fwd) {
+      // Smoothing's class weights (load_weights mode kW) are loaded once per class for the V
+      // lanes (nvcc does not merge the lanes' loads of the same address).
+      auto pass1 = [&](auto smooth, auto wmode) {
+        constexpr bool kSmooth = decltype(smooth)::value;
+        constexpr int kW = decltype(wmode)::value;
+        constexpr int kWTail = kW == kWeightVec ? kWeightScalar : kW;
+        Pass1Index<T, kSmooth, kCap> f[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
+        lanes_walk_chunks<T, false>(
+            xr, nullptr, C, D,
+            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
+              A w[V];
+              if (kSmooth) load_weights<kW>(a.weight, c, w);
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                const Vec<T> xi = lane_gather<T>(xv, i);
+                f[i].template compute<V, true>(c, xi, xi, w);
+              }
+            },
+            [&](int64_t c, const Vec<T>& xv, const Vec<T>&) {
+              A w[1];
+              if (kSmooth) load_weights<kWTail>(a.weight, c, w);
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                f[i].template compute<1, true>(c, lane_of(xv, i), xv, w);
+              }
+            });
+#pragma unroll
+        for (int i = 0; i < V; ++i) st[i] = f[i].st;
+      };
+      if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
+      else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
+      else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
+      else pass1(std::true_type{}, WeightMode<kWeightScalar>{});
+    }
+    // The targets, read after pass 1 (not held through its loop), before any gradient write.
     int64_t y[V];
     bool ignored[V];
     A wy[V], xy[V];  // xy: the target's logit as loaded, read before any gradient write
@@ -1118,32 +1177,6 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       xy[i] = ignored[i] ? A(0) : to_acc(xr[y[i] * D + i]);
     }
     if (P.fwd) {
-      auto pass1 = [&](auto smooth, auto wmode) {
-        Pass1Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value> f[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
-        lanes_walk_chunks<T, false>(
-            xr, nullptr, C, D,
-            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
-#pragma unroll
-              for (int i = 0; i < V; ++i) {
-                const Vec<T> xi = lane_gather<T>(xv, i);
-                f[i].template compute<V>(c, xi, xi);
-              }
-            },
-            [&](int64_t c, const Vec<T>& xv, const Vec<T>&) {
-#pragma unroll
-              for (int i = 0; i < V; ++i) f[i].template compute<1>(c, lane_of(xv, i), xv);
-            });
-#pragma unroll
-        for (int i = 0; i < V; ++i) st[i] = f[i].st;
-      };
-      // Smoothing's class weights (load_weights), one loop per mode: scalar loads of the same
-      // weights in each lane's compute<V> are not merged by nvcc (V per lane and chunk).
-      if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
-      else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
-      else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
-      else pass1(std::true_type{}, WeightMode<kWeightAny>{});
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         m[i] = st[i].m;
@@ -1178,10 +1211,14 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       return;
     }
     // An ignored position runs with the coefficients that make its gradient 0 * softmax (ce_row's
-    // ignored row with non-finite statistics): exactly 0 where the softmax is finite.
+    // ignored row with non-finite statistics): exactly 0 where the softmax and the class weight
+    // are finite. Smoothing's class weight is loaded once per class for the V lanes.
     const A wsum = P.Wsum != nullptr ? *P.Wsum : A(C);
+    A sg[V];
+    grad_scales(sg);
     auto pass2 = [&](auto smooth, auto wmode) {
-      using F = Pass2Index<T, decltype(smooth)::value, kCap, decltype(wmode)::value>;
+      constexpr bool kSmooth = decltype(smooth)::value;
+      using F = Pass2Index<T, kSmooth, kCap>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1198,13 +1235,15 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       }
       lanes_walk<T, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
                                                       const Vec<T>&) {
+        A w[1];
+        if (kSmooth) load_weights<decltype(wmode)::value>(a.weight, c, w);
         Vec<T> out;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           F fi = f[i];
           fi.gi = &out.v[i];
           fi.stride = 0;
-          fi.template compute<1>(c, lane_of(xv, i), xv);
+          fi.template compute<1, true>(c, lane_of(xv, i), xv, w);
         }
         st_vec_stream(gir + c * D, out);
       });
@@ -1213,9 +1252,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         if (!ignored[i]) f[i].fix_target(y[i], xy[i]);
       }
     };
-    if (P.eps_c == A(0)) pass2(std::false_type{}, WeightMode<kWeightAny>{});
+    if (P.eps_c == A(0)) pass2(std::false_type{}, WeightMode<kWeightNone>{});
     else if (a.weight == nullptr) pass2(std::true_type{}, WeightMode<kWeightNone>{});
-    else pass2(std::true_type{}, WeightMode<kWeightAny>{});
+    else pass2(std::true_type{}, WeightMode<kWeightScalar>{});
   } else {
     if (P.fwd) {
       Pass1Prob<T, kCap> f[V];
@@ -1264,6 +1303,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         st[i].u = saved_stat(P, 2, row0 + i);
       }
     }
+    A sg[V];
+    grad_scales(sg);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
       using F = Pass2Prob<T, kCap, kGI, kGT>;
