@@ -1305,9 +1305,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     }
     A sg[V];
     grad_scales(sg);
-    auto pass2 = [&](auto gi_flag, auto gt_flag) {
+    auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
-      using F = Pass2Prob<T, kCap, kGI, kGT>;
+      using F = Pass2Prob<T, kCap, kGI, kGT, decltype(wmode)::value>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1330,9 +1330,13 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         if (kGT) st_vec_stream(gtr + c * D, ot);
       });
     };
-    if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
-    else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
-    else if (gtr != nullptr) pass2(std::false_type{}, std::true_type{});
+    auto pass2_weights = [&](auto gi_flag, auto gt_flag) {
+      if (a.weight != nullptr) pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{});
+      else pass2(gi_flag, gt_flag, WeightMode<kWeightNone>{});
+    };
+    if (gir != nullptr && gtr != nullptr) pass2_weights(std::true_type{}, std::true_type{});
+    else if (gir != nullptr) pass2_weights(std::true_type{}, std::false_type{});
+    else if (gtr != nullptr) pass2_weights(std::false_type{}, std::true_type{});
   }
 }
 
