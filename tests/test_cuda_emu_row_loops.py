@@ -179,3 +179,45 @@ def test_prob_target_rows(s, dtype, path):
     # The vector path with every class-weight mode: scalar (0), none (1), 16-byte (2).
     assert {k[1:] for k in kernels if k and k[0]} == {(True, group, kw) for kw in (0, 1, 2)}, \
         kernels
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("path", ["warp", "block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_max_covers_every_lane(s, dtype, path, prob):
+    """One logit of 200 per row, at every lane of the first vectors of a thread's unrolled step
+    (c, c + G V for each candidate G) and of the row's end; the others ~N(0, 4). A vector max
+    (16-bit rows: packed pairwise maxima) that missed the spike would leave the running max
+    ~200 below it and exp(200) overflows float: loss and gradient vs torch, with and without
+    label smoothing, class-index and probability targets."""
+    v = VEC[dtype]
+    g = torch.Generator().manual_seed(24)
+    C = _paths(dtype)[path]
+    pos = set(range(2 * v)) | set(range(C - 2 * v, C))
+    for G in (32, 64, 128, 256, 512):
+        pos |= {c for c in range(G * v, G * v + 2 * v) if c < C}
+    pos = sorted(pos)
+    x = torch.randn(len(pos), C, generator=g) * 2
+    x[torch.arange(len(pos)), torch.tensor(pos)] = 200.0
+    x = x.to(dtype)
+    if prob:
+        t = torch.softmax(torch.randn(len(pos), C, generator=g), 1)
+        t[::2] = torch.nn.functional.one_hot(torch.tensor(pos[::2]), C).float()
+        t = t.to(dtype)
+    else:
+        t = torch.tensor([p if i % 2 == 0 else (p + 1) % C for i, p in enumerate(pos)])
+    kernels = set()
+    for eps in (0.0, 0.1):
+        name = f"{path} {dtype} C={C} prob {prob} eps {eps}"
+        r = s.cross_entropy(x, t, label_smoothing=eps, reduction="none")
+        ref, _, _ = ce_reference(x, t, label_smoothing=eps, reduction="none")
+        check(name + " loss", r["loss"], ref,
+              None if dtype == torch.float64 else ce_torch(x, t, label_smoothing=eps,
+                                                           reduction="none")[0], dtype)
+        r = s.cross_entropy(x, t, label_smoothing=eps, reduction="sum", want_grad=True)
+        _, ref_gx, _ = ce_reference(x, t, label_smoothing=eps, reduction="sum")
+        check(name + " grad_input", r["grad_input"], ref_gx,
+              None if dtype == torch.float64 else ce_torch(x, t, label_smoothing=eps,
+                                                           reduction="sum")[1], dtype)
+        kernels.add(_row_kernel(r))
+    assert all(k is not None and k[0] == prob and k[1] for k in kernels), kernels

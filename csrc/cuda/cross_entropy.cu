@@ -139,9 +139,14 @@ struct Stats {
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <bool kApprox, int N>
   __device__ __forceinline__ void push(const A (&v)[N]) {
-    A vmax = v[0];  // NaN only if every v is NaN: then no rebase, as for -inf
+    A vmax = v[0];
 #pragma unroll
     for (int i = 1; i < N; ++i) vmax = fmax_(vmax, v[i]);  // drops NaN: the sum keeps it
+    push_max<kApprox>(v, vmax);
+  }
+  // The same given vmax, the largest v (NaN only if every v is NaN: then no rebase, as for -inf).
+  template <bool kApprox, int N>
+  __device__ __forceinline__ void push_max(const A (&v)[N], A vmax) {
     if (vmax > m) {
       s *= exp_hot<kApprox>(m - vmax);
       if (m != -INFINITY) d += (vmax - m) * u;
@@ -271,6 +276,54 @@ __device__ __forceinline__ void vec_to_acc(const Vec<T>& xv, acc_t<T> (&v)[N]) {
   }
 }
 
+// The elementwise maximum of two pairs of 16-bit values (max.bf16x2 / max.f16x2 from sm_80: one
+// HMNMX2). As fmaxf, a NaN lane takes the other operand's lane.
+template <typename T>
+__device__ __forceinline__ float pair_lane(uint32_t bits) {
+  const uint16_t h = uint16_t(bits);
+  T v;
+  memcpy(&v, &h, sizeof(h));
+  return to_acc(v);
+}
+template <typename T>
+__device__ __forceinline__ uint32_t max_pairs(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  } else {
+    asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  }
+  return r;
+#else
+  uint32_t r = 0;
+  for (int k = 0; k < 32; k += 16) {
+    const float fa = pair_lane<T>(a >> k), fb = pair_lane<T>(b >> k);
+    r |= ((fa != fa || fb > fa ? b : a) >> k & 0xffffu) << k;
+  }
+  return r;
+#endif
+}
+
+// The largest of U vectors of 16-bit logits as float, as a chain of fmaxf gives it (NaN only if
+// every one is NaN): packed pairwise maxima first, U V / 2 - 1 HMNMX2 and one FMNMX where the
+// unpacked values took U V - 1 FMNMX. Exact: a maximum is one of its inputs. (Not for
+// soft-capped logits: the softmax's max is then over the capped values.)
+template <typename T, bool kCap>
+constexpr bool kPackedMax = sizeof(T) == 2 && !kCap;
+template <typename T, int U>
+__device__ __forceinline__ float packed_max(const Vec<T>* xv) {
+  constexpr int kWords = U * int(sizeof(Vec<T>)) / 4;
+  uint32_t w[kWords];
+  memcpy(w, xv, sizeof(w));
+#pragma unroll
+  for (int n = kWords / 2; n >= 1; n /= 2) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) w[i] = max_pairs<T>(w[i], w[i + n]);
+  }
+  return fmaxf(pair_lane<T>(w[0]), pair_lane<T>(w[0] >> 16));
+}
+
 // Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
 // scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
 // kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
@@ -341,7 +394,11 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     vec_to_acc<N>(xv, v);
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = capped<kCap, kApproxExp<T>>(v[i], cap, inv_cap);
-    st.template push<kApproxExp<T>>(v);
+    if constexpr (kPackedMax<T, kCap> && N > 1) {
+      st.template push_max<kApproxExp<T>>(v, packed_max<T, 1>(&xv));
+    } else {
+      st.template push<kApproxExp<T>>(v);
+    }
     if (kSmooth) {
       A w[N];
       if constexpr (kShared) {
@@ -394,7 +451,11 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
     A wt[N], v[N];
     unpack<N>(c, xv, tv, 0, v, wt);
-    st.template push<kApproxExp<T>>(v);
+    if constexpr (kPackedMax<T, kCap> && N > 1) {
+      st.template push_max<kApproxExp<T>>(v, packed_max<T, 1>(&xv));
+    } else {
+      st.template push<kApproxExp<T>>(v);
+    }
     st.template push_linear<kApproxExp<T>>(v, wt);
   }
   // walk's U unrolled vectors (classes c + u step) folded at once: one max and one rescale
@@ -407,7 +468,11 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
     A wt[U * V], v[U * V];
 #pragma unroll
     for (int u = 0; u < U; ++u) unpack<V>(c + u * step, xv[u], tv[u], u * V, v, wt);
-    st.template push<kApproxExp<T>>(v);
+    if constexpr (kPackedMax<T, kCap>) {
+      st.template push_max<kApproxExp<T>>(v, packed_max<T, U>(xv));
+    } else {
+      st.template push<kApproxExp<T>>(v);
+    }
     st.template push_linear<kApproxExp<T>>(v, wt);
   }
 };
@@ -597,10 +662,11 @@ struct Pass2Prob {  // probability target gradients
         oi.v[i] = from_acc<T>(g);
       }
       if (kGT) {
-        // 16-bit rows without class weights: ka log_s - ka (x - m), one FFMA (both terms >= 0
-        // times ka: no cancellation; ~1 ulp of float, far below the output's rounding).
-        ot.v[i] = from_acc<T>(kApproxExp<T> && kW == kWeightNone ? fma(-ka, xm, ka * log_s)
-                                                                   : kaw * (log_s - xm));
+        // 16-bit rows: w (ka log_s - ka (x - m)), one FFMA (both terms >= 0 times ka: no
+        // cancellation; ~1 ulp of float, far below the output's rounding) and, with class
+        // weights, one FMUL (was three with ka w).
+        ot.v[i] = from_acc<T>(kApproxExp<T> ? w[i] * fma(-ka, xm, ka * log_s)
+                                            : kaw * (log_s - xm));
       }
     }
     if (N == 1) {
@@ -621,6 +687,8 @@ struct Pass2Prob {  // probability target gradients
 // probability rows read two arrays, so 2 (more would spill at the register cap).
 constexpr int kWalkUnrollIndex = 4;
 constexpr int kWalkUnrollProb = 2;
+// The longest row (or split slice) walk's vector path takes: its index c + U G V stays an int.
+constexpr int64_t kVecWalkMaxC = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 // Whether a functor folds walk's U unrolled vectors in one call (compute_unrolled).
 template <class F, class = void>
@@ -638,11 +706,12 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
       f.template load<1>(gt, xv[0], tv[0]);
       f.template compute<1>(gt, xv[0], tv[0]);
     }
-    // Vector j of the thread starts at class head + j V; walked by its class index, so that
-    // each vector's address is one 64-bit add away from the previous one.
-    const int64_t end = head + (C - head) / V * V;  // past the last whole vector
-    const int64_t GV = int64_t(G) * V;
-    int64_t c = head + int64_t(gt) * V;
+    // Vector j of the thread starts at class head + j V; walked by a 32-bit class index (the
+    // launchers take the vector path only for C <= kVecWalkMaxC): each address is one IMAD.WIDE
+    // from the row pointer, where a 64-bit index cost ~1.5 more integer instructions per 16 B.
+    const int end = head + int(C - head) / V * V;  // past the last whole vector
+    const int GV = G * V;
+    int c = head + gt * V;
     for (; c + (U - 1) * GV < end; c += U * GV) {
 #pragma unroll
       for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
@@ -1777,8 +1846,8 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       return (a.N <= 1 || (a.x_stride_n - sn) % V == 0) && (a.D <= 1 || (a.x_stride_d - sd) % V == 0);
     };
     const bool grads = a.grad_input != nullptr || a.grad_target != nullptr;
-    const bool vec = (xa % sizeof(T)) == 0 && same(a.target_prob) && same(a.grad_input) &&
-                     same(a.grad_target) &&
+    const bool vec = a.C <= kVecWalkMaxC && (xa % sizeof(T)) == 0 && same(a.target_prob) &&
+                     same(a.grad_input) && same(a.grad_target) &&
                      (a.target_prob == nullptr || same_steps(a.t_stride_n, a.t_stride_d)) &&
                      (!grads || same_steps(a.D * a.C, a.C));
     const int64_t nvec = a.C / V;
