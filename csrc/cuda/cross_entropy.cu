@@ -394,7 +394,7 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
     vec_to_acc<N>(xv, v);
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = capped<kCap, kApproxExp<T>>(v[i], cap, inv_cap);
-    if constexpr (kPackedMax<T, kCap> && N > 1) {
+    if constexpr (kPackedMax<T, kCap> && N > 1 && !kShared) {  // (a gathered column: no gain)
       st.template push_max<kApproxExp<T>>(v, packed_max<T, 1>(&xv));
     } else {
       st.template push<kApproxExp<T>>(v);
@@ -447,11 +447,13 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
       v[k + i] = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap);
     }
   }
-  template <int N>
+  // kPacked: the vector max in packed pairs (off for the column kernel's gathered vectors, where
+  // it cost ~0.4 instruction per element and 45 registers more).
+  template <int N, bool kPacked = true>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
     A wt[N], v[N];
     unpack<N>(c, xv, tv, 0, v, wt);
-    if constexpr (kPackedMax<T, kCap> && N > 1) {
+    if constexpr (kPacked && kPackedMax<T, kCap> && N > 1) {
       st.template push_max<kApproxExp<T>>(v, packed_max<T, 1>(&xv));
     } else {
       st.template push<kApproxExp<T>>(v);
@@ -709,9 +711,12 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
     // Vector j of the thread starts at class head + j V; walked by a 32-bit class index (the
     // launchers take the vector path only for C <= kVecWalkMaxC): each address is one IMAD.WIDE
     // from the row pointer, where a 64-bit index cost ~1.5 more integer instructions per 16 B.
-    const int end = head + int(C - head) / V * V;  // past the last whole vector
-    const int GV = G * V;
-    int c = head + gt * V;
+    // Double rows keep 64 bits: with 32, ptxas held the f64 split and cluster kernels to 64
+    // registers and they spilled 300-400 B in their loops.
+    using Index = typename std::conditional<sizeof(T) == 8, int64_t, int>::type;
+    const Index end = head + Index(C - head) / V * V;  // past the last whole vector
+    const Index GV = Index(G) * V;
+    Index c = head + Index(gt) * V;
     for (; c + (U - 1) * GV < end; c += U * GV) {
 #pragma unroll
       for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
@@ -1336,7 +1341,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
 #pragma unroll
             for (int i = 0; i < V; ++i) {
-              f[i].template compute<V>(c, lane_gather<T>(xv, i), lane_gather<T>(tv, i));
+              f[i].template compute<V, false>(c, lane_gather<T>(xv, i), lane_gather<T>(tv, i));
             }
           },
           [&](int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
