@@ -193,3 +193,28 @@ def test_columns_misaligned_target_takes_the_scalar_kernel(s):
     assert _ran(r, SCALAR) and not _ran(r, VECTOR), r["kernels"]
     ref = ce_reference(x, t)
     check("misaligned out", r["grad_input"], ref[1], ce_torch(x, t)[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_prob_modes_and_per_position_max(s, dtype):
+    """Probability targets on the vector kernel, its pass 1 in each launch mode (class weights
+    none or given x label smoothing off or on): a logit of 200 at another class for each
+    position (every lane of a thread's V positions, every class of a chunk of V classes and of
+    the C % V tail), so that a per-position max (16-bit: packed over the V class vectors) that
+    missed its spike would leave exp(200) to overflow; vs torch and the scalar kernel. Then a NaN
+    logit at one position and class: the vector and the scalar kernel agree (NaN there only)."""
+    v = VEC[dtype]
+    N, C, D = 2, 2 * v + 3, 2 * v
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(N, C, D, generator=g) * 2
+    for n in range(N):
+        for d in range(D):
+            x[n, (d + n * D) % C, d] = 200.0
+    x = x.to(dtype)
+    xnan = x.clone()
+    xnan[0, v - 1, 1] = float("nan")
+    for weight in (False, True):
+        for eps in (0.0, 0.1):
+            opts = dict(prob=True, weight=weight, label_smoothing=eps, reduction="sum")
+            run_column_case(s, dtype, N, C, D, opts, x=x)
+            run_column_case(s, dtype, N, C, D, opts, x=xnan, vs_torch=False)

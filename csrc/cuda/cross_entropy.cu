@@ -433,7 +433,16 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
       tv = ld_vec(t + c);
     }
   }
-  // N logits and their weights w t' into v[k..], wt[k..].
+  // N logits xa and their weights w t' (targets ta, class weights w) into v[k..], wt[k..].
+  template <int N, int M>
+  __device__ __forceinline__ void terms(const A (&xa)[N], const A (&ta)[N], const A (&w)[N],
+                                        int k, A (&v)[M], A (&wt)[M]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      wt[k + i] = w[i] * (kSmooth ? one_m_eps * ta[i] + eps_c : ta[i]);
+      v[k + i] = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap);
+    }
+  }
   template <int N, int M>
   __device__ __forceinline__ void unpack(int64_t c, const Vec<T>& xv, const Vec<T>& tv, int k,
                                          A (&v)[M], A (&wt)[M]) const {
@@ -441,20 +450,29 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
     load_weights<kW>(weight, c, w);
     vec_to_acc<N>(tv, ta);
     vec_to_acc<N>(xv, xa);
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      wt[k + i] = w[i] * (kSmooth ? one_m_eps * ta[i] + eps_c : ta[i]);
-      v[k + i] = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap);
-    }
+    terms<N>(xa, ta, w, k, v, wt);
   }
-  // kPacked: the vector max in packed pairs (off for the column kernel's gathered vectors, where
-  // it cost ~0.4 instruction per element and 45 registers more).
-  template <int N, bool kPacked = true>
+  template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
     A wt[N], v[N];
     unpack<N>(c, xv, tv, 0, v, wt);
-    if constexpr (kPacked && kPackedMax<T, kCap> && N > 1) {
+    if constexpr (kPackedMax<T, kCap> && N > 1) {
       st.template push_max<kApproxExp<T>>(v, packed_max<T, 1>(&xv));
+    } else {
+      st.template push<kApproxExp<T>>(v);
+    }
+    st.template push_linear<kApproxExp<T>>(v, wt);
+  }
+  // The vector column kernel's N classes of one position, unpacked (xa, ta) from its V-position
+  // vectors, the classes' weights w loaded once for the V positions, and (kPackedMax) vmax the
+  // largest of the xa from a packed maximum over those vectors.
+  template <int N>
+  __device__ __forceinline__ void compute_lane(const A (&xa)[N], const A (&ta)[N],
+                                               const A (&w)[N], A vmax) {
+    A wt[N], v[N];
+    terms<N>(xa, ta, w, 0, v, wt);
+    if constexpr (kPackedMax<T, kCap>) {
+      st.template push_max<kApproxExp<T>>(v, vmax);
     } else {
       st.template push<kApproxExp<T>>(v);
     }
@@ -1120,6 +1138,40 @@ __device__ __forceinline__ Vec<T> lane_gather(const Vec<T> (&v)[VecTraits<T>::kV
   return r;
 }
 
+// Lane i of a vector in acc_t (bf16: one shift or mask of its 32-bit word, as vec_to_acc).
+template <typename T>
+__device__ __forceinline__ acc_t<T> lane_to_acc(const Vec<T>& v, int i) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    uint32_t u;
+    memcpy(&u, &v.v[i & ~1], sizeof(u));
+    u = (i & 1) ? (u & 0xffff0000u) : (u << 16);
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return to_acc(v.v[i]);
+  }
+}
+
+// The elementwise maximum of V vectors of 16-bit values (each position's largest over V
+// classes), in packed pairs (max_pairs: fmaxf's NaN rule).
+template <typename T>
+__device__ __forceinline__ Vec<T> lanes_max(const Vec<T> (&v)[VecTraits<T>::kVec]) {
+  constexpr int kWords = int(sizeof(Vec<T>)) / 4;
+  uint32_t r[kWords];
+  memcpy(r, &v[0], sizeof(r));
+#pragma unroll
+  for (int k = 1; k < VecTraits<T>::kVec; ++k) {
+    uint32_t w[kWords];
+    memcpy(w, &v[k], sizeof(w));
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) r[j] = max_pairs<T>(r[j], w[j]);
+  }
+  Vec<T> out;
+  memcpy(&out, r, sizeof(r));
+  return out;
+}
+
 // Classes 0 .. C-1 of V positions in chunks of V classes: the V vectors at x + (c + k) D (and
 // t + (c + k) D where kT) loaded at once, then chunk(c, xv, tv); the last C % V classes one at a
 // time, tail(c, xv, tv). Pass 1 only (never the row's last read).
@@ -1331,28 +1383,55 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     else pass2(std::true_type{}, WeightMode<kWeightScalar>{});
   } else {
     if (P.fwd) {
-      Pass1Prob<T, kCap> f[V];
+      // Label smoothing and class weights per launch (t' = t without smoothing, w = 1 without
+      // weights): one to two instructions less per element where they are off.
+      auto pass1 = [&](auto smooth, auto wmode) {
+        constexpr int kW = decltype(wmode)::value;
+        Pass1Prob<T, kCap, kW, decltype(smooth)::value> f[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        f[i] = {xr + i, tr + i, a.weight, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
+        for (int i = 0; i < V; ++i) {
+          f[i] = {xr + i, tr + i, a.weight, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
+        }
+        lanes_walk_chunks<T, true>(
+            xr, tr, C, D,
+            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
+              // Each position's V classes unpacked straight from the loaded vectors (no gather
+              // into vectors of one position), its max from a packed maximum over the V
+              // vectors, the V classes' weights loaded once.
+              A w[V];
+              load_weights<kW>(a.weight, c, w);
+              Vec<T> vmax = xv[0];
+              if constexpr (kPackedMax<T, kCap>) vmax = lanes_max<T>(xv);
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                A xa[V], ta[V];
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                  xa[k] = lane_to_acc(xv[k], i);
+                  ta[k] = lane_to_acc(tv[k], i);
+                }
+                f[i].template compute_lane<V>(xa, ta, w, lane_to_acc(vmax, i));
+              }
+            },
+            [&](int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+              }
+            });
+#pragma unroll
+        for (int i = 0; i < V; ++i) st[i] = f[i].st;
+      };
+      const bool smooth = P.eps != A(0);
+      if (a.weight == nullptr) {
+        if (smooth) pass1(std::true_type{}, WeightMode<kWeightNone>{});
+        else pass1(std::false_type{}, WeightMode<kWeightNone>{});
+      } else {
+        if (smooth) pass1(std::true_type{}, WeightMode<kWeightScalar>{});
+        else pass1(std::false_type{}, WeightMode<kWeightScalar>{});
       }
-      lanes_walk_chunks<T, true>(
-          xr, tr, C, D,
-          [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-              f[i].template compute<V, false>(c, lane_gather<T>(xv, i), lane_gather<T>(tv, i));
-            }
-          },
-          [&](int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-              f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
-            }
-          });
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        st[i] = f[i].st;
         m[i] = st[i].m;
         log_s[i] = flog(st[i].s);
         A l = st[i].d + st[i].u * log_s[i];
