@@ -115,7 +115,9 @@ void CudaBackend::cross_entropy(const CrossEntropyProblem& p) {
   dispatch_floating(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = tc::acc_t<T>;
-    Tensor scratch = at::empty({tc::ce_scratch_size(rows, p.C)},
+    const bool per_class_weights =
+        p.weight.defined() && (p.probability_target || p.label_smoothing != 0.0);
+    Tensor scratch = at::empty({tc::ce_scratch_size(rows, p.C, per_class_weights)},
                                x.options().dtype(accumulation_type(x.scalar_type())));
     tc::CrossEntropyArgs<T> a;
     a.input = cptr<T>(p.input);

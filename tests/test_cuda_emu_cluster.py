@@ -226,10 +226,11 @@ def test_cluster_equals_split(emu, dtype, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_smoothing_class_weight_loads(emu, dtype):
-    """Label smoothing reads the class weights in each slice's pass 1 (split_pass1): none, in
-    16-byte loads (weights at +0 bytes) or scalar ones (one element off 16 bytes); aligned rows
-    and rows with a scalar head ("tight"). The cluster (H100) and the two-kernel split (A100)
-    agree bit for bit, and both with torch."""
+    """Label smoothing reads the class weights in each slice's pass 1 (split_pass1): none, or in
+    16-byte loads (weights at +0 bytes or one element off 16 bytes); aligned rows and rows with a
+    scalar head ("tight"). C is not a whole number of vectors, so the two rows' vectors start at
+    different classes: the weights' shifted copies (vec_weights) either way. The cluster (H100)
+    and the two-kernel split (A100) agree bit for bit, and both with torch."""
     N, C = 2, 3 * SLICE_MIN + 5
     g = torch.Generator().manual_seed(13)
     x = (torch.randn(N, C, generator=g) * 3).to(dtype)
@@ -250,6 +251,7 @@ def test_split_smoothing_class_weight_loads(emu, dtype):
                     names = kernels(emu.launch_log())
                     assert ("ce_cluster_kernel" in names) == (device == H100), (name, names)
                     assert ("ce_split_stats_kernel" in names) == (device == A100), (name, names)
+                    assert ("ce_weight_copies_kernel" in names) == (weight is not None), names
             for key in ("loss", "lse", "grad_input"):
                 assert bitwise_equal(res[0][key], res[1][key]), f"{name} {key}"
             ref_loss, ref_gx, _ = ce_reference(x, t, **kw, reduction="sum")

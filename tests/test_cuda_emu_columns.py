@@ -145,10 +145,10 @@ SMOOTH_OPTIONS = [dict(reduction="sum"), dict(reduction="mean", z_loss=0.05),
 def test_columns_smoothing_weight_modes(s, dtype):
     """The vector kernel's smoothing passes load each class's weight once for a thread's V
     positions (pass 1: V classes at a time, then the C % V tail; pass 2: one class at a time),
-    three ways: no weights, 16-byte loads where the weights are 16-byte aligned, scalar loads
-    where they are not. Each vs torch: the forward with its fused gradient and the backward op,
-    every 5th position ignored (its lanes share the weights with counted ones), with z-loss,
-    soft-capping and every reduction."""
+    three ways: no weights, 16-byte loads from the weights where they are 16-byte aligned, from
+    their shifted copies (ce_weight_copies_kernel) where they are not. Each vs torch: the forward
+    with its fused gradient and the backward op, every 5th position ignored (its lanes share the
+    weights with counted ones), with z-loss, soft-capping and every reduction."""
     v = VEC[dtype]
     off = 8 if dtype == torch.float64 else 4  # weights (accumulation type) off a 16-byte boundary
     for D in (v, 2 * v, 3 * v):  # bf16/fp16: 8, 16, 24
@@ -159,6 +159,8 @@ def test_columns_smoothing_weight_modes(s, dtype):
                     kw = dict(weight=weight, label_smoothing=0.1, **opts)
                     r, rb, go = _fwd_bwd(s, x, t, kw, False, 0, weight_layout)
                     assert _ran(r, VECTOR) and _ran(rb, VECTOR), (r["kernels"], rb["kernels"])
+                    copied = any("ce_weight_copies_kernel" in k for k in r["kernels"])
+                    assert copied == (weight_layout != 0), r["kernels"]
                     name = (f"{dtype} 2x{C}x{D} weight {weight is not None} at "
                             f"+{weight_layout} B {opts}")
                     _check_vs_torch(name, r, rb, go, x, t, kw, False, dtype)

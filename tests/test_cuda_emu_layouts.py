@@ -113,11 +113,12 @@ def test_transposed_views(s, dtype, opt):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_class_weights_misaligned(s, dtype):
-    """Class weights at every offset past a 16-byte boundary (a slice at an odd offset): the
-    16-byte weight-load kernel exactly where every row's vectors meet aligned weights (the
-    emulator checks each load), scalar loads elsewhere. Rows aligned (head 0) or one row ending
-    at a guard page (a head of C mod V classes, so weight + head decides); several rows of C
-    not a whole number of vectors have different heads: scalar loads."""
+    """Class weights at every offset past a 16-byte boundary (a slice at an odd offset): always
+    the 16-byte weight-load kernel (the emulator checks each load), from the weights themselves
+    exactly where every row's vectors meet aligned weights, else from their shifted copies
+    (ce_weight_copies_kernel, one launch). Rows aligned (head 0) or one row ending at a guard
+    page (a head of C mod V classes, so weight + head decides); several rows of C not a whole
+    number of vectors have different heads: copies."""
     v = VEC[dtype]
     acc = 8 if dtype == torch.float64 else 4
     g = torch.Generator().manual_seed(5)
@@ -133,9 +134,11 @@ def test_class_weights_misaligned(s, dtype):
                                         layout=layout, weight_layout=woff)
                     head = 0 if layout == 0 else C % v
                     same_heads = N == 1 or C % v == 0
-                    want = 2 if same_heads and (woff + head * acc) % 16 == 0 else 0
-                    assert _row_kernel(r)[1:] == (True, 32 if C // v <= 512 else 0, want), (
+                    lined_up = same_heads and (woff + head * acc) % 16 == 0
+                    assert _row_kernel(r)[1:] == (True, 32 if C // v <= 512 else 0, 2), (
                         r["kernels"], N, C, woff, layout)
+                    copies = [k for k in r["kernels"] if "ce_weight_copies_kernel" in k]
+                    assert len(copies) == (0 if lined_up else 1), (r["kernels"], N, C, woff)
 
 
 def test_rows_strided_rule(emu):

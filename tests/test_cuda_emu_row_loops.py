@@ -2,8 +2,9 @@
 weights): the online max without a branch for -inf / NaN (while the running max is -inf the sum
 takes exp(v - 0): 0 for -inf, NaN for NaN), a vector's max seeded by its first element, bf16
 pairs unpacked from 32-bit words, and the vectors walked by class index (c += G V) across the
-unrolled loop, its remainder and the scalar head and tail. Class weights in 16-byte loads and
-scalar ones, label smoothing on and off, ignored rows, every dtype, against torch."""
+unrolled loop, its remainder and the scalar head and tail. Class weights in 16-byte loads, from
+the weights or from their shifted copies, label smoothing on and off, ignored rows, every dtype,
+against torch."""
 import pytest
 import torch
 
@@ -30,9 +31,9 @@ def check_nonfinite(name, ours, ref64, lowp, dtype):
 
 
 # C: warp per row (C / V <= 128) and block per row. Whole vectors per row, aligned: class weights
-# at +0 bytes in 16-byte loads (kW = 2), at +acc in scalar ones (kW = 0); C + 3 classes with the
-# buffers ending at a guard page ("tight"): rows with scalar heads and tails of their own
-# (scalar weight loads).
+# at +0 bytes loaded from the weights, at +acc from their shifted copies (16-byte loads, kW = 2,
+# either way); C + 3 classes with the buffers ending at a guard page ("tight"): rows with scalar
+# heads and tails of their own (so the copies).
 def _paths(dtype):
     v = VEC[dtype]
     return {"warp": 64 + 3 * v, "block": 512 * v + 2 * v}
@@ -43,8 +44,8 @@ def _paths(dtype):
 def test_nonfinite_logits_with_class_weights(s, dtype, path):
     """Rows: finite; one NaN / +inf / -inf at a position; -inf everywhere but one finite logit
     (the running max stays -inf for the first vectors, then rebases); all -inf (its target 0,
-    and ignored). Smoothing 0 and 0.1, class weights in 16-byte and in scalar loads: torch's loss
-    per row and gradient, NaN and inf where torch has them."""
+    and ignored). Smoothing 0 and 0.1, class weights aligned and not (their shifted copies):
+    torch's loss per row and gradient, NaN and inf where torch has them."""
     v = VEC[dtype]
     g = torch.Generator().manual_seed(21)
     kernels = set()
@@ -77,8 +78,9 @@ def test_nonfinite_logits_with_class_weights(s, dtype, path):
                         check_nonfinite(name + " grad_input", r["grad_input"], ref_gx, lowp_gx,
                                         dtype)
     group = 32 if path == "warp" else 0
-    # The vector path with both class-weight loads: 16-byte (2) and scalar (0).
-    assert {k[1:] for k in kernels} == {(True, group, 2), (True, group, 0)}, kernels
+    # The vector path: 16-byte class weights with smoothing (2), none read class by class
+    # without (1).
+    assert {k[1:] for k in kernels} == {(True, group, 2), (True, group, 1)}, kernels
 
 
 def _walk_sizes(dtype):
@@ -123,8 +125,8 @@ def test_walk_trip_boundaries(s, dtype):
 
 
 # Probability targets on the vector path: both arrays unpacked by 32-bit words (bf16), pass 2's
-# 16-bit input gradient as p (sg tw) - w (ka t + ke), scalar class weights loaded without a
-# per-element test (kW = 0 on the vector path always has weights).
+# 16-bit input gradient as p (sg tw) - w (ka t + ke), class weights in 16-byte loads whether
+# they line up with the rows or not (their shifted copies).
 def _prob_rows(dtype, C, g):
     """Rows: moderate logits; logits near +1e4 and near -1e4 (x - m must come first); a target
     with zeros (most classes 0, one row all 0); NaN, +inf and -inf logits at vector edges."""
@@ -146,8 +148,9 @@ def _prob_rows(dtype, C, g):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prob_target_rows(s, dtype, path):
     """Loss, input and target gradients (both, input only, target only) vs torch, per row, for
-    the rows of _prob_rows: no class weights, 16-byte and scalar ones, smoothing 0 and 0.1,
-    soft-capping on and off; NaN and inf where torch has them."""
+    the rows of _prob_rows: no class weights, aligned ones and ones off by an element (their
+    shifted copies), smoothing 0 and 0.1, soft-capping on and off; NaN and inf where torch has
+    them."""
     g = torch.Generator().manual_seed(23)
     C = _paths(dtype)[path]
     kernels = set()
@@ -176,8 +179,8 @@ def test_prob_target_rows(s, dtype, path):
                         check_nonfinite(f"{name} grads {gi, gtg} grad_target",
                                         r["grad_target"], ref_gt, lowp[2], dtype)
     group = 32 if path == "warp" else 0
-    # The vector path with every class-weight mode: scalar (0), none (1), 16-byte (2).
-    assert {k[1:] for k in kernels if k and k[0]} == {(True, group, kw) for kw in (0, 1, 2)}, \
+    # The vector path with every class-weight mode: none (1), 16-byte (2).
+    assert {k[1:] for k in kernels if k and k[0]} == {(True, group, kw) for kw in (1, 2)}, \
         kernels
 
 

@@ -135,6 +135,21 @@ template <typename A>
 struct Stats {
   A m, s;  // running max and sum of exp(x - m); a NaN logit makes s NaN
   A u, d;  // linear terms: weights u_c folded so far, and d = sum u_c (m - x_c)
+};
+
+// Stats as a walk folds logits into them, with mm, the max the terms are taken from (m, or 0
+// while m is -inf), set where m is rather than selected at each step. (Stats stays 16 bytes:
+// shared memory and the split partials hold it.)
+template <typename A>
+struct RunningStats : Stats<A> {
+  A mm;
+  RunningStats() = default;  // (functor arrays, assigned before use)
+  __device__ __forceinline__ RunningStats(const Stats<A>& st)
+      : Stats<A>(st), mm(st.m == -INFINITY ? A(0) : st.m) {}
+  using Stats<A>::m;
+  using Stats<A>::s;
+  using Stats<A>::u;
+  using Stats<A>::d;
 
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <bool kApprox, int N>
@@ -148,13 +163,14 @@ struct Stats {
   template <bool kApprox, int N>
   __device__ __forceinline__ void push_max(const A (&v)[N], A vmax) {
     if (vmax > m) {
-      s *= exp_hot<kApprox>(m - vmax);
-      if (m != -INFINITY) d += (vmax - m) * u;
+      const A dm = m - vmax;  // one difference for both rebases
+      s *= exp_hot<kApprox>(dm);
+      if (m != -INFINITY) d -= dm * u;
       m = vmax;
+      mm = vmax;  // > -inf
     }
     // While m is -inf, every logit so far is -inf or NaN: exp(v - 0) adds 0, or NaN for a NaN,
     // so one branch-free sum covers both cases.
-    const A mm = m == -INFINITY ? A(0) : m;
 #pragma unroll
     for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - mm);
   }
@@ -169,7 +185,6 @@ struct Stats {
   // 2^-8 / 2^-11 rounding of the loss.
   template <bool kFused, int N>
   __device__ __forceinline__ void push_linear(const A (&v)[N], const A (&w)[N]) {
-    const A mm = m == -INFINITY ? A(0) : m;
     A sw = 0;
     if (kFused && N > 1) {
       A swx = 0;
@@ -321,16 +336,22 @@ __device__ __forceinline__ float packed_max(const Vec<T>* xv) {
 #pragma unroll
     for (int i = 0; i < n; ++i) w[i] = max_pairs<T>(w[i], w[i + n]);
   }
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // as vec_to_acc: a shift and a mask
+    const uint32_t lo = w[0] << 16, hi = w[0] & 0xffff0000u;
+    float a, b;
+    memcpy(&a, &lo, sizeof(a));
+    memcpy(&b, &hi, sizeof(b));
+    return fmaxf(a, b);
+  }
   return fmaxf(pair_lane<T>(w[0]), pair_lane<T>(w[0] >> 16));
 }
 
 // Class weights of N consecutive classes c.. (acc_t, as the launcher passes them). kWeightAny:
 // scalar loads, or 1 where there is no weight (checked per element); kWeightNone: 1;
 // kWeightVec: 16-byte read-only loads (LDG.128.CONSTANT: 2 per bf16/fp16 vector, 1 per float or
-// double vector), for rows where weight + c is 16-byte aligned at every vector (weight_vec_ok);
-// kWeightScalar: scalar loads of a weight known to be given (no per-element test and select),
-// what ce_row makes of kWeightAny on the vector path (the launcher picks kWeightNone there when
-// there are no weights).
+// double vector) from a pointer vec_weights gave, so that weight + c is 16-byte aligned at every
+// vector (the vector paths with class weights); kWeightScalar: scalar loads of a weight known
+// to be given (no per-element test and select).
 constexpr int kWeightAny = 0, kWeightNone = 1, kWeightVec = 2, kWeightScalar = 3;
 template <int kW, int N, typename A>
 __device__ __forceinline__ void load_weights(const A* weight, int64_t c, A (&w)[N]) {
@@ -364,6 +385,9 @@ struct CeParams {
   acc_t<T>* split;      // split rows: rows x S partial Stats (m, s, u, d), then x_y per row
   acc_t<T> z;           // z-loss factor (0: off)
   acc_t<T> cap, inv_cap;  // soft-capping (used where the kernel's kCap is set)
+  // Entry j: the class weights for vector walks whose vectors start at classes c = j modulo
+  // 16 / sizeof(acc_t) (vec_weights): a.weight, or a copy with weight + c 16-byte aligned.
+  const acc_t<T>* weight_at[4];
   bool fwd;             // forward op: compute the loss and lse
   int64_t rows;
 };
@@ -378,7 +402,7 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   const T* x;
   const A* weight;
   int64_t stride;
-  Stats<A> st;
+  RunningStats<A> st;
   A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
@@ -421,7 +445,7 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   const A* weight;
   int64_t stride;
   A one_m_eps, eps_c;
-  Stats<A> st;
+  RunningStats<A> st;
   A cap, inv_cap;
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
@@ -872,6 +896,14 @@ __device__ __forceinline__ acc_t<T> saved_stat(const CeParams<T>& P, int k, int6
   return P.a.row_stats[k * P.rows + row];
 }
 
+// The class weights for a vector walk whose vectors start at class c (mod V): a pointer w with
+// w[k] the weight of class k and w + c 16-byte aligned, a.weight itself or a shifted copy
+// (launch_cross_entropy makes the copies where some walk needs one). kWeightVec loads from here.
+template <typename T>
+__device__ __forceinline__ const acc_t<T>* vec_weights(const CeParams<T>& P, int64_t c) {
+  return P.weight_at[c & (16 / sizeof(acc_t<T>) - 1)];
+}
+
 // Leading scalar elements of a row from p up to a 16-byte boundary (at most len).
 template <typename T, bool kVec>
 __device__ __forceinline__ int vec_head(const T* p, int64_t len) {
@@ -910,12 +942,12 @@ __device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_
 // kW: how the smoothing and probability passes load class weights (load_weights), one mode per
 // kernel (a per-row choice between loop variants costs the 64-register kernels spills).
 // K > 0 (class index, kVec, forward writing the gradient): the row held in registers (RowCache).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kWArg, int K = 0>
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
                                        int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
   using A = acc_t<T>;
-  // The vector path runs kWeightAny only with class weights (launch_main).
-  constexpr int kW = kVec && kWArg == kWeightAny ? kWeightScalar : kWArg;
+  // The vector path loads class weights as vectors (vec_weights) or has none (launch_main).
+  static_assert(!kVec || kW != kWeightAny, "vector rows: kWeightNone or kWeightVec");
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C;
   const T* xr = opaque_row(a.input + rb.x);
@@ -924,6 +956,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
   T* gtr = a.grad_target != nullptr ? opaque_row(a.grad_target + rb.g) : nullptr;
   const bool leader = gt == 0;
   const int head = vec_head<T, kVec>(xr, C);
+  const A* wr = kVec ? vec_weights(P, head) : a.weight;  // read class by class (kW)
   const A sg = grad_scale(P, row);
   // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
   constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
@@ -953,7 +986,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     if constexpr (K > 0) cache.load(xr, C, head, gt, G);  // K > 0: forward only (launch_main)
     if (P.fwd) {
       if (P.eps != A(0)) {
-        Pass1Index<T, true, kCap, kW> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
+        Pass1Index<T, true, kCap, kW> f{xr, wr, stride, st, P.cap, P.inv_cap};
         walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
         st = group_allreduce<kGroup>(f.st, smem);
       } else {
@@ -995,7 +1028,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
         const A wy1 = one_m_eps * wy;
         const A zc = A(2) * P.z * (m + log_s);
         if (P.eps_c != A(0)) {
-          Pass2Index<T, true, kCap, kW> f{xr, gir, a.weight, stride, m, log_s, ls2, wy1, wsum,
+          Pass2Index<T, true, kCap, kW> f{xr, gir, wr, stride, m, log_s, ls2, wy1, wsum,
                                           P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
           walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
@@ -1010,7 +1043,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
   } else {
     if (P.fwd) {
       auto pass1 = [&](auto smooth) {
-        Pass1Prob<T, kCap, kW, decltype(smooth)::value> f{xr, tr, a.weight, stride, one_m_eps,
+        Pass1Prob<T, kCap, kW, decltype(smooth)::value> f{xr, tr, wr, stride, one_m_eps,
                                                            P.eps_c, st, P.cap, P.inv_cap};
         walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
         return f.st;
@@ -1027,7 +1060,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     if (P.fwd) {
       A l = st.d + st.u * log_s;  // sum_c w_c t'_c ((m - x_c) + log_s)
       if (!isfinite(l)) {  // the same in every thread of the group (st is)
-        ProbLossTerms<T, kCap> terms{xr, tr, a.weight, stride, m, log_s, one_m_eps, P.eps_c,
+        ProbLossTerms<T, kCap> terms{xr, tr, wr, stride, m, log_s, one_m_eps, P.eps_c,
                                      P.cap, P.inv_cap, A(0)};
         walk<T, kVec, kWalkUnrollProb>(terms, C, head, gt, G);
         l = group_sum<kGroup>(terms.sum, reinterpret_cast<A*>(smem));
@@ -1044,7 +1077,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     const A tw = st.u + A(2) * P.z * (m + log_s);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
       Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value, kW> f{
-          xr, tr, gir, gtr, a.weight, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
+          xr, tr, gir, gtr, wr, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
           P.eps_c, sg, P.cap, P.inv_cap};
       walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
     };
@@ -1240,6 +1273,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
   T* gir = a.grad_input != nullptr ? a.grad_input + base : nullptr;
   T* gtr = a.grad_target != nullptr ? a.grad_target + base : nullptr;
   const A one_m_eps = A(1) - P.eps;
+  const A* wv = vec_weights(P, 0);  // the class weights in 16-byte loads (from class 0)
   Stats<A> st[V];
   A m[V], log_s[V];
 #pragma unroll
@@ -1260,12 +1294,12 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         constexpr int kWTail = kW == kWeightVec ? kWeightScalar : kW;
         Pass1Index<T, kSmooth, kCap> f[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) f[i] = {xr + i, a.weight, D, st[i], P.cap, P.inv_cap};
+        for (int i = 0; i < V; ++i) f[i] = {xr + i, wv, D, st[i], P.cap, P.inv_cap};
         lanes_walk_chunks<T, false>(
             xr, nullptr, C, D,
             [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
               A w[V];
-              if (kSmooth) load_weights<kW>(a.weight, c, w);
+              if (kSmooth) load_weights<kW>(wv, c, w);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
                 const Vec<T> xi = lane_gather<T>(xv, i);
@@ -1274,7 +1308,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
             },
             [&](int64_t c, const Vec<T>& xv, const Vec<T>&) {
               A w[1];
-              if (kSmooth) load_weights<kWTail>(a.weight, c, w);
+              if (kSmooth) load_weights<kWTail>(wv, c, w);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
                 f[i].template compute<1, true>(c, lane_of(xv, i), xv, w);
@@ -1285,8 +1319,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       };
       if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
       else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
-      else if (aligned16(a.weight)) pass1(std::true_type{}, WeightMode<kWeightVec>{});
-      else pass1(std::true_type{}, WeightMode<kWeightScalar>{});
+      else pass1(std::true_type{}, WeightMode<kWeightVec>{});
     }
     // The targets, read after pass 1 (not held through its loop), before any gradient write.
     int64_t y[V];
@@ -1390,7 +1423,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         Pass1Prob<T, kCap, kW, decltype(smooth)::value> f[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          f[i] = {xr + i, tr + i, a.weight, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
+          f[i] = {xr + i, tr + i, wv, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
         }
         lanes_walk_chunks<T, true>(
             xr, tr, C, D,
@@ -1399,7 +1432,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
               // into vectors of one position), its max from a packed maximum over the V
               // vectors, the V classes' weights loaded once.
               A w[V];
-              load_weights<kW>(a.weight, c, w);
+              load_weights<kW>(wv, c, w);
               Vec<T> vmax = xv[0];
               if constexpr (kPackedMax<T, kCap>) vmax = lanes_max<T>(xv);
 #pragma unroll
@@ -1427,8 +1460,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         if (smooth) pass1(std::true_type{}, WeightMode<kWeightNone>{});
         else pass1(std::false_type{}, WeightMode<kWeightNone>{});
       } else {
-        if (smooth) pass1(std::true_type{}, WeightMode<kWeightScalar>{});
-        else pass1(std::false_type{}, WeightMode<kWeightScalar>{});
+        if (smooth) pass1(std::true_type{}, WeightMode<kWeightVec>{});
+        else pass1(std::false_type{}, WeightMode<kWeightVec>{});
       }
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1552,19 +1585,17 @@ inline int split_threads(int64_t C, int64_t S) {
 
 // Pass 1 of a slice, pass1(WeightMode<kW>) -> Stats, with the class-weight mode label
 // smoothing reads the weights in, as ce_row's launcher picks it: none; on the vector path
-// 16-byte loads where the weight of the slice's first whole vector (w_head) is 16-byte aligned,
-// else scalar loads without a per-element null test. Double rows keep the one loop (with three,
+// 16-byte loads (the slice's weights from vec_weights). Double rows keep the one loop (with two,
 // the split kernel spilled in its loops; not a performance target).
 template <bool kSmooth, bool kVec, typename A, class F>
-__device__ __forceinline__ auto split_pass1(const A* w_head, F&& pass1) {
+__device__ __forceinline__ auto split_pass1(const A* weights, F&& pass1) {
   if constexpr (!kSmooth) {
     return pass1(WeightMode<kWeightNone>{});
   } else if constexpr (!kVec || sizeof(A) == 8) {
     return pass1(WeightMode<kWeightAny>{});
   } else {
-    if (w_head == nullptr) return pass1(WeightMode<kWeightNone>{});
-    if (aligned16(w_head)) return pass1(WeightMode<kWeightVec>{});
-    return pass1(WeightMode<kWeightScalar>{});
+    if (weights == nullptr) return pass1(WeightMode<kWeightNone>{});
+    return pass1(WeightMode<kWeightVec>{});
   }
 }
 
@@ -1580,8 +1611,8 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
   int64_t c0, len;
   split_slice<T>(a.C, S, k, c0, len);
   const T* xs = a.input + row * a.C + c0;
-  const A* ws = a.weight != nullptr ? a.weight + c0 : nullptr;
   const int head = vec_head<T, kVec>(xs, len);
+  const A* ws = a.weight != nullptr ? vec_weights(P, c0 + head) + c0 : nullptr;
   auto pass1 = [&](auto wmode) {
     Pass1Index<T, kSmooth, kCap, decltype(wmode)::value> f{
         xs, ws, 1, Stats<A>{A(-INFINITY), A(0), A(0), A(0)}, P.cap, P.inv_cap};
@@ -1589,7 +1620,7 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
     return f.st;
   };
   const Stats<A> st = block_allreduce(
-      split_pass1<kSmooth, kVec>(ws != nullptr ? ws + head : nullptr, pass1), smem);
+      split_pass1<kSmooth, kVec>(ws, pass1), smem);
   if (threadIdx.x == 0) {
     A* part = P.split + (row * S + k) * 4;
     part[0] = st.m;
@@ -1783,7 +1814,7 @@ __global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, in
   if (!ignored) TL_DEVICE_ASSERT(y >= 0 && y < a.C, TL_CE_TARGET_CHECK);
   const A wy = ignored ? A(0) : (a.weight != nullptr ? a.weight[y] : A(1));
   const int head = vec_head<T, kVec>(xs, len);
-  const A* ws = a.weight != nullptr ? a.weight + c0 : nullptr;
+  const A* ws = a.weight != nullptr ? vec_weights(P, c0 + head) + c0 : nullptr;
   auto pass1 = [&](auto wmode) {
     constexpr int kW = decltype(wmode)::value;
     Pass1IndexKeep<T, kSmooth, kCap, kW> f{
@@ -1796,7 +1827,7 @@ __global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, in
   };
   // block_allreduce's barriers also complete `keep`
   const Stats<A> st_k = block_allreduce(
-      split_pass1<kSmooth, kVec>(ws != nullptr ? ws + head : nullptr, pass1), red);
+      split_pass1<kSmooth, kVec>(ws, pass1), red);
   if (threadIdx.x == 0) {
     own->st = st_k;
     own->xy = !ignored && y >= c0 && y < c0 + len
@@ -1878,6 +1909,42 @@ bool try_split(const CeParams<T>& P, bool vec, cudaStream_t stream) {
   }
 }
 
+// Class weights read class by class (in the passes' loops): label smoothing's sum over the
+// classes, or probability targets (ce_scratch_size's per_class_weights).
+template <typename T>
+bool weights_per_class(const CrossEntropyArgs<T>& a) {
+  return a.weight != nullptr && (a.target_prob != nullptr || a.label_smoothing != 0.0);
+}
+
+// Whether every vector walk starts its vectors at a class c with a.weight + c 16-byte aligned
+// (else vec_weights needs the shifted copies). The column kernels walk from class 0. Rows (row
+// layout) from their scalar head: one head for all where row strides are whole 16 bytes, else
+// heads of their own. Split slices start at whole vectors from the row's start.
+template <typename T>
+bool weights_line_up(const CrossEntropyArgs<T>& a) {
+  if (!a.rows_strided) return aligned16(a.weight);
+  const uintptr_t xa = reinterpret_cast<uintptr_t>(a.input);
+  if (xa % sizeof(T) != 0) return true;  // no vector path
+  if ((a.N > 1 && (a.x_stride_n * int64_t(sizeof(T))) % 16 != 0) ||
+      (a.D > 1 && (a.x_stride_d * int64_t(sizeof(T))) % 16 != 0)) {
+    return false;
+  }
+  const int64_t head = std::min<int64_t>(((16 - (xa & 15)) & 15) / sizeof(T), a.C);
+  return aligned16(a.weight + head);
+}
+
+// vec_weights' copies: copy j holds weight[k] at j pitch + (kPerLoad - j) % kPerLoad + k.
+template <typename A>
+__global__ void __launch_bounds__(256)
+    ce_weight_copies_kernel(const A* weight, int64_t C, A* copies, int64_t pitch) {
+  constexpr int kPerLoad = 16 / int(sizeof(A));
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < kPerLoad * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i / C, k = i - j * C;
+    copies[j * pitch + (kPerLoad - j) % kPerLoad + k] = weight[k];
+  }
+}
+
 // The row kernel for the vector flag and class-weight mode chosen by launch_main.
 template <typename T, bool kProb, int kGroup, bool kCap>
 void launch_row(const CeParams<T>& P, bool vec, int wmode, unsigned grid, int threads,
@@ -1888,11 +1955,8 @@ void launch_row(const CeParams<T>& P, bool vec, int wmode, unsigned grid, int th
   } else if (wmode == kWeightNone) {
     launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightNone>>(grid, threads, 0,
                                                                            stream, P);
-  } else if (wmode == kWeightVec) {
-    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightVec>>(grid, threads, 0,
-                                                                          stream, P);
   } else {
-    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightAny>>(grid, threads, 0,
+    launch_kernel<ce_row_kernel<T, kProb, true, kGroup, kCap, kWeightVec>>(grid, threads, 0,
                                                                           stream, P);
   }
 }
@@ -1905,11 +1969,8 @@ void launch_row_cached(const CeParams<T>& P, int wmode, unsigned grid, int threa
   if (wmode == kWeightNone) {
     launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightNone, K>>(grid, threads, 0,
                                                                               stream, P);
-  } else if (wmode == kWeightVec) {
-    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightVec, K>>(grid, threads, 0,
-                                                                             stream, P);
   } else {
-    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightAny, K>>(grid, threads, 0,
+    launch_kernel<ce_row_kernel<T, false, true, kGroup, kCap, kWeightVec, K>>(grid, threads, 0,
                                                                              stream, P);
   }
 }
@@ -1939,16 +2000,8 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
     const bool contiguous = a.D == 1 && a.x_stride_n == a.C &&
                             (a.target_prob == nullptr || a.t_stride_n == a.C);
     if (contiguous && try_split<T, kProb, kCap>(P, vec, stream)) return;
-    // Class weights in 16-byte loads where every row's vectors start at an aligned weight: the
-    // rows' scalar heads all alike (row strides of whole 16 bytes) and weight + head aligned.
-    int wmode = kWeightAny;
-    if (vec && a.weight == nullptr) {
-      wmode = kWeightNone;
-    } else if (vec && (a.N <= 1 || (a.x_stride_n * int64_t(sizeof(T))) % 16 == 0) &&
-               (a.D <= 1 || (a.x_stride_d * int64_t(sizeof(T))) % 16 == 0)) {
-      const int64_t head = std::min<int64_t>(((16 - (xa & 15)) & 15) / sizeof(T), a.C);
-      if (aligned16(a.weight + head)) wmode = kWeightVec;
-    }
+    // Class weights read class by class: in 16-byte loads (vec_weights).
+    const int wmode = weights_per_class(a) ? kWeightVec : kWeightNone;
     // A warp per row up to 32 K vectors, else a block of the fewest threads (a power of two,
     // 64 .. 512) that give each at most K vectors; one rule with and without the row cache,
     // so that a forward's statistics (and loss) are the same bits with or without a gradient.
@@ -2001,6 +2054,9 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   A* row_loss = a.scratch + 4;
   A* partials = a.scratch + 4 + rows;
   A* split = partials + reduce_num_chunks(rows > a.C ? rows : a.C);
+  // 16-byte aligned (scratch is; ce_weight_copies_size leaves the room)
+  A* copies = reinterpret_cast<A*>(
+      (reinterpret_cast<uintptr_t>(split + ce_split_scratch(rows, a.C)) + 15) & ~uintptr_t(15));
   if (!fwd && a.grad_input == nullptr && a.grad_target == nullptr) return;
 
   CeParams<T> P;
@@ -2022,6 +2078,19 @@ void launch_cross_entropy(const CrossEntropyArgs<T>& a, cudaStream_t stream) {
   P.inv_cap = a.softcap > 0 ? A(1.0 / a.softcap) : A(0);
   P.fwd = fwd;
   P.rows = rows;
+  for (const A*& w : P.weight_at) w = a.weight;
+  if (rows > 0 && weights_per_class(P.a) && !weights_line_up(P.a)) {
+    // Class weights that do not line up with the vector walks: 16 / sizeof(A) shifted copies
+    // (C x 4 or 8 B each), so that the hot loops load them in 16 bytes (vec_weights).
+    constexpr int kPerLoad = 16 / int(sizeof(A));
+    const int64_t pitch = (a.C + 2 * kPerLoad - 1) / kPerLoad * kPerLoad;  // >= C + kPerLoad - 1
+    for (int j = 0; j < kPerLoad; ++j) {
+      P.weight_at[j] = copies + j * pitch + (kPerLoad - j) % kPerLoad;
+    }
+    const unsigned grid = unsigned(std::min<int64_t>((kPerLoad * a.C + 255) / 256, 1024));
+    launch_kernel<ce_weight_copies_kernel<A>>(grid, 256, 0, stream, a.weight, a.C, copies,
+                                              pitch);
+  }
 
   if (!prob && mean) {
     deterministic_sum<A, T>(TargetWeightLoad<A>{a.target_index, a.weight, a.C, a.ignore_index},

@@ -164,13 +164,19 @@ inline int64_t ce_split_scratch(int64_t rows, int64_t C) {
   return s > 1 ? rows * (4 * s + 1) : 0;
 }
 
-// Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows of C classes.
-inline int64_t ce_scratch_size(int64_t rows, int64_t C) {
+// Shifted copies of the class weights (cross_entropy.cu: vec_weights), in acc_t elements: up
+// to 4 copies at a pitch of at most C + 8, and the room to start them at a 16-byte boundary.
+inline int64_t ce_weight_copies_size(int64_t C) { return 4 * (C + 8) + 4; }
+
+// Scratch (in acc_t elements) the cross-entropy launcher needs for N*D rows of C classes;
+// per_class_weights: class weights read class by class (label smoothing or probability targets).
+inline int64_t ce_scratch_size(int64_t rows, int64_t C, bool per_class_weights) {
   // [0, 4): device scalars (W, sum of class weights); then one loss per row; then the partials
   // of the two-stage sums, one after another: over rows (W, the loss) and over classes (the
-  // class-weight sum); then the split rows' partials.
+  // class-weight sum); then the split rows' partials; then the weights' shifted copies.
   const int64_t partials = reduce_num_chunks(rows > C ? rows : C);
-  return 4 + rows + partials + ce_split_scratch(rows, C);
+  return 4 + rows + partials + ce_split_scratch(rows, C) +
+         (per_class_weights ? ce_weight_copies_size(C) : 0);
 }
 
 template <typename T>

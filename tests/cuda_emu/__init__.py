@@ -48,7 +48,7 @@ class Emulator:
         lib.tl_emu_launch_log.restype = ctypes.c_char_p
         lib.tl_emu_selftest_cluster.argtypes = [i32, i32, i32, i32, i32, i32, vp]
         lib.tl_emu_ce_scratch_size.restype = i64
-        lib.tl_emu_ce_scratch_size.argtypes = [i64, i64]
+        lib.tl_emu_ce_scratch_size.argtypes = [i64, i64, ctypes.c_int]
         lib.tl_emu_pointwise_num_partials.restype = i64
         lib.tl_emu_pointwise_num_partials.argtypes = [i32, i64]
         lib.tl_emu_cross_entropy.argtypes = [i32, vp, vp, vp, vp, vp, i32, vp, vp, vp, vp, vp,
@@ -260,9 +260,10 @@ class Session:
         elif want_grad:
             gi = self.poisoned(grad_shape, dt, out_layout)
         gt = self.poisoned(grad_shape, dt, out_layout) if want_target_grad else None
-        scratch = self.poisoned((self.lib.tl_emu_ce_scratch_size(rows, C),), acc_dtype(dt),
-                                "tight")
         ls = label_smoothing if label_smoothing > 0 else 0.0
+        per_class_weights = int(wb is not None and (prob or ls != 0.0))
+        scratch = self.poisoned((self.lib.tl_emu_ce_scratch_size(rows, C, per_class_weights),),
+                                acc_dtype(dt), "tight")
         rc = self.lib.tl_emu_cross_entropy(
             DTYPE_CODE[dt], x_ptr, None if prob else t_ptr, t_ptr if prob else None,
             self._ptr(wb), self._ptr(gob), int(gob is not None and grad_output.dim() == 0),

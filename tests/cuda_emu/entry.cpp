@@ -33,7 +33,9 @@ void pointwise(const tc::PointwiseArgs<T>& a) {
 
 extern "C" {
 
-int64_t tl_emu_ce_scratch_size(int64_t rows, int64_t C) { return tc::ce_scratch_size(rows, C); }
+int64_t tl_emu_ce_scratch_size(int64_t rows, int64_t C, int per_class_weights) {
+  return tc::ce_scratch_size(rows, C, per_class_weights != 0);
+}
 
 int64_t tl_emu_pointwise_num_partials(int dtype, int64_t n) {
   switch (dtype) {
