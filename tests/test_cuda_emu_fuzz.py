@@ -10,7 +10,8 @@ Not drawn here (the Python layer's part, covered by test_fuzz.py on the CPU): st
 (ops.h makes inputs contiguous), broadcast targets, zero classes (functional.py hands them to
 torch), kl_div's batchmean and the weighted mean of mse/l1 (formed in Python from the sum),
 out-of-range targets and BCE inputs (device asserts, tested in test_cuda_emu.py). Buffers are
-drawn aligned, 8 bytes off 16, or ending at a guard page."""
+drawn aligned, 8 bytes off 16, or ending at a guard page; the cross-entropy class weights also on
+their own, at any whole element past a 16-byte boundary (read from shifted copies then)."""
 import os
 import warnings
 
@@ -38,6 +39,8 @@ def kernel_specs(draw):
         shape = (shape[0], 1) + shape[2:]
     spec.update(shape=shape, layout="contiguous", bad_target_rate=0.0, one_element_target=False)
     spec["buffers"] = draw(st.sampled_from([0, 0, "off", "tight"]))
+    acc_bytes = 8 if spec["dtype"] == torch.float64 else 4
+    spec["weight_offset"] = draw(st.sampled_from([0, 0] + list(range(acc_bytes, 16, acc_bytes))))
     return spec
 
 
@@ -71,8 +74,9 @@ def run_kernels(s, spec):
     xk = x.reshape(N, C, D)
     tk = t.reshape(N, C, D) if probs else t.reshape(N, D)
     fused = spec["reduction"] != "none"
+    lay = dict(layout=layout, weight_layout=spec["weight_offset"])
     fwd = s.cross_entropy(xk, tk, weight=wd, **kw, want_grad=fused,
-                          want_target_grad=fused and spec["want_target"], layout=layout)
+                          want_target_grad=fused and spec["want_target"], **lay)
     loss = fwd["loss"].reshape(theirs.shape)
     denominator = ce_mean_denominator(spec, x, tr, w64)
     assert_matches(loss, theirs, ref, "cuda cross_entropy value",
@@ -92,7 +96,7 @@ def run_kernels(s, spec):
     if g.numel() == 0:
         go = torch.ones((), dtype=dtype)
     bwd = s.cross_entropy(xk, tk, weight=wd, **kw, grad_output=go, row_stats=fwd["row_stats"],
-                          want_grad=True, want_target_grad=spec["want_target"], layout=layout)
+                          want_grad=True, want_target_grad=spec["want_target"], **lay)
     results.append(("backward", [bwd["grad_input"], bwd["grad_target"]]))
     for kind, outs in results:
         for i, b, c in zip(wanted, grads_t, grads_r):

@@ -1585,8 +1585,8 @@ inline int split_threads(int64_t C, int64_t S) {
 
 // Pass 1 of a slice, pass1(WeightMode<kW>) -> Stats, with the class-weight mode label
 // smoothing reads the weights in, as ce_row's launcher picks it: none; on the vector path
-// 16-byte loads (the slice's weights from vec_weights). Double rows keep the one loop (with two,
-// the split kernel spilled in its loops; not a performance target).
+// 16-byte loads (the slice's weights from vec_weights). Double rows keep the one loop (with the
+// three of an earlier version, the split kernel spilled in its loops; not a performance target).
 template <bool kSmooth, bool kVec, typename A, class F>
 __device__ __forceinline__ auto split_pass1(const A* weights, F&& pass1) {
   if constexpr (!kSmooth) {
