@@ -71,8 +71,12 @@ __device__ __forceinline__ float ex2_approx_ftz(float e) {
 #endif
 }
 template <bool kApprox>
+__device__ __forceinline__ float exp2_hot(float e) {
+  return kApprox ? ex2_approx_ftz(e) : exp2f(e);
+}
+template <bool kApprox>
 __device__ __forceinline__ float exp_hot(float d) {
-  return kApprox ? ex2_approx_ftz(d * kLog2e) : exp2f(d * kLog2e);
+  return exp2_hot<kApprox>(d * kLog2e);
 }
 template <bool kApprox>
 __device__ __forceinline__ double exp_hot(double d) {
@@ -137,19 +141,53 @@ struct Stats {
   A u, d;  // linear terms: weights u_c folded so far, and d = sum u_c (m - x_c)
 };
 
-// Stats as a walk folds logits into them, with mm, the max the terms are taken from (m, or 0
-// while m is -inf), set where m is rather than selected at each step. (Stats stays 16 bytes:
-// shared memory and the split partials hold it.)
+// The folded exp's offset ml = m log2 e rounded (RunningStats, float) is off m log2 e by at
+// most 2^-24 |m| log2 e: under 12 for |m| <= kFoldMaxM = 2^27, where the terms
+// 2^((x - m) log2 e + that) stay far inside float's range. A row (or split slice, or column
+// position) whose max exceeds 2^26 in magnitude takes its sum of exp again, unfolded
+// (sum_exp_unfolded); a walk beyond 2^27 inside a row within 2^26 has a max below -2^27, and its
+// terms vanish next to the row's max.
+constexpr float kFoldMaxM = 134217728.0f;  // 2^27
+__device__ __forceinline__ bool needs_unfolded_sum(float m) {
+  return isfinite(m) && fabsf(m) > 0.5f * kFoldMaxM;
+}
+__device__ __forceinline__ bool needs_unfolded_sum(double) { return false; }
+
+// Stats as a walk folds logits into them. float: each term is 2^(x log2 e - ml), one FFMA
+// before the exp where (x - m) log2 e took an FADD and an FMUL: ml = m log2 e rounded is the
+// same offset for every term (and the x log2 e product exact inside the FFMA), so only s
+// carries it, and stats() takes it back out exactly (the residual m log2 e - ml by an FMA).
+// mm, the max the linear terms are taken from (m, or 0 while m is -inf), is set where m is
+// rather than selected at each step. (Stats stays 16 bytes: shared memory and the split
+// partials hold it.)
 template <typename A>
-struct RunningStats : Stats<A> {
-  A mm;
-  RunningStats() = default;  // (functor arrays, assigned before use)
-  __device__ __forceinline__ RunningStats(const Stats<A>& st)
-      : Stats<A>(st), mm(st.m == -INFINITY ? A(0) : st.m) {}
-  using Stats<A>::m;
-  using Stats<A>::s;
-  using Stats<A>::u;
-  using Stats<A>::d;
+struct RunningStats {
+  static constexpr bool kFold = sizeof(A) == 4;
+  // ml's floor, below every walk in range (|m| log2 e < 2^27.53): a walk below it sums terms
+  // of at most 1 (no inf to turn into NaN when a later max rebases them by 0). Also ml while
+  // m is -inf: the terms of -inf logits are 0, and the first rebase multiplies by at most 1.
+  static constexpr float kMlFloor = -2.0f * kFoldMaxM;
+  // An empty walk.
+  A m = A(-INFINITY), s = 0, u = 0, d = 0;  // as Stats, but s relative to ml (kFold)
+  A mm = 0;
+  A ml = A(kMlFloor);  // kFold: max(m log2 e rounded, kMlFloor)
+
+  // The walk's statistics, s relative to m. The max's own term 2^(m log2 e - ml), recomputed
+  // as the walk summed it, goes back to exactly 1 (a one-class row's loss stays 0), the others
+  // are scaled by 2^-(m log2 e - ml) (the residual exact by an FMA). Beyond kFoldMaxM, s stays
+  // as summed (needs_unfolded_sum): finite below -kFoldMaxM, where a merge with the row's max
+  // scales it by exp(<= -2^26) = 0, and replaced wherever the row's own max is that far out.
+  template <bool kApprox>
+  __device__ __forceinline__ Stats<A> stats() const {
+    Stats<A> r{m, s, u, d};
+    if constexpr (kFold) {
+      if (fabsf(m) <= kFoldMaxM) {
+        const A delta = fmaf(m, kLog2e, -ml);
+        r.s = A(1) + (s - exp2_hot<kApprox>(delta)) * exp2_hot<kApprox>(-delta);
+      }
+    }
+    return r;
+  }
 
   // The online softmax step: fold N more logits into the running max and sum of exp.
   template <bool kApprox, int N>
@@ -164,15 +202,24 @@ struct RunningStats : Stats<A> {
   __device__ __forceinline__ void push_max(const A (&v)[N], A vmax) {
     if (vmax > m) {
       const A dm = m - vmax;  // one difference for both rebases
-      s *= exp_hot<kApprox>(dm);
+      if constexpr (kFold) {
+        const A ml_new = fmaxf(vmax * kLog2e, kMlFloor);
+        s *= exp2_hot<kApprox>(ml - ml_new);
+        ml = ml_new;
+      } else {
+        s *= exp_hot<kApprox>(dm);
+      }
       if (m != -INFINITY) d -= dm * u;
       m = vmax;
       mm = vmax;  // > -inf
     }
-    // While m is -inf, every logit so far is -inf or NaN: exp(v - 0) adds 0, or NaN for a NaN,
-    // so one branch-free sum covers both cases.
+    // While m is -inf, every logit so far is -inf or NaN: its term is 0, or NaN for a NaN, so
+    // one branch-free sum covers both cases.
 #pragma unroll
-    for (int i = 0; i < N; ++i) s += exp_hot<kApprox>(v[i] - mm);
+    for (int i = 0; i < N; ++i) {
+      if constexpr (kFold) s += exp2_hot<kApprox>(fmaf(v[i], kLog2e, -ml));
+      else s += exp_hot<kApprox>(v[i] - mm);
+    }
   }
 
   // Folds u_c (m - x_c) for N logits already pushed (m covers them). While m is -inf, every
@@ -182,24 +229,20 @@ struct RunningStats : Stats<A> {
   // is exactly 0 (a one-class row's loss is 0, no cancellation for large float logits).
   // 16-bit vectors (kFused): the vector's sum w x, then one rebase, mm sw - sum w x: one
   // instruction less per element; its rounding, a few ulp(m) per vector, stays far below the
-  // 2^-8 / 2^-11 rounding of the loss.
+  // 2^-8 / 2^-11 rounding of the loss. The sums start from the first term (not from 0 + it).
   template <bool kFused, int N>
   __device__ __forceinline__ void push_linear(const A (&v)[N], const A (&w)[N]) {
-    A sw = 0;
-    if (kFused && N > 1) {
-      A swx = 0;
+    A sw = w[0];
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        sw += w[i];
-        swx += w[i] * v[i];
-      }
+    for (int i = 1; i < N; ++i) sw += w[i];
+    if (kFused && N > 1) {
+      A swx = w[0] * v[0];
+#pragma unroll
+      for (int i = 1; i < N; ++i) swx += w[i] * v[i];
       d += mm * sw - swx;
     } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        sw += w[i];
-        d += w[i] * (mm - v[i]);
-      }
+      for (int i = 0; i < N; ++i) d += w[i] * (mm - v[i]);
     }
     u += sw;
   }
@@ -404,6 +447,9 @@ struct Pass1Index {  // class-index forward: online max/sum; sum of w_c (m - x_c
   int64_t stride;
   RunningStats<A> st;
   A cap, inv_cap;
+  __device__ __forceinline__ Stats<A> stats() const {
+    return st.template stats<kApproxExp<T>>();
+  }
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>&) const {
     if (N == 1) xv.v[0] = x[c * stride];
@@ -447,6 +493,9 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
   A one_m_eps, eps_c;
   RunningStats<A> st;
   A cap, inv_cap;
+  __device__ __forceinline__ Stats<A> stats() const {
+    return st.template stats<kApproxExp<T>>();
+  }
   template <int N>
   __device__ __forceinline__ void load(int64_t c, Vec<T>& xv, Vec<T>& tv) const {
     if (N == 1) {
@@ -875,6 +924,20 @@ __device__ __forceinline__ A group_sum(A v, A* smem /* >= 32 */) {
   return block_sum(v, smem);
 }
 
+// A row (or slice) whose max m is beyond the fold's range (needs_unfolded_sum): its sum of exp
+// taken again unfolded by the group's threads, over the classes first, first + step, ... < n
+// (at c * stride); the sum in every thread. Cold (not inlined into the walks' kernels); m is the
+// same in every thread of the group.
+template <int kGroup, bool kCap, typename T, typename A>
+__device__ __noinline__ A sum_exp_unfolded(const T* x, int64_t stride, int64_t n, int first,
+                                           int step, A m, A cap, A inv_cap, Stats<A>* smem) {
+  A s = 0;
+  for (int64_t c = first; c < n; c += step) {
+    s += fexp(capped<kCap, kApproxExp<T>>(to_acc(x[c * stride]), cap, inv_cap) - m);
+  }
+  return group_allreduce<kGroup>(Stats<A>{m, s, A(0), A(0)}, smem).s;
+}
+
 // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output. A mean over
 // a zero total weight is torch's 0 / 0 = NaN (its nll part), label smoothing or not: every
 // gradient of a row that is not ignored. Formed in double and rounded once, as the CPU backend
@@ -986,13 +1049,16 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     if constexpr (K > 0) cache.load(xr, C, head, gt, G);  // K > 0: forward only (launch_main)
     if (P.fwd) {
       if (P.eps != A(0)) {
-        Pass1Index<T, true, kCap, kW> f{xr, wr, stride, st, P.cap, P.inv_cap};
+        Pass1Index<T, true, kCap, kW> f{xr, wr, stride, {}, P.cap, P.inv_cap};
         walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
-        st = group_allreduce<kGroup>(f.st, smem);
+        st = group_allreduce<kGroup>(f.stats(), smem);
       } else {
-        Pass1Index<T, false, kCap> f{xr, a.weight, stride, st, P.cap, P.inv_cap};
+        Pass1Index<T, false, kCap> f{xr, a.weight, stride, {}, P.cap, P.inv_cap};
         walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
-        st = group_allreduce<kGroup>(f.st, smem);
+        st = group_allreduce<kGroup>(f.stats(), smem);
+      }
+      if (needs_unfolded_sum(st.m)) {
+        st.s = sum_exp_unfolded<kGroup, kCap>(xr, stride, C, gt, G, st.m, P.cap, P.inv_cap, smem);
       }
       m = st.m;
       log_s = flog(st.s);
@@ -1044,12 +1110,15 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     if (P.fwd) {
       auto pass1 = [&](auto smooth) {
         Pass1Prob<T, kCap, kW, decltype(smooth)::value> f{xr, tr, wr, stride, one_m_eps,
-                                                           P.eps_c, st, P.cap, P.inv_cap};
+                                                           P.eps_c, {}, P.cap, P.inv_cap};
         walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
-        return f.st;
+        return f.stats();
       };
       st = group_allreduce<kGroup>(
           P.eps != A(0) ? pass1(std::true_type{}) : pass1(std::false_type{}), smem);
+      if (needs_unfolded_sum(st.m)) {
+        st.s = sum_exp_unfolded<kGroup, kCap>(xr, stride, C, gt, G, st.m, P.cap, P.inv_cap, smem);
+      }
       m = st.m;
       log_s = flog(st.s);
     } else {  // backward: the saved statistics, pass 2 only
@@ -1294,7 +1363,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         constexpr int kWTail = kW == kWeightVec ? kWeightScalar : kW;
         Pass1Index<T, kSmooth, kCap> f[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) f[i] = {xr + i, wv, D, st[i], P.cap, P.inv_cap};
+        for (int i = 0; i < V; ++i) f[i] = {xr + i, wv, D, {}, P.cap, P.inv_cap};
         lanes_walk_chunks<T, false>(
             xr, nullptr, C, D,
             [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
@@ -1315,7 +1384,13 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
               }
             });
 #pragma unroll
-        for (int i = 0; i < V; ++i) st[i] = f[i].st;
+        for (int i = 0; i < V; ++i) {
+          st[i] = f[i].stats();
+          if (needs_unfolded_sum(st[i].m)) {
+            st[i].s = sum_exp_unfolded<1, kCap>(xr + i, D, C, 0, 1, st[i].m, P.cap, P.inv_cap,
+                                                static_cast<Stats<A>*>(nullptr));
+          }
+        }
       };
       if (P.eps == A(0)) pass1(std::false_type{}, WeightMode<kWeightNone>{});
       else if (a.weight == nullptr) pass1(std::true_type{}, WeightMode<kWeightNone>{});
@@ -1423,7 +1498,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         Pass1Prob<T, kCap, kW, decltype(smooth)::value> f[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          f[i] = {xr + i, tr + i, wv, D, one_m_eps, P.eps_c, st[i], P.cap, P.inv_cap};
+          f[i] = {xr + i, tr + i, wv, D, one_m_eps, P.eps_c, {}, P.cap, P.inv_cap};
         }
         lanes_walk_chunks<T, true>(
             xr, tr, C, D,
@@ -1453,7 +1528,13 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
               }
             });
 #pragma unroll
-        for (int i = 0; i < V; ++i) st[i] = f[i].st;
+        for (int i = 0; i < V; ++i) {
+          st[i] = f[i].stats();
+          if (needs_unfolded_sum(st[i].m)) {
+            st[i].s = sum_exp_unfolded<1, kCap>(xr + i, D, C, 0, 1, st[i].m, P.cap, P.inv_cap,
+                                                static_cast<Stats<A>*>(nullptr));
+          }
+        }
       };
       const bool smooth = P.eps != A(0);
       if (a.weight == nullptr) {
@@ -1615,12 +1696,15 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
   const A* ws = a.weight != nullptr ? vec_weights(P, c0 + head) + c0 : nullptr;
   auto pass1 = [&](auto wmode) {
     Pass1Index<T, kSmooth, kCap, decltype(wmode)::value> f{
-        xs, ws, 1, Stats<A>{A(-INFINITY), A(0), A(0), A(0)}, P.cap, P.inv_cap};
+        xs, ws, 1, {}, P.cap, P.inv_cap};
     walk<T, kVec, kWalkUnrollIndex>(f, len, head, threadIdx.x, blockDim.x);
-    return f.st;
+    return f.stats();
   };
-  const Stats<A> st = block_allreduce(
-      split_pass1<kSmooth, kVec>(ws, pass1), smem);
+  Stats<A> st = block_allreduce(split_pass1<kSmooth, kVec>(ws, pass1), smem);
+  if (needs_unfolded_sum(st.m)) {
+    st.s = sum_exp_unfolded<0, kCap>(xs, 1, len, threadIdx.x, blockDim.x, st.m, P.cap, P.inv_cap,
+                                     smem);
+  }
   if (threadIdx.x == 0) {
     A* part = P.split + (row * S + k) * 4;
     part[0] = st.m;
@@ -1818,16 +1902,19 @@ __global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, in
   auto pass1 = [&](auto wmode) {
     constexpr int kW = decltype(wmode)::value;
     Pass1IndexKeep<T, kSmooth, kCap, kW> f{
-        {xs, ws, 1, Stats<A>{A(-INFINITY), A(0), A(0), A(0)}, P.cap, P.inv_cap}, keep};
+        {xs, ws, 1, {}, P.cap, P.inv_cap}, keep};
     // Class weights loaded: half the unroll (bf16 12.1-12.3 -> 11.3-12.0 instructions per
     // element with the copy to shared memory; 32 KB still in flight per SM).
     walk<T, kVec, kW == kWeightNone ? kWalkUnrollIndex : kWalkUnrollProb>(f, len, head,
                                                                           threadIdx.x, blockDim.x);
-    return f.st;
+    return f.stats();
   };
   // block_allreduce's barriers also complete `keep`
-  const Stats<A> st_k = block_allreduce(
-      split_pass1<kSmooth, kVec>(ws, pass1), red);
+  Stats<A> st_k = block_allreduce(split_pass1<kSmooth, kVec>(ws, pass1), red);
+  if (needs_unfolded_sum(st_k.m)) {
+    st_k.s = sum_exp_unfolded<0, kCap>(xs, 1, len, threadIdx.x, blockDim.x, st_k.m, P.cap,
+                                       P.inv_cap, red);
+  }
   if (threadIdx.x == 0) {
     own->st = st_k;
     own->xy = !ignored && y >= c0 && y < c0 + len
