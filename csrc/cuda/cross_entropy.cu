@@ -790,7 +790,16 @@ template <class F>
 struct folds_unrolled<F, std::void_t<decltype(F::kFoldsUnrolled)>>
     : std::bool_constant<F::kFoldsUnrolled> {};
 
-template <typename T, bool kVec, int U, class F>
+__device__ __forceinline__ int opaque_index(int i) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+r"(i));
+#endif
+  return i;
+}
+// kOpaquePartner: the probability block kernels' walks (G a runtime block size) address each
+// unrolled vector from its own index (the warp kernels' partners are an immediate offset, and
+// the class-index loops came out longer this way).
+template <typename T, bool kVec, int U, bool kOpaquePartner = false, class F>
 __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
   Vec<T> xv[U], tv[U];
   if (kVec) {
@@ -809,13 +818,30 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
     const Index GV = Index(G) * V;
     Index c = head + Index(gt) * V;
     for (; c + (U - 1) * GV < end; c += U * GV) {
+      if constexpr (kOpaquePartner && sizeof(Index) == 4) {
+        // The unrolled partners' indices hidden from the optimizer: each address one
+        // IMAD.WIDE from the row pointer instead of a 64-bit add of G V elements to the first.
+        Index cu[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
-      if constexpr (folds_unrolled<F>::value) {
-        f.template compute_unrolled<U>(c, GV, xv, tv);
+        for (int u = 0; u < U; ++u) {
+          cu[u] = u == 0 ? c : opaque_index(c + u * GV);
+          f.template load<V>(cu[u], xv[u], tv[u]);
+        }
+        if constexpr (folds_unrolled<F>::value) {
+          f.template compute_unrolled<U>(c, GV, xv, tv);
+        } else {
+#pragma unroll
+          for (int u = 0; u < U; ++u) f.template compute<V>(cu[u], xv[u], tv[u]);
+        }
       } else {
 #pragma unroll
-        for (int u = 0; u < U; ++u) f.template compute<V>(c + u * GV, xv[u], tv[u]);
+        for (int u = 0; u < U; ++u) f.template load<V>(c + u * GV, xv[u], tv[u]);
+        if constexpr (folds_unrolled<F>::value) {
+          f.template compute_unrolled<U>(c, GV, xv, tv);
+        } else {
+#pragma unroll
+          for (int u = 0; u < U; ++u) f.template compute<V>(c + u * GV, xv[u], tv[u]);
+        }
       }
     }
     for (; c < end; c += GV) {
@@ -1111,7 +1137,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       auto pass1 = [&](auto smooth) {
         Pass1Prob<T, kCap, kW, decltype(smooth)::value> f{xr, tr, wr, stride, one_m_eps,
                                                            P.eps_c, {}, P.cap, P.inv_cap};
-        walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
+        walk<T, kVec, kWalkUnrollProb, kGroup == 0>(f, C, head, gt, G);
         return f.stats();
       };
       st = group_allreduce<kGroup>(
@@ -1148,7 +1174,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value, kW> f{
           xr, tr, gir, gtr, wr, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
           P.eps_c, sg, P.cap, P.inv_cap};
-      walk<T, kVec, kWalkUnrollProb>(f, C, head, gt, G);
+      walk<T, kVec, kWalkUnrollProb, kGroup == 0>(f, C, head, gt, G);
     };
     if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
