@@ -730,6 +730,15 @@ struct Pass2Prob {  // probability target gradients
   }
   template <int N>
   __device__ __forceinline__ void compute(int64_t c, const Vec<T>& xv, const Vec<T>& tv) const {
+    A xa[N], ta[N];
+    vec_to_acc<N>(xv, xa);
+    if (kGI) vec_to_acc<N>(tv, ta);
+    compute_acc<N>(c, xa, ta);
+  }
+  // The same from the logits and targets already in acc_t (the vector column kernel unpacks
+  // each position's class from its V-position vectors: one shift or mask, lane_to_acc).
+  template <int N>
+  __device__ __forceinline__ void compute_acc(int64_t c, const A (&xa)[N], const A (&ta)[N]) const {
     Vec<T> oi, ot;
     A w[N];
     load_weights<kW>(weight, c, w);
@@ -738,9 +747,6 @@ struct Pass2Prob {  // probability target gradients
     // ke = sg eps_c: two FFMA per element without weights (was FFMA, FFMA, FMUL); its rounding,
     // a few ulp(sg p tw), stays far below the 2^-8 / 2^-11 of the gradient.
     const A ka = sg * one_m_eps, ke = sg * eps_c, sgtw = sg * tw;
-    A xa[N], ta[N];
-    vec_to_acc<N>(xv, xa);
-    if (kGI) vec_to_acc<N>(tv, ta);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       A dcap;
@@ -1617,7 +1623,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           fi.gi = &oi.v[i];
           fi.gt = &ot.v[i];
           fi.stride = 0;
-          fi.template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+          const A xa[1] = {lane_to_acc(xv, i)};
+          const A ta[1] = {kGI ? lane_to_acc(tv, i) : A(0)};
+          fi.template compute_acc<1>(c, xa, ta);
         }
         if (kGI) st_vec_stream(gir + c * D, oi);
         if (kGT) st_vec_stream(gtr + c * D, ot);
