@@ -220,3 +220,43 @@ def test_columns_prob_modes_and_per_position_max(s, dtype):
             opts = dict(prob=True, weight=weight, label_smoothing=eps, reduction="sum")
             run_column_case(s, dtype, N, C, D, opts, x=x)
             run_column_case(s, dtype, N, C, D, opts, x=xnan, vs_torch=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_columns_prob_grad_scales(s, dtype):
+    """The vector kernel's 16-bit input gradient of probability targets with class weights takes
+    its softmax coefficient sg tw into the exp's exponent where that is positive and finite for
+    all V positions of a thread (Pass2Prob's kScaledExp), else the plain form. A grad_output per
+    position (reduction 'none'): row 0 positive scales from the dtype's tiny to its huge ones
+    (the scaled form); row 1 the same with a negative one in each thread's V positions, row 2
+    negated targets at one position of each, row 3 zero targets there (the plain form for those
+    threads). Input and target gradients vs torch, position by position (flash rule)."""
+    from test_cuda_emu_row_loops import _GRAD_SCALES, check_nonfinite
+    v = VEC[dtype]
+    N, C, D = 4, 2 * v + 3, 2 * v
+    g = torch.Generator().manual_seed(27)
+    x = (torch.randn(N, C, D, generator=g) * 3).to(dtype)
+    t = torch.softmax(torch.randn(N, C, D, generator=g) * 3, 1)
+    t[2, :, 1::v] *= -1
+    t[3, :, 1::v] = 0
+    t = t.to(dtype)
+    scales = [abs(c) for c in _GRAD_SCALES[dtype] if c != 0]
+    go = torch.tensor([scales[d % len(scales)] for d in range(D)]).repeat(N, 1)
+    go[1, ::v] = -2.0
+    go = go.to(dtype)
+    w = torch.rand(C, generator=g) + 0.5
+    for eps in (0.0, 0.1):
+        kw = dict(weight=w, label_smoothing=eps, reduction="none")
+        stats = s.cross_entropy(x, t, **kw)["row_stats"]
+        _, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
+        _, lowp_gx, lowp_gt = ce_torch(x, t, **kw, grad_output=go)
+        r = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats, want_grad=True,
+                            want_target_grad=True)
+        assert _ran(r, VECTOR), r["kernels"]
+        for n in range(N):
+            for d in range(D):
+                name = f"{dtype} eps {eps} position {n, d} grad_output {go[n, d].item():.3g}"
+                check_nonfinite(name + " grad_input", r["grad_input"][n, :, d],
+                                ref_gx[n, :, d], lowp_gx[n, :, d], dtype)
+                check_nonfinite(name + " grad_target", r["grad_target"][n, :, d],
+                                ref_gt[n, :, d], lowp_gt[n, :, d], dtype)

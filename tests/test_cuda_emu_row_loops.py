@@ -224,3 +224,43 @@ def test_vector_max_covers_every_lane(s, dtype, path, prob):
                                                            reduction="sum")[1], dtype)
         kernels.add(_row_kernel(r))
     assert all(k is not None and k[0] == prob and k[1] for k in kernels), kernels
+
+
+# The 16-bit input gradient's softmax coefficient sg tw taken into the exp's exponent (kScaledExp)
+# where it is positive and finite; the plain form elsewhere (sg tw zero or negative).
+_GRAD_SCALES = {torch.bfloat16: (1.0, 2.5, -1.5, 0.0, 1e-30, 3e-39, 1e30),
+                torch.float16: (1.0, 2.5, -1.5, 0.0, 1e-4, 6e-8, 1e3)}
+
+
+@pytest.mark.parametrize("path", ["warp", "block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_prob_grad_scales(s, dtype, path):
+    """The backward of probability targets, reduction 'none', a grad_output per row: 1, other
+    positive scales, negative, 0, the dtype's tiny (a denormal) and huge ones; targets that sum
+    to 1, negative ones (tw < 0) and all zeros (tw = 0), each with every scale. Class weights
+    (aligned and not) or none, smoothing 0 and 0.1: input and target gradients vs torch, row by
+    row (the flash rule per row: the tiny rows are not hidden by the huge ones)."""
+    g = torch.Generator().manual_seed(26)
+    C = _paths(dtype)[path]
+    scales = _GRAD_SCALES[dtype]
+    t1 = torch.softmax(torch.randn(len(scales), C, generator=g) * 3, 1)
+    t = torch.cat([t1, -t1, torch.zeros_like(t1)]).to(dtype)
+    x = (torch.randn(t.shape[0], C, generator=g) * 3).to(dtype)
+    go = torch.tensor(scales * 3, dtype=dtype)
+    w = torch.rand(C, generator=g) + 0.5
+    for weight, woff in ((None, 0), (w, 0), (w, _weight_offsets(dtype)[1])):
+        for eps in (0.0, 0.1):
+            kw = dict(weight=weight, label_smoothing=eps, reduction="none")
+            stats = s.cross_entropy(x, t, **kw)["row_stats"]
+            _, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
+            _, lowp_gx, lowp_gt = ce_torch(x, t, **kw, grad_output=go)
+            r = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats, want_grad=True,
+                                want_target_grad=True, weight_layout=woff)
+            assert _row_kernel(r)[1], r["kernels"]  # the vector path
+            for row in range(t.shape[0]):
+                name = (f"{path} {dtype} weight {weight is not None} +{woff} eps {eps} row {row} "
+                        f"grad_output {go[row].item():.3g}")
+                check_nonfinite(name + " grad_input", r["grad_input"][row], ref_gx[row],
+                                lowp_gx[row], dtype)
+                check_nonfinite(name + " grad_target", r["grad_target"][row], ref_gt[row],
+                                lowp_gt[row], dtype)

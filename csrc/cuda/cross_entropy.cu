@@ -31,9 +31,11 @@
 // the hot loops are unchanged. z-loss (z lse^2 per non-ignored row) is per row only: a loss term
 // and a change of the softmax's coefficient (2 z lse) in the gradient.
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/ce_layout.h"
 #include "cuda/common.cuh"
 
 namespace torch_losses {
@@ -705,10 +707,25 @@ struct Pass2Zero {
   }
 };
 
+// Whether a row's probability pass 2 takes the kScaledExp form: sg tw > 0 and finite, so that
+// log2(sg tw) is finite (0, negative, inf or NaN: the plain form, one FMUL more with weights),
+// and more than one class (one class: softmax 1, the gradient torch's exact 0, which
+// exp2(log2(sg tw)) - w (ka t + ke) would miss by a rounding).
+__device__ __forceinline__ bool scaled_exp_ok(float sgtw, int64_t C) {
+  return sgtw > 0.f && sgtw <= FLT_MAX && C > 1;
+}
+
 // kGI / kGT: which gradients are written (template flags: no per-element branch).
-template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny>
+// kScaledExp (16-bit rows whose softmax coefficient sg tw is positive and finite, scaled_exp_ok):
+// the input gradient's sg tw softmax_c is one exp, exp2((x_c - m) log2(e) - ls2) with ls2 =
+// log_s log2(e) - log2(sg tw), so that the class weight's product goes into the FFMA that
+// subtracts it: w (ka t + ke) from it in two FFMA (was FFMA, FMUL, FFMA). ls2's rounding (2^-24 of
+// |log_s log2(e)| + |log2(sg tw)|, at most ~2^-17 for sg tw near FLT_MAX or its denormals) is a
+// relative error of the softmax far below the output's 2^-8 / 2^-11.
+template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny, bool kScaledExp = false>
 struct Pass2Prob {  // probability target gradients
   using A = acc_t<T>;
+  static_assert(!kScaledExp || (kApproxExp<T> && kGI), "kScaledExp: 16-bit input gradients");
   const T* x;
   const T* t;
   T* gi;
@@ -716,6 +733,7 @@ struct Pass2Prob {  // probability target gradients
   const A* weight;
   int64_t stride;
   // tw = sum w t' + 2 z lse (the z-loss' share of the softmax coefficient), ls2 = log_s log2(e)
+  // (kScaledExp: less log2(sg tw))
   A m, log_s, ls2, tw, one_m_eps, eps_c, sg;
   A cap, inv_cap;
   template <int N>
@@ -754,9 +772,10 @@ struct Pass2Prob {  // probability target gradients
       const A xm = xc - m;
       const A kaw = ka * w[i];
       if (kGI) {
-        const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);
-        A g = kApproxExp<T> ? p * sgtw - w[i] * (ka * ta[i] + ke)
-                            : sg * (p * tw - w[i] * (one_m_eps * ta[i] + eps_c));
+        const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);  // kScaledExp: sg tw p
+        A g = kScaledExp      ? fma(-w[i], fma(ka, ta[i], ke), p)
+              : kApproxExp<T> ? p * sgtw - w[i] * (ka * ta[i] + ke)
+                              : sg * (p * tw - w[i] * (one_m_eps * ta[i] + eps_c));
         if (kCap) g *= dcap;
         oi.v[i] = from_acc<T>(g);
       }
@@ -1177,10 +1196,19 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     }
     const A tw = st.u + A(2) * P.z * (m + log_s);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
-      Pass2Prob<T, kCap, decltype(gi_flag)::value, decltype(gt_flag)::value, kW> f{
-          xr, tr, gir, gtr, wr, stride, m, log_s, log_s * A(kLog2e), tw, one_m_eps,
-          P.eps_c, sg, P.cap, P.inv_cap};
-      walk<T, kVec, kWalkUnrollProb, kGroup == 0>(f, C, head, gt, G);
+      constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
+      const A ls2 = log_s * A(kLog2e);
+      auto run = [&](auto scaled, A ls2_run) {
+        Pass2Prob<T, kCap, kGI, kGT, kW, decltype(scaled)::value> f{
+            xr, tr, gir, gtr, wr, stride, m, log_s, ls2_run, tw, one_m_eps,
+            P.eps_c, sg, P.cap, P.inv_cap};
+        walk<T, kVec, kWalkUnrollProb, kGroup == 0>(f, C, head, gt, G);
+      };
+      if constexpr (kApproxExp<T> && kGI && kW == kWeightVec) {  // no gain without weights
+        const A sgtw = sg * tw;
+        if (scaled_exp_ok(sgtw, C)) return run(std::true_type{}, ls2 - log2f(sgtw));
+      }
+      run(std::false_type{}, ls2);
     };
     if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
@@ -1308,49 +1336,51 @@ __device__ __forceinline__ Vec<T> lanes_max(const Vec<T> (&v)[VecTraits<T>::kVec
 
 // Classes 0 .. C-1 of V positions in chunks of V classes: the V vectors at x + (c + k) D (and
 // t + (c + k) D where kT) loaded at once, then chunk(c, xv, tv); the last C % V classes one at a
-// time, tail(c, xv, tv). Pass 1 only (never the row's last read).
+// time, tail(c, xv, tv). Pass 1 only (never the row's last read). Offsets c D are 32-bit (one
+// IMAD.WIDE per vector, not a 64-bit multiply): the vector column kernel runs where
+// (C + kLanesWalkSlack) D fits an int (ce_layout.h, ce_column_vec_fits).
 template <typename T, bool kT, class Chunk, class Tail>
-__device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int64_t C, int64_t D,
+__device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int C, int D,
                                                   Chunk&& chunk, Tail&& tail) {
   constexpr int V = VecTraits<T>::kVec;
   Vec<T> xv[V], tv[V];
-  int64_t c = 0;
-  for (; c + V <= C; c += V) {
+  int c = 0, o = 0;  // o = c D
+  for (; c + V <= C; c += V, o += V * D) {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      xv[k] = ld_vec(x + (c + k) * D);
-      if (kT) tv[k] = ld_vec(t + (c + k) * D);
+      xv[k] = ld_vec(x + (o + k * D));
+      if (kT) tv[k] = ld_vec(t + (o + k * D));
     }
     chunk(c, xv, tv);
   }
-  for (; c < C; ++c) {
-    xv[0] = ld_vec(x + c * D);
-    if (kT) tv[0] = ld_vec(t + c * D);
+  for (; c < C; ++c, o += D) {
+    xv[0] = ld_vec(x + o);
+    if (kT) tv[0] = ld_vec(t + o);
     tail(c, xv[0], tv[0]);
   }
 }
 
 // Classes 0 .. C-1 of V positions, pass 2: the vectors at x + c D (and t + c D where kT), U
-// loads in flight per array, then step(c, xv, tv) in class order; the row's last read
-// (evict-first).
+// loads in flight per array, then step(c, c D, xv, tv) in class order; the row's last read
+// (evict-first). 32-bit offsets as lanes_walk_chunks.
 template <typename T, bool kT, int U, class Step>
-__device__ __forceinline__ void lanes_walk(const T* x, const T* t, int64_t C, int64_t D,
-                                           Step&& step) {
+__device__ __forceinline__ void lanes_walk(const T* x, const T* t, int C, int D, Step&& step) {
+  static_assert(U <= kLanesWalkSlack);
   Vec<T> xv[U], tv[U];
-  int64_t c = 0;
-  for (; c + U <= C; c += U) {
+  int c = 0, o = 0;  // o = c D
+  for (; c + U <= C; c += U, o += U * D) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      xv[u] = ld_vec_last(x + (c + u) * D);
-      if (kT) tv[u] = ld_vec_last(t + (c + u) * D);
+      xv[u] = ld_vec_last(x + (o + u * D));
+      if (kT) tv[u] = ld_vec_last(t + (o + u * D));
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) step(c + u, xv[u], tv[u]);
+    for (int u = 0; u < U; ++u) step(c + u, o + u * D, xv[u], tv[u]);
   }
-  for (; c < C; ++c) {
-    xv[0] = ld_vec_last(x + c * D);
-    if (kT) tv[0] = ld_vec_last(t + c * D);
-    step(c, xv[0], tv[0]);
+  for (; c < C; ++c, o += D) {
+    xv[0] = ld_vec_last(x + o);
+    if (kT) tv[0] = ld_vec_last(t + o);
+    step(c, o, xv[0], tv[0]);
   }
 }
 
@@ -1369,10 +1399,11 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
   constexpr int U = (kProb || sizeof(T) > 2) ? kWalkUnrollProb : kWalkUnrollIndex;
   const CrossEntropyArgs<T>& a = P.a;
   const int64_t C = a.C, D = a.D;
-  const T* xr = a.input + base;
-  const T* tr = kProb ? a.target_prob + base : nullptr;
-  T* gir = a.grad_input != nullptr ? a.grad_input + base : nullptr;
-  T* gtr = a.grad_target != nullptr ? a.grad_target + base : nullptr;
+  const int Ci = int(C), Di = int(D);  // lanes_walk's 32-bit offsets (ce_column_vec_fits)
+  const T* xr = opaque_row(a.input + base);
+  const T* tr = kProb ? opaque_row(a.target_prob + base) : nullptr;
+  T* gir = a.grad_input != nullptr ? opaque_row(a.grad_input + base) : nullptr;
+  T* gtr = a.grad_target != nullptr ? opaque_row(a.grad_target + base) : nullptr;
   const A one_m_eps = A(1) - P.eps;
   const A* wv = vec_weights(P, 0);  // the class weights in 16-byte loads (from class 0)
   Stats<A> st[V];
@@ -1397,7 +1428,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
 #pragma unroll
         for (int i = 0; i < V; ++i) f[i] = {xr + i, wv, D, {}, P.cap, P.inv_cap};
         lanes_walk_chunks<T, false>(
-            xr, nullptr, C, D,
+            xr, nullptr, Ci, Di,
             [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
               A w[V];
               if (kSmooth) load_weights<kW>(wv, c, w);
@@ -1499,8 +1530,8 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
                    wy1 + zc, zc, P.cap, P.inv_cap};
         }
       }
-      lanes_walk<T, false, U>(xr, nullptr, C, D, [&](int64_t c, const Vec<T>& xv,
-                                                      const Vec<T>&) {
+      lanes_walk<T, false, U>(xr, nullptr, Ci, Di, [&](int64_t c, int o, const Vec<T>& xv,
+                                                        const Vec<T>&) {
         A w[1];
         if (kSmooth) load_weights<decltype(wmode)::value>(a.weight, c, w);
         Vec<T> out;
@@ -1511,7 +1542,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           fi.stride = 0;
           fi.template compute<1, true>(c, lane_of(xv, i), xv, w);
         }
-        st_vec_stream(gir + c * D, out);
+        st_vec_stream(gir + o, out);
       });
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -1533,7 +1564,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           f[i] = {xr + i, tr + i, wv, D, one_m_eps, P.eps_c, {}, P.cap, P.inv_cap};
         }
         lanes_walk_chunks<T, true>(
-            xr, tr, C, D,
+            xr, tr, Ci, Di,
             [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
               // Each position's V classes unpacked straight from the loaded vectors (no gather
               // into vectors of one position), its max from a packed maximum over the V
@@ -1604,17 +1635,22 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     }
     A sg[V];
     grad_scales(sg);
-    auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode) {
+    A tw[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) tw[i] = st[i].u + A(2) * P.z * (m[i] + log_s[i]);
+    auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode, auto scaled) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
-      using F = Pass2Prob<T, kCap, kGI, kGT, decltype(wmode)::value>;
+      constexpr bool kScaled = decltype(scaled)::value;
+      using F = Pass2Prob<T, kCap, kGI, kGT, decltype(wmode)::value, kScaled>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const A tw = st[i].u + A(2) * P.z * (m[i] + log_s[i]);
+        const A ls2 = log_s[i] * A(kLog2e);
         f[i] = F{xr + i, tr + i, nullptr, nullptr, a.weight, D, m[i], log_s[i],
-                 log_s[i] * A(kLog2e), tw, one_m_eps, P.eps_c, sg[i], P.cap, P.inv_cap};
+                 kScaled ? ls2 - log2f(sg[i] * tw[i]) : ls2, tw[i], one_m_eps, P.eps_c, sg[i],
+                 P.cap, P.inv_cap};
       }
-      lanes_walk<T, kGI, U>(xr, tr, C, D, [&](int64_t c, const Vec<T>& xv,
+      lanes_walk<T, kGI, U>(xr, tr, Ci, Di, [&](int64_t c, int o, const Vec<T>& xv,
                                                const Vec<T>& tv) {
         Vec<T> oi, ot;
 #pragma unroll
@@ -1627,13 +1663,21 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           const A ta[1] = {kGI ? lane_to_acc(tv, i) : A(0)};
           fi.template compute_acc<1>(c, xa, ta);
         }
-        if (kGI) st_vec_stream(gir + c * D, oi);
-        if (kGT) st_vec_stream(gtr + c * D, ot);
+        if (kGI) st_vec_stream(gir + o, oi);
+        if (kGT) st_vec_stream(gtr + o, ot);
       });
     };
     auto pass2_weights = [&](auto gi_flag, auto gt_flag) {
-      if (a.weight != nullptr) pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{});
-      else pass2(gi_flag, gt_flag, WeightMode<kWeightNone>{});
+      if (a.weight == nullptr) {
+        return pass2(gi_flag, gt_flag, WeightMode<kWeightNone>{}, std::false_type{});
+      }
+      if constexpr (kApproxExp<T> && decltype(gi_flag)::value) {  // Pass2Prob's kScaledExp
+        bool scaled = true;
+#pragma unroll
+        for (int i = 0; i < V; ++i) scaled &= scaled_exp_ok(sg[i] * tw[i], C);
+        if (scaled) return pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{}, std::true_type{});
+      }
+      pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{}, std::false_type{});
     };
     if (gir != nullptr && gtr != nullptr) pass2_weights(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2_weights(std::true_type{}, std::false_type{});
@@ -2150,8 +2194,9 @@ void launch_main(const CeParams<T>& P, cudaStream_t stream) {
       if (P.fwd) cap = std::min(cap, std::max(sms, l2_bytes() * 6 / 10 / row_bytes));
       launch_row<T, kProb, 0, kCap>(P, vec, wmode, grid_for(P.rows, cap), threads, stream);
     }
-  } else if (!a.rows_strided && a.D % V == 0 && aligned16(a.input) &&
-             aligned16(a.target_prob) && aligned16(a.grad_input) && aligned16(a.grad_target)) {
+  } else if (!a.rows_strided && a.D % V == 0 && ce_column_vec_fits(a.C, a.D) &&
+             aligned16(a.input) && aligned16(a.target_prob) && aligned16(a.grad_input) &&
+             aligned16(a.grad_target)) {
     // The contiguous (N, C, D) in whole 16-byte vectors of d (nullptr counts as aligned).
     const unsigned grid = grid_for((P.rows / V + 255) / 256, sms * 8);
     launch_kernel<ce_column_vec_kernel<T, kProb, kCap>>(grid, 256, 0, stream, P);

@@ -59,6 +59,7 @@ class Emulator:
         lib.tl_emu_set_fast_math_direction.argtypes = [i32]
         lib.tl_emu_set_ce_rows_strided.argtypes = [i32, i64, i64, i64, i64]
         lib.tl_emu_ce_rows_strided.argtypes = [i64] * 6
+        lib.tl_emu_ce_column_vec_fits.argtypes = [i64] * 2
         lib.tl_emu_take_launches.restype = ctypes.c_char_p
         lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
         self.lib = lib

@@ -68,6 +68,10 @@ void tl_emu_set_ce_rows_strided(int on, int64_t x_stride_n, int64_t x_stride_d,
 int tl_emu_ce_rows_strided(int64_t N, int64_t C, int64_t D, int64_t sN, int64_t sC, int64_t sD) {
   return tc::ce_rows_strided(N, C, D, sN, sC, sD) ? 1 : 0;
 }
+// The launcher's rule for the vector column kernel's 32-bit offsets.
+int tl_emu_ce_column_vec_fits(int64_t C, int64_t D) {
+  return tc::ce_column_vec_fits(C, D) ? 1 : 0;
+}
 
 int tl_emu_cross_entropy(int dtype, const void* input, const int64_t* target_index,
                          const void* target_prob, const void* weight, const void* grad_output,
