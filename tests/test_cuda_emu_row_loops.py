@@ -237,16 +237,21 @@ _GRAD_SCALES = {torch.bfloat16: (1.0, 2.5, -1.5, 0.0, 1e-30, 3e-39, 1e30),
 def test_prob_grad_scales(s, dtype, path):
     """The backward of probability targets, reduction 'none', a grad_output per row: 1, other
     positive scales, negative, 0, the dtype's tiny (a denormal) and huge ones; targets that sum
-    to 1, negative ones (tw < 0) and all zeros (tw = 0), each with every scale. Class weights
-    (aligned and not) or none, smoothing 0 and 0.1: input and target gradients vs torch, row by
-    row (the flash rule per row: the tiny rows are not hidden by the huge ones)."""
+    to 1, negative ones (tw < 0), all zeros (tw = 0), and a confident row (one logit 12 above
+    the rest, its target the softmax rounded: p - t cancels), each with every scale. Class weights (aligned and
+    not) or none, smoothing 0 and 0.1: input and target gradients vs torch, row by row (the
+    flash rule per row: the tiny rows are not hidden by the huge ones)."""
     g = torch.Generator().manual_seed(26)
     C = _paths(dtype)[path]
     scales = _GRAD_SCALES[dtype]
-    t1 = torch.softmax(torch.randn(len(scales), C, generator=g) * 3, 1)
-    t = torch.cat([t1, -t1, torch.zeros_like(t1)]).to(dtype)
-    x = (torch.randn(t.shape[0], C, generator=g) * 3).to(dtype)
-    go = torch.tensor(scales * 3, dtype=dtype)
+    S = len(scales)
+    t1 = torch.softmax(torch.randn(S, C, generator=g) * 3, 1)
+    x = torch.randn(4 * S, C, generator=g) * 3
+    x[3 * S:, 5] += 12
+    x = x.to(dtype)
+    sure = torch.softmax(x[3 * S:].double(), 1)  # the softmax itself: p - t is t's rounding
+    t = torch.cat([t1, -t1, torch.zeros_like(t1), sure]).to(dtype)
+    go = torch.tensor(scales * 4, dtype=dtype)
     w = torch.rand(C, generator=g) + 0.5
     for weight, woff in ((None, 0), (w, 0), (w, _weight_offsets(dtype)[1])):
         for eps in (0.0, 0.1):
