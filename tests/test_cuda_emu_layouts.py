@@ -158,14 +158,14 @@ def test_rows_strided_rule(emu):
 
 def test_column_vec_fits_rule(emu):
     """csrc/cuda/ce_layout.h: the vector column kernel walks a sample's classes with 32-bit
-    offsets c D, up to 16 classes past C; (N, C, D) beyond that take the scalar column kernel."""
+    offsets c D <= C D; (N, C, D) beyond that take the scalar column kernel."""
     fits = emu.lib.tl_emu_ce_column_vec_fits
     limit = 2**31 - 1
     assert fits(1000, 8) == 1
-    assert fits(limit // 8 - 16, 8) == 1
-    assert fits(limit // 8 - 15, 8) == 0
-    assert fits(2, limit // 18) == 1
-    assert fits(2, limit // 18 + 1) == 0
+    assert fits(limit // 8, 8) == 1
+    assert fits(limit // 8 + 1, 8) == 0
+    assert fits(2, limit // 2) == 1
+    assert fits(2, limit // 2 + 1) == 0
     assert fits(2**40, 2**30) == 0          # no overflow on the way
     assert fits(1000, 0) == 0
 

@@ -1,6 +1,6 @@
 // Which cross-entropy logits the CUDA row kernel reads as they are, and which (N, C, D) the
-// vector column kernel takes (torch-free, no CUDA headers:
-// csrc/ops.h, the CUDA launchers and the emulator's tests share this one rule).
+// vector column kernel takes (torch-free, no CUDA headers: csrc/ops.h, the CUDA launchers and
+// the emulator's tests share these rules).
 #pragma once
 
 #include <cstdint>
@@ -21,12 +21,9 @@ inline bool ce_rows_strided(int64_t N, int64_t C, int64_t D, int64_t sN, int64_t
 }
 
 // The vector column kernel (contiguous (N, C, D), D > 1) walks a sample's classes with 32-bit
-// offsets c D, up to kLanesWalkSlack classes past C (its unrolled steps): it runs where they fit
-// an int, else the scalar column kernel does (a sample of 2^31 elements, 4 GB of bf16).
-constexpr int kLanesWalkSlack = 16;
-inline bool ce_column_vec_fits(int64_t C, int64_t D) {
-  return D > 0 && C + kLanesWalkSlack <= INT32_MAX / D;
-}
+// offsets c D <= C D: it runs where C D fits an int, else the scalar column kernel does (a
+// sample of 2^31 elements, 4 GB of bf16).
+inline bool ce_column_vec_fits(int64_t C, int64_t D) { return D > 0 && C <= INT32_MAX / D; }
 
 }  // namespace cuda
 }  // namespace torch_losses

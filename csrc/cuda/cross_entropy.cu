@@ -1337,8 +1337,8 @@ __device__ __forceinline__ Vec<T> lanes_max(const Vec<T> (&v)[VecTraits<T>::kVec
 // Classes 0 .. C-1 of V positions in chunks of V classes: the V vectors at x + (c + k) D (and
 // t + (c + k) D where kT) loaded at once, then chunk(c, xv, tv); the last C % V classes one at a
 // time, tail(c, xv, tv). Pass 1 only (never the row's last read). Offsets c D are 32-bit (one
-// IMAD.WIDE per vector, not a 64-bit multiply): the vector column kernel runs where
-// (C + kLanesWalkSlack) D fits an int (ce_layout.h, ce_column_vec_fits).
+// IMAD.WIDE per vector, not a 64-bit multiply), at most C D (the loops test c before stepping
+// o): the vector column kernel runs where C D fits an int (ce_layout.h, ce_column_vec_fits).
 template <typename T, bool kT, class Chunk, class Tail>
 __device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int C, int D,
                                                   Chunk&& chunk, Tail&& tail) {
@@ -1365,7 +1365,6 @@ __device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int C,
 // (evict-first). 32-bit offsets as lanes_walk_chunks.
 template <typename T, bool kT, int U, class Step>
 __device__ __forceinline__ void lanes_walk(const T* x, const T* t, int C, int D, Step&& step) {
-  static_assert(U <= kLanesWalkSlack);
   Vec<T> xv[U], tv[U];
   int c = 0, o = 0;  // o = c D
   for (; c + U <= C; c += U, o += U * D) {
