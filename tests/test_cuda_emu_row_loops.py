@@ -232,6 +232,23 @@ _GRAD_SCALES = {torch.bfloat16: (1.0, 2.5, -1.5, 0.0, 1e-30, 3e-39, 1e30),
                 torch.float16: (1.0, 2.5, -1.5, 0.0, 1e-4, 6e-8, 1e3)}
 
 
+def prob_backward_vs_torch(s, x, t, kw, go, **launch):
+    """The backward op of probability targets (both gradients) from the forward's row
+    statistics, and torch's float64 and low-precision gradients for the same grad_output."""
+    stats = s.cross_entropy(x, t, **kw)["row_stats"]
+    _, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
+    _, lowp_gx, lowp_gt = ce_torch(x, t, **kw, grad_output=go)
+    r = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats, want_grad=True,
+                        want_target_grad=True, **launch)
+    return r, {"grad_input": (ref_gx, lowp_gx), "grad_target": (ref_gt, lowp_gt)}
+
+
+def check_prob_grads_at(name, r, torch_grads, index, dtype):
+    """Both gradients at `index` (a row, a position) as check_nonfinite."""
+    for key, (ref64, lowp) in torch_grads.items():
+        check_nonfinite(f"{name} {key}", r[key][index], ref64[index], lowp[index], dtype)
+
+
 @pytest.mark.parametrize("path", ["warp", "block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_prob_grad_scales(s, dtype, path):
@@ -256,16 +273,9 @@ def test_prob_grad_scales(s, dtype, path):
     for weight, woff in ((None, 0), (w, 0), (w, _weight_offsets(dtype)[1])):
         for eps in (0.0, 0.1):
             kw = dict(weight=weight, label_smoothing=eps, reduction="none")
-            stats = s.cross_entropy(x, t, **kw)["row_stats"]
-            _, ref_gx, ref_gt = ce_reference(x, t, **kw, grad_output=go)
-            _, lowp_gx, lowp_gt = ce_torch(x, t, **kw, grad_output=go)
-            r = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats, want_grad=True,
-                                want_target_grad=True, weight_layout=woff)
+            r, torch_grads = prob_backward_vs_torch(s, x, t, kw, go, weight_layout=woff)
             assert _row_kernel(r)[1], r["kernels"]  # the vector path
             for row in range(t.shape[0]):
                 name = (f"{path} {dtype} weight {weight is not None} +{woff} eps {eps} row {row} "
                         f"grad_output {go[row].item():.3g}")
-                check_nonfinite(name + " grad_input", r["grad_input"][row], ref_gx[row],
-                                lowp_gx[row], dtype)
-                check_nonfinite(name + " grad_target", r["grad_target"][row], ref_gt[row],
-                                lowp_gt[row], dtype)
+                check_prob_grads_at(name, r, torch_grads, row, dtype)
