@@ -254,10 +254,11 @@ def check_prob_grads_at(name, r, torch_grads, index, dtype):
 def test_prob_grad_scales(s, dtype, path):
     """The backward of probability targets, reduction 'none', a grad_output per row: 1, other
     positive scales, negative, 0, the dtype's tiny (a denormal) and huge ones; targets that sum
-    to 1, negative ones (tw < 0), all zeros (tw = 0), and a confident row (one logit 12 above
-    the rest, its target the softmax rounded: p - t cancels), each with every scale. Class weights (aligned and
-    not) or none, smoothing 0 and 0.1: input and target gradients vs torch, row by row (the
-    flash rule per row: the tiny rows are not hidden by the huge ones)."""
+    to 1, negative ones (tw < 0), all zeros (tw = 0, or the z-loss share alone), and a confident
+    row (one logit 12 above the rest, its target the softmax rounded: p - t cancels), each with
+    every scale. Class weights (aligned and not) or none; smoothing, z-loss and soft-capping off
+    and on: input and target gradients vs torch, row by row (the flash rule per row: the tiny
+    rows are not hidden by the huge ones)."""
     g = torch.Generator().manual_seed(26)
     C = _paths(dtype)[path]
     scales = _GRAD_SCALES[dtype]
@@ -271,11 +272,13 @@ def test_prob_grad_scales(s, dtype, path):
     go = torch.tensor(scales * 4, dtype=dtype)
     w = torch.rand(C, generator=g) + 0.5
     for weight, woff in ((None, 0), (w, 0), (w, _weight_offsets(dtype)[1])):
-        for eps in (0.0, 0.1):
-            kw = dict(weight=weight, label_smoothing=eps, reduction="none")
+        for eps, z, cap in ((0.0, 0.0, None), (0.1, 0.0, None), (0.1, 0.1, None),
+                            (0.0, 0.1, 20.0)):
+            kw = dict(weight=weight, label_smoothing=eps, z_loss=z, softcap=cap,
+                      reduction="none")
             r, torch_grads = prob_backward_vs_torch(s, x, t, kw, go, weight_layout=woff)
             assert _row_kernel(r)[1], r["kernels"]  # the vector path
             for row in range(t.shape[0]):
-                name = (f"{path} {dtype} weight {weight is not None} +{woff} eps {eps} row {row} "
-                        f"grad_output {go[row].item():.3g}")
+                name = (f"{path} {dtype} weight {weight is not None} +{woff} eps {eps} z {z} "
+                        f"softcap {cap} row {row} grad_output {go[row].item():.3g}")
                 check_prob_grads_at(name, r, torch_grads, row, dtype)
