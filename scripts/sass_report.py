@@ -30,7 +30,11 @@ Hot loop method (static, conservative):
   - the paths through one iteration are followed too (path_counts, every branch both ways):
     where the fewest and the most instructions per element differ, the cell adds "paths
     fewest-most". The row kernels' hot loops have no branch inside (nvcc predicates the rescale
-    of a new row maximum): their static count is their issue per iteration.
+    of a new row maximum): their static count is their issue per iteration;
+  - the vector column kernel's pass-1 loop over whole chunks of V classes is followed by the
+    C % V tail, straight-line chunks of V / 2, ..., 1 classes (at most one each per position):
+    the cell adds "tail chunks" with each chunk's classes and its fewest-most instructions per
+    element over its paths (tail_chunks).
 Pointwise kernels (pointwise_kernel<Loss, T, kVecPath, kStreams>): their element loads are
 `LDG.E.128.CONSTANT` (const __restrict__ streams), and the hot loop is the pair loop of a whole
 chunk (2 x the streams' 16-byte loads: x, y and the optional weight, pos_weight, grad_output
@@ -187,6 +191,37 @@ def hot_loops(insns, const_loads=False):
             "mufu": sum(1 for o in ops if mnemonic(o).startswith("MUFU")),
         })
     return result
+
+
+def tail_chunks(insns, loops, loop, per_vector):
+    """The vector column kernel's pass-1 C % V tail after the pass-1 loop `loop`
+    (lanes_walk_tail): straight-line chunks of fewer classes, up to the next hot loop. A chunk is
+    an innermost block that a forward conditional branch skips, holding 16-byte global loads and
+    neither a loop nor an unconditional branch. Each as (classes, fewest, most instructions
+    over its paths, path_counts; a chunk's elements are V x its classes)."""
+    addr_index = {a: i for i, (a, _) in enumerate(insns)}
+    stop = min((l["first"] for l in loops if l["first"] > loop["last"]), default=len(insns))
+    blocks = []
+    for i in range(loop["last"] + 1, stop):
+        m = BRANCH.match(insns[i][1])
+        if not m or guard(insns[i][1]) is None:
+            continue
+        end = addr_index.get(int(m.group(1), 16))
+        if end is None or end <= i or end > stop:
+            continue
+        ops = [op for _, op in insns[i + 1:end]]
+        loads = sum(1 for op in ops if is_load128(op, "LDG"))
+        jumps = any(BRANCH.match(op) and guard(op) is None for op in ops)
+        if loads and not jumps:
+            blocks.append((i, end, loads))
+    chunks = []
+    for i, end, loads in blocks:
+        if any((j, e) != (i, end) and i <= j and e <= end for j, e, _ in blocks):
+            continue  # holds a smaller chunk
+        counts = path_counts(insns, i + 1, end, lambda off: None, lambda op: 0)
+        if counts is not None:
+            chunks.append((loads // per_vector, counts[0][0], counts[1][0]))
+    return chunks
 
 
 def registers(token):
@@ -614,6 +649,10 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                 per_vector = loads_per_vector(name, lp, insns)
                 entry["elems"] = VEC[tname] * (lp["ldg128"] + lp["lds128"]) / per_vector
                 entry["hot_path"] = row_path_counts(insns, lp, VEC[tname] / per_vector)
+                if (name.startswith("ce_column_vec_kernel<") and lp["stg128"] == 0
+                        and lp["ldg128"] == VEC[tname] * per_vector):  # pass 1's whole chunks
+                    entry["tails"] = [(n, lo / (n * VEC[tname]), hi / (n * VEC[tname]))
+                                      for n, lo, hi in tail_chunks(insns, loops, lp, per_vector)]
             entry["per_elem"] = lp["body"] / entry["elems"]
             loop_txt.append(entry)
         rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
@@ -630,7 +669,10 @@ def loop_cell(l):
                 f"{loads})")
     hot = l.get("hot_path")
     paths = f", paths {hot[0]:.1f}-{hot[1]:.1f}" if hot and hot[0] != hot[1] else ""
-    return f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads}{paths})"
+    tails = "".join(f", {n}: {lo:.1f}-{hi:.1f}" for n, lo, hi in l.get("tails", []))
+    tails = f" + tail chunks (classes: paths){tails}" if tails else ""
+    return (f"{l['per_elem']:.1f} ({l['body']}/{l['elems']:g}, {l['mufu']}, {loads}{paths})"
+            f"{tails}")
 
 
 def main():

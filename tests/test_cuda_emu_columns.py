@@ -166,6 +166,33 @@ def test_columns_smoothing_weight_modes(s, dtype):
                     _check_vs_torch(name, r, rb, go, x, t, kw, False, dtype)
 
 
+TAIL_OPTIONS = [dict(prob=False, weight=True, label_smoothing=0.1, reduction="sum"),
+                dict(prob=True, weight=True, label_smoothing=0.05, reduction="mean"),
+                dict(prob=True, reduction="none", softcap=2.5, z_loss=0.02)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_columns_every_tail(s, dtype):
+    """Every C % V: pass 1 folds the last C % V classes of a position in chunks of V / 2, ..., 1
+    classes (lanes_walk_tail), each chunk loading its class weights once for the V positions (16
+    bytes at once for a chunk of 4 float weights, from the weights or their shifted copy), vs
+    torch with both gradients: class index and probability targets, label smoothing, class
+    weights, soft-capping and z-loss."""
+    v = VEC[dtype]
+    off = 8 if dtype == torch.float64 else 4  # weights (accumulation type) off a 16-byte boundary
+    D = 2 * v
+    for C in range(v, 2 * v):
+        for opts in TAIL_OPTIONS:
+            prob = opts["prob"]
+            x, t, w = ce_inputs(2, C, D, dtype, prob, torch.Generator().manual_seed(C))
+            for weight_layout in ((0, off) if opts.get("weight") else (0,)):
+                kw = ce_kwargs(opts, w)
+                r, rb, go = _fwd_bwd(s, x, t, kw, prob, 0, weight_layout)
+                assert _ran(r, VECTOR) and _ran(rb, VECTOR), (r["kernels"], rb["kernels"])
+                name = f"{dtype} 2x{C}x{D} weight at +{weight_layout} B {opts}"
+                _check_vs_torch(name, r, rb, go, x, t, kw, prob, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_columns_in_place(s, dtype):
     """grad_input aliasing the input (the fused forward writes the gradient over the logits)."""

@@ -1276,7 +1276,8 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
 // every class's 16-byte vector x[n, c, d0 .. d0 + V - 1]. Pass 1 loads V classes at once (V
 // vectors) and gives each lane i its V classes as one vector (element i of each), so that the
 // row functors' compute<V> runs the row kernel's arithmetic per position (one max and one
-// rescale check per V classes, not per element); the last C % V classes go through compute<1>.
+// rescale check per V classes, not per element); the last C % V classes likewise, in chunks of
+// V / 2, ..., 1 classes (compute<N>).
 // The column kernel folds one class at a time, so the two kernels round the statistics
 // differently (both are tested against torch). Pass 2 is elementwise: each lane calls the
 // functors' compute<1> on its element, the V gradients of a class written with one 16-byte
@@ -1291,12 +1292,13 @@ __device__ __forceinline__ Vec<T> lane_of(const Vec<T>& v, int i) {
   return r;
 }
 
-// Lane i of V vectors (V consecutive classes of one position) as one Vec (what compute<V> reads).
-template <typename T>
+// Lane i of the first N of V vectors (N consecutive classes of one position) as one Vec, in its
+// first N elements (what compute<N> reads).
+template <typename T, int N>
 __device__ __forceinline__ Vec<T> lane_gather(const Vec<T> (&v)[VecTraits<T>::kVec], int i) {
   Vec<T> r;
 #pragma unroll
-  for (int k = 0; k < VecTraits<T>::kVec; ++k) r.v[k] = v[k].v[i];
+  for (int k = 0; k < N; ++k) r.v[k] = v[k].v[i];
   return r;
 }
 
@@ -1315,15 +1317,15 @@ __device__ __forceinline__ acc_t<T> lane_to_acc(const Vec<T>& v, int i) {
   }
 }
 
-// The elementwise maximum of V vectors of 16-bit values (each position's largest over V
-// classes), in packed pairs (max_pairs: fmaxf's NaN rule).
-template <typename T>
+// The elementwise maximum of the first N of V vectors of 16-bit values (each position's largest
+// over N classes), in packed pairs (max_pairs: fmaxf's NaN rule).
+template <typename T, int N>
 __device__ __forceinline__ Vec<T> lanes_max(const Vec<T> (&v)[VecTraits<T>::kVec]) {
   constexpr int kWords = int(sizeof(Vec<T>)) / 4;
   uint32_t r[kWords];
   memcpy(r, &v[0], sizeof(r));
 #pragma unroll
-  for (int k = 1; k < VecTraits<T>::kVec; ++k) {
+  for (int k = 1; k < N; ++k) {
     uint32_t w[kWords];
     memcpy(w, &v[k], sizeof(w));
 #pragma unroll
@@ -1334,14 +1336,37 @@ __device__ __forceinline__ Vec<T> lanes_max(const Vec<T> (&v)[VecTraits<T>::kVec
   return out;
 }
 
-// Classes 0 .. C-1 of V positions in chunks of V classes: the V vectors at x + (c + k) D (and
-// t + (c + k) D where kT) loaded at once, then chunk(c, xv, tv); the last C % V classes one at a
-// time, tail(c, xv, tv). Pass 1 only (never the row's last read). Offsets c D are 32-bit (one
-// IMAD.WIDE per vector, not a 64-bit multiply), at most C D (the loops test c before stepping
-// o): the vector column kernel runs where C D fits an int (ce_layout.h, ce_column_vec_fits).
-template <typename T, bool kT, class Chunk, class Tail>
+// The last r < V classes c.. of lanes_walk_chunks (o = c D), in straight-line chunks of N, N / 2,
+// ..., 1 classes, those whose bit is set in r.
+template <typename T, bool kT, int N, class Chunk>
+__device__ __forceinline__ void lanes_walk_tail(const T* x, const T* t, int r, int c, int o,
+                                                int D, Vec<T> (&xv)[VecTraits<T>::kVec],
+                                                Vec<T> (&tv)[VecTraits<T>::kVec], Chunk& chunk) {
+  if constexpr (N >= 1) {
+    if (r & N) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        xv[k] = ld_vec(x + (o + k * D));
+        if (kT) tv[k] = ld_vec(t + (o + k * D));
+      }
+      chunk(std::integral_constant<int, N>{}, c, xv, tv);
+      c += N;
+      o += N * D;
+    }
+    lanes_walk_tail<T, kT, N / 2>(x, t, r, c, o, D, xv, tv, chunk);
+  }
+}
+
+// Classes 0 .. C-1 of V positions in chunks of N classes: the N vectors at x + (c + k) D (and
+// t + (c + k) D where kT) loaded at once, then chunk(n, c, xv, tv), n the integral_constant N,
+// the vectors xv[0 .. N-1]. N = V but for the last C % V classes (lanes_walk_tail: one max and
+// rescale check per chunk there too, not per class). Pass 1 only (never the row's last read).
+// Offsets c D are 32-bit (one IMAD.WIDE per vector, not a 64-bit multiply), at most C D (the
+// loops test c before stepping o): the vector column kernel runs where C D fits an int
+// (ce_layout.h, ce_column_vec_fits).
+template <typename T, bool kT, class Chunk>
 __device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int C, int D,
-                                                  Chunk&& chunk, Tail&& tail) {
+                                                  Chunk&& chunk) {
   constexpr int V = VecTraits<T>::kVec;
   Vec<T> xv[V], tv[V];
   int c = 0, o = 0;  // o = c D
@@ -1351,13 +1376,9 @@ __device__ __forceinline__ void lanes_walk_chunks(const T* x, const T* t, int C,
       xv[k] = ld_vec(x + (o + k * D));
       if (kT) tv[k] = ld_vec(t + (o + k * D));
     }
-    chunk(c, xv, tv);
+    chunk(std::integral_constant<int, V>{}, c, xv, tv);
   }
-  for (; c < C; ++c, o += D) {
-    xv[0] = ld_vec(x + o);
-    if (kT) tv[0] = ld_vec(t + o);
-    tail(c, xv[0], tv[0]);
-  }
+  lanes_walk_tail<T, kT, V / 2>(x, t, C - c, c, o, D, xv, tv, chunk);
 }
 
 // Classes 0 .. C-1 of V positions, pass 2: the vectors at x + c D (and t + c D where kT), U
@@ -1422,27 +1443,24 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       auto pass1 = [&](auto smooth, auto wmode) {
         constexpr bool kSmooth = decltype(smooth)::value;
         constexpr int kW = decltype(wmode)::value;
+        // A chunk of fewer classes than one 16-byte weight load holds takes scalar loads (the
+        // tail's chunk of V / 2 classes starts at a multiple of V: its weights line up).
+        constexpr int kWPerLoad = 16 / int(sizeof(A));
         constexpr int kWTail = kW == kWeightVec ? kWeightScalar : kW;
         Pass1Index<T, kSmooth, kCap> f[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) f[i] = {xr + i, wv, D, {}, P.cap, P.inv_cap};
+        // xv: Vec<T>[V] (cicc 13.0 crashes on an array-reference parameter of a generic lambda).
         lanes_walk_chunks<T, false>(
             xr, nullptr, Ci, Di,
-            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&)[V]) {
-              A w[V];
-              if (kSmooth) load_weights<kW>(wv, c, w);
+            [&](auto n, int64_t c, const auto& xv, const auto&) {
+              constexpr int N = decltype(n)::value;
+              A w[N];
+              if (kSmooth) load_weights<N % kWPerLoad == 0 ? kW : kWTail>(wv, c, w);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                const Vec<T> xi = lane_gather<T>(xv, i);
-                f[i].template compute<V, true>(c, xi, xi, w);
-              }
-            },
-            [&](int64_t c, const Vec<T>& xv, const Vec<T>&) {
-              A w[1];
-              if (kSmooth) load_weights<kWTail>(wv, c, w);
-#pragma unroll
-              for (int i = 0; i < V; ++i) {
-                f[i].template compute<1, true>(c, lane_of(xv, i), xv, w);
+                const Vec<T> xi = lane_gather<T, N>(xv, i);
+                f[i].template compute<N, true>(c, xi, xi, w);
               }
             });
 #pragma unroll
@@ -1562,31 +1580,29 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         for (int i = 0; i < V; ++i) {
           f[i] = {xr + i, tr + i, wv, D, one_m_eps, P.eps_c, {}, P.cap, P.inv_cap};
         }
+        // Weight loads as in the class-index pass 1 above.
+        constexpr int kWPerLoad = 16 / int(sizeof(A));
+        constexpr int kWTail = kW == kWeightVec ? kWeightScalar : kW;
         lanes_walk_chunks<T, true>(
             xr, tr, Ci, Di,
-            [&](int64_t c, const Vec<T>(&xv)[V], const Vec<T>(&tv)[V]) {
-              // Each position's V classes unpacked straight from the loaded vectors (no gather
-              // into vectors of one position), its max from a packed maximum over the V
-              // vectors, the V classes' weights loaded once.
-              A w[V];
-              load_weights<kW>(wv, c, w);
+            [&](auto n, int64_t c, const auto& xv, const auto& tv) {
+              // Each position's N classes unpacked straight from the loaded vectors (no gather
+              // into vectors of one position), its max from a packed maximum over the N
+              // vectors, the N classes' weights loaded once.
+              constexpr int N = decltype(n)::value;
+              A w[N];
+              load_weights<N % kWPerLoad == 0 ? kW : kWTail>(wv, c, w);
               Vec<T> vmax = xv[0];
-              if constexpr (kPackedMax<T, kCap>) vmax = lanes_max<T>(xv);
+              if constexpr (kPackedMax<T, kCap>) vmax = lanes_max<T, N>(xv);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                A xa[V], ta[V];
+                A xa[N], ta[N];
 #pragma unroll
-                for (int k = 0; k < V; ++k) {
+                for (int k = 0; k < N; ++k) {
                   xa[k] = lane_to_acc(xv[k], i);
                   ta[k] = lane_to_acc(tv[k], i);
                 }
-                f[i].template compute_lane<V>(xa, ta, w, lane_to_acc(vmax, i));
-              }
-            },
-            [&](int64_t c, const Vec<T>& xv, const Vec<T>& tv) {
-#pragma unroll
-              for (int i = 0; i < V; ++i) {
-                f[i].template compute<1>(c, lane_of(xv, i), lane_of(tv, i));
+                f[i].template compute_lane<N>(xa, ta, w, lane_to_acc(vmax, i));
               }
             });
 #pragma unroll
