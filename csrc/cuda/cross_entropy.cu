@@ -538,14 +538,29 @@ struct Pass1Prob {  // probability target: online max/sum, sum w t' and sum w t'
     }
     st.template push_linear<kApproxExp<T>>(v, wt);
   }
+  // The factors of t in w t' = w (1 - eps) t + w eps / C for N classes of weights w: wo =
+  // w (1 - eps) and we = w eps / C (wo = w without smoothing), for compute_lane.
+  template <int N>
+  __device__ __forceinline__ void target_factors(const A (&w)[N], A (&wo)[N], A (&we)[N]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      wo[i] = kSmooth ? w[i] * one_m_eps : w[i];
+      we[i] = kSmooth ? w[i] * eps_c : A(0);
+    }
+  }
   // The vector column kernel's N classes of one position, unpacked (xa, ta) from its V-position
-  // vectors, the classes' weights w loaded once for the V positions, and (kPackedMax) vmax the
-  // largest of the xa from a packed maximum over those vectors.
+  // vectors, the classes' target_factors taken once for the V positions (w t' in one FFMA per
+  // element, not an FFMA and an FMUL), and (kPackedMax) vmax the largest of the xa from a packed
+  // maximum over those vectors.
   template <int N>
   __device__ __forceinline__ void compute_lane(const A (&xa)[N], const A (&ta)[N],
-                                               const A (&w)[N], A vmax) {
+                                               const A (&wo)[N], const A (&we)[N], A vmax) {
     A wt[N], v[N];
-    terms<N>(xa, ta, w, 0, v, wt);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      wt[i] = kSmooth ? wo[i] * ta[i] + we[i] : wo[i] * ta[i];
+      v[i] = capped<kCap, kApproxExp<T>>(xa[i], cap, inv_cap);
+    }
     if constexpr (kPackedMax<T, kCap>) {
       st.template push_max<kApproxExp<T>>(v, vmax);
     } else {
@@ -1590,8 +1605,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
               // into vectors of one position), its max from a packed maximum over the N
               // vectors, the N classes' weights loaded once.
               constexpr int N = decltype(n)::value;
-              A w[N];
+              A w[N], wo[N], we[N];
               load_weights<N % kWPerLoad == 0 ? kW : kWTail>(wv, c, w);
+              f[0].template target_factors<N>(w, wo, we);
               Vec<T> vmax = xv[0];
               if constexpr (kPackedMax<T, kCap>) vmax = lanes_max<T, N>(xv);
 #pragma unroll
@@ -1602,7 +1618,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
                   xa[k] = lane_to_acc(xv[k], i);
                   ta[k] = lane_to_acc(tv[k], i);
                 }
-                f[i].template compute_lane<N>(xa, ta, w, lane_to_acc(vmax, i));
+                f[i].template compute_lane<N>(xa, ta, wo, we, lane_to_acc(vmax, i));
               }
             });
 #pragma unroll
