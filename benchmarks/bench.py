@@ -10,6 +10,7 @@ median of reps. The device's copy bandwidth is measured in the same run.
     python benchmarks/bench.py --quick               # smoke test: tiny sizes, few reps
     python benchmarks/bench.py --distributed --world 2 --sizes 2048x32000  # vocab-parallel CE
     python benchmarks/bench.py --loss ce --dtype bfloat16 --sizes 8192x128256
+    python benchmarks/bench.py --loss ce --sizes 16x21x512x512    # segmentation logits (N, C, H, W)
     python benchmarks/bench.py --loss mse,huber --sizes 2^24 --no-compile
     python benchmarks/bench.py --loss linear_ce --sizes 2048x1024x32000   # the LLM head row
 
@@ -58,9 +59,9 @@ def main(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", help="comma list filter: float32,bfloat16,float16,float64")
     p.add_argument("--loss", help="comma list filter: " + ",".join(ALL_LOSSES + [LINEAR_CE]))
-    p.add_argument("--sizes", help="override sizes, comma list: NxC for ce (4096x32000), "
-                                   "element counts for pointwise (16777216 or 2^24), NxHxV for "
-                                   "linear_ce (2048x1024x32000)")
+    p.add_argument("--sizes", help="override sizes, comma list: NxC or NxCxHxW for ce "
+                                   "(4096x32000, 16x21x512x512), element counts for pointwise "
+                                   "(16777216 or 2^24), NxHxV for linear_ce (2048x1024x32000)")
     p.add_argument("--reps", type=int, help="timed reps (default: CUDA 20, CPU 5, quick 3)")
     p.add_argument("--warmup", type=int, help="warmup reps (default: CUDA 5, CPU 2, quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few reps")

@@ -1,5 +1,6 @@
 """The benchmark's cases: the losses (ours and torch's reference), their inputs, the default
 suites per device and the --loss/--dtype/--sizes filters."""
+import math
 import re
 import sys
 import warnings
@@ -52,9 +53,9 @@ def make_inputs(loss, shape, dtype, device, seed=0):
     g.manual_seed(seed)
     kw = dict(device=device, generator=g)
     if loss == "ce":
-        n, c = shape
-        x = torch.randn(n, c, dtype=dtype, **kw)
-        y = torch.randint(0, c, (n,), dtype=torch.long, **kw)
+        n, c, *spatial = shape  # (N, C) rows, or (N, C, d1, ...) as segmentation logits
+        x = torch.randn(n, c, *spatial, dtype=dtype, **kw)
+        y = torch.randint(0, c, (n, *spatial), dtype=torch.long, **kw)
     else:
         (n,) = shape
         if loss == "kl_div":
@@ -79,15 +80,18 @@ def make_inputs(loss, shape, dtype, device, seed=0):
 def min_bytes(loss, shape, dtype):
     es = torch.empty((), dtype=dtype).element_size()
     if loss == "ce":
-        n, c = shape
-        return 2 * n * c * es + n * 8  # read logits, write grad; targets
+        numel = math.prod(shape)
+        return 2 * numel * es + numel // shape[1] * 8  # read logits, write grad; targets
     return 3 * shape[0] * es  # read x, y; write grad
 
 def default_suite(device, quick):
     f32, bf16 = torch.float32, torch.bfloat16
     if device == "cuda":
+        # The last two: segmentation logits (N, C, H, W), classes of (VOC's 21, Cityscapes'
+        # 19) at a stride of H W (the vector column kernel).
         ce_shapes = [((4096, 32000), bf16), ((8192, 128256), bf16), ((8192, 32000), f32),
-                     ((1024, 256000), bf16), ((65536, 1000), f32)]
+                     ((1024, 256000), bf16), ((65536, 1000), f32),
+                     ((16, 21, 512, 512), bf16), ((8, 19, 512, 1024), f32)]
         pw = [(loss, (1 << 27,), dt) for loss in POINTWISE for dt in (f32, bf16)]
         if quick:
             ce_shapes = [((256, 4096), bf16), ((256, 4096), f32)]
@@ -128,11 +132,8 @@ def build_cases(args, device):
             dtypes.append(DTYPES[name.strip()])
     if args.sizes:
         sizes = [parse_size(t) for t in args.sizes.split(",") if t.strip()]
-        ce_sizes = [s for s in sizes if len(s) == 2]
+        ce_sizes = [s for s in sizes if len(s) == 2 or len(s) >= 4]
         pw_sizes = [s for s in sizes if len(s) == 1]
-        if any(len(s) not in (1, 2, 3) for s in sizes):
-            sys.exit("--sizes: use NxC for ce, NxHxV for linear_ce and a single element count "
-                     "for pointwise losses")
         new = []
         for loss in ALL_LOSSES:
             override = ce_sizes if loss == "ce" else pw_sizes

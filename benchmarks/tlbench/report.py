@@ -47,8 +47,8 @@ def table(rows, device, env):
         f"{env['torch_threads']}; commit {(env['git_commit'] or '?')[:10]}"
         f"{' (dirty)' if env['git_dirty'] else ''}; {env['date']}.",
         f"Copy bandwidth (read + write): {env['copy_gbs']:.1f} GB/s. Forward + backward, mean "
-        "reduction, median ms. GB/s = minimal bytes (CE: 2*N*C*elem; pointwise: 3*n*elem) / "
-        "time." + ("" if device == "cuda" else " Extra memory: not measured on CPU."),
+        "reduction, median ms. GB/s = minimal bytes (CE: 2 x logits x elem + 8 per target; "
+        "pointwise: 3*n*elem) / time." + ("" if device == "cuda" else " Extra memory: not measured on CPU."),
         f"Writing a tensor allocated in the step (as every fresh gradient is): "
         f"{env['fresh_write_gbs']:.1f} GB/s; into one allocated before: "
         f"{env['kept_write_gbs']:.1f} GB/s (the difference is first-touch page faults)."

@@ -63,7 +63,7 @@ def run_case(loss, shape, dtype, device, timer, args, copy_gbs, liger_fn, compil
             print(f"[bench]   torch.compile failed: {row['errors']['compile']}", file=sys.stderr)
         row["compile_s"] = time.perf_counter() - t0
     x_pristine = None
-    if loss == "ce" and liger_fn is not None:
+    if loss == "ce" and liger_fn is not None and len(shape) == 2:  # Liger's CE takes (N, C)
         impls["liger"] = liger_fn
         x_pristine = x.detach().clone()  # Liger writes the gradient over the logits
 
@@ -94,7 +94,7 @@ def run_case(loss, shape, dtype, device, timer, args, copy_gbs, liger_fn, compil
         for impl, (step, setup) in steps.items():
             row["extra_mb"][impl] = peak_extra_mb(step, setup)
         x.grad = None
-    if liger_fn is not None and loss == "ce":
+    if x_pristine is not None:
         with torch.no_grad():
             x.copy_(x_pristine)
     del x, y, x_pristine
