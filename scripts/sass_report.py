@@ -377,6 +377,13 @@ def step(state, consts, op, params):
         else:
             consts.pop(ops[0], None)
         return state
+    if mn == "MOV" and len(ops) == 2 and ops[1] in consts:
+        # A copy of a parameter (nvcc moves a uniform register to a vector one to compare it).
+        if unguarded:
+            consts[ops[0]] = consts[ops[1]]
+        else:
+            consts.pop(ops[0], None)
+        return state
     dests = [t for t in ops[:2] if PRED.match(t) and t not in ("PT", "UPT")]
     if mn.startswith(("R2P", "R2UR")) or "PR" in ops[:1]:
         return {}

@@ -23,6 +23,7 @@ struct Math<float> {
   TL_HD static float log1p(float x) { return log1pf(x); }
   TL_HD static float abs(float x) { return fabsf(x); }
   TL_HD static float where(bool c, float a, float b) { return c ? a : b; }
+  TL_HD static float recip(float b) { return 1.0f / b; }
 };
 
 template <>
@@ -32,6 +33,7 @@ struct Math<double> {
   TL_HD static double log1p(double x) { return ::log1p(x); }
   TL_HD static double abs(double x) { return fabs(x); }
   TL_HD static double where(bool c, double a, double b) { return c ? a : b; }
+  TL_HD static double recip(double b) { return 1.0 / b; }
 };
 
 // Reductions the functors' callers use.

@@ -44,7 +44,7 @@ struct BCEWithLogitsUsing : NoDomainCheck {
     return (T(1) - y) * x - (pos_weight ? ((a - T(1)) * y + T(1)) * ls : ls);
   }
   TL_HD T grad_input(T x, T y, T a, T e) const {
-    const T r = T(1) / (T(1) + e);
+    const T r = M::recip(T(1) + e);  // 1 + e in [1, 2] (FastMath::recip's domain)
     const T sigmoid = M::where(x >= T(0), r, e * r);
     return pos_weight ? (a * y + T(1) - y) * sigmoid - a * y : sigmoid - y;
   }
