@@ -62,8 +62,9 @@ TL_HD float fast_log(float x) {
 }
 
 // 1 / b for b in [1, 2], bit for bit the IEEE quotient: nvcc's own fast path of 1.0f / b
-// (MUFU.RCP refined by one FMA step, r + r (1 - b r)) without the exponent check and slow-path
-// call around it, which only operands near float's range ends take (~8 instructions less).
+// (MUFU.RCP refined by one FMA step, r + r (1 - b r)) without the exponent check, branch and
+// slow-path call around it, which only operands near float's range ends take (bf16
+// BCE-with-logits: 53.2 -> 48.4 SASS instructions per element).
 TL_HD float recip_1_to_2(float b) {
 #if defined(__CUDA_ARCH__)
   float r;
