@@ -43,6 +43,14 @@ constexpr int kPwUnroll = 4;  // vectors per thread and chunk, walked in pairs
 // no registers. The scalar path (kAllStreams) tests the pointers at run time.
 enum PwStream : int { kWeightStream = 1, kAuxStream = 2, kGradStream = 4, kAllStreams = 7 };
 
+// BCE-with-logits' parameter says whether pos_weight (aux) is given. On the vector path that is
+// kStreams' kAuxStream, a constant: built from the runtime parameter, the flag was re-tested
+// (a DSETP on the double parameter) for each element's loss and gradient.
+template <class Loss>
+constexpr bool kParamIsPosWeight = false;
+template <typename A, typename M>
+constexpr bool kParamIsPosWeight<BCEWithLogitsUsing<A, M>> = true;
+
 // Per-launch constants of the pointwise kernel.
 template <typename T>
 struct PwParams {
@@ -143,7 +151,8 @@ __global__ void __launch_bounds__(kPwThreads, sizeof(T) == 8 ? 2 : 3)
   __shared__ A smem[2][32];
 
   const PointwiseArgs<T>& a = P.a;
-  const Loss f(a.param);
+  const Loss f(kVecPath && kParamIsPosWeight<Loss> ? double((kStreams & kAuxStream) != 0)
+                                                    : a.param);
   const int64_t n = a.n;
   const bool want_loss = a.loss != nullptr;
   const bool loss_elem = want_loss && a.reduction == 0;
