@@ -447,14 +447,21 @@ void register_ops(torch::Library& m) {
                       int64_t r, bool gx, bool gy) {
     return pointwise_bwd<L1, Backend>(g, x, y, w, std::nullopt, 0, r, gx, gy);
   });
+  // smooth_l1 with beta = 0 is l1_loss, bit for bit (as torch routes it): the L1 kernels, so
+  // that SmoothL1's kernels carry no beta = 0 case per element.
   m.impl("smooth_l1_fwd", [](const Tensor& x, const Tensor& y, double beta, int64_t r, bool gx,
                              bool gy) {
-    return pointwise_fwd<SmoothL1, Backend>(x, y, std::nullopt, std::nullopt, beta, r, gx, gy);
+    return beta == 0
+               ? pointwise_fwd<L1, Backend>(x, y, std::nullopt, std::nullopt, 0, r, gx, gy)
+               : pointwise_fwd<SmoothL1, Backend>(x, y, std::nullopt, std::nullopt, beta, r, gx,
+                                                  gy);
   });
   m.impl("smooth_l1_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, double beta,
                              int64_t r, bool gx, bool gy) {
-    return pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt, beta, r, gx,
-                                            gy);
+    return beta == 0 ? pointwise_bwd<L1, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx,
+                                                  gy)
+                     : pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt,
+                                                        beta, r, gx, gy);
   });
   m.impl("bce_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
                        bool gy) {
@@ -508,7 +515,12 @@ void register_ops(torch::Library& m) {
   });
   m.impl("smooth_l1_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, double beta, int64_t r) {
-    pointwise_bwd_into<SmoothL1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, beta, r);
+    if (beta == 0) {
+      pointwise_bwd_into<L1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
+    } else {
+      pointwise_bwd_into<SmoothL1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, beta,
+                                            r);
+    }
   });
   m.impl("bce_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, const OptTensor& w, int64_t r) {

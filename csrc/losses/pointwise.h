@@ -75,20 +75,19 @@ struct Huber : NoDomainCheck {
   TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
 
-// smooth_l1_loss: 0.5 z^2 / beta if |z| < beta else |z| - 0.5 beta; beta = 0 is l1.
+// smooth_l1_loss: 0.5 z^2 / beta if |z| < beta else |z| - 0.5 beta, for beta > 0 (beta = 0 is
+// l1_loss, where torch routes it: so do ops.h's smooth_l1 ops, to L1).
 template <typename T>
 struct SmoothL1 : NoDomainCheck {
   using M = Math<T>;
   T beta;
-  bool l1;  // beta = 0: exactly l1_loss (torch routes it there), NaN included
-  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)), l1(beta_ == 0) {}
+  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
   TL_HD T shared(T x, T y) const { return x - y; }
   TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
     return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
   }
   TL_HD T grad_input(T, T, T, T z) const {
-    if (l1) return M::where(z > T(0), T(1), M::where(z < T(0), T(-1), T(0)));  // torch's sign
     return M::where(z < -beta, T(-1), M::where(z > beta, T(1), z / beta));
   }
   TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
