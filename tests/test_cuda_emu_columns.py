@@ -252,12 +252,12 @@ def test_columns_prob_modes_and_per_position_max(s, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_columns_prob_grad_scales(s, dtype):
     """The vector kernel's 16-bit input gradient of probability targets with class weights takes
-    its softmax coefficient sg tw into the exp's exponent where that is positive and finite for
-    all V positions of a thread (Pass2Prob's kScaledExp), else the plain form. A grad_output per
-    position (reduction 'none'): row 0 positive scales from the dtype's tiny to its huge ones
-    (the scaled form); row 1 the same with a negative one in each thread's V positions, row 2
-    negated targets at one position of each, row 3 zero targets there (the plain form for those
-    threads). Input and target gradients vs torch, position by position (flash rule)."""
+    its softmax coefficient sg tw into the exp's exponent where that is positive and finite or
+    +0 for all V positions of a thread (Pass2Prob's kScaledExp), else the plain form. A
+    grad_output per position (reduction 'none'): row 0 positive scales from the dtype's tiny to
+    its huge ones (the scaled form); row 1 the same with a negative one in each thread's V
+    positions, row 2 negated targets at one position of each (the plain form for those
+    threads), row 3 zero targets there (sg tw = +0 without smoothing: the scaled form). Input and target gradients vs torch, position by position (flash rule)."""
     from test_cuda_emu_row_loops import (_GRAD_SCALES, check_prob_grads_at,
                                          prob_backward_vs_torch)
     v = VEC[dtype]

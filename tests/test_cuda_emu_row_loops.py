@@ -227,7 +227,8 @@ def test_vector_max_covers_every_lane(s, dtype, path, prob):
 
 
 # The 16-bit input gradient's softmax coefficient sg tw taken into the exp's exponent (kScaledExp)
-# where it is positive and finite; the plain form elsewhere (sg tw zero or negative).
+# where it is positive and finite or +0; the plain form elsewhere (sg tw negative, -0 or not
+# finite).
 _GRAD_SCALES = {torch.bfloat16: (1.0, 2.5, -1.5, 0.0, 1e-30, 3e-39, 1e30),
                 torch.float16: (1.0, 2.5, -1.5, 0.0, 1e-4, 6e-8, 1e3)}
 

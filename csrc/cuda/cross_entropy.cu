@@ -723,20 +723,23 @@ struct Pass2Zero {
 };
 
 // Whether a row's probability pass 2 takes the kScaledExp form: sg tw > 0 and finite, so that
-// log2(sg tw) is finite (0, negative, inf or NaN: the plain form, one FMUL more with weights),
-// and more than one class (one class: softmax 1, the gradient torch's exact 0, which
-// exp2(log2(sg tw)) - w (ka t + ke) would miss by a rounding).
+// log2(sg tw) is finite, or +0 (an all-zero target row without smoothing, a zero grad_output):
+// log2(+0) = -inf makes ls2 +inf, and exp2 then gives +0 for every logit of a row with finite
+// statistics, so the gradient is -w (ka t + ke) with the plain form's bits (p (+0) = +0), and a
+// NaN of a non-finite row stays NaN. Negative, -0, inf or NaN: the plain form (one FMUL more
+// with weights). And more than one class (one class: softmax 1, the gradient torch's exact 0,
+// which exp2(log2(sg tw)) - w (ka t + ke) would miss by a rounding).
 __device__ __forceinline__ bool scaled_exp_ok(float sgtw, int64_t C) {
-  return sgtw > 0.f && sgtw <= FLT_MAX && C > 1;
+  return copysignf(1.f, sgtw) > 0.f && sgtw <= FLT_MAX && C > 1;
 }
 
 // kGI / kGT: which gradients are written (template flags: no per-element branch).
-// kScaledExp (16-bit rows whose softmax coefficient sg tw is positive and finite, scaled_exp_ok):
-// the input gradient's sg tw softmax_c is one exp, exp2((x_c - m) log2(e) - ls2) with ls2 =
-// log_s log2(e) - log2(sg tw), so that the class weight's product goes into the FFMA that
-// subtracts it: w (ka t + ke) from it in two FFMA (was FFMA, FMUL, FFMA). ls2's rounding (2^-24 of
-// |log_s log2(e)| + |log2(sg tw)|, at most ~2^-17 for sg tw near FLT_MAX or its denormals) is a
-// relative error of the softmax far below the output's 2^-8 / 2^-11.
+// kScaledExp (16-bit rows whose softmax coefficient sg tw is positive and finite or +0,
+// scaled_exp_ok): the input gradient's sg tw softmax_c is one exp, exp2((x_c - m) log2(e) - ls2)
+// with ls2 = log_s log2(e) - log2(sg tw), so that the class weight's product goes into the FFMA
+// that subtracts it: w (ka t + ke) from it in two FFMA (was FFMA, FMUL, FFMA). ls2's rounding
+// (2^-24 of |log_s log2(e)| + |log2(sg tw)|, at most ~2^-17 for sg tw near FLT_MAX or its
+// denormals) is a relative error of the softmax far below the output's 2^-8 / 2^-11.
 template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny, bool kScaledExp = false>
 struct Pass2Prob {  // probability target gradients
   using A = acc_t<T>;
