@@ -303,6 +303,8 @@ class Session:
         lay.update(layouts or {})
         if kind == "bce_with_logits":
             param = float(aux is not None)  # as csrc/ops.h: the functor's "pos_weight given"
+        if kind == "smooth_l1" and param == 0:
+            kind = "l1"  # as csrc/ops.h: smooth_l1 with beta = 0 runs the L1 kernels
         dt = x.dtype
         n = x.numel()
         xb = self.copy(x.contiguous().view(-1), lay["x"])
