@@ -257,7 +257,8 @@ def test_columns_prob_grad_scales(s, dtype):
     grad_output per position (reduction 'none'): row 0 positive scales from the dtype's tiny to
     its huge ones (the scaled form); row 1 the same with a negative one in each thread's V
     positions, row 2 negated targets at one position of each (the plain form for those
-    threads), row 3 zero targets there (sg tw = +0 without smoothing: the scaled form). Input and target gradients vs torch, position by position (flash rule)."""
+    threads), row 3 zero targets there (sg tw = +0 without smoothing: the scaled form). Input
+    and target gradients vs torch, position by position (flash rule)."""
     from test_cuda_emu_row_loops import (_GRAD_SCALES, check_prob_grads_at,
                                          prob_backward_vs_torch)
     v = VEC[dtype]

@@ -722,8 +722,8 @@ struct Pass2Zero {
   }
 };
 
-// Whether a row's probability pass 2 takes the kScaledExp form: sg tw > 0 and finite, so that
-// log2(sg tw) is finite, or +0 (an all-zero target row without smoothing, a zero grad_output):
+// Whether a row's probability pass 2 takes the kScaledExp form: sg tw > 0 and finite (log2(sg tw)
+// finite), or +0 (an all-zero target row without smoothing, a zero grad_output):
 // log2(+0) = -inf makes ls2 +inf, and exp2 then gives +0 for every logit of a row with finite
 // statistics, so the gradient is -w (ka t + ke) with the plain form's bits (p (+0) = +0), and a
 // NaN of a non-finite row stays NaN. Negative, -0, inf or NaN: the plain form (one FMUL more
