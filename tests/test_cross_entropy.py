@@ -791,9 +791,9 @@ def test_cpu_half_rows_are_the_float_rows_rounded_once(C, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_streamed_gradient_equals_rows_a_few_at_a_time(dtype):
-    """A class-index gradient of >= 8 MiB is written with non-temporal stores from an aligned
-    element on (C odd: every row starts at another alignment): bitwise the gradient of the same
-    rows computed four at a time (small outputs, ordinary stores)."""
+    """A class-index gradient of >= 8 MiB in rows of >= 16 KB is written with non-temporal
+    stores from an aligned element on (C odd: every row starts at another alignment): bitwise
+    the gradient of the same rows computed four at a time (small outputs, ordinary stores)."""
     C = 65539
     N = (8 << 20) // (C * dtype.itemsize) + 2
     x, t = make_inputs((N, C), "cpu", dtype)

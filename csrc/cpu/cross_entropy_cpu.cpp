@@ -440,7 +440,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       }
       const acc_t* tr = probs ? load_row(t + offset, C, D, t_buf.data()) : nullptr;
       // A large gradient is streamed out of a float row of e in cache (its lines not read).
-      const bool stream = direct && grad_bytes >= kStreamMinBytes;
+      const bool stream = direct && grad_bytes >= kStreamMinBytes &&
+                          C * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinRowBytes;
       acc_t* gxr = !gx ? nullptr : stream ? gx_buf.data() : row_out(gx + offset, D, gx_buf.data());
       // x_y before an in-place gradient overwrites it
       const acc_t x_y = probs || ignored ? acc_t(0)
