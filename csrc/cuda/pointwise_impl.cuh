@@ -120,12 +120,18 @@ __device__ __forceinline__ void pw_vector(const Loss& f, const PointwiseArgs<T>&
 }
 
 // The chunk's sum to partials[k], in block_sum's order with one barrier instead of two: the warp
-// sums alternate between two halves of smem by chunk parity. Warp 0 reads half k & 1 before it
-// reaches chunk k + 1's barrier, which every write of chunk k + 2 to that half follows.
+// sums alternate between two halves of smem by the parity of the block's own iteration `it`
+// (its it-th chunk, k = blockIdx.x + it gridDim.x). Warp 0 reads half it & 1 before it reaches
+// iteration it + 1's barrier, which every write of iteration it + 2 to that half follows. (The
+// parity of k would not alternate: gridDim.x is SMs x blocks per SM, even on every A100/H100/
+// H200, so all of a block's chunks used one half, and a warp with no elements left in the last
+// chunk could overwrite its sum before warp 0 had read it. A race the emulator cannot show: its
+// threads switch only at barriers and warp operations.)
 template <typename A>
-__device__ __forceinline__ void pw_chunk_partial(A sum, A (*smem)[32], int64_t k, A* partials) {
+__device__ __forceinline__ void pw_chunk_partial(A sum, A (*smem)[32], int64_t it, int64_t k,
+                                                 A* partials) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  A* half = smem[k & 1];
+  A* half = smem[it & 1];
   sum = warp_sum(sum);
   if (lane == 0) half[warp] = sum;
   __syncthreads();
@@ -192,7 +198,7 @@ __global__ void __launch_bounds__(kPwThreads, sizeof(T) == 8 ? 2 : 3)
     }
   };
 
-  for (int64_t k = blockIdx.x; k < P.num_chunks; k += gridDim.x) {
+  for (int64_t k = blockIdx.x, it = 0; k < P.num_chunks; k += gridDim.x, ++it) {
     const int64_t base = k * CH;
     A sum = 0;
     if constexpr (kVecPath) {
@@ -229,7 +235,7 @@ __global__ void __launch_bounds__(kPwThreads, sizeof(T) == 8 ? 2 : 3)
         }
       }
     }
-    if (reduce) pw_chunk_partial(sum, smem, k, a.partials);
+    if (reduce) pw_chunk_partial(sum, smem, it, k, a.partials);
   }
 }
 
