@@ -10,6 +10,7 @@ page) raises EmulatorError with the emulator's report.
 """
 import contextlib
 import ctypes
+import os
 
 import torch
 
@@ -57,12 +58,16 @@ class Emulator:
                                          dbl, i32]
         lib.tl_emu_set_skip_if_grad_output_is_one.argtypes = [i32]
         lib.tl_emu_set_fast_math_direction.argtypes = [i32]
+        lib.tl_emu_set_schedule.argtypes = [i32]
         lib.tl_emu_set_ce_rows_strided.argtypes = [i32, i64, i64, i64, i64]
         lib.tl_emu_ce_rows_strided.argtypes = [i64] * 6
         lib.tl_emu_ce_column_vec_fits.argtypes = [i64] * 2
         lib.tl_emu_take_launches.restype = ctypes.c_char_p
         lib.tl_emu_scale_grad.argtypes = [i32, vp, vp, i32, i64, i64, i64, i64]
         self.lib = lib
+        # TL_EMU_SCHEDULE=high_first runs every launch that way (a race hunt over the suite).
+        self.default_schedule = int(os.environ.get("TL_EMU_SCHEDULE", "") == "high_first")
+        lib.tl_emu_set_schedule(self.default_schedule)
 
     @contextlib.contextmanager
     def session(self, device=0):
@@ -75,6 +80,17 @@ class Emulator:
     def set_fast_math_direction(self, direction):
         """The fast intrinsics' error, at its documented worst: +1 up (default), -1 down, 0 none."""
         self.lib.tl_emu_set_fast_math_direction(direction)
+
+    @contextlib.contextmanager
+    def high_first_schedule(self):
+        """Within the block, the highest-numbered runnable thread runs first (a lower one only when
+        every higher one waits), instead of ascending order: a race-free kernel gives the same
+        bits; a shared-memory race that ascending order hides shows."""
+        self.lib.tl_emu_set_schedule(1)
+        try:
+            yield
+        finally:
+            self.lib.tl_emu_set_schedule(self.default_schedule)
 
     def device_sms(self, device):
         return self.lib.tl_emu_device_sms(device)

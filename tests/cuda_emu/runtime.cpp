@@ -406,6 +406,13 @@ void reset_shared_memory() {
   }
 }
 
+// The order in which a block's runnable threads run between their waits: ascending (the
+// default), or the highest-numbered first (tl_emu_set_schedule). Race-free kernels give the same
+// bits either way; a shared-memory race shows where the two orders differ (e.g. a warp that
+// writes its next sum before warp 0 has read the last one, which ascending order never lets
+// happen).
+bool g_high_first = false;
+
 // Runs the blocks of one cluster (one block without clusters) to the end.
 void run_cluster() {
   Scheduler& s = S();
@@ -441,6 +448,20 @@ void run_cluster() {
   for (;;) {
     bool ran = false, all_done = true;
     for (int b = 0; b < s.cluster; ++b) {
+      if (g_high_first) {
+        // The highest-numbered runnable thread, again and again: a lower one runs only when
+        // every higher one of its block waits (at a barrier, or at a warp operation that lower
+        // lanes have yet to reach).
+        for (;;) {
+          int i = (b + 1) * s.n - 1;
+          while (i >= b * s.n && s.fibers[i].state != kRunnable) --i;
+          if (i < b * s.n) break;
+          resume(i);
+          ran = true;
+          if (!s.error.empty()) return;
+        }
+        continue;
+      }
       for (bool again = true; again;) {
         again = false;
         for (int i = b * s.n; i < (b + 1) * s.n; ++i) {
@@ -762,6 +783,8 @@ const char* tl_emu_take_launches() {
 // The emulated device of the following launches: 0..7, each with its own SM count and L2
 // size (tl_emu_device_sms / tl_emu_device_l2): the kernels' grid sizes depend on them.
 int tl_emu_set_device(int device) { return cudaSetDevice(device) == cudaSuccess ? 0 : 1; }
+// The schedule of a block's threads: 0 ascending, 1 the highest-numbered runnable one first.
+void tl_emu_set_schedule(int high_first) { g_high_first = high_first != 0; }
 int tl_emu_device_sms(int device) { return g_devices[device & 7].sms; }
 int tl_emu_device_l2(int device) { return g_devices[device & 7].l2_bytes; }
 int tl_emu_device_cc(int device) { return g_devices[device & 7].cc; }
