@@ -10,7 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_losses as TL
 import torch_losses.functional as TLF
 from tl_helpers import (LOW_PRECISION, assert_close, assert_deterministic, assert_flash_rule,
-                        assert_same_exception, leaf, requires_cuda)
+                        assert_same_exception, ce_extras_reference, leaf, requires_cuda)
 
 CE = TL.CrossEntropyFunction
 SHAPES = [(5,), (3, 5), (2, 4, 2, 3)]
@@ -882,3 +882,92 @@ def test_infinite_probability_target_like_torch(device):
         gt = torch.autograd.grad(lt, xt, torch.ones_like(lt))[0]
         assert torch.equal(go.isnan(), gt.isnan()), (go, gt)
         assert_close(go, gt, equal_nan=True)
+
+
+# Segmentation logits (N, C, H, W): on the CPU, class-index targets without soft-capping go
+# through blocks of positions across H W (8 float32, 16 bfloat16/float16, 4 float64 positions per
+# block in the AVX2 build) and the last H W % width positions row by row; D = 35 has both.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("C", [1, 5, 21])
+def test_segmentation_logits_match_torch(C, dtype, device):
+    """Loss and input gradient vs torch (float64: close; 16-bit and float32: the flash rule)
+    for class weights, a hit ignore_index, label smoothing, z-loss and every reduction, with
+    grad_output 1 (the forward's fused gradient) and per position or 0.7 (recomputed); the
+    first backward equal bit for bit to a retained second one (the backward op from the saved
+    statistics); inplace_backward's gradient equal to the ordinary one (mean, sum)."""
+    g = torch.Generator().manual_seed(C)
+    x64 = torch.randn(3, C, 5, 7, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, C, (3, 5, 7), generator=g)
+    ignore = 1 if C > 1 else -100
+    if C > 1:
+            t[0, 1, 3:] = ignore  # ignore_index hit, in blocks and in the row-by-row tail
+    w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    x, t = x64.to(dtype).to(device), t.to(device)
+    for weight, ls, z in [(None, 0.0, 0.0), (w64, 0.1, 0.0), (None, 0.1, 0.05), (w64, 0.0, 0.05)]:
+        for reduction in REDUCTIONS:
+            kw = dict(ignore_index=ignore, label_smoothing=ls, reduction=reduction)
+            wd = None if weight is None else weight.to(dtype).to(device)
+            xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
+            ours = TLF.cross_entropy(xo, t, weight=wd, z_loss=z, **kw)
+            theirs = ce_extras_reference(xt, t, weight=wd, z_loss=z, **kw)
+            ref = ce_extras_reference(xr, t, weight=None if wd is None else wd.double(),
+                                      z_loss=z, **kw)
+            name = f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} {reduction}"
+            gos = [torch.ones_like(ref), torch.full_like(ref, 0.7)]
+            if reduction == "none":
+                gos.append(torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.2)
+            for i, go in enumerate(gos):
+                go_lp = go.to(dtype).to(device)
+                got = torch.autograd.grad(ours, xo, go_lp, retain_graph=True)[0]
+                again = torch.autograd.grad(ours, xo, go_lp, retain_graph=True)[0]
+                assert torch.equal(got, again), f"{name}: backward {i} recomputed differs"
+                want = torch.autograd.grad(theirs, xt, go_lp, retain_graph=True)[0]
+                exact = torch.autograd.grad(ref, xr, go_lp.double(), retain_graph=True)[0]
+                if dtype == torch.float64:
+                    assert_close(got, exact, msg=f"{name} grad {i}")
+                else:
+                    assert_flash_rule(got, want, exact, name=f"{name} grad {i}")
+            if dtype == torch.float64:
+                assert_close(ours.detach(), ref.detach(), msg=name)
+            else:
+                assert_flash_rule(ours.detach(), theirs.detach(), ref.detach(), name=name)
+            if z == 0 and reduction != "none":  # 'none': the ordinary forward saves the
+                # statistics of its online pass, not those of the gradient's exp sweep
+                xi = leaf(x)
+                lin = TLF.cross_entropy(xi.clone(), t, weight=wd, inplace_backward=True, **kw)
+                (gi,) = torch.autograd.grad(lin, xi, torch.ones_like(lin))
+                assert torch.equal(gi, torch.autograd.grad(ours, xo, torch.ones_like(ours))[0]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_segmentation_logits_nonfinite_as_torch(dtype, device):
+    """NaN, +inf and -inf logits at single positions, and a position whose logits are all -inf,
+    in the blocks across H W and in the row-by-row tail, some of them at ignored positions:
+    torch's loss per position and gradient, NaN and inf where torch has them."""
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    t = torch.randint(0, 6, (2, 5, 7))
+    x[0, 2, 0, 1] = float("nan")
+    x[0, 3, 1, 2] = float("inf")
+    x[1, 0, 2, 3] = -float("inf")
+    x[1, :, 0, 0] = -float("inf")
+    x[1, 4, 4, 6] = float("nan")  # position 34: the row-by-row tail
+    x[0, 1, 4, 5] = float("inf")
+    x[1, 3, 3, 3] = float("inf")
+    t[0, 0, 1] = t[0, 4, 5] = t[1, 3, 3] = -100  # ignored: 0 x a NaN softmax is NaN
+    x = x.to(dtype).to(device)
+    t = t.to(device)
+    for ls in (0.0, 0.1):
+        xo, xt = leaf(x), leaf(x)
+        ours = TLF.cross_entropy(xo, t, label_smoothing=ls, reduction="none")
+        theirs = F.cross_entropy(xt.double(), t, label_smoothing=ls, reduction="none")
+        go = torch.ones_like(ours)
+        got = torch.autograd.grad(ours, xo, go)[0]
+        want = torch.autograd.grad(theirs, xt, go.double())[0]
+        for a, b, what in ((ours.detach(), theirs.detach(), "loss"), (got, want, "grad")):
+            assert torch.equal(a.isnan(), b.isnan()), f"{dtype} ls={ls} {what}: NaN positions"
+            fin = b.isfinite()
+            inf = ~fin & ~b.isnan()
+            assert torch.equal(a[inf].double(), b[inf].double()), what
+            assert_close(a[fin].double(), b[fin].double(), dtype=dtype,
+                         msg=f"{dtype} ls={ls} {what}")

@@ -513,14 +513,16 @@ def test_pointwise_against_torch(spec, device):
 @st.composite
 def cross_entropy_specs(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    kind = draw(st.sampled_from(["unbatched", "2d", "2d", "3d", "4d"]))
+    kind = draw(st.sampled_from(["unbatched", "2d", "2d", "3d", "4d", "4d_wide"]))
     big_c = draw(st.integers(0, 7)) == 0
     C = draw(st.sampled_from([511, 512, 513, 1100]) if big_c else st.integers(1, 40))
     if draw(st.integers(0, 20)) == 0:
         C = 0
     N = draw(st.integers(0, 5) if draw(st.integers(0, 9)) == 0 else st.integers(1, 5))
     dims = {"unbatched": [], "2d": [], "3d": [draw(st.integers(1, 3))],
-            "4d": [draw(st.integers(0, 3)), draw(st.integers(1, 3))]}[kind]
+            "4d": [draw(st.integers(0, 3)), draw(st.integers(1, 3))],
+            # H W up to 42: the CPU's blocks of 4-16 positions across H W and their tails
+            "4d_wide": [draw(st.integers(1, 6)), draw(st.integers(1, 7))]}[kind]
     shape = (C,) if kind == "unbatched" else (N, C, *dims)
     probs = draw(st.integers(0, 3)) == 0
     spec = dict(dtype=dtype, shape=shape, probs=probs, seed=draw(st.integers(0, 2**31 - 1)))

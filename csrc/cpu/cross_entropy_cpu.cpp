@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -346,6 +347,163 @@ void softcap_grad_row(const acc_t* capped, acc_t* grad, int64_t C, acc_t cap) {
   }
 }
 
+// Class-index targets of an (N, C, D) input with D > 1 (segmentation logits (N, C, H, W)) and
+// no soft-capping. An item's positions lie side by side in every class, so a block of
+// VecS::size() positions is walked one vector per class: gathered position by position, a row
+// cost a scalar load per logit, and C = 19-21 left most of it to the row sweeps' scalar tails
+// (2-3x slower than torch's kernel). Per position, the row path's formulas: the max, e_c =
+// exp(x_c - max) summed in class order (row_stats_into_exp), the loss, and the gradient
+// a e_c - b w_c with its target entry (row_grad_from_exp); the backward op from the saved max
+// and log-sum, so that a recomputed gradient has the forward's bits.
+template <typename scalar_t>
+struct IndexColumns {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using VecS = at::vec::Vectorized<scalar_t>;
+  static constexpr int64_t kWidth = VecS::size();         // positions per block
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int kV = int(kWidth / kLanes);         // accumulation vectors per block
+
+  const scalar_t* x;
+  scalar_t* gx;             // or null
+  const int64_t* labels;
+  const acc_t* w;           // class weights, or null
+  const scalar_t* g;        // per-row grad_output, or null
+  const acc_t* stats_in;    // backward: the saved statistics; else null
+  acc_t* stats_out;         // forward: the statistics to save; else null
+  acc_t* row_loss;          // forward
+  int64_t C, D, rows, ignore_index;
+  acc_t keep, spread, z_loss, weight_sum, scale;
+  bool smoothing;  // label_smoothing != 0
+  bool weighted;   // the label-smoothing sums wanted (forward with label smoothing)
+
+  static void load(const scalar_t* p, Vec (&v)[kV]) {
+    if constexpr (kV == 1) {
+      v[0] = Vec::loadu(p);
+    } else {
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(VecS::loadu(p));
+    }
+  }
+  static void store(scalar_t* p, const Vec (&v)[kV]) {
+    if constexpr (kV == 1) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+
+  // Positions d0 .. d0 + kWidth - 1 of item n; e: C x kWidth values of scratch.
+  void block(int64_t n, int64_t d0, acc_t* e) const {
+    const scalar_t* xb = x + n * C * D + d0;
+    const int64_t r0 = n * D + d0;  // the block's first row
+    Vec v[kV], m[kV], sum[kV], vw[kV], vs[kV];
+    for (int k = 0; k < kV; ++k) {
+      m[k] = stats_in ? Vec::loadu(stats_in + r0 + k * kLanes)
+                      : Vec(-std::numeric_limits<acc_t>::infinity());
+      sum[k] = vw[k] = vs[k] = Vec(0);
+    }
+    if (!stats_in) {
+      for (int64_t c = 0; c < C; ++c) {
+        load(xb + c * D, v);
+        for (int k = 0; k < kV; ++k) m[k] = at::vec::maximum(m[k], v[k]);  // NaN wins
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      load(xb + c * D, v);
+      const Vec wc(w ? w[c] : acc_t(1));
+      for (int k = 0; k < kV; ++k) {
+        const Vec d = v[k] - m[k];
+        const Vec ev = Math<Vec>::exp(d);
+        ev.store(e + c * kWidth + k * kLanes);
+        sum[k] = sum[k] + ev;
+        if (weighted) {
+          vw[k] = vw[k] + wc;
+          vs[k] = vs[k] + wc * d;
+        }
+      }
+    }
+    // log of the sum (an all -inf position: exp(nan) terms and a nan sum, as torch's
+    // log_softmax) and 1 / sum = exp(-log sum) as the row path forms it, in vectors (one libm
+    // log and exp per position were most of the time at C = 21).
+    acc_t ms[kWidth], log_sums[kWidth], inv_sums[kWidth], vws[kWidth], vss[kWidth];
+    for (int k = 0; k < kV; ++k) {
+      const Vec log_sum = stats_in ? Vec::loadu(stats_in + rows + r0 + k * kLanes)
+                                   : Math<Vec>::log(sum[k]);
+      m[k].store(ms + k * kLanes);
+      log_sum.store(log_sums + k * kLanes);
+      Math<Vec>::exp(log_sum.neg()).store(inv_sums + k * kLanes);
+      vw[k].store(vws + k * kLanes);
+      vs[k].store(vss + k * kLanes);
+    }
+    // Per position: its statistics, loss and the gradient's coefficients.
+    acc_t a[kWidth], b[kWidth], ignored_grad[kWidth], target_grad[kWidth];
+    bool ignored[kWidth];
+    bool any_ignored = false;
+    for (int64_t j = 0; j < kWidth; ++j) {
+      const int64_t r = r0 + j;
+      const int64_t y = labels[r];
+      ignored[j] = y == ignore_index;
+      any_ignored |= ignored[j];
+      RowStats<acc_t> st;
+      st.max = ms[j];
+      st.log_sum = log_sums[j];
+      st.weight = vws[j];
+      st.shifted = vss[j];
+      if (stats_out) {
+        stats_out[r] = st.max;
+        stats_out[rows + r] = st.log_sum;
+        acc_t l = 0;
+        if (!ignored[j]) {
+          const acc_t wy = w ? w[y] : acc_t(1);
+          l = keep * wy * st.nll(static_cast<acc_t>(xb[y * D + j]));
+          if (smoothing) l += spread * (st.weight * st.log_sum - st.shifted);
+          if (z_loss != 0) l += z_loss * st.lse() * st.lse();
+        }
+        row_loss[r] = l;
+      }
+      if (!gx) continue;
+      // 0 * softmax for an ignored position, as the row path (NaN where the softmax is NaN).
+      ignored_grad[j] = std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0);
+      if (ignored[j]) {
+        a[j] = b[j] = 0;
+        continue;
+      }
+      const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
+      const acc_t z_coef = z_loss != 0 ? acc_t(2) * z_loss * st.lse() : acc_t(0);
+      const acc_t wy = w ? w[y] : acc_t(1);
+      const acc_t inv_sum = inv_sums[j];
+      const acc_t p_y = e[y * kWidth + j] * inv_sum;
+      a[j] = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
+      b[j] = s * spread;
+      target_grad[j] =
+          s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+    }
+    if (!gx) return;
+    scalar_t* gb = gx + n * C * D + d0;
+    Vec a_v[kV], b_v[kV], ign_v[kV], ign_mask[kV];
+    for (int k = 0; k < kV; ++k) {
+      a_v[k] = Vec::loadu(a + k * kLanes);
+      b_v[k] = Vec::loadu(b + k * kLanes);
+      ign_v[k] = Vec::loadu(ignored_grad + k * kLanes);
+      acc_t flags[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) flags[l] = ignored[k * kLanes + l] ? 1 : 0;
+      ign_mask[k] = Vec::loadu(flags) != Vec(0);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec wc(w ? w[c] : acc_t(1));
+      for (int k = 0; k < kV; ++k) {
+        Vec gv = a_v[k] * Vec::loadu(e + c * kWidth + k * kLanes);
+        if (smoothing) gv = gv - b_v[k] * wc;
+        v[k] = any_ignored ? Vec::blendv(gv, ign_v[k], ign_mask[k]) : gv;
+      }
+      store(gb + c * D, v);
+    }
+    for (int64_t j = 0; j < kWidth; ++j) {
+      if (!ignored[j]) gb[labels[r0 + j] * D + j] = static_cast<scalar_t>(target_grad[j]);
+    }
+  }
+};
+
 template <typename scalar_t>
 void cross_entropy_kernel(const CrossEntropyProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -411,10 +569,29 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const bool avx512 = std::is_same_v<acc_t, float> && avx512_rows::enabled();
 
   std::vector<acc_t> row_loss(forward ? rows : 0);
+  // (N, C, D > 1) class-index positions d < column_d in blocks across d (IndexColumns); the
+  // last D % kWidth of each item, and every other kind of row, position by position below.
+  using Columns = IndexColumns<scalar_t>;
+  const int64_t column_d =
+      !probs && cap == 0 && D > 1 && C > 0 ? D / Columns::kWidth * Columns::kWidth : 0;
+  if (column_d > 0) {
+    const Columns columns{x,  gx,   labels, w,      g,    stats_in,   stats_out, row_loss.data(),
+                          C,  D,    rows,   p.ignore_index, keep, spread, z_loss, weight_sum,
+                          scale, eps != 0, forward && eps != 0};
+    const int64_t per_item = column_d / Columns::kWidth;
+    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * Columns::kWidth)),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<acc_t> e(C * Columns::kWidth);
+                       for (int64_t i = begin; i < end; ++i) {
+                         columns.block(i / per_item, i % per_item * Columns::kWidth, e.data());
+                       }
+                     });
+  }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
     std::vector<acc_t> x_buf(C), t_buf(probs ? C : 0), gx_buf(C), gt_buf(gt ? C : 0);
     for (int64_t r = row_begin; r < row_end; ++r) {
+      if (r % D < column_d) continue;  // done by the columns
       if (prefault && (r - row_begin) % prefault_rows == 0) {
         // rows r.. of (N, C, D) lie in the (C, D) blocks of n = r / D ..
         const int64_t last = std::min(row_end, r + prefault_rows) - 1;
