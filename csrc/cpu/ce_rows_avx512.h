@@ -194,6 +194,59 @@ TL_AVX512 void scale_sweep(const float* w, const float* e, T* grad, int64_t C, f
   for (; i < C; ++i) grad[i] = grad_at(i);
   if (stream) _mm_sfence();  // before the target's entry is stored over them
 }
+
+// The class sweeps of 16 positions of an (N, C, D) input (IndexColumns, cross_entropy_cpu.cpp):
+// x points at class 0 of the first position, class c lies c D further.
+// out[0, 16) = the max over the classes, NaN where a class is NaN.
+template <typename T>
+TL_AVX512 void column_max(const T* x, int64_t C, int64_t D, float* out) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const __m512 v = load(x + c * D);
+    m = _mm512_max_ps(m, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  _mm512_storeu_ps(out, _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN)));
+}
+
+// e[c 16 + j] = exp(x_c - max_j) and, per position, their sum (sums[0, 16)) and with kWeighted
+// the label-smoothing sums of v_c = w_c (or 1) and v_c (x_c - max) (sums[16, 48)), in class order.
+template <bool kWeighted, typename T>
+TL_AVX512 void column_exp(const T* x, const float* w, int64_t C, int64_t D, const float* max,
+                          float* e, float* sums) {
+  const __m512 m = _mm512_loadu_ps(max);
+  __m512 sv = _mm512_setzero_ps(), vw = _mm512_setzero_ps(), vs = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; ++c) {
+    const __m512 d = _mm512_sub_ps(load(x + c * D), m);
+    const __m512 ev = exp(d);
+    _mm512_storeu_ps(e + c * kLanes, ev);
+    sv = _mm512_add_ps(sv, ev);
+    if constexpr (kWeighted) {
+      const __m512 v = _mm512_set1_ps(w ? w[c] : 1.0f);
+      vw = _mm512_add_ps(vw, v);
+      vs = _mm512_add_ps(vs, _mm512_mul_ps(v, d));
+    }
+  }
+  _mm512_storeu_ps(sums, sv);
+  _mm512_storeu_ps(sums + kLanes, vw);
+  _mm512_storeu_ps(sums + 2 * kLanes, vs);
+}
+
+// grad_c = a e_c - b w_c (b w_c = b without weights; `smoothing` off: a e_c), rounded to T,
+// ignored_value where `ignored` is set.
+template <typename T>
+TL_AVX512 void column_grad(const float* w, const float* e, T* grad, int64_t C, int64_t D,
+                           const float* a, const float* b, const float* ignored_value,
+                           __mmask16 ignored, bool smoothing) {
+  const __m512 av = _mm512_loadu_ps(a), bv = _mm512_loadu_ps(b);
+  const __m512 iv = _mm512_loadu_ps(ignored_value);
+  for (int64_t c = 0; c < C; ++c) {
+    __m512 gv = _mm512_mul_ps(av, _mm512_loadu_ps(e + c * kLanes));
+    if (smoothing) gv = _mm512_sub_ps(gv, _mm512_mul_ps(bv, _mm512_set1_ps(w ? w[c] : 1.0f)));
+    store(grad + c * D, _mm512_mask_mov_ps(gv, ignored, iv), false);
+  }
+}
 #endif
 
 }  // namespace

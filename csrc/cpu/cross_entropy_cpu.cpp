@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -376,6 +377,13 @@ struct IndexColumns {
   acc_t keep, spread, z_loss, weight_sum, scale;
   bool smoothing;  // label_smoothing != 0
   bool weighted;   // the label-smoothing sums wanted (forward with label smoothing)
+  // Float accumulation where torch's kernels run AVX-512 (avx512_rows::enabled()): blocks of
+  // 16 positions through the AVX-512 class sweeps (exp twice as wide: compute-bound here).
+  bool avx512;
+
+  static constexpr int64_t kMaxWidth = 16;
+  static_assert(kWidth <= kMaxWidth);
+  int64_t width() const { return avx512 ? kMaxWidth : kWidth; }
 
   static void load(const scalar_t* p, Vec (&v)[kV]) {
     if constexpr (kV == 1) {
@@ -392,13 +400,98 @@ struct IndexColumns {
     }
   }
 
-  // Positions d0 .. d0 + kWidth - 1 of item n; e: C x kWidth values of scratch.
+  // Positions d0 .. d0 + width() - 1 of item n; e: C x width() values of scratch.
   void block(int64_t n, int64_t d0, acc_t* e) const {
+    const int64_t W = width();
     const scalar_t* xb = x + n * C * D + d0;
     const int64_t r0 = n * D + d0;  // the block's first row
+    // Per position: the max, then e_c = exp(x_c - max) into e[c W + j] with their sum and the
+    // label-smoothing sums (sums[0, W), [W, 2W), [2W, 3W)).
+    acc_t ms[kMaxWidth], sums[3 * kMaxWidth];
+    if (stats_in) std::copy(stats_in + r0, stats_in + r0 + W, ms);
+#if defined(TL_HAVE_AVX512_ROWS)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx512) {
+        if (!stats_in) avx512_rows::column_max(xb, C, D, ms);
+        weighted ? avx512_rows::column_exp<true>(xb, w, C, D, ms, e, sums)
+                 : avx512_rows::column_exp<false>(xb, w, C, D, ms, e, sums);
+      }
+    }
+#endif
+    if (!avx512) exp_sweeps(xb, ms, e, sums);
+    // log of the sum (an all -inf position: exp(nan) terms and a nan sum, as torch's
+    // log_softmax) and 1 / sum = exp(-log sum) as the row path forms it, in vectors (a libm log
+    // and exp per position were a third of the time at C = 21).
+    acc_t log_sums[kMaxWidth], inv_sums[kMaxWidth];
+    for (int64_t j = 0; j < W; j += kLanes) {
+      const Vec log_sum = stats_in ? Vec::loadu(stats_in + rows + r0 + j)
+                                   : Math<Vec>::log(Vec::loadu(sums + j));
+      log_sum.store(log_sums + j);
+      Math<Vec>::exp(log_sum.neg()).store(inv_sums + j);
+    }
+    // Per position: its statistics, loss and the gradient's coefficients.
+    acc_t a[kMaxWidth], b[kMaxWidth], ignored_grad[kMaxWidth], target_grad[kMaxWidth];
+    bool ignored[kMaxWidth];
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t r = r0 + j;
+      const int64_t y = labels[r];
+      ignored[j] = y == ignore_index;
+      RowStats<acc_t> st;
+      st.max = ms[j];
+      st.log_sum = log_sums[j];
+      st.weight = sums[W + j];
+      st.shifted = sums[2 * W + j];
+      if (stats_out) {
+        stats_out[r] = st.max;
+        stats_out[rows + r] = st.log_sum;
+        acc_t l = 0;
+        if (!ignored[j]) {
+          const acc_t wy = w ? w[y] : acc_t(1);
+          l = keep * wy * st.nll(static_cast<acc_t>(xb[y * D + j]));
+          if (smoothing) l += spread * (st.weight * st.log_sum - st.shifted);
+          if (z_loss != 0) l += z_loss * st.lse() * st.lse();
+        }
+        row_loss[r] = l;
+      }
+      if (!gx) continue;
+      // 0 * softmax for an ignored position, as the row path (NaN where the softmax is NaN).
+      ignored_grad[j] = std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0);
+      a[j] = b[j] = target_grad[j] = 0;
+      if (ignored[j]) continue;
+      const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
+      const acc_t z_coef = z_loss != 0 ? acc_t(2) * z_loss * st.lse() : acc_t(0);
+      const acc_t wy = w ? w[y] : acc_t(1);
+      const acc_t inv_sum = inv_sums[j];
+      const acc_t p_y = e[y * W + j] * inv_sum;
+      a[j] = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
+      b[j] = s * spread;
+      target_grad[j] =
+          s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+    }
+    if (!gx) return;
+    scalar_t* gb = gx + n * C * D + d0;
+#if defined(TL_HAVE_AVX512_ROWS)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx512) {
+        __mmask16 mask = 0;
+        for (int j = 0; j < 16; ++j) mask |= __mmask16(ignored[j]) << j;
+        avx512_rows::column_grad(w, e, gb, C, D, a, b, ignored_grad, mask, smoothing);
+      }
+    }
+#endif
+    if (!avx512) grad_sweep(e, a, b, ignored_grad, ignored, gb);
+    for (int64_t j = 0; j < W; ++j) {
+      if (!ignored[j]) gb[labels[r0 + j] * D + j] = static_cast<scalar_t>(target_grad[j]);
+    }
+  }
+
+ private:
+  // block()'s class sweeps in at::vec for kWidth positions: the max (unless saved), then e and
+  // the sums.
+  void exp_sweeps(const scalar_t* xb, acc_t* ms, acc_t* e, acc_t* sums) const {
     Vec v[kV], m[kV], sum[kV], vw[kV], vs[kV];
     for (int k = 0; k < kV; ++k) {
-      m[k] = stats_in ? Vec::loadu(stats_in + r0 + k * kLanes)
+      m[k] = stats_in ? Vec::loadu(ms + k * kLanes)
                       : Vec(-std::numeric_limits<acc_t>::infinity());
       sum[k] = vw[k] = vs[k] = Vec(0);
     }
@@ -422,71 +515,28 @@ struct IndexColumns {
         }
       }
     }
-    // log of the sum (an all -inf position: exp(nan) terms and a nan sum, as torch's
-    // log_softmax) and 1 / sum = exp(-log sum) as the row path forms it, in vectors (one libm
-    // log and exp per position were most of the time at C = 21).
-    acc_t ms[kWidth], log_sums[kWidth], inv_sums[kWidth], vws[kWidth], vss[kWidth];
     for (int k = 0; k < kV; ++k) {
-      const Vec log_sum = stats_in ? Vec::loadu(stats_in + rows + r0 + k * kLanes)
-                                   : Math<Vec>::log(sum[k]);
       m[k].store(ms + k * kLanes);
-      log_sum.store(log_sums + k * kLanes);
-      Math<Vec>::exp(log_sum.neg()).store(inv_sums + k * kLanes);
-      vw[k].store(vws + k * kLanes);
-      vs[k].store(vss + k * kLanes);
+      sum[k].store(sums + k * kLanes);
+      vw[k].store(sums + kWidth + k * kLanes);
+      vs[k].store(sums + 2 * kWidth + k * kLanes);
     }
-    // Per position: its statistics, loss and the gradient's coefficients.
-    acc_t a[kWidth], b[kWidth], ignored_grad[kWidth], target_grad[kWidth];
-    bool ignored[kWidth];
+  }
+
+  // grad_c = a e_c - b w_c for kWidth positions, ignored_grad where ignored, into gb + c D.
+  void grad_sweep(const acc_t* e, const acc_t* a, const acc_t* b, const acc_t* ignored_grad,
+                  const bool* ignored, scalar_t* gb) const {
+    Vec v[kV], a_v[kV], b_v[kV], ign_v[kV], ign_mask[kV];
     bool any_ignored = false;
-    for (int64_t j = 0; j < kWidth; ++j) {
-      const int64_t r = r0 + j;
-      const int64_t y = labels[r];
-      ignored[j] = y == ignore_index;
-      any_ignored |= ignored[j];
-      RowStats<acc_t> st;
-      st.max = ms[j];
-      st.log_sum = log_sums[j];
-      st.weight = vws[j];
-      st.shifted = vss[j];
-      if (stats_out) {
-        stats_out[r] = st.max;
-        stats_out[rows + r] = st.log_sum;
-        acc_t l = 0;
-        if (!ignored[j]) {
-          const acc_t wy = w ? w[y] : acc_t(1);
-          l = keep * wy * st.nll(static_cast<acc_t>(xb[y * D + j]));
-          if (smoothing) l += spread * (st.weight * st.log_sum - st.shifted);
-          if (z_loss != 0) l += z_loss * st.lse() * st.lse();
-        }
-        row_loss[r] = l;
-      }
-      if (!gx) continue;
-      // 0 * softmax for an ignored position, as the row path (NaN where the softmax is NaN).
-      ignored_grad[j] = std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0);
-      if (ignored[j]) {
-        a[j] = b[j] = 0;
-        continue;
-      }
-      const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
-      const acc_t z_coef = z_loss != 0 ? acc_t(2) * z_loss * st.lse() : acc_t(0);
-      const acc_t wy = w ? w[y] : acc_t(1);
-      const acc_t inv_sum = inv_sums[j];
-      const acc_t p_y = e[y * kWidth + j] * inv_sum;
-      a[j] = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
-      b[j] = s * spread;
-      target_grad[j] =
-          s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
-    }
-    if (!gx) return;
-    scalar_t* gb = gx + n * C * D + d0;
-    Vec a_v[kV], b_v[kV], ign_v[kV], ign_mask[kV];
     for (int k = 0; k < kV; ++k) {
       a_v[k] = Vec::loadu(a + k * kLanes);
       b_v[k] = Vec::loadu(b + k * kLanes);
       ign_v[k] = Vec::loadu(ignored_grad + k * kLanes);
       acc_t flags[kLanes];
-      for (int64_t l = 0; l < kLanes; ++l) flags[l] = ignored[k * kLanes + l] ? 1 : 0;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        flags[l] = ignored[k * kLanes + l] ? 1 : 0;
+        any_ignored |= ignored[k * kLanes + l];
+      }
       ign_mask[k] = Vec::loadu(flags) != Vec(0);
     }
     for (int64_t c = 0; c < C; ++c) {
@@ -497,9 +547,6 @@ struct IndexColumns {
         v[k] = any_ignored ? Vec::blendv(gv, ign_v[k], ign_mask[k]) : gv;
       }
       store(gb + c * D, v);
-    }
-    for (int64_t j = 0; j < kWidth; ++j) {
-      if (!ignored[j]) gb[labels[r0 + j] * D + j] = static_cast<scalar_t>(target_grad[j]);
     }
   }
 };
@@ -571,19 +618,21 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   std::vector<acc_t> row_loss(forward ? rows : 0);
   // (N, C, D > 1) class-index positions d < column_d in blocks across d (IndexColumns); the
   // last D % kWidth of each item, and every other kind of row, position by position below.
-  using Columns = IndexColumns<scalar_t>;
-  const int64_t column_d =
-      !probs && cap == 0 && D > 1 && C > 0 ? D / Columns::kWidth * Columns::kWidth : 0;
+  const IndexColumns<scalar_t> columns{x,        gx,        labels,        w,
+                                       g,        stats_in,  stats_out,     row_loss.data(),
+                                       C,        D,         rows,          p.ignore_index,
+                                       keep,     spread,    z_loss,        weight_sum,
+                                       scale,    eps != 0,  forward && eps != 0,
+                                       std::is_same_v<acc_t, float> && avx512_rows::enabled()};
+  const int64_t width = columns.width();
+  const int64_t column_d = !probs && cap == 0 && D > 1 && C > 0 ? D / width * width : 0;
   if (column_d > 0) {
-    const Columns columns{x,  gx,   labels, w,      g,    stats_in,   stats_out, row_loss.data(),
-                          C,  D,    rows,   p.ignore_index, keep, spread, z_loss, weight_sum,
-                          scale, eps != 0, forward && eps != 0};
-    const int64_t per_item = column_d / Columns::kWidth;
-    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * Columns::kWidth)),
+    const int64_t per_item = column_d / width;
+    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
                      [&](int64_t begin, int64_t end) {
-                       std::vector<acc_t> e(C * Columns::kWidth);
+                       std::vector<acc_t> e(C * width);
                        for (int64_t i = begin; i < end; ++i) {
-                         columns.block(i / per_item, i % per_item * Columns::kWidth, e.data());
+                         columns.block(i / per_item, i % per_item * width, e.data());
                        }
                      });
   }
