@@ -429,44 +429,50 @@ struct IndexColumns {
       log_sum.store(log_sums + j);
       Math<Vec>::exp(log_sum.neg()).store(inv_sums + j);
     }
-    // Per position: its statistics, loss and the gradient's coefficients.
-    acc_t a[kMaxWidth], b[kMaxWidth], ignored_grad[kMaxWidth], target_grad[kMaxWidth];
+    // Per position: its statistics saved, its loss and the gradient's coefficients, in vectors
+    // (scalar code per position was as costly as the class sweeps at C = 21); the target's
+    // logit, weight and e gathered first (class 0's for an ignored position, unused).
+    acc_t x_y[kMaxWidth], w_y[kMaxWidth], e_y[kMaxWidth], s_row[kMaxWidth], counted[kMaxWidth];
     bool ignored[kMaxWidth];
     for (int64_t j = 0; j < W; ++j) {
-      const int64_t r = r0 + j;
-      const int64_t y = labels[r];
+      const int64_t y = labels[r0 + j];
       ignored[j] = y == ignore_index;
-      RowStats<acc_t> st;
-      st.max = ms[j];
-      st.log_sum = log_sums[j];
-      st.weight = sums[W + j];
-      st.shifted = sums[2 * W + j];
+      const int64_t yc = ignored[j] ? 0 : y;
+      x_y[j] = static_cast<acc_t>(xb[yc * D + j]);
+      w_y[j] = w ? w[yc] : acc_t(1);
+      e_y[j] = e[yc * W + j];
+      s_row[j] = g ? scale * static_cast<acc_t>(g[r0 + j]) : scale;
+      counted[j] = ignored[j] ? 0 : 1;
+    }
+    acc_t a[kMaxWidth], b[kMaxWidth], ignored_grad[kMaxWidth], target_grad[kMaxWidth];
+    const Vec zero(0), keep_v(keep), spread_v(spread);
+    for (int64_t j = 0; j < W; j += kLanes) {
+      const Vec m = Vec::loadu(ms + j), log_sum = Vec::loadu(log_sums + j);
+      const Vec lse = m + log_sum, wy = Vec::loadu(w_y + j);
+      const Vec is_counted = Vec::loadu(counted + j) != zero;
       if (stats_out) {
-        stats_out[r] = st.max;
-        stats_out[rows + r] = st.log_sum;
-        acc_t l = 0;
-        if (!ignored[j]) {
-          const acc_t wy = w ? w[y] : acc_t(1);
-          l = keep * wy * st.nll(static_cast<acc_t>(xb[y * D + j]));
-          if (smoothing) l += spread * (st.weight * st.log_sum - st.shifted);
-          if (z_loss != 0) l += z_loss * st.lse() * st.lse();
+        m.store(stats_out + r0 + j);
+        log_sum.store(stats_out + rows + r0 + j);
+        // keep w_y nll(x_y) + spread (sum v log s - sum v (x - max)) + z lse^2, 0 if ignored
+        Vec l = keep_v * wy * ((m - Vec::loadu(x_y + j)) + log_sum);
+        if (smoothing) {
+          l = l + spread_v * (Vec::loadu(sums + W + j) * log_sum - Vec::loadu(sums + 2 * W + j));
         }
-        row_loss[r] = l;
+        if (z_loss != 0) l = l + Vec(z_loss) * lse * lse;
+        Vec::blendv(zero, l, is_counted).store(row_loss + r0 + j);
       }
       if (!gx) continue;
-      // 0 * softmax for an ignored position, as the row path (NaN where the softmax is NaN).
-      ignored_grad[j] = std::isfinite(st.lse()) ? acc_t(0) : st.lse() * acc_t(0);
-      a[j] = b[j] = target_grad[j] = 0;
-      if (ignored[j]) continue;
-      const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
-      const acc_t z_coef = z_loss != 0 ? acc_t(2) * z_loss * st.lse() : acc_t(0);
-      const acc_t wy = w ? w[y] : acc_t(1);
-      const acc_t inv_sum = inv_sums[j];
-      const acc_t p_y = e[y * W + j] * inv_sum;
-      a[j] = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
-      b[j] = s * spread;
-      target_grad[j] =
-          s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+      // 0 * softmax for an ignored position, as the row path: +0, NaN where lse is not finite.
+      Vec::blendv(lse * zero, zero, (lse - lse) == zero).store(ignored_grad + j);
+      const Vec s = Vec::loadu(s_row + j), inv_sum = Vec::loadu(inv_sums + j);
+      const Vec z_coef = z_loss != 0 ? Vec(acc_t(2) * z_loss) * lse : zero;
+      const Vec p_y = Vec::loadu(e_y + j) * inv_sum;
+      const Vec a_v = s * (keep_v * wy + Vec(spread * weight_sum) + z_coef) * inv_sum;
+      const Vec t_v = s * (keep_v * wy * (p_y - Vec(1)) +
+                           spread_v * (Vec(weight_sum) * p_y - wy) + z_coef * p_y);
+      Vec::blendv(zero, a_v, is_counted).store(a + j);
+      Vec::blendv(zero, s * spread_v, is_counted).store(b + j);
+      t_v.store(target_grad + j);
     }
     if (!gx) return;
     scalar_t* gb = gx + n * C * D + d0;
