@@ -97,7 +97,9 @@ def default_suite(device, quick):
             ce_shapes = [((256, 4096), bf16), ((256, 4096), f32)]
             pw = [(loss, (1 << 20,), dt) for loss, _, dt in pw]
     else:
-        ce_shapes = [((4096, 32000), f32), ((4096, 32000), bf16)]
+        # and segmentation logits (N, C, H, W): the blocks across H W (IndexColumns)
+        ce_shapes = [((4096, 32000), f32), ((4096, 32000), bf16),
+                     ((8, 21, 128, 128), f32), ((8, 21, 128, 128), bf16)]
         pw = []
         for loss in POINTWISE:
             pw.append((loss, (1 << 24,), f32))
