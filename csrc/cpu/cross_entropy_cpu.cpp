@@ -348,6 +348,38 @@ void softcap_grad_row(const acc_t* capped, acc_t* grad, int64_t C, acc_t cap) {
   }
 }
 
+// The class-index formulas of a position that is not ignored, written once for one row (T =
+// acc_t, the row path) and for a vector of positions (T = Vectorized<acc_t>, IndexColumns).
+template <typename acc_t>
+struct IndexFormulas {
+  acc_t keep, spread, z_loss, weight_sum;  // 1 - eps, eps / C, z, sum_c w_c (or C)
+  bool smoothing;                          // eps != 0
+  // keep w_y nll(x_y) + spread (sum_c v_c log s - sum_c v_c (x_c - max)), v_c = w_c (or 1)
+  template <typename T>
+  T loss(T w_y, T x_y, T max, T log_sum, T weight, T shifted) const {
+    T l = T(keep) * w_y * ((max - x_y) + log_sum);
+    if (smoothing) l = l + T(spread) * (weight * log_sum - shifted);
+    return l;
+  }
+  template <typename T>
+  T z_term(T lse) const { return T(z_loss) * lse * lse; }
+  // d(z lse^2)/dx_c = 2 z lse softmax_c: a change of the softmax's coefficient.
+  template <typename T>
+  T z_coef(T lse) const { return T(acc_t(2) * z_loss) * lse; }
+  // a / sum: every class's gradient is (a / sum) e_c - s spread w_c, e_c = exp(x_c - max).
+  template <typename T>
+  T coef_over_sum(T s, T w_y, T z_coef, T inv_sum) const {
+    return s * (T(keep) * w_y + T(spread * weight_sum) + z_coef) * inv_sum;
+  }
+  // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
+  // differences formed before the scale (C = 1 without z-loss gives exactly 0).
+  template <typename T>
+  T target_grad(T s, T w_y, T z_coef, T p_y) const {
+    return s * (T(keep) * w_y * (p_y - T(1)) + T(spread) * (T(weight_sum) * p_y - w_y) +
+                z_coef * p_y);
+  }
+};
+
 // Class-index targets of an (N, C, D) input with D > 1 (segmentation logits (N, C, H, W)) and
 // no soft-capping. An item's positions lie side by side in every class, so a block of
 // VecS::size() positions is walked one vector per class: gathered position by position, a row
@@ -374,8 +406,8 @@ struct IndexColumns {
   acc_t* stats_out;         // forward: the statistics to save; else null
   acc_t* row_loss;          // forward
   int64_t C, D, rows, ignore_index;
-  acc_t keep, spread, z_loss, weight_sum, scale;
-  bool smoothing;  // label_smoothing != 0
+  IndexFormulas<acc_t> f;
+  acc_t scale;
   bool weighted;   // the label-smoothing sums wanted (forward with label smoothing)
   // Float accumulation where torch's kernels run AVX-512 (avx512_rows::enabled()): blocks of
   // 16 positions through the AVX-512 class sweeps (exp twice as wide: compute-bound here).
@@ -445,7 +477,7 @@ struct IndexColumns {
       counted[j] = ignored[j] ? 0 : 1;
     }
     acc_t a[kMaxWidth], b[kMaxWidth], ignored_grad[kMaxWidth], target_grad[kMaxWidth];
-    const Vec zero(0), keep_v(keep), spread_v(spread);
+    const Vec zero(0);
     for (int64_t j = 0; j < W; j += kLanes) {
       const Vec m = Vec::loadu(ms + j), log_sum = Vec::loadu(log_sums + j);
       const Vec lse = m + log_sum, wy = Vec::loadu(w_y + j);
@@ -453,26 +485,20 @@ struct IndexColumns {
       if (stats_out) {
         m.store(stats_out + r0 + j);
         log_sum.store(stats_out + rows + r0 + j);
-        // keep w_y nll(x_y) + spread (sum v log s - sum v (x - max)) + z lse^2, 0 if ignored
-        Vec l = keep_v * wy * ((m - Vec::loadu(x_y + j)) + log_sum);
-        if (smoothing) {
-          l = l + spread_v * (Vec::loadu(sums + W + j) * log_sum - Vec::loadu(sums + 2 * W + j));
-        }
-        if (z_loss != 0) l = l + Vec(z_loss) * lse * lse;
-        Vec::blendv(zero, l, is_counted).store(row_loss + r0 + j);
+        Vec l = f.loss(wy, Vec::loadu(x_y + j), m, log_sum, Vec::loadu(sums + W + j),
+                       Vec::loadu(sums + 2 * W + j));
+        if (f.z_loss != 0) l = l + f.z_term(lse);
+        Vec::blendv(zero, l, is_counted).store(row_loss + r0 + j);  // 0 if ignored
       }
       if (!gx) continue;
       // 0 * softmax for an ignored position, as the row path: +0, NaN where lse is not finite.
       Vec::blendv(lse * zero, zero, (lse - lse) == zero).store(ignored_grad + j);
       const Vec s = Vec::loadu(s_row + j), inv_sum = Vec::loadu(inv_sums + j);
-      const Vec z_coef = z_loss != 0 ? Vec(acc_t(2) * z_loss) * lse : zero;
+      const Vec z_coef = f.z_loss != 0 ? f.z_coef(lse) : zero;
       const Vec p_y = Vec::loadu(e_y + j) * inv_sum;
-      const Vec a_v = s * (keep_v * wy + Vec(spread * weight_sum) + z_coef) * inv_sum;
-      const Vec t_v = s * (keep_v * wy * (p_y - Vec(1)) +
-                           spread_v * (Vec(weight_sum) * p_y - wy) + z_coef * p_y);
-      Vec::blendv(zero, a_v, is_counted).store(a + j);
-      Vec::blendv(zero, s * spread_v, is_counted).store(b + j);
-      t_v.store(target_grad + j);
+      Vec::blendv(zero, f.coef_over_sum(s, wy, z_coef, inv_sum), is_counted).store(a + j);
+      Vec::blendv(zero, s * Vec(f.spread), is_counted).store(b + j);
+      f.target_grad(s, wy, z_coef, p_y).store(target_grad + j);
     }
     if (!gx) return;
     scalar_t* gb = gx + n * C * D + d0;
@@ -481,7 +507,7 @@ struct IndexColumns {
       if (avx512) {
         __mmask16 mask = 0;
         for (int j = 0; j < 16; ++j) mask |= __mmask16(ignored[j]) << j;
-        avx512_rows::column_grad(w, e, gb, C, D, a, b, ignored_grad, mask, smoothing);
+        avx512_rows::column_grad(w, e, gb, C, D, a, b, ignored_grad, mask, f.smoothing);
       }
     }
 #endif
@@ -549,7 +575,7 @@ struct IndexColumns {
       const Vec wc(w ? w[c] : acc_t(1));
       for (int k = 0; k < kV; ++k) {
         Vec gv = a_v[k] * Vec::loadu(e + c * kWidth + k * kLanes);
-        if (smoothing) gv = gv - b_v[k] * wc;
+        if (f.smoothing) gv = gv - b_v[k] * wc;
         v[k] = any_ignored ? Vec::blendv(gv, ign_v[k], ign_mask[k]) : gv;
       }
       store(gb + c * D, v);
@@ -624,11 +650,11 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   std::vector<acc_t> row_loss(forward ? rows : 0);
   // (N, C, D > 1) class-index positions d < column_d in blocks across d (IndexColumns); the
   // last D % kWidth of each item, and every other kind of row, position by position below.
-  const IndexColumns<scalar_t> columns{x,        gx,        labels,        w,
-                                       g,        stats_in,  stats_out,     row_loss.data(),
-                                       C,        D,         rows,          p.ignore_index,
-                                       keep,     spread,    z_loss,        weight_sum,
-                                       scale,    eps != 0,  forward && eps != 0,
+  const IndexFormulas<acc_t> formulas{keep, spread, z_loss, weight_sum, eps != 0};
+  const IndexColumns<scalar_t> columns{x,        gx,         labels,     w,
+                                       g,        stats_in,   stats_out,  row_loss.data(),
+                                       C,        D,          rows,       p.ignore_index,
+                                       formulas, scale,      forward && eps != 0,
                                        std::is_same_v<acc_t, float> && avx512_rows::enabled()};
   const int64_t width = columns.width();
   const int64_t column_d = !probs && cap == 0 && D > 1 && C > 0 ? D / width * width : 0;
@@ -714,11 +740,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         } else if (ignored) {
           l = 0;
         } else {
-          const acc_t wy = w ? w[y] : acc_t(1);
-          l = keep * wy * st.nll(x_y);
-          if (eps != 0) l += spread * (st.weight * st.log_sum - st.shifted);
+          l = formulas.loss(w ? w[y] : acc_t(1), x_y, st.max, st.log_sum, st.weight, st.shifted);
         }
-        if (z_loss != 0 && !ignored) l += z_loss * st.lse() * st.lse();
+        if (z_loss != 0 && !ignored) l += formulas.z_term(st.lse());
         row_loss[r] = l;
       } else {  // the gradient needs no other row statistic
         st.max = stats_in[r];
@@ -729,8 +753,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       if (!gx && !gt) continue;
 
       const acc_t s = g ? scale * static_cast<acc_t>(g[r]) : scale;
-      // z-loss: d(z lse^2)/dx_c = 2 z lse softmax_c, a change of the softmax's coefficient.
-      const acc_t z_coef = z_loss != 0 && !ignored ? acc_t(2) * z_loss * st.lse() : acc_t(0);
+      const acc_t z_coef = z_loss != 0 && !ignored ? formulas.z_coef(st.lse()) : acc_t(0);
       if (probs) {
         acc_t* gtr = gt ? row_out(gt + offset, D, gt_buf.data()) : nullptr;
         RowStats<acc_t> gst = st;
@@ -745,11 +768,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         // 1 / sum from the saved log s, so that the backward op's gradient has the same bits.
         const acc_t inv_sum = std::exp(-st.log_sum);
         const acc_t p_y = gxr[y] * inv_sum;
-        const acc_t a_over_sum = s * (keep * wy + spread * weight_sum + z_coef) * inv_sum;
-        // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
-        // differences formed before the scale (C = 1 without z-loss gives exactly 0).
-        const acc_t g_y =
-            s * (keep * wy * (p_y - acc_t(1)) + spread * (weight_sum * p_y - wy) + z_coef * p_y);
+        const acc_t a_over_sum = formulas.coef_over_sum(s, wy, z_coef, inv_sum);
+        const acc_t g_y = formulas.target_grad(s, wy, z_coef, p_y);
         if (direct) {
           scalar_t* out = gx + offset;
 #if defined(TL_HAVE_AVX512_ROWS)
