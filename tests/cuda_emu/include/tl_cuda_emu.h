@@ -295,16 +295,21 @@ inline int fast_math_direction = 1;
 inline float flush_subnormal(float v) {
   return (v != 0.0f && fabsf(v) < 1.17549435e-38f) ? copysignf(0.0f, v) : v;
 }
-// v moved by `ulps` units in the last place (finite, nonzero v; 0, inf and NaN are kept).
+// v moved by `ulps` units in the last place (finite, nonzero v; 0, inf and NaN are kept). A
+// move toward zero stops there: an approximation keeps its result's sign.
 inline float move_ulps(float v, int ulps) {
   if (fast_math_direction == 0 || v == 0.0f || !std::isfinite(v)) return v;
   const float to = fast_math_direction > 0 ? INFINITY : -INFINITY;
-  for (int i = 0; i < ulps && std::isfinite(v); ++i) v = nextafterf(v, to);
+  for (int i = 0; i < ulps && std::isfinite(v) && v != 0.0f; ++i) {
+    const float next = nextafterf(v, to);
+    v = std::signbit(next) != std::signbit(v) ? copysignf(0.0f, v) : next;
+  }
   return v;
 }
-// __expf: 2 + floor(|1.173 x|) ulp.
+// __expf: 2 + floor(|1.173 x|) ulp; exp(+-0) = 1 exactly (PTX ex2: +-0 -> +1).
 inline float approx_exp(float x, bool ftz) {
   if (ftz) x = flush_subnormal(x);
+  if (x == 0.0f) return 1.0f;
   const float r = move_ulps(expf(x), 2 + int(floorf(fminf(fabsf(1.173f * x), 1e6f))));
   return ftz ? flush_subnormal(r) : r;
 }
