@@ -382,18 +382,18 @@ struct IndexFormulas {
 
 // Class-index targets of an (N, C, D) input with D > 1 (segmentation logits (N, C, H, W)) and
 // no soft-capping. An item's positions lie side by side in every class, so a block of
-// VecS::size() positions is walked one vector per class: gathered position by position, a row
-// cost a scalar load per logit, and C = 19-21 left most of it to the row sweeps' scalar tails
-// (2-3x slower than torch's kernel). Per position, the row path's formulas: the max, e_c =
-// exp(x_c - max) summed in class order (row_stats_into_exp), the loss, and the gradient
-// a e_c - b w_c with its target entry (row_grad_from_exp); the backward op from the saved max
-// and log-sum, so that a recomputed gradient has the forward's bits.
+// VecS::size() positions (16 with the AVX-512 sweeps) is walked one vector per class: gathered
+// position by position, a row cost a scalar load per logit, and C = 19-21 left most of it to
+// the row sweeps' scalar tails (2-3x slower than torch's kernel). Per position, the row path's
+// formulas (IndexFormulas): the max, e_c = exp(x_c - max) summed in class order, the loss, and
+// the gradient a e_c - b w_c with its target entry; the backward op from the saved max and
+// log-sum, so that a recomputed gradient has the forward's bits.
 template <typename scalar_t>
 struct IndexColumns {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   using VecS = at::vec::Vectorized<scalar_t>;
-  static constexpr int64_t kWidth = VecS::size();         // positions per block
+  static constexpr int64_t kWidth = VecS::size();         // positions per at::vec block
   static constexpr int64_t kLanes = Vec::size();
   static constexpr int kV = int(kWidth / kLanes);         // accumulation vectors per block
 
