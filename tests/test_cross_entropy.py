@@ -943,8 +943,9 @@ def test_segmentation_logits_match_torch(C, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_segmentation_logits_nonfinite_as_torch(dtype, device):
     """NaN, +inf and -inf logits at single positions, and a position whose logits are all -inf,
-    in the blocks across H W and in the row-by-row tail, some of them at ignored positions:
-    torch's loss per position and gradient, NaN and inf where torch has them."""
+    in the blocks across H W and in the row-by-row tail, some of them at ignored positions;
+    class-index and probability targets: torch's loss per position and gradient, NaN and inf
+    where torch has them."""
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     t = torch.randint(0, 6, (2, 5, 7))
     x[0, 2, 0, 1] = float("nan")
@@ -957,10 +958,12 @@ def test_segmentation_logits_nonfinite_as_torch(dtype, device):
     t[0, 0, 1] = t[0, 4, 5] = t[1, 3, 3] = -100  # ignored: 0 x a NaN softmax is NaN
     x = x.to(dtype).to(device)
     t = t.to(device)
-    for ls in (0.0, 0.1):
+    probs = torch.softmax(torch.randn(2, 6, 5, 7, dtype=torch.float64), 1).to(dtype).to(device)
+    for ls, target in ((0.0, t), (0.1, t), (0.0, probs), (0.1, probs)):
         xo, xt = leaf(x), leaf(x)
-        ours = TLF.cross_entropy(xo, t, label_smoothing=ls, reduction="none")
-        theirs = F.cross_entropy(xt.double(), t, label_smoothing=ls, reduction="none")
+        ours = TLF.cross_entropy(xo, target, label_smoothing=ls, reduction="none")
+        theirs = F.cross_entropy(xt.double(), target.double() if target.is_floating_point()
+                                 else target, label_smoothing=ls, reduction="none")
         go = torch.ones_like(ours)
         got = torch.autograd.grad(ours, xo, go)[0]
         want = torch.autograd.grad(theirs, xt, go.double())[0]
@@ -971,3 +974,49 @@ def test_segmentation_logits_nonfinite_as_torch(dtype, device):
             assert torch.equal(a[inf].double(), b[inf].double()), what
             assert_close(a[fin].double(), b[fin].double(), dtype=dtype,
                          msg=f"{dtype} ls={ls} {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("C", [1, 5, 21])
+def test_segmentation_probability_targets_match_torch(C, dtype, device):
+    """Probability targets on (N, C, H, W) logits (on the CPU: blocks across H W and a
+    row-by-row tail): loss, input and target gradients vs torch for class weights, label
+    smoothing, z-loss and every reduction, grad_output 1, 0.7 and per position; a retained
+    second backward equal bit for bit to the first."""
+    g = torch.Generator().manual_seed(100 + C)
+    x64 = torch.randn(3, C, 5, 7, generator=g, dtype=torch.float64) * 3
+    t64 = torch.softmax(torch.randn(3, C, 5, 7, generator=g, dtype=torch.float64) * 2, 1)
+    t64[1, :, 2, :] = 0  # all-zero targets at some positions
+    w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    x, t = x64.to(dtype).to(device), t64.to(dtype).to(device)
+    for weight, ls, z in [(None, 0.0, 0.0), (w64, 0.1, 0.0), (None, 0.1, 0.05), (w64, 0.0, 0.05)]:
+        for reduction in REDUCTIONS:
+            kw = dict(label_smoothing=ls, reduction=reduction)
+            wd = None if weight is None else weight.to(dtype).to(device)
+            xo, to, xt, tt = leaf(x), leaf(t), leaf(x), leaf(t)
+            xr, tr = leaf(x.double()), leaf(t.double())
+            ours = TLF.cross_entropy(xo, to, weight=wd, z_loss=z, **kw)
+            theirs = ce_extras_reference(xt, tt, weight=wd, z_loss=z, **kw)
+            ref = ce_extras_reference(xr, tr, weight=None if wd is None else wd.double(),
+                                      z_loss=z, **kw)
+            name = f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} {reduction}"
+            gos = [torch.ones_like(ref), torch.full_like(ref, 0.7)]
+            if reduction == "none":
+                gos.append(torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.2)
+            for i, go in enumerate(gos):
+                go_lp = go.to(dtype).to(device)
+                got = torch.autograd.grad(ours, [xo, to], go_lp, retain_graph=True)
+                again = torch.autograd.grad(ours, [xo, to], go_lp, retain_graph=True)
+                want = torch.autograd.grad(theirs, [xt, tt], go_lp, retain_graph=True)
+                exact = torch.autograd.grad(ref, [xr, tr], go_lp.double(), retain_graph=True)
+                for which, a, a2, b, r in zip(["input", "target"], got, again, want, exact):
+                    assert torch.equal(a, a2), f"{name}: {which} backward {i} recomputed differs"
+                    if dtype == torch.float64:
+                        assert_close(a, r, msg=f"{name} {which} grad {i}")
+                    else:
+                        assert_flash_rule(a, b, r, name=f"{name} {which} grad {i}")
+            if dtype == torch.float64:
+                assert_close(ours.detach(), ref.detach(), msg=name)
+            else:
+                assert_flash_rule(ours.detach(), theirs.detach(), ref.detach(), name=name)

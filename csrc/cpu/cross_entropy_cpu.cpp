@@ -583,6 +583,124 @@ struct IndexColumns {
   }
 };
 
+// Probability targets of an (N, C, D) input with D > 1, no soft-capping: blocks of kWidth
+// positions as IndexColumns, one vector load per class, and the row path's formulas term by
+// term (row_stats' sums with v_c = w_c t'_c, row_target_nll's loss, row_grad_probs' gradients;
+// the softmax always from the accurate exp).
+template <typename scalar_t>
+struct ProbColumns {
+  using IO = IndexColumns<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t kWidth = IO::kWidth, kLanes = IO::kLanes;
+  static constexpr int kV = IO::kV;
+
+  const scalar_t* x;
+  const scalar_t* t;
+  scalar_t* gx;           // or null
+  scalar_t* gt;           // or null
+  const acc_t* w;         // class weights, or null
+  const scalar_t* g;      // per-row grad_output, or null
+  const acc_t* stats_in;  // backward: the saved statistics; else null
+  acc_t* stats_out;       // forward: the statistics to save; else null
+  acc_t* row_loss;        // forward
+  int64_t C, D, rows;
+  IndexFormulas<acc_t> f;  // keep, spread, z_loss
+  acc_t scale;
+
+  // t'_c = keep t_c + spread, times w_c
+  Vec target_weight(const Vec& tv, acc_t wc) const {
+    return Vec(wc) * (tv * Vec(f.keep) + Vec(f.spread));
+  }
+
+  void block(int64_t n, int64_t d0) const {
+    const int64_t off = n * C * D + d0, r0 = n * D + d0;
+    const scalar_t *xb = x + off, *tb = t + off;
+    Vec xv[kV], tv[kV], m[kV], log_sum[kV], u[kV], lse[kV];
+    for (int k = 0; k < kV; ++k) {
+      m[k] = stats_in ? Vec::loadu(stats_in + r0 + k * kLanes)
+                      : Vec(-std::numeric_limits<acc_t>::infinity());
+    }
+    if (stats_in) {
+      for (int k = 0; k < kV; ++k) {
+        log_sum[k] = Vec::loadu(stats_in + rows + r0 + k * kLanes);
+        u[k] = Vec::loadu(stats_in + 2 * rows + r0 + k * kLanes);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        IO::load(xb + c * D, xv);
+        for (int k = 0; k < kV; ++k) m[k] = at::vec::maximum(m[k], xv[k]);  // NaN wins
+      }
+      Vec sum[kV];
+      for (int k = 0; k < kV; ++k) sum[k] = u[k] = Vec(0);
+      for (int64_t c = 0; c < C; ++c) {
+        IO::load(xb + c * D, xv);
+        IO::load(tb + c * D, tv);
+        const acc_t wc = w ? w[c] : acc_t(1);
+        for (int k = 0; k < kV; ++k) {
+          sum[k] = sum[k] + Math<Vec>::exp(xv[k] - m[k]);
+          u[k] = u[k] + target_weight(tv[k], wc);
+        }
+      }
+      // an all -inf position: exp(nan) terms and a nan sum, as torch's log_softmax
+      for (int k = 0; k < kV; ++k) log_sum[k] = Math<Vec>::log(sum[k]);
+    }
+    for (int k = 0; k < kV; ++k) lse[k] = m[k] + log_sum[k];
+    if (stats_out) {
+      Vec l[kV];
+      for (int k = 0; k < kV; ++k) {
+        m[k].store(stats_out + r0 + k * kLanes);
+        log_sum[k].store(stats_out + rows + r0 + k * kLanes);
+        u[k].store(stats_out + 2 * rows + r0 + k * kLanes);
+        l[k] = Vec(0);
+      }
+      // sum_c w_c t'_c ((max - x_c) + log s), term by term (an infinite target times the
+      // max's -log_softmax is inf, not inf * 0 from a split sum)
+      for (int64_t c = 0; c < C; ++c) {
+        IO::load(xb + c * D, xv);
+        IO::load(tb + c * D, tv);
+        const acc_t wc = w ? w[c] : acc_t(1);
+        for (int k = 0; k < kV; ++k) {
+          l[k] = l[k] + target_weight(tv[k], wc) * ((m[k] - xv[k]) + log_sum[k]);
+        }
+      }
+      for (int k = 0; k < kV; ++k) {
+        if (f.z_loss != 0) l[k] = l[k] + f.z_term(lse[k]);
+        l[k].store(row_loss + r0 + k * kLanes);
+      }
+    }
+    if (!gx && !gt) return;
+    Vec sv[kV], uz[kV];
+    for (int k = 0; k < kV; ++k) {
+      acc_t s_row[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        s_row[l] = g ? scale * static_cast<acc_t>(g[r0 + k * kLanes + l]) : scale;
+      }
+      sv[k] = Vec::loadu(s_row);
+      uz[k] = f.z_loss != 0 ? u[k] + f.z_coef(lse[k]) : u[k];  // the z-loss' softmax share
+    }
+    Vec out[kV];
+    for (int64_t c = 0; c < C; ++c) {
+      IO::load(xb + c * D, xv);
+      const acc_t wc = w ? w[c] : acc_t(1);
+      if (gx) {
+        IO::load(tb + c * D, tv);
+        for (int k = 0; k < kV; ++k) {
+          const Vec p = Math<Vec>::exp((xv[k] - m[k]) - log_sum[k]);
+          out[k] = sv[k] * (uz[k] * p - Vec(wc) * (tv[k] * Vec(f.keep) + Vec(f.spread)));
+        }
+        IO::store(gx + off + c * D, out);
+      }
+      if (gt) {
+        for (int k = 0; k < kV; ++k) {
+          out[k] = sv[k] * Vec(f.keep) * Vec(wc) * ((m[k] - xv[k]) + log_sum[k]);
+        }
+        IO::store(gt + off + c * D, out);
+      }
+    }
+  }
+};
+
 template <typename scalar_t>
 void cross_entropy_kernel(const CrossEntropyProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -656,9 +774,21 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                                        C,        D,          rows,       p.ignore_index,
                                        formulas, scale,      forward && eps != 0,
                                        std::is_same_v<acc_t, float> && avx512_rows::enabled()};
-  const int64_t width = columns.width();
-  const int64_t column_d = !probs && cap == 0 && D > 1 && C > 0 ? D / width * width : 0;
-  if (column_d > 0) {
+  const int64_t width = probs ? IndexColumns<scalar_t>::kWidth : columns.width();
+  const int64_t column_d = cap == 0 && D > 1 && C > 0 ? D / width * width : 0;
+  if (column_d > 0 && probs) {
+    const ProbColumns<scalar_t> prob_columns{x,        t,         gx,        gt,
+                                             w,        g,         stats_in,  stats_out,
+                                             row_loss.data(),     C,         D,
+                                             rows,     formulas,  scale};
+    const int64_t per_item = column_d / width;
+    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t i = begin; i < end; ++i) {
+                         prob_columns.block(i / per_item, i % per_item * width);
+                       }
+                     });
+  } else if (column_d > 0) {
     const int64_t per_item = column_d / width;
     at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
                      [&](int64_t begin, int64_t end) {
