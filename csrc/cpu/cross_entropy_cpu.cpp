@@ -585,8 +585,9 @@ struct IndexColumns {
 
 // Probability targets of an (N, C, D) input with D > 1, no soft-capping: blocks of kWidth
 // positions as IndexColumns, one vector load per class, and the row path's formulas term by
-// term (row_stats' sums with v_c = w_c t'_c, row_target_nll's loss, row_grad_probs' gradients;
-// the softmax always from the accurate exp).
+// term (row_stats' sums with v_c = w_c t'_c, row_target_nll's loss, row_grad_probs' gradients),
+// the softmax as e_c / s with e_c = exp(x_c - max) kept from the statistics' sweep (the
+// backward op computes it again from the saved max: the same bits).
 template <typename scalar_t>
 struct ProbColumns {
   using IO = IndexColumns<scalar_t>;
@@ -613,7 +614,8 @@ struct ProbColumns {
     return Vec(wc) * (tv * Vec(f.keep) + Vec(f.spread));
   }
 
-  void block(int64_t n, int64_t d0) const {
+  // Positions d0 .. d0 + kWidth - 1 of item n; e: C x kWidth values of scratch.
+  void block(int64_t n, int64_t d0, acc_t* e) const {
     const int64_t off = n * C * D + d0, r0 = n * D + d0;
     const scalar_t *xb = x + off, *tb = t + off;
     Vec xv[kV], tv[kV], m[kV], log_sum[kV], u[kV], lse[kV];
@@ -638,7 +640,9 @@ struct ProbColumns {
         IO::load(tb + c * D, tv);
         const acc_t wc = w ? w[c] : acc_t(1);
         for (int k = 0; k < kV; ++k) {
-          sum[k] = sum[k] + Math<Vec>::exp(xv[k] - m[k]);
+          const Vec ev = Math<Vec>::exp(xv[k] - m[k]);
+          ev.store(e + c * kWidth + k * kLanes);
+          sum[k] = sum[k] + ev;
           u[k] = u[k] + target_weight(tv[k], wc);
         }
       }
@@ -670,8 +674,9 @@ struct ProbColumns {
       }
     }
     if (!gx && !gt) return;
-    Vec sv[kV], uz[kV];
+    Vec sv[kV], uz[kV], inv_sum[kV];
     for (int k = 0; k < kV; ++k) {
+      inv_sum[k] = Math<Vec>::exp(log_sum[k].neg());
       acc_t s_row[kLanes];
       for (int64_t l = 0; l < kLanes; ++l) {
         s_row[l] = g ? scale * static_cast<acc_t>(g[r0 + k * kLanes + l]) : scale;
@@ -686,8 +691,10 @@ struct ProbColumns {
       if (gx) {
         IO::load(tb + c * D, tv);
         for (int k = 0; k < kV; ++k) {
-          const Vec p = Math<Vec>::exp((xv[k] - m[k]) - log_sum[k]);
-          out[k] = sv[k] * (uz[k] * p - Vec(wc) * (tv[k] * Vec(f.keep) + Vec(f.spread)));
+          const Vec ev = stats_in ? Math<Vec>::exp(xv[k] - m[k])
+                                  : Vec::loadu(e + c * kWidth + k * kLanes);
+          out[k] = sv[k] * (uz[k] * (ev * inv_sum[k]) -
+                            Vec(wc) * (tv[k] * Vec(f.keep) + Vec(f.spread)));
         }
         IO::store(gx + off + c * D, out);
       }
@@ -784,8 +791,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
     const int64_t per_item = column_d / width;
     at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
                      [&](int64_t begin, int64_t end) {
+                       std::vector<acc_t> e(C * width);
                        for (int64_t i = begin; i < end; ++i) {
-                         prob_columns.block(i / per_item, i % per_item * width);
+                         prob_columns.block(i / per_item, i % per_item * width, e.data());
                        }
                      });
   } else if (column_d > 0) {
