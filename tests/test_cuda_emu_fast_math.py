@@ -128,3 +128,17 @@ def test_fast_math_no_worse_than_torch(emu, dtype, kind):
                         f"{name}: {over.sum().item()} elements, e.g. x={x[~nan][over][0]}, "
                         f"y={y[~nan][over][0]}: {e_ours[over][0]:.3f} ulp, exact functions "
                         f"{e_exact[over][0]:.3f}, torch {e_torch[over][0]:.3f}")
+
+
+def test_one_plus_u_is_never_subnormal():
+    """fast_log1p takes the flushing lg2 of 1 + u (csrc/cuda/pointwise_fast_math.cuh): in float,
+    1 + u is 0 or at least 2^-24 where u is near -1, and never below 2^-126 elsewhere."""
+    one = torch.ones((), dtype=torch.float32)
+    near = torch.arange(-(1 << 16), 1 << 16, dtype=torch.int32) + (-one).view(torch.int32)
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 20,), generator=g, dtype=torch.int64)
+    u = torch.cat([near.view(torch.float32), bits.to(torch.int32).view(torch.float32),
+                   torch.tensor([-1.0, -0.5, -2.0, 0.0, -0.0, 1e-45, -1e-45])])
+    s = (one + u)[torch.isfinite(u)]
+    assert ((s == 0) | (s.abs() >= 2.0 ** -126)).all()
+    assert (s[(s != 0) & (s.abs() < 0.5)].abs() >= 2.0 ** -24).all()

@@ -125,8 +125,8 @@ __device__ __forceinline__ void pw_vector(const Loss& f, const PointwiseArgs<T>&
 // iteration it + 1's barrier, which every write of iteration it + 2 to that half follows. (The
 // parity of k would not alternate: gridDim.x is SMs x blocks per SM, even on every A100/H100/
 // H200, so all of a block's chunks used one half, and a warp with no elements left in the last
-// chunk could overwrite its sum before warp 0 had read it. A race the emulator cannot show: its
-// threads switch only at barriers and warp operations.)
+// chunk could overwrite its sum before warp 0 had read it. The emulator's ascending schedule hid
+// it; its high-first schedule shows it: test_results_bitwise_equal_under_high_first_schedule.)
 template <typename A>
 __device__ __forceinline__ void pw_chunk_partial(A sum, A (*smem)[32], int64_t it, int64_t k,
                                                  A* partials) {
