@@ -252,17 +252,18 @@ def test_columns_prob_modes_and_per_position_max(s, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_columns_prob_grad_scales(s, dtype):
     """The vector kernel's 16-bit input gradient of probability targets with class weights takes
-    its softmax coefficient sg tw into the exp's exponent where that is positive and finite or
-    +0 for all V positions of a thread (Pass2Prob's kScaledExp), else the plain form. A
-    grad_output per position (reduction 'none'): row 0 positive scales from the dtype's tiny to
-    its huge ones (the scaled form); row 1 the same with a negative one in each thread's V
-    positions, row 2 negated targets at one position of each (the plain form for those
-    threads), row 3 zero targets there (sg tw = +0 without smoothing: the scaled form). Input
-    and target gradients vs torch, position by position (flash rule)."""
+    its softmax coefficient sg tw into the exp's exponent where that is finite and of one sign
+    (+0 and -0 included) for all V positions of a thread (Pass2Prob's kScaledExp), else the
+    plain form. A grad_output per position (reduction 'none'): row 0 positive scales from the
+    dtype's tiny to its huge ones (the scaled form); row 1 the same with a negative one in each
+    thread's V positions, row 2 negated targets at one position of each (the plain form for
+    those threads), row 3 zero targets there (sg tw = +0 without smoothing: the scaled form);
+    row 4 row 0's scales negated, -0 at one position of each thread (the negative scaled form).
+    Input and target gradients vs torch, position by position (flash rule)."""
     from test_cuda_emu_row_loops import (_GRAD_SCALES, check_prob_grads_at,
                                          prob_backward_vs_torch)
     v = VEC[dtype]
-    N, C, D = 4, 2 * v + 3, 2 * v
+    N, C, D = 5, 2 * v + 3, 2 * v
     g = torch.Generator().manual_seed(27)
     x = (torch.randn(N, C, D, generator=g) * 3).to(dtype)
     t = torch.softmax(torch.randn(N, C, D, generator=g) * 3, 1)
@@ -272,6 +273,8 @@ def test_columns_prob_grad_scales(s, dtype):
     scales = [abs(c) for c in _GRAD_SCALES[dtype] if c != 0]
     go = torch.tensor([scales[d % len(scales)] for d in range(D)]).repeat(N, 1)
     go[1, ::v] = -2.0
+    go[4] = -go[0]
+    go[4, 2::v] = -0.0
     go = go.to(dtype)
     w = torch.rand(C, generator=g) + 0.5
     for eps in (0.0, 0.1):

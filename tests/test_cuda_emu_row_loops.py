@@ -227,10 +227,10 @@ def test_vector_max_covers_every_lane(s, dtype, path, prob):
 
 
 # The 16-bit input gradient's softmax coefficient sg tw taken into the exp's exponent (kScaledExp)
-# where it is positive and finite or +0; the plain form elsewhere (sg tw negative, -0 or not
-# finite).
-_GRAD_SCALES = {torch.bfloat16: (1.0, 2.5, -1.5, 0.0, 1e-30, 3e-39, 1e30),
-                torch.float16: (1.0, 2.5, -1.5, 0.0, 1e-4, 6e-8, 1e3)}
+# where it is finite, its sign into the FFMA; the plain form elsewhere (sg tw inf or NaN).
+_GRAD_SCALES = {
+    torch.bfloat16: (1.0, 2.5, -1.5, 0.0, -0.0, 1e-30, 3e-39, 1e30, -3e-39, -1e30),
+    torch.float16: (1.0, 2.5, -1.5, 0.0, -0.0, 1e-4, 6e-8, 1e3, -6e-8, -1e3)}
 
 
 def prob_backward_vs_torch(s, x, t, kw, go, **launch):
@@ -254,7 +254,8 @@ def check_prob_grads_at(name, r, torch_grads, index, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_prob_grad_scales(s, dtype, path):
     """The backward of probability targets, reduction 'none', a grad_output per row: 1, other
-    positive scales, negative, 0, the dtype's tiny (a denormal) and huge ones; targets that sum
+    positive scales, negative ones, +-0, the dtype's tiny (a denormal) and huge ones of either
+    sign; targets that sum
     to 1, negative ones (tw < 0), all zeros (tw = 0, or the z-loss share alone), and a confident
     row (one logit 12 above the rest, its target the softmax rounded: p - t cancels), each with
     every scale. Class weights (aligned and not) or none; smoothing, z-loss and soft-capping off

@@ -722,28 +722,31 @@ struct Pass2Zero {
   }
 };
 
-// Whether a row's probability pass 2 takes the kScaledExp form: sg tw > 0 and finite (log2(sg tw)
-// finite), or +0 (an all-zero target row without smoothing, a zero grad_output):
-// log2(+0) = -inf makes ls2 +inf, and exp2 then gives +0 for every logit of a row with finite
-// statistics, so the gradient is -w (ka t + ke) with the plain form's bits (p (+0) = +0), and a
-// NaN of a non-finite row stays NaN. Negative, -0, inf or NaN: the plain form (one FMUL more
-// with weights). And more than one class (one class: softmax 1, the gradient torch's exact 0,
-// which exp2(log2(sg tw)) - w (ka t + ke) would miss by a rounding).
-__device__ __forceinline__ bool scaled_exp_ok(float sgtw, int64_t C) {
-  return copysignf(1.f, sgtw) > 0.f && sgtw <= FLT_MAX && C > 1;
+// Which form a row's probability pass 2 takes (Pass2Prob's kScaledExp): +1 where sg tw is
+// positive and finite or +0, -1 where it is negative and finite or -0 (the exponent takes
+// log2|sg tw|, the FFMA the negated exp: a free operand sign), 0 (the plain form, one FMUL more
+// with weights) where it is inf or NaN, or the row has one class (softmax 1, the gradient
+// torch's exact 0, which exp2(log2|sg tw|) - w (ka t + ke) would miss by a rounding). A zero
+// (an all-zero target row without smoothing, a zero grad_output): log2(0) = -inf makes ls2
+// +inf, and exp2 then gives +0 for every logit of a row with finite statistics, so the
+// gradient is -w (ka t + ke) +- 0 with the plain form's bits (p (+-0) = +-0), and a NaN of a
+// non-finite row stays NaN.
+__device__ __forceinline__ int scaled_exp_sign(float sgtw, int64_t C) {
+  if (!(fabsf(sgtw) <= FLT_MAX) || C <= 1) return 0;
+  return copysignf(1.f, sgtw) > 0.f ? 1 : -1;
 }
 
 // kGI / kGT: which gradients are written (template flags: no per-element branch).
-// kScaledExp (16-bit rows whose softmax coefficient sg tw is positive and finite or +0,
-// scaled_exp_ok): the input gradient's sg tw softmax_c is one exp, exp2((x_c - m) log2(e) - ls2)
-// with ls2 = log_s log2(e) - log2(sg tw), so that the class weight's product goes into the FFMA
+// kScaledExp (16-bit rows whose softmax coefficient sg tw is finite, scaled_exp_sign: its sign):
+// the input gradient's sg tw softmax_c is +-one exp, exp2((x_c - m) log2(e) - ls2) with ls2 =
+// log_s log2(e) - log2|sg tw|, so that the class weight's product goes into the FFMA
 // that subtracts it: w (ka t + ke) from it in two FFMA (was FFMA, FMUL, FFMA). ls2's rounding
 // (2^-24 of |log_s log2(e)| + |log2(sg tw)|, at most ~2^-17 for sg tw near FLT_MAX or its
 // denormals) is a relative error of the softmax far below the output's 2^-8 / 2^-11.
-template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny, bool kScaledExp = false>
+template <typename T, bool kCap, bool kGI, bool kGT, int kW = kWeightAny, int kScaledExp = 0>
 struct Pass2Prob {  // probability target gradients
   using A = acc_t<T>;
-  static_assert(!kScaledExp || (kApproxExp<T> && kGI), "kScaledExp: 16-bit input gradients");
+  static_assert(kScaledExp == 0 || (kApproxExp<T> && kGI), "kScaledExp: 16-bit input gradients");
   const T* x;
   const T* t;
   T* gi;
@@ -751,7 +754,7 @@ struct Pass2Prob {  // probability target gradients
   const A* weight;
   int64_t stride;
   // tw = sum w t' + 2 z lse (the z-loss' share of the softmax coefficient), ls2 = log_s log2(e)
-  // (kScaledExp: less log2(sg tw))
+  // (kScaledExp: less log2|sg tw|)
   A m, log_s, ls2, tw, one_m_eps, eps_c, sg;
   A cap, inv_cap;
   template <int N>
@@ -790,8 +793,8 @@ struct Pass2Prob {  // probability target gradients
       const A xm = xc - m;
       const A kaw = ka * w[i];
       if (kGI) {
-        const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);  // kScaledExp: sg tw p
-        A g = kScaledExp      ? fma(-w[i], fma(ka, ta[i], ke), p)
+        const A p = softmax_hot<kApproxExp<T>>(xc, m, log_s, ls2);  // kScaledExp: |sg tw| p
+        A g = kScaledExp      ? fma(-w[i], fma(ka, ta[i], ke), kScaledExp > 0 ? p : -p)
               : kApproxExp<T> ? p * sgtw - w[i] * (ka * ta[i] + ke)
                               : sg * (p * tw - w[i] * (one_m_eps * ta[i] + eps_c));
         if (kCap) g *= dcap;
@@ -1216,17 +1219,19 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
       const A ls2 = log_s * A(kLog2e);
-      auto run = [&](auto scaled, A ls2_run) {
-        Pass2Prob<T, kCap, kGI, kGT, kW, decltype(scaled)::value> f{
+      auto run = [&](auto sign, A ls2_run) {
+        Pass2Prob<T, kCap, kGI, kGT, kW, decltype(sign)::value> f{
             xr, tr, gir, gtr, wr, stride, m, log_s, ls2_run, tw, one_m_eps,
             P.eps_c, sg, P.cap, P.inv_cap};
         walk<T, kVec, kWalkUnrollProb, kGroup == 0>(f, C, head, gt, G);
       };
       if constexpr (kApproxExp<T> && kGI && kW == kWeightVec) {  // no gain without weights
         const A sgtw = sg * tw;
-        if (scaled_exp_ok(sgtw, C)) return run(std::true_type{}, ls2 - log2f(sgtw));
+        const int sign = scaled_exp_sign(sgtw, C);
+        if (sign > 0) return run(std::integral_constant<int, 1>{}, ls2 - log2f(sgtw));
+        if (sign < 0) return run(std::integral_constant<int, -1>{}, ls2 - log2f(-sgtw));
       }
-      run(std::false_type{}, ls2);
+      run(std::integral_constant<int, 0>{}, ls2);
     };
     if (gir != nullptr && gtr != nullptr) pass2(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2(std::true_type{}, std::false_type{});
@@ -1672,16 +1677,17 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     A tw[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) tw[i] = st[i].u + A(2) * P.z * (m[i] + log_s[i]);
-    auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode, auto scaled) {
+    auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode, auto sign) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
-      constexpr bool kScaled = decltype(scaled)::value;
+      constexpr int kScaled = decltype(sign)::value;
       using F = Pass2Prob<T, kCap, kGI, kGT, decltype(wmode)::value, kScaled>;
       F f[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A ls2 = log_s[i] * A(kLog2e);
         f[i] = F{xr + i, tr + i, nullptr, nullptr, a.weight, D, m[i], log_s[i],
-                 kScaled ? ls2 - log2f(sg[i] * tw[i]) : ls2, tw[i], one_m_eps, P.eps_c, sg[i],
+                 kScaled != 0 ? ls2 - log2f(fabsf(sg[i] * tw[i])) : ls2, tw[i], one_m_eps,
+                 P.eps_c, sg[i],
                  P.cap, P.inv_cap};
       }
       lanes_walk<T, kGI, U>(xr, tr, Ci, Di, [&](int64_t c, int o, const Vec<T>& xv,
@@ -1702,16 +1708,24 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
       });
     };
     auto pass2_weights = [&](auto gi_flag, auto gt_flag) {
-      if (a.weight == nullptr) {
-        return pass2(gi_flag, gt_flag, WeightMode<kWeightNone>{}, std::false_type{});
-      }
+      using Plain = std::integral_constant<int, 0>;
+      if (a.weight == nullptr) return pass2(gi_flag, gt_flag, WeightMode<kWeightNone>{}, Plain{});
       if constexpr (kApproxExp<T> && decltype(gi_flag)::value) {  // Pass2Prob's kScaledExp
-        bool scaled = true;
+        int sign = scaled_exp_sign(sg[0] * tw[0], C);  // the V positions' common sign, or 0
 #pragma unroll
-        for (int i = 0; i < V; ++i) scaled &= scaled_exp_ok(sg[i] * tw[i], C);
-        if (scaled) return pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{}, std::true_type{});
+        for (int i = 1; i < V; ++i) {
+          if (scaled_exp_sign(sg[i] * tw[i], C) != sign) sign = 0;
+        }
+        if (sign > 0) {
+          return pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{},
+                       std::integral_constant<int, 1>{});
+        }
+        if (sign < 0) {
+          return pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{},
+                       std::integral_constant<int, -1>{});
+        }
       }
-      pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{}, std::false_type{});
+      pass2(gi_flag, gt_flag, WeightMode<kWeightScalar>{}, Plain{});
     };
     if (gir != nullptr && gtr != nullptr) pass2_weights(std::true_type{}, std::true_type{});
     else if (gir != nullptr) pass2_weights(std::true_type{}, std::false_type{});
