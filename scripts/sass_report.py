@@ -57,6 +57,7 @@ grid can cap residency lower (noted in benchmarks/NOTES.md).
 Usage: python scripts/sass_report.py [--arch sm_90 --arch sm_80] [--filter NAME] [--files F.cu ...]
 """
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -696,17 +697,21 @@ def main():
     print("| arch | kernel | regs | spill st/ld B | threads/SM (block) | hot loop: instr/elem "
           "(body / elems, MUFU, 16-B loads: global or shared) | KB in flight/SM |")
     print("|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch in archs:
-            for cu in files:
-                for r in report_file(cu, arch, nvcc, cuobjdump, tmp):
-                    if args.filter not in r["kernel"]:
-                        continue
-                    loops = "; ".join(loop_cell(l) for l in r["loops"]) or "-"
-                    kb = "; ".join(f"{l['kb_in_flight']:.0f}" for l in r["loops"]) or "-"
-                    print(f"| {arch} | {r['kernel']} | {r['regs']} | {r['spill_st']}/"
-                          f"{r['spill_ld']} | {r['resident']} ({r['threads']}) | {loops} | "
-                          f"{kb} |")
+    pairs = [(arch, cu) for arch in archs for cu in files]
+    # One nvcc per core (the cross-entropy kernels are four files, one per dtype); the rows
+    # print in the order of the pairs.
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1) as pool:
+        reports = pool.map(lambda p: report_file(p[1], p[0], nvcc, cuobjdump, tmp), pairs)
+        for (arch, _), rows in zip(pairs, reports):
+            for r in rows:
+                if args.filter not in r["kernel"]:
+                    continue
+                loops = "; ".join(loop_cell(l) for l in r["loops"]) or "-"
+                kb = "; ".join(f"{l['kb_in_flight']:.0f}" for l in r["loops"]) or "-"
+                print(f"| {arch} | {r['kernel']} | {r['regs']} | {r['spill_st']}/"
+                      f"{r['spill_ld']} | {r['resident']} ({r['threads']}) | {loops} | "
+                      f"{kb} |")
 
 
 if __name__ == "__main__":

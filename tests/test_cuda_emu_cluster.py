@@ -1,4 +1,4 @@
-"""Split rows in a thread-block cluster (sm_90, csrc/cuda/cross_entropy.cu: ce_cluster_kernel)
+"""Split rows in a thread-block cluster (sm_90, csrc/cuda/cross_entropy_impl.cuh: ce_cluster_kernel)
 under the CPU emulator of tests/cuda_emu: the emulator's clusters themselves (cluster barrier,
 distributed shared memory, CUDA's launch rules), which path each device takes, the cluster path
 against torch for every option and dtype, and the cluster path against the two-kernel split of

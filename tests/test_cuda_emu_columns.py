@@ -1,5 +1,5 @@
 """Cross-entropy over the contiguous (N, C, D), D > 1, under the CUDA emulator: the vector column
-kernel (one thread per V = 16 / sizeof(T) consecutive d, csrc/cuda/cross_entropy.cu
+kernel (one thread per V = 16 / sizeof(T) consecutive d, csrc/cuda/cross_entropy_impl.cuh
 ce_column_vec_kernel) vs torch, and vs the scalar column kernel, which the same inputs take when
 the logits (and a probability target) are one element off a 16-byte boundary: both vs torch.
 The two kernels are not bitwise equal: the vector kernel's pass 1 folds V classes at once per

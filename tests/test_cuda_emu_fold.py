@@ -1,5 +1,5 @@
-"""Pass 1's folded exp under the emulator (csrc/cuda/cross_entropy.cu, RunningStats): float rows
-sum 2^(x log2 e - ml) with ml = m log2 e rounded, one FFMA before the exp, and take the offset
+"""Pass 1's folded exp under the emulator (csrc/cuda/cross_entropy_impl.cuh, RunningStats): float
+rows sum 2^(x log2 e - ml) with ml = m log2 e rounded, one FFMA before the exp, and take the offset
 back out once per walk (the max's own term back to exactly 1). The offset grows with |m|: walks
 whose max is beyond 2^27 in magnitude discard their sum, and rows (split slices, column
 positions) whose max is beyond 2^26 take their sum again unfolded (sum_exp_unfolded). Rows at

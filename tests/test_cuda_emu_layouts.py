@@ -174,7 +174,7 @@ def test_ignoring_the_row_stride_fails(emu):
     """A row kernel that took every row at n C (the contiguous layout) reads the NaN storage
     around a slice: the slice tests catch it (built from a mutated copy of the sources)."""
     lib = build.build(mutations=[(
-        "cuda/cross_entropy.cu",
+        "cuda/cross_entropy_impl.cuh",
         "return {n * a.x_stride_n + d * a.x_stride_d,",
         "return {n * a.C + d * a.x_stride_d,")])
     with Emulator(lib).session() as sess:

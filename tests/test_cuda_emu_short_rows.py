@@ -10,7 +10,7 @@ import torch
 
 from test_cuda_emu import DTYPES, VEC, ce_reference, ce_torch, check
 
-K = 4  # cross_entropy.cu: kRowCacheVectors
+K = 4  # cross_entropy_impl.cuh: kRowCacheVectors
 
 
 def _row_kernel(r):

@@ -135,8 +135,8 @@ inline int64_t ce_split_count(int64_t rows, int64_t C) {
   return s;
 }
 // The slices of a row on sm_90, where the S blocks of a row form a thread-block cluster that
-// keeps the row in shared memory (one read from DRAM; cross_entropy.cu: ce_cluster_kernel): the
-// split's S where it splits (so the two paths give the same bits), else, for rows of at least
+// keeps the row in shared memory (one read from DRAM; cross_entropy_impl.cuh:
+// ce_cluster_kernel): the split's S where it splits (so the two paths give the same bits), else, for rows of at least
 // kCeClusterRowBytes, slices of ~kCeClusterSliceBytes. Why those: the row kernel reads a row
 // twice and hopes for L2 on the second read; 132 SMs x 256 KiB rows in flight are 33 MB, beyond
 // the ~60% of a 50 MB L2 that the row kernel's grid cap aims at, so from 256 KiB on its second
@@ -164,7 +164,7 @@ inline int64_t ce_split_scratch(int64_t rows, int64_t C) {
   return s > 1 ? rows * (4 * s + 1) : 0;
 }
 
-// Shifted copies of the class weights (cross_entropy.cu: vec_weights), in acc_t elements: up
+// Shifted copies of the class weights (cross_entropy_impl.cuh: vec_weights), in acc_t elements: up
 // to 4 copies at a pitch of at most C + 8, and the room to start them at a 16-byte boundary.
 inline int64_t ce_weight_copies_size(int64_t C) { return 4 * (C + 8) + 4; }
 

@@ -112,8 +112,10 @@ def _build(csrc, out_dir, jobs, verbose):
         return obj
 
     jobs = jobs or int(os.environ.get("TL_EMU_JOBS", "0")) or os.cpu_count() or 1
-    # Longest first: cross_entropy.cu dominates.
-    order = sorted(srcs, key=lambda s: -os.path.getsize(s))
+    # Longest first: the cross_entropy_<dtype>.cu files (short, but each compiles the kernels of
+    # cross_entropy_impl.cuh), then by size.
+    order = sorted(srcs, key=lambda s: (not os.path.basename(s).startswith("cross_entropy_"),
+                                        -os.path.getsize(s)))
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         objs = dict(zip(order, pool.map(obj_for, order)))
     objs = [objs[s] for s in srcs]
