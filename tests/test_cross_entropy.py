@@ -892,7 +892,8 @@ def test_infinite_probability_target_like_torch(device):
 @pytest.mark.parametrize("C", [1, 5, 21])
 def test_segmentation_logits_match_torch(C, dtype, device):
     """Loss and input gradient vs torch (float64: close; 16-bit and float32: the flash rule)
-    for class weights, a hit ignore_index, label smoothing, z-loss and every reduction, with
+    for class weights, a hit ignore_index, label smoothing, z-loss, soft-capping and every
+    reduction, with
     grad_output 1 (the forward's fused gradient) and per position or 0.7 (recomputed); the
     first backward equal bit for bit to a retained second one (the backward op from the saved
     statistics); inplace_backward's gradient equal to the ordinary one (mean, sum)."""
@@ -904,16 +905,19 @@ def test_segmentation_logits_match_torch(C, dtype, device):
             t[0, 1, 3:] = ignore  # ignore_index hit, in blocks and in the row-by-row tail
     w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     x, t = x64.to(dtype).to(device), t.to(device)
-    for weight, ls, z in [(None, 0.0, 0.0), (w64, 0.1, 0.0), (None, 0.1, 0.05), (w64, 0.0, 0.05)]:
+    for weight, ls, z, cap in [(None, 0.0, 0.0, None), (w64, 0.1, 0.0, None),
+                               (None, 0.1, 0.05, None), (w64, 0.0, 0.05, None),
+                               (w64, 0.1, 0.0, 2.5), (None, 0.0, 0.05, 2.5)]:
         for reduction in REDUCTIONS:
-            kw = dict(ignore_index=ignore, label_smoothing=ls, reduction=reduction)
+            kw = dict(ignore_index=ignore, label_smoothing=ls, reduction=reduction, softcap=cap)
             wd = None if weight is None else weight.to(dtype).to(device)
             xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
             ours = TLF.cross_entropy(xo, t, weight=wd, z_loss=z, **kw)
             theirs = ce_extras_reference(xt, t, weight=wd, z_loss=z, **kw)
             ref = ce_extras_reference(xr, t, weight=None if wd is None else wd.double(),
                                       z_loss=z, **kw)
-            name = f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} {reduction}"
+            name = (f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} cap={cap} "
+                    f"{reduction}")
             gos = [torch.ones_like(ref), torch.full_like(ref, 0.7)]
             if reduction == "none":
                 gos.append(torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.2)
@@ -959,21 +963,24 @@ def test_segmentation_logits_nonfinite_as_torch(dtype, device):
     x = x.to(dtype).to(device)
     t = t.to(device)
     probs = torch.softmax(torch.randn(2, 6, 5, 7, dtype=torch.float64), 1).to(dtype).to(device)
-    for ls, target in ((0.0, t), (0.1, t), (0.0, probs), (0.1, probs)):
+    for ls, target, cap in ((0.0, t, None), (0.1, t, None), (0.0, probs, None),
+                            (0.1, probs, None), (0.1, t, 3.0), (0.0, probs, 3.0)):
         xo, xt = leaf(x), leaf(x)
-        ours = TLF.cross_entropy(xo, target, label_smoothing=ls, reduction="none")
-        theirs = F.cross_entropy(xt.double(), target.double() if target.is_floating_point()
+        ours = TLF.cross_entropy(xo, target, label_smoothing=ls, reduction="none", softcap=cap)
+        x64 = xt.double() if cap is None else cap * torch.tanh(xt.double() / cap)
+        theirs = F.cross_entropy(x64, target.double() if target.is_floating_point()
                                  else target, label_smoothing=ls, reduction="none")
         go = torch.ones_like(ours)
         got = torch.autograd.grad(ours, xo, go)[0]
         want = torch.autograd.grad(theirs, xt, go.double())[0]
         for a, b, what in ((ours.detach(), theirs.detach(), "loss"), (got, want, "grad")):
-            assert torch.equal(a.isnan(), b.isnan()), f"{dtype} ls={ls} {what}: NaN positions"
+            assert torch.equal(a.isnan(), b.isnan()), (
+                f"{dtype} ls={ls} cap={cap} {what}: NaN positions")
             fin = b.isfinite()
             inf = ~fin & ~b.isnan()
             assert torch.equal(a[inf].double(), b[inf].double()), what
             assert_close(a[fin].double(), b[fin].double(), dtype=dtype,
-                         msg=f"{dtype} ls={ls} {what}")
+                         msg=f"{dtype} ls={ls} cap={cap} {what}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -982,17 +989,19 @@ def test_segmentation_logits_nonfinite_as_torch(dtype, device):
 def test_segmentation_probability_targets_match_torch(C, dtype, device):
     """Probability targets on (N, C, H, W) logits (on the CPU: blocks across H W and a
     row-by-row tail): loss, input and target gradients vs torch for class weights, label
-    smoothing, z-loss and every reduction, grad_output 1, 0.7 and per position; a retained
-    second backward equal bit for bit to the first."""
+    smoothing, z-loss, soft-capping and every reduction, grad_output 1, 0.7 and per position;
+    a retained second backward equal bit for bit to the first."""
     g = torch.Generator().manual_seed(100 + C)
     x64 = torch.randn(3, C, 5, 7, generator=g, dtype=torch.float64) * 3
     t64 = torch.softmax(torch.randn(3, C, 5, 7, generator=g, dtype=torch.float64) * 2, 1)
     t64[1, :, 2, :] = 0  # all-zero targets at some positions
     w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     x, t = x64.to(dtype).to(device), t64.to(dtype).to(device)
-    for weight, ls, z in [(None, 0.0, 0.0), (w64, 0.1, 0.0), (None, 0.1, 0.05), (w64, 0.0, 0.05)]:
+    for weight, ls, z, cap in [(None, 0.0, 0.0, None), (w64, 0.1, 0.0, None),
+                               (None, 0.1, 0.05, None), (w64, 0.0, 0.05, None),
+                               (w64, 0.1, 0.0, 2.5), (None, 0.0, 0.05, 2.5)]:
         for reduction in REDUCTIONS:
-            kw = dict(label_smoothing=ls, reduction=reduction)
+            kw = dict(label_smoothing=ls, reduction=reduction, softcap=cap)
             wd = None if weight is None else weight.to(dtype).to(device)
             xo, to, xt, tt = leaf(x), leaf(t), leaf(x), leaf(t)
             xr, tr = leaf(x.double()), leaf(t.double())
@@ -1000,7 +1009,8 @@ def test_segmentation_probability_targets_match_torch(C, dtype, device):
             theirs = ce_extras_reference(xt, tt, weight=wd, z_loss=z, **kw)
             ref = ce_extras_reference(xr, tr, weight=None if wd is None else wd.double(),
                                       z_loss=z, **kw)
-            name = f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} {reduction}"
+            name = (f"{dtype} C={C} weight={weight is not None} ls={ls} z={z} cap={cap} "
+                    f"{reduction}")
             gos = [torch.ones_like(ref), torch.full_like(ref, 0.7)]
             if reduction == "none":
                 gos.append(torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.2)

@@ -380,14 +380,16 @@ struct IndexFormulas {
   }
 };
 
-// Class-index targets of an (N, C, D) input with D > 1 (segmentation logits (N, C, H, W)) and
-// no soft-capping. An item's positions lie side by side in every class, so a block of
+// Class-index targets of an (N, C, D) input with D > 1 (segmentation logits (N, C, H, W)). An
+// item's positions lie side by side in every class, so a block of
 // VecS::size() positions (16 with the AVX-512 sweeps) is walked one vector per class: gathered
 // position by position, a row cost a scalar load per logit, and C = 19-21 left most of it to
 // the row sweeps' scalar tails (2-3x slower than torch's kernel). Per position, the row path's
 // formulas (IndexFormulas): the max, e_c = exp(x_c - max) summed in class order, the loss, and
 // the gradient a e_c - b w_c with its target entry; the backward op from the saved max and
-// log-sum, so that a recomputed gradient has the forward's bits.
+// log-sum, so that a recomputed gradient has the forward's bits. Soft-capping: the block's capped
+// logits first (softcap_row's formula, into scratch), the sweeps on them, and the gradient times
+// (1 - t)(1 + t) before its rounding (softcap_grad_row's), in at::vec only.
 template <typename scalar_t>
 struct IndexColumns {
   using acc_t = at::opmath_type<scalar_t>;
@@ -409,9 +411,11 @@ struct IndexColumns {
   IndexFormulas<acc_t> f;
   acc_t scale;
   bool weighted;   // the label-smoothing sums wanted (forward with label smoothing)
-  // Float accumulation where torch's kernels run AVX-512 (avx512_rows::enabled()): blocks of
-  // 16 positions through the AVX-512 class sweeps (exp twice as wide: compute-bound here).
+  // Float accumulation where torch's kernels run AVX-512 (avx512_rows::enabled()) without
+  // soft-capping: blocks of 16 positions through the AVX-512 class sweeps (exp twice as wide:
+  // compute-bound here).
   bool avx512;
+  acc_t cap;  // soft-capping, or 0
 
   static constexpr int64_t kMaxWidth = 16;
   static_assert(kWidth <= kMaxWidth);
@@ -431,12 +435,41 @@ struct IndexColumns {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
     }
   }
+  // kWidth values of the input (scalar_t) or of capped logits (acc_t, kWidth apart per class).
+  template <typename In>
+  static void load_any(const In* p, Vec (&v)[kV]) {
+    if constexpr (std::is_same_v<In, scalar_t>) {
+      load(p, v);
+    } else {
+      for (int k = 0; k < kV; ++k) v[k] = Vec::loadu(p + k * kLanes);
+    }
+  }
+  // capped[c kWidth + j] = cap tanh(x_c / cap) for the kWidth positions at xb (softcap_row's
+  // formula, lane for lane).
+  static void cap_block(const scalar_t* xb, int64_t C, int64_t D, acc_t cap, acc_t* capped) {
+    const Vec cap_v(cap), inv_v(acc_t(1) / cap);
+    Vec v[kV];
+    for (int64_t c = 0; c < C; ++c) {
+      load(xb + c * D, v);
+      for (int k = 0; k < kV; ++k) {
+        (cap_v * (v[k] * inv_v).tanh()).store(capped + c * kWidth + k * kLanes);
+      }
+    }
+  }
+  // softcap_grad_row's factor (1 - t)(1 + t), t = capped / cap.
+  static Vec cap_factor(const Vec& capped, acc_t cap) {
+    const Vec one(1), t = capped * Vec(acc_t(1) / cap);
+    return (one - t) * (one + t);
+  }
 
-  // Positions d0 .. d0 + width() - 1 of item n; e: C x width() values of scratch.
-  void block(int64_t n, int64_t d0, acc_t* e) const {
+  // Positions d0 .. d0 + width() - 1 of item n; e, capped: C x width() values of scratch
+  // (capped: soft-capping only).
+  void block(int64_t n, int64_t d0, acc_t* e, acc_t* capped) const {
     const int64_t W = width();
     const scalar_t* xb = x + n * C * D + d0;
     const int64_t r0 = n * D + d0;  // the block's first row
+    if (cap != 0) cap_block(xb, C, D, cap, capped);
+    const acc_t* xc = cap != 0 ? capped : nullptr;  // the capped logits (W == kWidth), or null
     // Per position: the max, then e_c = exp(x_c - max) into e[c W + j] with their sum and the
     // label-smoothing sums (sums[0, W), [W, 2W), [2W, 3W)).
     acc_t ms[kMaxWidth], sums[3 * kMaxWidth];
@@ -450,7 +483,7 @@ struct IndexColumns {
       }
     }
 #endif
-    if (!avx512) exp_sweeps(xb, ms, e, sums);
+    if (!avx512) xc ? exp_sweeps(xc, kWidth, ms, e, sums) : exp_sweeps(xb, D, ms, e, sums);
     // log of the sum (an all -inf position: exp(nan) terms and a nan sum, as torch's
     // log_softmax) and 1 / sum = exp(-log sum) as the row path forms it, in vectors (a libm log
     // and exp per position were a third of the time at C = 21).
@@ -470,7 +503,7 @@ struct IndexColumns {
       const int64_t y = labels[r0 + j];
       ignored[j] = y == ignore_index;
       const int64_t yc = ignored[j] ? 0 : y;
-      x_y[j] = static_cast<acc_t>(xb[yc * D + j]);
+      x_y[j] = xc ? xc[yc * W + j] : static_cast<acc_t>(xb[yc * D + j]);
       w_y[j] = w ? w[yc] : acc_t(1);
       e_y[j] = e[yc * W + j];
       s_row[j] = g ? scale * static_cast<acc_t>(g[r0 + j]) : scale;
@@ -511,16 +544,24 @@ struct IndexColumns {
       }
     }
 #endif
-    if (!avx512) grad_sweep(e, a, b, ignored_grad, ignored, gb);
+    if (!avx512) grad_sweep(e, xc, a, b, ignored_grad, ignored, gb);
     for (int64_t j = 0; j < W; ++j) {
-      if (!ignored[j]) gb[labels[r0 + j] * D + j] = static_cast<scalar_t>(target_grad[j]);
+      if (ignored[j]) continue;
+      const int64_t y = labels[r0 + j];
+      acc_t g_y = target_grad[j];
+      if (xc) {  // softcap_grad_row's factor, as cap_factor
+        const acc_t t_y = xc[y * W + j] * (acc_t(1) / cap);
+        g_y *= (acc_t(1) - t_y) * (acc_t(1) + t_y);
+      }
+      gb[y * D + j] = static_cast<scalar_t>(g_y);
     }
   }
 
  private:
-  // block()'s class sweeps in at::vec for kWidth positions: the max (unless saved), then e and
-  // the sums.
-  void exp_sweeps(const scalar_t* xb, acc_t* ms, acc_t* e, acc_t* sums) const {
+  // block()'s class sweeps in at::vec for kWidth positions (class c at xb + c stride): the max
+  // (unless saved), then e and the sums.
+  template <typename In>
+  void exp_sweeps(const In* xb, int64_t stride, acc_t* ms, acc_t* e, acc_t* sums) const {
     Vec v[kV], m[kV], sum[kV], vw[kV], vs[kV];
     for (int k = 0; k < kV; ++k) {
       m[k] = stats_in ? Vec::loadu(ms + k * kLanes)
@@ -529,12 +570,12 @@ struct IndexColumns {
     }
     if (!stats_in) {
       for (int64_t c = 0; c < C; ++c) {
-        load(xb + c * D, v);
+        load_any(xb + c * stride, v);
         for (int k = 0; k < kV; ++k) m[k] = at::vec::maximum(m[k], v[k]);  // NaN wins
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      load(xb + c * D, v);
+      load_any(xb + c * stride, v);
       const Vec wc(w ? w[c] : acc_t(1));
       for (int k = 0; k < kV; ++k) {
         const Vec d = v[k] - m[k];
@@ -555,9 +596,10 @@ struct IndexColumns {
     }
   }
 
-  // grad_c = a e_c - b w_c for kWidth positions, ignored_grad where ignored, into gb + c D.
-  void grad_sweep(const acc_t* e, const acc_t* a, const acc_t* b, const acc_t* ignored_grad,
-                  const bool* ignored, scalar_t* gb) const {
+  // grad_c = a e_c - b w_c for kWidth positions, ignored_grad where ignored, times the cap's
+  // factor where xc (the capped logits) is given, into gb + c D.
+  void grad_sweep(const acc_t* e, const acc_t* xc, const acc_t* a, const acc_t* b,
+                  const acc_t* ignored_grad, const bool* ignored, scalar_t* gb) const {
     Vec v[kV], a_v[kV], b_v[kV], ign_v[kV], ign_mask[kV];
     bool any_ignored = false;
     for (int k = 0; k < kV; ++k) {
@@ -577,17 +619,19 @@ struct IndexColumns {
         Vec gv = a_v[k] * Vec::loadu(e + c * kWidth + k * kLanes);
         if (f.smoothing) gv = gv - b_v[k] * wc;
         v[k] = any_ignored ? Vec::blendv(gv, ign_v[k], ign_mask[k]) : gv;
+        if (xc) v[k] = v[k] * cap_factor(Vec::loadu(xc + c * kWidth + k * kLanes), cap);
       }
       store(gb + c * D, v);
     }
   }
 };
 
-// Probability targets of an (N, C, D) input with D > 1, no soft-capping: blocks of kWidth
-// positions as IndexColumns, one vector load per class, and the row path's formulas term by
-// term (row_stats' sums with v_c = w_c t'_c, row_target_nll's loss, row_grad_probs' gradients),
-// the softmax as e_c / s with e_c = exp(x_c - max) kept from the statistics' sweep (the
-// backward op computes it again from the saved max: the same bits).
+// Probability targets of an (N, C, D) input with D > 1: blocks of kWidth positions as
+// IndexColumns, one vector load per class, and the row path's formulas term by term (row_stats'
+// sums with v_c = w_c t'_c, row_target_nll's loss, row_grad_probs' gradients), the softmax as
+// e_c / s with e_c = exp(x_c - max) kept from the statistics' sweep (the backward op computes it
+// again from the saved max: the same bits). Soft-capping as IndexColumns: the sweeps read the
+// capped logits, the input gradient takes the cap's factor.
 template <typename scalar_t>
 struct ProbColumns {
   using IO = IndexColumns<scalar_t>;
@@ -608,16 +652,24 @@ struct ProbColumns {
   int64_t C, D, rows;
   IndexFormulas<acc_t> f;  // keep, spread, z_loss
   acc_t scale;
+  acc_t cap;  // soft-capping, or 0
 
   // t'_c = keep t_c + spread, times w_c
   Vec target_weight(const Vec& tv, acc_t wc) const {
     return Vec(wc) * (tv * Vec(f.keep) + Vec(f.spread));
   }
 
-  // Positions d0 .. d0 + kWidth - 1 of item n; e: C x kWidth values of scratch.
-  void block(int64_t n, int64_t d0, acc_t* e) const {
+  // Positions d0 .. d0 + kWidth - 1 of item n; e, capped: C x kWidth values of scratch
+  // (capped: soft-capping only).
+  void block(int64_t n, int64_t d0, acc_t* e, acc_t* capped) const {
     const int64_t off = n * C * D + d0, r0 = n * D + d0;
     const scalar_t *xb = x + off, *tb = t + off;
+    if (cap != 0) IO::cap_block(xb, C, D, cap, capped);
+    // class c's logits, capped where soft-capping
+    const auto load_x = [&](int64_t c, Vec (&v)[kV]) {
+      if (cap != 0) IO::load_any(capped + c * kWidth, v);
+      else IO::load(xb + c * D, v);
+    };
     Vec xv[kV], tv[kV], m[kV], log_sum[kV], u[kV], lse[kV];
     for (int k = 0; k < kV; ++k) {
       m[k] = stats_in ? Vec::loadu(stats_in + r0 + k * kLanes)
@@ -630,13 +682,13 @@ struct ProbColumns {
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
-        IO::load(xb + c * D, xv);
+        load_x(c, xv);
         for (int k = 0; k < kV; ++k) m[k] = at::vec::maximum(m[k], xv[k]);  // NaN wins
       }
       Vec sum[kV];
       for (int k = 0; k < kV; ++k) sum[k] = u[k] = Vec(0);
       for (int64_t c = 0; c < C; ++c) {
-        IO::load(xb + c * D, xv);
+        load_x(c, xv);
         IO::load(tb + c * D, tv);
         const acc_t wc = w ? w[c] : acc_t(1);
         for (int k = 0; k < kV; ++k) {
@@ -661,7 +713,7 @@ struct ProbColumns {
       // sum_c w_c t'_c ((max - x_c) + log s), term by term (an infinite target times the
       // max's -log_softmax is inf, not inf * 0 from a split sum)
       for (int64_t c = 0; c < C; ++c) {
-        IO::load(xb + c * D, xv);
+        load_x(c, xv);
         IO::load(tb + c * D, tv);
         const acc_t wc = w ? w[c] : acc_t(1);
         for (int k = 0; k < kV; ++k) {
@@ -686,7 +738,7 @@ struct ProbColumns {
     }
     Vec out[kV];
     for (int64_t c = 0; c < C; ++c) {
-      IO::load(xb + c * D, xv);
+      load_x(c, xv);
       const acc_t wc = w ? w[c] : acc_t(1);
       if (gx) {
         IO::load(tb + c * D, tv);
@@ -695,6 +747,7 @@ struct ProbColumns {
                                   : Vec::loadu(e + c * kWidth + k * kLanes);
           out[k] = sv[k] * (uz[k] * (ev * inv_sum[k]) -
                             Vec(wc) * (tv[k] * Vec(f.keep) + Vec(f.spread)));
+          if (cap != 0) out[k] = out[k] * IO::cap_factor(xv[k], cap);
         }
         IO::store(gx + off + c * D, out);
       }
@@ -773,36 +826,40 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
   const bool avx512 = std::is_same_v<acc_t, float> && avx512_rows::enabled();
 
   std::vector<acc_t> row_loss(forward ? rows : 0);
-  // (N, C, D > 1) class-index positions d < column_d in blocks across d (IndexColumns); the
-  // last D % kWidth of each item, and every other kind of row, position by position below.
+  // (N, C, D > 1) positions d < column_d in blocks across d (IndexColumns, ProbColumns); the
+  // last D % width of each item, and every other kind of row, position by position below.
   const IndexFormulas<acc_t> formulas{keep, spread, z_loss, weight_sum, eps != 0};
   const IndexColumns<scalar_t> columns{x,        gx,         labels,     w,
                                        g,        stats_in,   stats_out,  row_loss.data(),
                                        C,        D,          rows,       p.ignore_index,
                                        formulas, scale,      forward && eps != 0,
-                                       std::is_same_v<acc_t, float> && avx512_rows::enabled()};
+                                       std::is_same_v<acc_t, float> &&
+                                           avx512_rows::enabled() && cap == 0,
+                                       cap};
   const int64_t width = probs ? IndexColumns<scalar_t>::kWidth : columns.width();
-  const int64_t column_d = cap == 0 && D > 1 && C > 0 ? D / width * width : 0;
+  const int64_t column_d = D > 1 && C > 0 ? D / width * width : 0;
   if (column_d > 0 && probs) {
     const ProbColumns<scalar_t> prob_columns{x,        t,         gx,        gt,
                                              w,        g,         stats_in,  stats_out,
                                              row_loss.data(),     C,         D,
-                                             rows,     formulas,  scale};
+                                             rows,     formulas,  scale,     cap};
     const int64_t per_item = column_d / width;
     at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
                      [&](int64_t begin, int64_t end) {
-                       std::vector<acc_t> e(C * width);
+                       std::vector<acc_t> e(C * width), capped(cap != 0 ? C * width : 0);
                        for (int64_t i = begin; i < end; ++i) {
-                         prob_columns.block(i / per_item, i % per_item * width, e.data());
+                         prob_columns.block(i / per_item, i % per_item * width, e.data(),
+                                            capped.data());
                        }
                      });
   } else if (column_d > 0) {
     const int64_t per_item = column_d / width;
     at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
                      [&](int64_t begin, int64_t end) {
-                       std::vector<acc_t> e(C * width);
+                       std::vector<acc_t> e(C * width), capped(cap != 0 ? C * width : 0);
                        for (int64_t i = begin; i < end; ++i) {
-                         columns.block(i / per_item, i % per_item * width, e.data());
+                         columns.block(i / per_item, i % per_item * width, e.data(),
+                                       capped.data());
                        }
                      });
   }
