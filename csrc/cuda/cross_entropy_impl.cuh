@@ -1691,8 +1691,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
         const A ls2 = log_s[i] * A(kLog2e);
         f[i] = F{xr + i, tr + i, nullptr, nullptr, a.weight, D, m[i], log_s[i],
                  kScaled != 0 ? ls2 - log2f(fabsf(sg[i] * tw[i])) : ls2, tw[i], one_m_eps,
-                 P.eps_c, sg[i],
-                 P.cap, P.inv_cap};
+                 P.eps_c, sg[i], P.cap, P.inv_cap};
       }
       lanes_walk<T, kGI, U>(xr, tr, Ci, Di, [&](int64_t c, int o, const Vec<T>& xv,
                                                const Vec<T>& tv) {
