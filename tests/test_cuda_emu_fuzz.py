@@ -16,14 +16,13 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_fuzz import (PROFILE, _abs_scale, _ce_tensors, _grad_output, _pointwise_values,
-                       _term_sizes, _torch_call, _weights, assert_matches, ce_grad_scale,
-                       ce_mean_denominator, ce_value_scale, cross_entropy_specs,
-                       pointwise_specs)
+from test_fuzz import (PROFILE, _abs_scale, _ce_extras, _ce_reference, _ce_tensors,
+                       _grad_output, _pointwise_values, _term_sizes, _torch_call, _weights,
+                       assert_matches, ce_grad_scale, ce_mean_denominator, ce_value_scale,
+                       cross_entropy_specs, pointwise_specs)
 
 # The emulator runs every thread of every block on the CPU: fewer examples than test_fuzz.py.
 EXAMPLES = max(1, PROFILE.max_examples // int(os.environ.get("TL_EMU_FUZZ_DIVISOR", 3)))
@@ -61,10 +60,11 @@ def run_kernels(s, spec):
     tr = (t.detach().double() if probs else t.detach().clone()).requires_grad_(
         spec["want_target"])
     try:
-        theirs = F.cross_entropy(xt, tt, wd, **kw)
+        theirs = _ce_reference(spec)(xt, tt, wd, **kw)
     except RuntimeError:  # an input torch rejects never reaches the kernels (test_fuzz.py)
         return
-    ref = F.cross_entropy(xr, tr, w64, **kw)
+    ref = _ce_reference(spec, float64=True)(xr, tr, w64, **kw)
+    extras = _ce_extras(spec)  # z-loss and soft-capping
 
     N, C = x.shape[0], x.shape[1]
     rest = x.shape[2:]
@@ -75,7 +75,7 @@ def run_kernels(s, spec):
     tk = t.reshape(N, C, D) if probs else t.reshape(N, D)
     fused = spec["reduction"] != "none"
     lay = dict(layout=layout, weight_layout=spec["weight_offset"])
-    fwd = s.cross_entropy(xk, tk, weight=wd, **kw, want_grad=fused,
+    fwd = s.cross_entropy(xk, tk, weight=wd, **kw, **extras, want_grad=fused,
                           want_target_grad=fused and spec["want_target"], **lay)
     loss = fwd["loss"].reshape(theirs.shape)
     denominator = ce_mean_denominator(spec, x, tr, w64)
@@ -95,8 +95,9 @@ def run_kernels(s, spec):
         g.reshape(-1)[0] if g.numel() else g.reshape(()))
     if g.numel() == 0:
         go = torch.ones((), dtype=dtype)
-    bwd = s.cross_entropy(xk, tk, weight=wd, **kw, grad_output=go, row_stats=fwd["row_stats"],
-                          want_grad=True, want_target_grad=spec["want_target"], **lay)
+    bwd = s.cross_entropy(xk, tk, weight=wd, **kw, **extras, grad_output=go,
+                          row_stats=fwd["row_stats"], want_grad=True,
+                          want_target_grad=spec["want_target"], **lay)
     results.append(("backward", [bwd["grad_input"], bwd["grad_target"]]))
     for kind, outs in results:
         for i, b, c in zip(wanted, grads_t, grads_r):

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import torch_losses.functional as TLF
-from tl_helpers import DEVICES
+from tl_helpers import DEVICES, ce_extras_reference
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -546,7 +546,26 @@ def cross_entropy_specs(draw):
                                   and draw(st.booleans()))
     spec["grad_output"] = draw(st.sampled_from(["one", "one", "random", "big", "small",
                                                 "zero", "expanded", "per_element"]))
+    # issue 9's extras, against their composite of torch ops (tl_helpers.ce_extras_reference;
+    # not with zero classes, where the composite itself fails)
+    spec["softcap"] = draw(st.sampled_from([None] * 5 + [1.0, 5.0, 30.0])) if C else None
+    spec["z_loss"] = draw(st.sampled_from([0.0] * 5 + [1e-4, 0.1])) if C else 0.0
     return spec
+
+
+def _ce_extras(spec):
+    """softcap / z_loss keywords of a spec, empty for the plain loss."""
+    return {k: spec[k] for k in ("softcap", "z_loss") if spec.get(k)}
+
+
+def _ce_reference(spec, float64=False):
+    """torch's cross_entropy, or the composite of the extras when the spec has any (float64:
+    the float64 reference's stable lse)."""
+    extras = _ce_extras(spec)
+    if not extras:
+        return F.cross_entropy
+    return lambda x, t, w, **kw: ce_extras_reference(x, t, w, **kw, **extras,
+                                                     stable_lse=float64)
 
 
 def _ce_tensors(spec, device):
@@ -607,12 +626,13 @@ def run_cross_entropy(spec, device):
     xo, to_ = leaves(x, t, False)
     xt, tt = leaves(x, t, False)
     xr, tr = leaves(x, t, True)
-    both = run_both(lambda: TLF.cross_entropy(xo, to_, wd, **kw),
-                    lambda: F.cross_entropy(xt, tt, wd, **kw))
+    reference = _ce_reference(spec)
+    both = run_both(lambda: TLF.cross_entropy(xo, to_, wd, **kw, **_ce_extras(spec)),
+                    lambda: reference(xt, tt, wd, **kw))
     if both is None:
         return
     ours, theirs = both
-    ref = F.cross_entropy(xr, tr, w64, **kw)
+    ref = _ce_reference(spec, float64=True)(xr, tr, w64, **kw)
     denominator = ce_mean_denominator(spec, x, tr, w64)
     assert_matches(ours, theirs, ref, "cross_entropy value",
                    ce_value_scale(spec, x, xr, tr, w64, kw, ref, denominator))
@@ -650,7 +670,8 @@ def ce_value_scale(spec, x, xr, tr, w64, kw, ref, denominator):
         return per_class * (1 + ref.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0))
     if denominator > 0:
         with torch.no_grad():
-            el = F.cross_entropy(xr, tr, w64, **{**kw, "reduction": "none"}).abs()
+            el = _ce_reference(spec, float64=True)(xr, tr, w64,
+                                                   **{**kw, "reduction": "none"}).abs()
         el = el[torch.isfinite(el)]
         if el.numel():  # sum |terms| (see _abs_scale), over the mean's denominator
             return (per_class * max(1.0, math.sqrt(el.numel()) / 4) * el.sum().item()

@@ -110,11 +110,14 @@ def assert_deterministic(run):
 
 
 def ce_extras_reference(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                        reduction="mean", z_loss=0.0, softcap=None):
+                        reduction="mean", z_loss=0.0, softcap=None, stable_lse=False):
     """The tests' reference of cross_entropy with z-loss and soft-capping, in torch ops and x's
     dtype: x -> softcap tanh(x / softcap), torch's cross_entropy, plus z_loss logsumexp^2 per
     position whose target is not ignore_index (every position for probability targets), not
-    class-weighted; 'mean' divides that sum by torch's own 'mean' denominator."""
+    class-weighted; 'mean' divides that sum by torch's own 'mean' denominator.
+    stable_lse: the lse as max + logsumexp(x - max), the max detached (the same value and
+    gradient), for float64 references at large logits: logsumexp's own backward, exp(x - lse),
+    carries the rounding of lse ~ 1e4 into every softmax entry (~1e-12 relative)."""
     import torch.nn.functional as F
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
@@ -123,7 +126,12 @@ def ce_extras_reference(x, target, weight=None, ignore_index=-100, label_smoothi
     if not z_loss:
         return loss
     class_dim = 0 if x.dim() == 1 else 1
-    lse = torch.logsumexp(x, class_dim)
+    if stable_lse and x.shape[class_dim] > 0:
+        m = x.detach().amax(class_dim, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        lse = m.squeeze(class_dim) + torch.logsumexp(x - m, class_dim)
+    else:
+        lse = torch.logsumexp(x, class_dim)
     if target.is_floating_point():
         counted = torch.ones_like(lse, dtype=torch.bool)
         denominator = x.new_tensor(float(lse.numel()))
