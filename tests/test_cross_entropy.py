@@ -884,9 +884,16 @@ def test_infinite_probability_target_like_torch(device):
         assert_close(go, gt, equal_nan=True)
 
 
-# Segmentation logits (N, C, H, W): on the CPU, class-index targets without soft-capping go
-# through blocks of positions across H W (8 float32, 16 bfloat16/float16, 4 float64 positions per
-# block in the AVX2 build) and the last H W % width positions row by row; D = 35 has both.
+# Segmentation logits (N, C, H, W): on the CPU, class-index and probability targets go through
+# blocks of positions across H W (8 float32, 16 bfloat16/float16, 4 float64 positions per block
+# in the AVX2 build; 16 float32 in the AVX-512 class-index sweeps) and the last H W % width
+# positions row by row; D = 35 has both.
+def _segmentation_options(w64):
+    """(class weights, label smoothing, z-loss, soft-capping) of the segmentation tests."""
+    return [(None, 0.0, 0.0, None), (w64, 0.1, 0.0, None), (None, 0.1, 0.05, None),
+            (w64, 0.0, 0.05, None), (w64, 0.1, 0.0, 2.5), (None, 0.0, 0.05, 2.5)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=str)
 @pytest.mark.parametrize("C", [1, 5, 21])
@@ -905,9 +912,7 @@ def test_segmentation_logits_match_torch(C, dtype, device):
             t[0, 1, 3:] = ignore  # ignore_index hit, in blocks and in the row-by-row tail
     w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     x, t = x64.to(dtype).to(device), t.to(device)
-    for weight, ls, z, cap in [(None, 0.0, 0.0, None), (w64, 0.1, 0.0, None),
-                               (None, 0.1, 0.05, None), (w64, 0.0, 0.05, None),
-                               (w64, 0.1, 0.0, 2.5), (None, 0.0, 0.05, 2.5)]:
+    for weight, ls, z, cap in _segmentation_options(w64):
         for reduction in REDUCTIONS:
             kw = dict(ignore_index=ignore, label_smoothing=ls, reduction=reduction, softcap=cap)
             wd = None if weight is None else weight.to(dtype).to(device)
@@ -997,9 +1002,7 @@ def test_segmentation_probability_targets_match_torch(C, dtype, device):
     t64[1, :, 2, :] = 0  # all-zero targets at some positions
     w64 = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
     x, t = x64.to(dtype).to(device), t64.to(dtype).to(device)
-    for weight, ls, z, cap in [(None, 0.0, 0.0, None), (w64, 0.1, 0.0, None),
-                               (None, 0.1, 0.05, None), (w64, 0.0, 0.05, None),
-                               (w64, 0.1, 0.0, 2.5), (None, 0.0, 0.05, 2.5)]:
+    for weight, ls, z, cap in _segmentation_options(w64):
         for reduction in REDUCTIONS:
             kw = dict(label_smoothing=ls, reduction=reduction, softcap=cap)
             wd = None if weight is None else weight.to(dtype).to(device)

@@ -838,30 +838,25 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                                        cap};
   const int64_t width = probs ? IndexColumns<scalar_t>::kWidth : columns.width();
   const int64_t column_d = D > 1 && C > 0 ? D / width * width : 0;
+  // Blocks of width positions of an item each, with their scratch (e, capped logits).
+  const auto run_blocks = [&](const auto& blocks) {
+    const int64_t per_item = column_d / width;
+    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<acc_t> e(C * width), capped(cap != 0 ? C * width : 0);
+                       for (int64_t i = begin; i < end; ++i) {
+                         blocks.block(i / per_item, i % per_item * width, e.data(),
+                                      capped.data());
+                       }
+                     });
+  };
   if (column_d > 0 && probs) {
-    const ProbColumns<scalar_t> prob_columns{x,        t,         gx,        gt,
-                                             w,        g,         stats_in,  stats_out,
-                                             row_loss.data(),     C,         D,
-                                             rows,     formulas,  scale,     cap};
-    const int64_t per_item = column_d / width;
-    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
-                     [&](int64_t begin, int64_t end) {
-                       std::vector<acc_t> e(C * width), capped(cap != 0 ? C * width : 0);
-                       for (int64_t i = begin; i < end; ++i) {
-                         prob_columns.block(i / per_item, i % per_item * width, e.data(),
-                                            capped.data());
-                       }
-                     });
+    run_blocks(ProbColumns<scalar_t>{x,        t,         gx,        gt,
+                                     w,        g,         stats_in,  stats_out,
+                                     row_loss.data(),     C,         D,
+                                     rows,     formulas,  scale,     cap});
   } else if (column_d > 0) {
-    const int64_t per_item = column_d / width;
-    at::parallel_for(0, N * per_item, std::max<int64_t>(1, 32768 / (C * width)),
-                     [&](int64_t begin, int64_t end) {
-                       std::vector<acc_t> e(C * width), capped(cap != 0 ? C * width : 0);
-                       for (int64_t i = begin; i < end; ++i) {
-                         columns.block(i / per_item, i % per_item * width, e.data(),
-                                       capped.data());
-                       }
-                     });
+    run_blocks(columns);
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
