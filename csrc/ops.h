@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -84,6 +85,18 @@ inline void check_floating(const Tensor& t, const char* name) {
   auto s = t.scalar_type();
   TORCH_CHECK(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16,
               "torch_losses: ", name, " must be float64, float32, float16 or bfloat16, got ", s);
+}
+
+// A softcap > 0 must be a normal number of the accumulation type: the kernels scale the
+// logits by its reciprocal there, which overflows for a subnormal softcap (NaN at a zero
+// logit), and a softcap beyond the type's largest value would be inf.
+inline void check_softcap_range(double softcap, at::ScalarType input_dtype) {
+  const bool dbl = accumulation_type(input_dtype) == at::kDouble;
+  const double lo = dbl ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double hi = dbl ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(softcap >= lo && softcap <= hi, "torch_losses: softcap must lie in [", lo,
+                    ", ", hi, "] (a normal ", accumulation_type(input_dtype),
+                    ", the accumulation type) for ", input_dtype, " logits, got ", softcap);
 }
 
 inline void check_like_input(const Tensor& input, const Tensor& t, const char* name) {
@@ -220,6 +233,7 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
   TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
                     "torch_losses: softcap must be None or a finite number > 0, got ",
                     softcap.value_or(0.0));
+  if (softcap.has_value()) check_softcap_range(*softcap, input.scalar_type());
   TORCH_CHECK(input.dim() == 3, "torch_losses: cross_entropy ops take input (N, C, D), got ",
               input.sizes());
   TORCH_CHECK(target.device() == input.device(), "torch_losses: target is on ",

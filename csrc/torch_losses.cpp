@@ -124,7 +124,8 @@ TORCH_LIBRARY(torch_losses, m) {
 // csrc/losses/vocab_parallel.h). logits (N, V_local) are one rank's classes
 // [vocab_start, vocab_start + V_local); target is (N) int64 (global class indices) or this
 // shard's (N, V_local) probabilities; weight is this shard's (V_local) class weights in the
-// accumulation dtype (float32, float64 for float64 logits), as are all statistics.
+// accumulation dtype (float32, float64 for float64 logits), as are all statistics; softcap 0 is
+// off, else a normal number of that dtype.
 TORCH_LIBRARY_FRAGMENT(torch_losses, m) {
   // Per-row statistics of the shard, relative to its own max: (N, 9).
   m.def("vocab_parallel_ce_stats(Tensor logits, Tensor target, Tensor? weight, int vocab_start, "

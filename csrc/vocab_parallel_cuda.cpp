@@ -39,7 +39,7 @@ Tensor vocab_parallel_ce_stats_cuda(const Tensor& logits, const Tensor& target,
                                     const OptTensor& weight, int64_t vocab_start,
                                     int64_t ignore_index, double label_smoothing,
                                     double softcap) {
-  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight, softcap);
   c10::cuda::CUDAGuard guard(s.logits.device());
   Tensor out = at::empty({s.N, vocab_parallel::kLocalColumns},
                          s.logits.options().dtype(accumulation_type(s.logits.scalar_type())));
@@ -70,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad_cuda(
     const Tensor& row_sums, const Tensor& vocab_size, const Tensor& scale, int64_t vocab_start,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
     bool input_grad, bool target_grad) {
-  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight, softcap);
   TORCH_CHECK(!target_grad || s.probs, "torch_losses: class-index targets have no gradient");
   check_global_statistics(s, maxima, row_sums, vocab_size, scale);
   c10::cuda::CUDAGuard guard(s.logits.device());

@@ -15,8 +15,9 @@ struct VocabParallelShard {
 };
 
 inline VocabParallelShard check_vocab_parallel_shard(const Tensor& logits, const Tensor& target,
-                                                     const OptTensor& weight) {
+                                                     const OptTensor& weight, double softcap) {
   check_floating(logits, "logits");
+  if (softcap != 0.0) check_softcap_range(softcap, logits.scalar_type());  // 0: off
   TORCH_CHECK(logits.dim() == 2, "torch_losses: vocab-parallel ops take logits (N, V_local), got ",
               logits.sizes());
   TORCH_CHECK(target.device() == logits.device(), "torch_losses: target is on ", target.device(),

@@ -308,6 +308,33 @@ def test_ops_reject_bad_extras():
         ops.cross_entropy_fwd(x, t, None, -100, 0.0, 1, False, False, 0.0, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_softcap_outside_the_accumulation_range(dtype, device):
+    """The kernels scale by 1 / softcap in the accumulation type (float32, float64 for float64):
+    a subnormal softcap (its reciprocal overflows: NaN at a zero logit) or one beyond the type's
+    largest value is a ValueError on every path; the extremes of the normal range still match
+    the composite."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tiny, huge = torch.finfo(acc).tiny, torch.finfo(acc).max
+    x = torch.tensor([[0.0, 1.0, -2.0], [3.0, 0.0, 1e-3]], dtype=dtype, device=device)
+    t = torch.tensor([0, 2], device=device)
+    for cap in (tiny / 4, huge * 2 if acc == torch.float32 else None):
+        if cap is None:  # (no finite double above float64's max)
+            continue
+        with pytest.raises(ValueError, match="softcap must lie in"):
+            TLF.cross_entropy(x, t, softcap=cap)
+        with pytest.raises(ValueError, match="softcap must lie in"):
+            TLF.linear_cross_entropy(x, torch.eye(3, dtype=dtype, device=device), t, softcap=cap)
+        with pytest.raises(ValueError, match="softcap must lie in"):
+            ops.vocab_parallel_ce_stats(x, t, None, 0, -100, 0.0, cap)
+    for cap in (tiny, huge):
+        xl, xr = leaf(x), leaf(x.double())
+        loss = TLF.cross_entropy(xl, t, softcap=cap)
+        ref = ce_extras_reference(xr, t, softcap=cap)
+        assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, xl)[0]).all()
+        assert_close(loss.double(), ref.detach(), dtype=dtype)
+
+
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
 def test_opcheck(probs, device):
     g = torch.Generator().manual_seed(0)

@@ -218,7 +218,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     LLM-training extras (keyword-only, off by default):
     - softcap (None or a float > 0): every logit x becomes softcap * tanh(x / softcap) inside
-      the kernel, before the softmax (loss, lse and gradient).
+      the kernel, before the softmax (loss, lse and gradient). A normal number of the
+      accumulation type (float32 for 16- and 32-bit input, else float64), else ValueError.
     - z_loss (float >= 0): adds z_loss * lse^2 for every position whose target is not
       ignore_index (every position for probability targets), lse = logsumexp of the (capped)
       logits. Not multiplied by the class weights. 'none' adds it to each position's loss,

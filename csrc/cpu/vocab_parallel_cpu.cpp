@@ -115,7 +115,7 @@ void stats_kernel(const VocabParallelShard& s, int64_t vocab_start, int64_t igno
 Tensor vocab_parallel_ce_stats(const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t vocab_start,
                                int64_t ignore_index, double label_smoothing, double softcap) {
-  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight, softcap);
   Tensor out = at::empty({s.N, vp::kLocalColumns},
                          s.logits.options().dtype(accumulation_type(s.logits.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.logits.scalar_type(),
@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor> vocab_parallel_ce_grad(
     const Tensor& row_sums, const Tensor& vocab_size, const Tensor& scale, int64_t vocab_start,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
     bool input_grad, bool target_grad) {
-  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight);
+  VocabParallelShard s = check_vocab_parallel_shard(logits, target, weight, softcap);
   TORCH_CHECK(!target_grad || s.probs, "torch_losses: class-index targets have no gradient");
   const auto acc = accumulation_type(s.logits.scalar_type());
   check_global_statistics(s, maxima, row_sums, vocab_size, scale);
