@@ -99,6 +99,12 @@ inline void check_softcap_range(double softcap, at::ScalarType input_dtype) {
                     ", the accumulation type) for ", input_dtype, " logits, got ", softcap);
 }
 
+// smooth_l1's beta is 0 in the accumulation type: its kernels are l1_loss's (see smooth_l1_fwd).
+inline bool smooth_l1_is_l1(double beta, const Tensor& x) {
+  return accumulation_type(x.scalar_type()) == at::kDouble ? beta == 0.0
+                                                          : static_cast<float>(beta) == 0.0f;
+}
+
 inline void check_like_input(const Tensor& input, const Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "torch_losses: ", name, " is on ", t.device(),
               " but input is on ", input.device());
@@ -462,20 +468,22 @@ void register_ops(torch::Library& m) {
     return pointwise_bwd<L1, Backend>(g, x, y, w, std::nullopt, 0, r, gx, gy);
   });
   // smooth_l1 with beta = 0 is l1_loss, bit for bit (as torch routes it): the L1 kernels, so
-  // that SmoothL1's kernels carry no beta = 0 case per element.
+  // that SmoothL1's kernels carry no beta = 0 case per element. So is a beta that is 0 in the
+  // accumulation type (below float's least subnormal for float32 and 16-bit input), as torch's
+  // float kernels compute it (where SmoothL1's z / beta would be 0 / 0 at z = 0).
   m.impl("smooth_l1_fwd", [](const Tensor& x, const Tensor& y, double beta, int64_t r, bool gx,
                              bool gy) {
-    return beta == 0
+    return smooth_l1_is_l1(beta, x)
                ? pointwise_fwd<L1, Backend>(x, y, std::nullopt, std::nullopt, 0, r, gx, gy)
                : pointwise_fwd<SmoothL1, Backend>(x, y, std::nullopt, std::nullopt, beta, r, gx,
                                                   gy);
   });
   m.impl("smooth_l1_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, double beta,
                              int64_t r, bool gx, bool gy) {
-    return beta == 0 ? pointwise_bwd<L1, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx,
-                                                  gy)
-                     : pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt,
-                                                        beta, r, gx, gy);
+    return smooth_l1_is_l1(beta, x)
+               ? pointwise_bwd<L1, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx, gy)
+               : pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt, beta, r,
+                                                  gx, gy);
   });
   m.impl("bce_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
                        bool gy) {
@@ -529,7 +537,7 @@ void register_ops(torch::Library& m) {
   });
   m.impl("smooth_l1_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, double beta, int64_t r) {
-    if (beta == 0) {
+    if (smooth_l1_is_l1(beta, x)) {
       pointwise_bwd_into<L1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
     } else {
       pointwise_bwd_into<SmoothL1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, beta,

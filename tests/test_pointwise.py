@@ -1025,6 +1025,24 @@ def test_smooth_l1_beta_zero_nan_gradient_as_l1(dtype, device):
         assert go[0].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("beta", [1e-310, 5e-324, 1e-40])
+def test_smooth_l1_beta_below_the_accumulation_type(beta, dtype, device):
+    """A beta that is 0 in float32 (the accumulation type of float32 and 16-bit input) is
+    l1_loss in torch's kernels: no 0 / 0 at x == y. In float64 it is a subnormal beta."""
+    x = torch.tensor([0.0, 1e-39, -1e-39, 2.0, -3.0, 0.5], dtype=torch.float64)
+    x, y = x.to(dtype).to(device), torch.zeros(6, dtype=dtype, device=device)
+    for reduction in ("none", "sum", "mean"):
+        xo, xt = leaf(x), leaf(x)
+        lo = TLF.smooth_l1_loss(xo, y, beta=beta, reduction=reduction)
+        lt = F.smooth_l1_loss(xt, y, beta=beta, reduction=reduction)
+        assert_close(lo, lt, rtol=0, atol=0)
+        g = torch.ones_like(lt)
+        go, gt = torch.autograd.grad(lo, xo, g)[0], torch.autograd.grad(lt, xt, g)[0]
+        assert_close(go, gt, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("pos_weight", [None, 0.5, 1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_bce_with_logits_infinite_logits_like_torch(pos_weight, dtype, device):
