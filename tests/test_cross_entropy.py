@@ -866,6 +866,35 @@ def test_mean_over_zero_total_weight_is_nan_with_smoothing(device):
         assert torch.equal(go.isnan(), gt.isnan())
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=str)
+@pytest.mark.parametrize("C, D", [(3, 1), (40, 1), (3000, 1), (21, 37)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_class_weight_reaches_its_rows_only(bad, C, D, dtype, device):
+    """Without label smoothing a class weight enters only the rows of its class, in torch's
+    formulas; a spread (eps / C = 0) times an infinite weight made every row NaN. Forward
+    with its gradient and the backward op (grad_output 3 and per position), rows of other
+    classes as torch's; rows of the class non-finite as torch's (inf or NaN)."""
+    g = torch.Generator().manual_seed(C + D)
+    x = (torch.randn(4, C, D, generator=g) * 3).to(dtype).to(device)
+    t = torch.tensor([0, 1, 2, 1], device=device)[:, None].expand(4, D).contiguous()
+    w = torch.ones(C, dtype=dtype, device=device)
+    w[1] = bad
+    other = (t != 1)[:, None, :].expand(4, C, D)
+    for reduction in ("none", "sum"):
+        xo, xt = leaf(x.squeeze(2) if D == 1 else x), leaf(x.squeeze(2) if D == 1 else x)
+        tt = t.squeeze(1) if D == 1 else t
+        lo = TLF.cross_entropy(xo, tt, w, reduction=reduction)
+        lt = F.cross_entropy(xt, tt, w, reduction=reduction)
+        for go in (torch.ones_like(lt), 3 * torch.ones_like(lt), torch.rand_like(lt) + 0.5):
+            gro = torch.autograd.grad(lo, xo, go, retain_graph=True)[0].reshape(4, C, D)
+            grt = torch.autograd.grad(lt, xt, go, retain_graph=True)[0].reshape(4, C, D)
+            assert_close(gro[other], grt[other])
+            assert not torch.isfinite(gro[~other]).any()
+            assert not torch.isfinite(grt[~other]).any()
+        if reduction == "none":
+            assert_close(lo, lt, equal_nan=True)
+
+
 def test_infinite_probability_target_like_torch(device):
     """An infinite target at the max logit: inf * (-log_softmax) = inf, term by term as torch
     (a sum split around the max gave inf * 0 = nan); in the gradient, inf times a softmax

@@ -179,7 +179,9 @@ TL_AVX512 ExpSums exp_sweep(const T* x, const float* w, int64_t C, float max, fl
 template <typename T>
 TL_AVX512 void scale_sweep(const float* w, const float* e, T* grad, int64_t C, float a, float b,
                            bool stream) {
-  const auto grad_at = [&](int64_t j) { return static_cast<T>(a * e[j] - b * (w ? w[j] : 1.0f)); };
+  const auto grad_at = [&](int64_t j) {  // b = 0: w_c not read, as the vector loop
+    return static_cast<T>(b != 0 ? a * e[j] - b * (w ? w[j] : 1.0f) : a * e[j]);
+  };
   constexpr int64_t kVecBytes = kLanes * sizeof(T);
   int64_t i = stream ? std::min<int64_t>(C, (-reinterpret_cast<intptr_t>(grad) & (kVecBytes - 1)) /
                                                  int64_t(sizeof(T)))

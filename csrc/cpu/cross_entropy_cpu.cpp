@@ -196,8 +196,9 @@ void row_grad_from_exp(const acc_t* w, const acc_t* e, scalar_t* grad, int64_t C
     if (w && b != 0) return gv - b_v * Vec::loadu(w + j);
     return b != 0 ? gv - b_v : gv;
   };
-  const auto grad_at = [&](int64_t j) {
-    return static_cast<scalar_t>(a_over_sum * e[j] - b * (w ? w[j] : acc_t(1)));
+  const auto grad_at = [&](int64_t j) {  // b = 0: w_c not read, as grad_vec
+    return static_cast<scalar_t>(b != 0 ? a_over_sum * e[j] - b * (w ? w[j] : acc_t(1))
+                                        : a_over_sum * e[j]);
   };
   using VecS = at::vec::Vectorized<scalar_t>;
   // A streamed row starts with single elements up to the first vector-aligned one.
@@ -367,16 +368,21 @@ struct IndexFormulas {
   template <typename T>
   T z_coef(T lse) const { return T(acc_t(2) * z_loss) * lse; }
   // a / sum: every class's gradient is (a / sum) e_c - s spread w_c, e_c = exp(x_c - max).
+  // The smoothing terms only with smoothing: an infinite or NaN class weight then reaches the
+  // rows of its own class only, as in torch (spread 0 times it would be NaN in every row).
   template <typename T>
   T coef_over_sum(T s, T w_y, T z_coef, T inv_sum) const {
-    return s * (T(keep) * w_y + T(spread * weight_sum) + z_coef) * inv_sum;
+    T a = T(keep) * w_y;
+    if (smoothing) a = a + T(spread * weight_sum);
+    return s * (a + z_coef) * inv_sum;
   }
   // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
   // differences formed before the scale (C = 1 without z-loss gives exactly 0).
   template <typename T>
   T target_grad(T s, T w_y, T z_coef, T p_y) const {
-    return s * (T(keep) * w_y * (p_y - T(1)) + T(spread) * (T(weight_sum) * p_y - w_y) +
-                z_coef * p_y);
+    T g = T(keep) * w_y * (p_y - T(1));
+    if (smoothing) g = g + T(spread) * (T(weight_sum) * p_y - w_y);
+    return s * (g + z_coef * p_y);
   }
 };
 
