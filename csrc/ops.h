@@ -99,6 +99,14 @@ inline void check_softcap_range(double softcap, at::ScalarType input_dtype) {
                     ", the accumulation type) for ", input_dtype, " logits, got ", softcap);
 }
 
+// The loss parameters torch's own ops reject (NaN included), with their messages.
+inline void check_huber_delta(double delta) {
+  TORCH_CHECK(delta > 0, "huber_loss does not support non-positive values for delta.");
+}
+inline void check_smooth_l1_beta(double beta) {
+  TORCH_CHECK(beta >= 0, "smooth_l1_loss does not support negative values for beta.");
+}
+
 // smooth_l1's beta is 0 in the accumulation type: its kernels are l1_loss's (see smooth_l1_fwd).
 inline bool smooth_l1_is_l1(double beta, const Tensor& x) {
   return accumulation_type(x.scalar_type()) == at::kDouble ? beta == 0.0
@@ -244,8 +252,8 @@ inline CrossEntropyProblem cross_entropy_problem(const Tensor& input, const Tens
               input.sizes());
   TORCH_CHECK(target.device() == input.device(), "torch_losses: target is on ",
               target.device(), " but input is on ", input.device());
-  // torch rejects label_smoothing > 1 only; negative values are computed as given.
-  TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+  // torch rejects label_smoothing > 1 only; a negative or NaN one means none (below).
+  TORCH_CHECK(!(label_smoothing > 1.0), "label_smoothing must be between 0.0 and 1.0. Got: ",
               label_smoothing);
   CrossEntropyProblem p;
   p.N = input.size(0);
@@ -445,10 +453,12 @@ void register_ops(torch::Library& m) {
   });
   m.impl("huber_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, double delta,
                          int64_t r, bool gx, bool gy) {
+    check_huber_delta(delta);
     return pointwise_fwd<Huber, Backend>(x, y, w, std::nullopt, delta, r, gx, gy);
   });
   m.impl("huber_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
                          double delta, int64_t r, bool gx, bool gy) {
+    check_huber_delta(delta);
     return pointwise_bwd<Huber, Backend>(g, x, y, w, std::nullopt, delta, r, gx, gy);
   });
   m.impl("mse_fwd", [](const Tensor& x, const Tensor& y, const OptTensor& w, int64_t r, bool gx,
@@ -473,6 +483,7 @@ void register_ops(torch::Library& m) {
   // float kernels compute it (where SmoothL1's z / beta would be 0 / 0 at z = 0).
   m.impl("smooth_l1_fwd", [](const Tensor& x, const Tensor& y, double beta, int64_t r, bool gx,
                              bool gy) {
+    check_smooth_l1_beta(beta);
     return smooth_l1_is_l1(beta, x)
                ? pointwise_fwd<L1, Backend>(x, y, std::nullopt, std::nullopt, 0, r, gx, gy)
                : pointwise_fwd<SmoothL1, Backend>(x, y, std::nullopt, std::nullopt, beta, r, gx,
@@ -480,6 +491,7 @@ void register_ops(torch::Library& m) {
   });
   m.impl("smooth_l1_bwd", [](const Tensor& g, const Tensor& x, const Tensor& y, double beta,
                              int64_t r, bool gx, bool gy) {
+    check_smooth_l1_beta(beta);
     return smooth_l1_is_l1(beta, x)
                ? pointwise_bwd<L1, Backend>(g, x, y, std::nullopt, std::nullopt, 0, r, gx, gy)
                : pointwise_bwd<SmoothL1, Backend>(g, x, y, std::nullopt, std::nullopt, beta, r,
@@ -525,6 +537,7 @@ void register_ops(torch::Library& m) {
   });
   m.impl("huber_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, const OptTensor& w, double delta, int64_t r) {
+    check_huber_delta(delta);
     pointwise_bwd_into<Huber, Backend>(gx, gy, g, x, y, w, std::nullopt, delta, r);
   });
   m.impl("mse_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
@@ -537,6 +550,7 @@ void register_ops(torch::Library& m) {
   });
   m.impl("smooth_l1_bwd_into_", [](Tensor& gx, Tensor& gy, const Tensor& g, const Tensor& x,
                                   const Tensor& y, double beta, int64_t r) {
+    check_smooth_l1_beta(beta);
     if (smooth_l1_is_l1(beta, x)) {
       pointwise_bwd_into<L1, Backend>(gx, gy, g, x, y, std::nullopt, std::nullopt, 0, r);
     } else {

@@ -866,6 +866,25 @@ def test_mean_over_zero_total_weight_is_nan_with_smoothing(device):
         assert torch.equal(go.isnan(), gt.isnan())
 
 
+@pytest.mark.parametrize("ls", [-0.5, float("nan")], ids=str)
+@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+def test_negative_or_nan_label_smoothing_means_none_as_torch(ls, probs, device):
+    """torch smooths only where label_smoothing > 0 (it rejects > 1 only): a negative or NaN
+    one is no smoothing. The ops' own check let a NaN through too (it raised)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64).to(device)
+    t = (torch.softmax(torch.randn(5, 4, 3, generator=g, dtype=torch.float64), 1) if probs
+         else torch.randint(0, 4, (5, 3), generator=g)).to(device)
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).to(device)
+    for reduction in ("none", "mean"):
+        xo, xt = leaf(x), leaf(x)
+        lo = TLF.cross_entropy(xo, t, w, label_smoothing=ls, reduction=reduction)
+        lt = F.cross_entropy(xt, t, w, label_smoothing=ls, reduction=reduction)
+        assert_close(lo, lt)
+        go = torch.ones_like(lt)
+        assert_close(torch.autograd.grad(lo, xo, go)[0], torch.autograd.grad(lt, xt, go)[0])
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=str)
 @pytest.mark.parametrize("C, D", [(3, 1), (40, 1), (3000, 1), (21, 37)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -456,6 +456,10 @@ def _bad_calls(device):
                                  lambda: F.huber_loss(x, y, delta=-1.0)),
         "smooth_l1_beta_negative": (lambda: TLF.smooth_l1_loss(x, y, beta=-0.5),
                                     lambda: F.smooth_l1_loss(x, y, beta=-0.5)),
+        "huber_delta_nan": (lambda: TLF.huber_loss(x, y, delta=float("nan")),
+                            lambda: F.huber_loss(x, y, delta=float("nan"))),
+        "smooth_l1_beta_nan": (lambda: TLF.smooth_l1_loss(x, y, beta=float("nan")),
+                               lambda: F.smooth_l1_loss(x, y, beta=float("nan"))),
         "mse_reduction": (lambda: TLF.mse_loss(x, y, reduction="avg"),
                           lambda: F.mse_loss(x, y, reduction="avg")),
         "l1_reduction": (lambda: TLF.l1_loss(x, y, reduction="bogus"),
@@ -1023,6 +1027,33 @@ def test_smooth_l1_beta_zero_nan_gradient_as_l1(dtype, device):
         gt = torch.autograd.grad(lt, xt, g)[0]
         assert_close(go, gt, rtol=0, atol=0, equal_nan=True)
         assert go[0].item() == 0.0
+
+
+def test_ops_reject_the_parameters_torch_rejects():
+    """The ops check delta and beta themselves (torch's ops do), NaN included: a direct op
+    call or the autograd.Function gets torch's error, not a NaN loss."""
+    ops = torch.ops.torch_losses
+    x, y, g = torch.randn(3), torch.randn(3), torch.tensor(1.0)
+    huber = "huber_loss does not support non-positive values for delta"
+    smooth = "smooth_l1_loss does not support negative values for beta"
+    for delta in (0.0, -1.0, float("nan")):
+        with pytest.raises(RuntimeError, match=huber):
+            ops.huber_fwd(x, y, None, delta, 1, True, False)
+        with pytest.raises(RuntimeError, match=huber):
+            ops.huber_bwd(g, x, y, None, delta, 1, True, False)
+        with pytest.raises(RuntimeError, match=huber):
+            ops.huber_bwd_into_(torch.empty(3), torch.empty(0), g, x, y, None, delta, 1)
+        with pytest.raises(RuntimeError, match=huber):
+            TL.HuberFunction.apply(x.requires_grad_(), y, None, delta, "mean")
+    for beta in (-0.5, float("nan")):
+        with pytest.raises(RuntimeError, match=smooth):
+            ops.smooth_l1_fwd(x, y, beta, 1, True, False)
+        with pytest.raises(RuntimeError, match=smooth):
+            ops.smooth_l1_bwd(g, x, y, beta, 1, True, False)
+        with pytest.raises(RuntimeError, match=smooth):
+            ops.smooth_l1_bwd_into_(torch.empty(3), torch.empty(0), g, x, y, beta, 1)
+        with pytest.raises(RuntimeError, match=smooth):
+            TL.SmoothL1Function.apply(x.requires_grad_(), y, beta, "mean")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],

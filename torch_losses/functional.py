@@ -376,7 +376,7 @@ def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """torch.nn.functional.huber_loss, fused (weight= included)."""
-    if delta <= 0:
+    if not delta > 0:  # (NaN too, as torch)
         _fail_like_torch(lambda: TF.huber_loss(input, target, delta=delta), RuntimeError(
             "huber_loss does not support non-positive values for delta."))
     reduction_enum(reduction)
@@ -418,7 +418,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
     """torch.nn.functional.smooth_l1_loss, fused (beta = 0 is l1)."""
     reduction = _resolve_reduction(size_average, reduce, reduction)
-    if beta < 0:
+    if not beta >= 0:  # (NaN too, as torch)
         _fail_like_torch(lambda: TF.smooth_l1_loss(input, target, beta=beta), RuntimeError(
             "smooth_l1_loss does not support negative values for beta."))
     _check_same_device(input, target)
