@@ -479,8 +479,9 @@ void register_ops(torch::Library& m) {
   });
   // smooth_l1 with beta = 0 is l1_loss, bit for bit (as torch routes it): the L1 kernels, so
   // that SmoothL1's kernels carry no beta = 0 case per element. So is a beta that is 0 in the
-  // accumulation type (below float's least subnormal for float32 and 16-bit input), as torch's
-  // float kernels compute it (where SmoothL1's z / beta would be 0 / 0 at z = 0).
+  // accumulation type (below float's least subnormal for float32 and 16-bit input), where
+  // SmoothL1's z / beta would be 0 / 0 at z = 0 (torch's float kernel gives 0 there in its
+  // scalar loop, -1 in its vector loop).
   m.impl("smooth_l1_fwd", [](const Tensor& x, const Tensor& y, double beta, int64_t r, bool gx,
                              bool gy) {
     check_smooth_l1_beta(beta);

@@ -431,6 +431,38 @@ def test_pointwise_misaligned(s, kind, dtype):
                 run_pw_case(s, kind, dtype, n, reduction, True, layouts)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pointwise_extremes_as_torch(s, dtype):
+    """Every pair of operands at the ends of the range, and parameters there, against torch's
+    functions in the accumulation type (the kernels' precision; rounded to dtype after): the
+    same NaNs and infinities. kl_div rounds both products as torch's xlogy(y, y) - y x
+    (contracted, y = 3e38 and x = 88 gave -inf where torch gives nan), and a smooth_l1 beta
+    that is 0 in float32 runs l1, torch's beta = 0 (no 0 / 0 at x == y)."""
+    sp = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 1.0, -1.0, 88.0, -88.0, 100.0, 1e30, -1e30,
+                       3e38, -3e38, math.inf, -math.inf, math.nan])
+    x = sp[:, None].expand(16, 16).reshape(-1).to(dtype)
+    y = sp[None, :].expand(16, 16).reshape(-1).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [("kl_div", F.kl_div, {}, 0.0), ("mse", F.mse_loss, {}, 0.0),
+             ("huber", F.huber_loss, {"delta": 1e-30}, 1e-30),
+             # beta 0 in float32 is beta = 0 (l1), as on the CPU (tests/test_pointwise.py)
+             ("smooth_l1", F.smooth_l1_loss,
+              {"beta": 1e-310 if dtype == torch.float64 else 0.0}, 1e-310),
+             ("smooth_l1", F.smooth_l1_loss, {"beta": 1e30}, 1e30)]
+    for kind, fn, kw, param in cases:
+        for reduction in ("none", "sum"):
+            xl = x.to(acc).requires_grad_()
+            yl = y.to(acc).requires_grad_()
+            loss = fn(xl, yl, reduction=reduction, **kw)
+            gx, gy = torch.autograd.grad(loss.sum(), (xl, yl))
+            r = s.pointwise(kind, x, y, param=param, reduction=reduction, want_grad_input=True,
+                            want_grad_target=True)
+            for got, want in ((r["loss"], loss), (r["grad_input"], gx), (r["grad_target"], gy)):
+                want = want.detach().to(dtype)
+                assert torch.equal(got.isnan(), want.isnan()), (kind, param, reduction)
+                assert torch.equal(got.isinf(), want.isinf()), (kind, param, reduction)
+
+
 @pytest.mark.parametrize("kind,bad", [("bce", "x"), ("bce", "y"), ("hinge", "y")])
 def test_pointwise_domain_asserts(s, kind, bad):
     g = torch.Generator().manual_seed(0)

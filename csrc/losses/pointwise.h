@@ -166,7 +166,9 @@ struct KLDivUsing : NoDomainCheck {
   explicit TL_HD KLDivUsing(double = 0) {}
   // log(y), 0 where y == 0 (xlogy's convention)
   TL_HD T shared(T, T y) const { return M::where(y == T(0), T(0), M::log(y)); }
-  TL_HD T value(T x, T y, T, T log_y) const { return y * log_y - y * x; }
+  // Both products rounded, as torch's xlogy(y, y) - y x: where one overflows, torch's nan (an
+  // FMA gave -inf where the loss is +1.8e38, y = 3e38, x = 88).
+  TL_HD T value(T x, T y, T, T log_y) const { return M::mul_rn(y, log_y) - M::mul_rn(y, x); }
   TL_HD T grad_input(T, T y, T, T) const { return -y; }
   TL_HD T grad_target(T x, T y, T, T log_y) const { return log_y + y / y - x; }
 };

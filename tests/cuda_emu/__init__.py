@@ -319,8 +319,9 @@ class Session:
         lay.update(layouts or {})
         if kind == "bce_with_logits":
             param = float(aux is not None)  # as csrc/ops.h: the functor's "pos_weight given"
-        if kind == "smooth_l1" and param == 0:
-            kind = "l1"  # as csrc/ops.h: smooth_l1 with beta = 0 runs the L1 kernels
+        if kind == "smooth_l1" and (param == 0 or (x.dtype != torch.float64 and
+                                               float(torch.tensor(param).float()) == 0)):
+            kind = "l1"  # as csrc/ops.h: a beta 0 in the accumulation type runs the L1 kernels
         dt = x.dtype
         n = x.numel()
         xb = self.copy(x.contiguous().view(-1), lay["x"])
