@@ -114,18 +114,25 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 // the max's own term is then exactly exp(0) = 1.
 // float/double rows: tanhf/tanh, dcap = (1 - t)(1 + t) (1 - t exact near |t| = 1).
 // bf16/fp16 rows (kApprox, as their exp): one ex2.approx and one approximate division,
-// E = e^(-2|u|), t = sign(u) (1 - E) / (1 + E), dcap = 4 E / (1 + E)^2: the capped logit's
-// absolute error is ~cap 2^-22 (what the softmax is sensitive to), far below the 2^-8 / 2^-11
-// rounding of the output, and dcap keeps its relative accuracy where it is small.
+// E = e^(-2|u|), t = sign(u) (1 - E) / (1 + E), dcap = 4 E / (1 + E)^2: dcap keeps its
+// relative accuracy where it is small, t its absolute accuracy (~2^-23). Below |u| = 1/8, where
+// 1 - E cancels (t = 0 for |u| < 2^-25: the logits of a softcap far above them came out 0),
+// t = u - u^3 / 3 + 2 u^5 / 15 instead (relative error < 2^-22 there, < 2^-20 just above): the
+// capped logit is relatively accurate for every cap, as torch's composite. (MUFU-bound loops:
+// the series' FMA-pipe instructions are predicted to cost no time.)
+constexpr float kTanhSeriesMax = 0.125f;
 template <bool kCap, bool kApprox, typename A>
 __device__ __forceinline__ A capped(A x, A cap, A inv_cap, A& dcap) {
   if (!kCap) return x;
   const A u = x * inv_cap;
   if constexpr (kApprox) {
-    const float E = ex2_approx_ftz(fabsf(u) * (-2.0f * kLog2e));  // NaN stays NaN
+    const float au = fabsf(u);
+    const float E = ex2_approx_ftz(au * (-2.0f * kLog2e));  // NaN stays NaN
     const float r = __fdividef(1.0f, 1.0f + E);
     dcap = 4.0f * E * r * r;
-    return mul_rn(cap, copysignf((1.0f - E) * r, u));
+    const float u2 = u * u;
+    const float series = fmaf(u * u2, fmaf(u2, 2.0f / 15.0f, -1.0f / 3.0f), u);
+    return mul_rn(cap, au < kTanhSeriesMax ? series : copysignf((1.0f - E) * r, u));
   } else {
     const A t = ftanh(u);
     dcap = (A(1) - t) * (A(1) + t);
