@@ -308,6 +308,32 @@ def test_ops_reject_bad_extras():
         ops.cross_entropy_fwd(x, t, None, -100, 0.0, 1, False, False, 0.0, 0.0)
 
 
+@pytest.mark.parametrize("cap", [41.0, 55.0, 30.0])
+@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("D", [None, 37], ids=["rows", "columns"])
+def test_saturated_softcap_has_zero_gradient(cap, probs, D, device):
+    """A logit far beyond the cap: tanh = 1 exactly in float32, so torch's 1 - tanh^2 is 0.
+    The CPU took t = capped x (1 / cap), which for caps such as 41 and 55 is 1 - 2^-24 (a
+    factor 1.2e-7 where torch has 0); it divides now. Everything else as the composite."""
+    g = torch.Generator().manual_seed(int(cap))
+    shape = (4, 6) if D is None else (4, 6, D)
+    x = torch.randn(shape, generator=g) * 2
+    x[:, 2] = 1e4
+    x[:, 4] = -1e4
+    x = x.to(device)
+    t = (torch.softmax(torch.randn(shape, generator=g), 1) if probs
+         else torch.randint(0, 6, shape[:1] + shape[2:], generator=g)).to(device)
+    xo, xt = leaf(x), leaf(x)
+    lo = TLF.cross_entropy(xo, t, softcap=cap, reduction="sum")
+    lt = ce_extras_reference(xt, t, softcap=cap, reduction="sum")
+    go = torch.autograd.grad(lo, xo)[0]
+    gt = torch.autograd.grad(lt, xt)[0]
+    assert torch.equal(gt[:, [2, 4]], torch.zeros_like(gt[:, [2, 4]]))
+    assert torch.equal(go[:, [2, 4]], gt[:, [2, 4]])
+    assert_close(lo, lt.detach())
+    assert_close(go, gt)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_softcap_outside_the_accumulation_range(dtype, device):
     """The kernels scale by 1 / softcap in the accumulation type (float32, float64 for float64):

@@ -333,18 +333,20 @@ void softcap_row(const acc_t* x, acc_t* out, int64_t C, acc_t cap) {
 }
 
 // The chain rule through the cap: grad_c *= 1 - t_c^2, t_c = capped_c / cap, as (1 - t)(1 + t)
-// (1 - t exact near |t| = 1).
+// (1 - t exact near |t| = 1). A quotient, not times 1 / cap: a saturated tanh (t = 1, capped =
+// cap) comes back as exactly 1 and its factor 0, as torch's 1 - tanh^2 (the rounded 1 / cap
+// gave 1 - 2^-24 for some caps: a factor 1.2e-7).
 template <typename acc_t>
 void softcap_grad_row(const acc_t* capped, acc_t* grad, int64_t C, acc_t cap) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec one(1), inv_v(acc_t(1) / cap);
+  const Vec one(1), cap_v(cap);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
-    const Vec t = Vec::loadu(capped + i) * inv_v;
+    const Vec t = Vec::loadu(capped + i) / cap_v;
     (Vec::loadu(grad + i) * ((one - t) * (one + t))).store(grad + i);
   }
   for (; i < C; ++i) {
-    const acc_t t = capped[i] * (acc_t(1) / cap);
+    const acc_t t = capped[i] / cap;
     grad[i] *= (acc_t(1) - t) * (acc_t(1) + t);
   }
 }
@@ -464,7 +466,7 @@ struct IndexColumns {
   }
   // softcap_grad_row's factor (1 - t)(1 + t), t = capped / cap.
   static Vec cap_factor(const Vec& capped, acc_t cap) {
-    const Vec one(1), t = capped * Vec(acc_t(1) / cap);
+    const Vec one(1), t = capped / Vec(cap);
     return (one - t) * (one + t);
   }
 
@@ -556,7 +558,7 @@ struct IndexColumns {
       const int64_t y = labels[r0 + j];
       acc_t g_y = target_grad[j];
       if (xc) {  // softcap_grad_row's factor, as cap_factor
-        const acc_t t_y = xc[y * W + j] * (acc_t(1) / cap);
+        const acc_t t_y = xc[y * W + j] / cap;
         g_y *= (acc_t(1) - t_y) * (acc_t(1) + t_y);
       }
       gb[y * D + j] = static_cast<scalar_t>(g_y);
