@@ -79,6 +79,7 @@ def one_shard_statistics(stats, target, probs):
     dict(rows=300, v=1000),   # more rows than the emulated grid, rows longer than the block
     dict(v=0),                # an empty shard
     dict(masked=True, smoothing=0.1),  # rows of -inf logits (masked classes)
+    dict(weight=True, inf_weight=True),  # an infinite class weight: its rows only
 ])
 def test_vocab_parallel_kernels_match_cpu(emu, dtype, options):
     g = torch.Generator().manual_seed(0)
@@ -95,6 +96,8 @@ def test_vocab_parallel_kernels_match_cpu(emu, dtype, options):
             target[::3] = -100
     weight = ((torch.rand(v, generator=g) + 0.5).to(acc_dtype(dtype))
               if options.get("weight") else None)
+    if options.get("inf_weight"):
+        weight[1] = torch.inf
     smoothing, z_loss = options.get("smoothing", 0.0), options.get("z_loss", 0.0)
     softcap = options.get("softcap", 0.0)
     stats = ops.vocab_parallel_ce_stats(logits, target, weight, 0, -100, smoothing, softcap)

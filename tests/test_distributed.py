@@ -563,6 +563,29 @@ def test_without_process_group():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=str)
+def test_nonfinite_class_weight_reaches_its_rows_only(bad):
+    """Without label smoothing a class weight enters only the rows of its class (torch's
+    formulas): spread 0 times an infinite class weight made that class's gradient NaN in every
+    row. One process holds the whole vocabulary."""
+    from torch_losses.distributed import vocab_parallel_cross_entropy
+
+    if dist.is_initialized():
+        pytest.skip("a default process group is initialized in this process")
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2, 1])
+    weight = torch.ones(9)
+    weight[1] = bad
+    for reduction in ("none", "sum"):
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = vocab_parallel_cross_entropy(xo, target, weight=weight, reduction=reduction)
+        ref = F.cross_entropy(xt, target, weight=weight, reduction=reduction)
+        go, = torch.autograd.grad(ours.sum(), xo)
+        gt, = torch.autograd.grad(ref.sum(), xt)
+        torch.testing.assert_close(go[[0, 2]], gt[[0, 2]])
+        assert not torch.isfinite(go[[1, 3]]).any() and not torch.isfinite(gt[[1, 3]]).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_single_process(dtype):
     """bfloat16 / float16 logits: value and gradient within torch's own error of float64

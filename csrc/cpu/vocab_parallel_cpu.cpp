@@ -135,6 +135,7 @@ void row_grad(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* out, int64_
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = Vec::size();
   const bool exact = !std::isfinite(coefficient) || !std::isfinite(scale);
+  const bool smoothing = g.spread != acc_t(0);  // (smoothing_share, per vector)
   const Vec max_v(g.max), log_sum_v(g.log_sum), coefficient_v(coefficient), spread_v(g.spread),
       keep_v(g.keep), scale_v(scale), cap_v(cap), one(1);
   int64_t c = 0;
@@ -143,7 +144,8 @@ void row_grad(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* out, int64_
     const Vec arg = (xv - max_v) - log_sum_v;
     const Vec p = exact ? arg.exp() : Math<Vec>::fast_exp(arg);
     const Vec wv = w ? Vec::loadu(w + c) : one;
-    const Vec v = t ? wv * (keep_v * Vec::loadu(t + c) + spread_v) : spread_v * wv;
+    const Vec v = t ? wv * (keep_v * Vec::loadu(t + c) + spread_v)
+                    : (smoothing ? spread_v * wv : Vec(0));
     Vec gv = scale_v * (coefficient_v * p - v);
     if (cap > acc_t(0)) {
       const Vec r = xv / cap_v;
@@ -153,7 +155,7 @@ void row_grad(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* out, int64_
   }
   for (; c < V; ++c) {
     const acc_t wc = w ? w[c] : acc_t(1);
-    const acc_t v = t ? wc * (g.keep * t[c] + g.spread) : g.spread * wc;
+    const acc_t v = t ? wc * (g.keep * t[c] + g.spread) : g.smoothing_share(wc);
     const acc_t d = coefficient * g.softmax(x[c]) - v;
     out[c] = scale * d * vp::softcap_slope(x[c], cap);
   }
@@ -250,7 +252,7 @@ void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, T
         const acc_t wy = row_sums[vp::kTargetWeight];
         const acc_t p = g.softmax(xr[local]);
         const acc_t d = g.keep * wy * (p - acc_t(1)) + (coefficient - g.keep * wy) * p -
-                        spread * (w ? w[local] : acc_t(1));
+                        g.smoothing_share(w ? w[local] : acc_t(1));
         grow[local] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[local], cap));
       }
     }

@@ -155,9 +155,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(VocabParallelGradArgs<T>
       const A p = g.softmax(xc);
       A d;
       if (c == local) {  // keep w_y (p_y - 1) formed before the other terms
-        d = g.keep * wy * (p - A(1)) + (coefficient - g.keep * wy) * p - spread * wc;
+        d = g.keep * wy * (p - A(1)) + (coefficient - g.keep * wy) * p - g.smoothing_share(wc);
       } else {
-        const A v = probs ? wc * (g.keep * to_acc(t[c]) + spread) : spread * wc;
+        const A v = probs ? wc * (g.keep * to_acc(t[c]) + spread) : g.smoothing_share(wc);
         d = coefficient * p - v;
       }
       gx[c] = from_acc<T>(scale * d * vp::softcap_slope(xc, cap));

@@ -92,6 +92,10 @@ struct GlobalRow {
     if (z_loss != T(0)) a += T(2) * z_loss * lse();
     return a;
   }
+  // spread w_c, a class's share of the smoothing in the gradient: 0 without smoothing, whatever
+  // w_c is (an inf or NaN class weight then reaches the rows of its own class only, as torch's;
+  // spread 0 times it was NaN in every row).
+  TL_HD T smoothing_share(T w) const { return spread != T(0) ? spread * w : T(0); }
   TL_HD T softmax(T x) const { return Math<T>::exp((x - max) - log_sum); }
   // -log_softmax of a class with (capped) logit x
   TL_HD T nll(T x) const { return (max - x) + log_sum; }
