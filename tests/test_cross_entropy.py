@@ -914,6 +914,30 @@ def test_nonfinite_class_weight_reaches_its_rows_only(bad, C, D, dtype, device):
             assert_close(lo, lt, equal_nan=True)
 
 
+@pytest.mark.parametrize("go", [float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("C, D", [(4, 1), (40, 1), (3000, 1), (21, 37)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_infinite_grad_output_as_torch(go, C, D, dtype, device):
+    """An infinite grad_output (GradScaler's overflowing step): every class but the target gets
+    go p_c = +-inf, as torch (the smoothing term's spread 0 times it made them NaN on the CPU).
+    The target's entry is non-finite in both (ours go (p_y - 1) = -+inf, torch's inf - inf)."""
+    g = torch.Generator().manual_seed(C)
+    x = (torch.randn(3, C, D, generator=g) * 3).to(dtype).to(device)
+    t = torch.randint(0, C, (3, D), generator=g).to(device)
+    if D == 1:
+        x, t = x.squeeze(2), t.squeeze(1)
+    onehot = F.one_hot(t, C).movedim(-1, 1).bool()
+    for reduction in ("none", "sum", "mean"):
+        xo, xt = leaf(x), leaf(x)
+        lo = TLF.cross_entropy(xo, t, reduction=reduction)
+        lt = F.cross_entropy(xt, t, reduction=reduction)
+        grad_out = torch.full_like(lt, go)
+        gro = torch.autograd.grad(lo, xo, grad_out)[0]
+        grt = torch.autograd.grad(lt, xt, grad_out)[0]
+        assert torch.equal(gro[~onehot], grt[~onehot]), reduction
+        assert not torch.isfinite(gro[onehot]).any() and not torch.isfinite(grt[onehot]).any()
+
+
 def test_infinite_probability_target_like_torch(device):
     """An infinite target at the max logit: inf * (-log_softmax) = inf, term by term as torch
     (a sum split around the max gave inf * 0 = nan); in the gradient, inf times a softmax

@@ -378,6 +378,11 @@ struct IndexFormulas {
     if (smoothing) a = a + T(spread * weight_sum);
     return s * (a + z_coef) * inv_sum;
   }
+  // b: every class's gradient less b w_c, b = s spread; 0 without smoothing whatever s is (an
+  // infinite grad_output times spread 0 made every entry NaN; torch, and our CUDA kernels:
+  // inf p_c).
+  template <typename T>
+  T smoothing_scale(T s) const { return smoothing ? s * T(spread) : T(0); }
   // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
   // differences formed before the scale (C = 1 without z-loss gives exactly 0).
   template <typename T>
@@ -538,7 +543,7 @@ struct IndexColumns {
       const Vec z_coef = f.z_loss != 0 ? f.z_coef(lse) : zero;
       const Vec p_y = Vec::loadu(e_y + j) * inv_sum;
       Vec::blendv(zero, f.coef_over_sum(s, wy, z_coef, inv_sum), is_counted).store(a + j);
-      Vec::blendv(zero, s * Vec(f.spread), is_counted).store(b + j);
+      Vec::blendv(zero, f.smoothing_scale(s), is_counted).store(b + j);
       f.target_grad(s, wy, z_coef, p_y).store(target_grad + j);
     }
     if (!gx) return;
@@ -968,18 +973,19 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
         const acc_t p_y = gxr[y] * inv_sum;
         const acc_t a_over_sum = formulas.coef_over_sum(s, wy, z_coef, inv_sum);
         const acc_t g_y = formulas.target_grad(s, wy, z_coef, p_y);
+        const acc_t b = formulas.smoothing_scale(s);
         if (direct) {
           scalar_t* out = gx + offset;
 #if defined(TL_HAVE_AVX512_ROWS)
           if constexpr (std::is_same_v<acc_t, float>) {
-            if (avx512) avx512_rows::scale_sweep(w, gxr, out, C, a_over_sum, s * spread, stream);
+            if (avx512) avx512_rows::scale_sweep(w, gxr, out, C, a_over_sum, b, stream);
           }
 #endif
-          if (!avx512) row_grad_from_exp(w, gxr, out, C, a_over_sum, s * spread, stream);
+          if (!avx512) row_grad_from_exp(w, gxr, out, C, a_over_sum, b, stream);
           out[y] = static_cast<scalar_t>(g_y);
           continue;
         }
-        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, s * spread, false);
+        row_grad_from_exp(w, gxr, gxr, C, a_over_sum, b, false);
         gxr[y] = g_y;
       }
       if (gx && cap != 0) softcap_grad_row(xr, gxr, C, cap);
