@@ -43,14 +43,16 @@ else
 import importlib, sys
 missing = []
 for mod, pip_name in [("torch", "torch"), ("pytest", "pytest"), ("numpy", "numpy"),
-                      ("setuptools", "setuptools>=64"), ("ninja", "ninja")]:
+                      ("setuptools", "setuptools>=77"), ("ninja", "ninja")]:
     try:
         m = importlib.import_module(mod)
     except Exception:
         missing.append(pip_name)
         continue
-    if mod == "setuptools" and int(m.__version__.split(".")[0]) < 64:
-        missing.append(f"setuptools>=64 (found {m.__version__})")
+    # pyproject.toml's build-system floor (its SPDX license string): an older setuptools
+    # fails the build only after the preflight.
+    if mod == "setuptools" and int(m.__version__.split(".")[0]) < 77:
+        missing.append(f"setuptools>=77 (found {m.__version__})")
     if mod == "torch" and not m.cuda.is_available():
         missing.append(f"a CUDA torch with a visible GPU (torch {m.__version__}, "
                        f"cuda {m.version.cuda}, is_available() False)")
@@ -65,7 +67,7 @@ command -v nvcc >/dev/null 2>&1 || [[ -n "${CUDA_HOME:-}" ]] \
 if (( ${#MISSING[@]} )); then
   stamp "preflight FAILED; missing:"
   printf '  - %s\n' "${MISSING[@]}" | tee -a "$SUMMARY"
-  stamp "install with: $PY -m pip install 'setuptools>=64' ninja pytest numpy (torch: a CUDA build)"
+  stamp "install with: $PY -m pip install 'setuptools>=77' ninja pytest numpy (torch: a CUDA build)"
   exit 2
 fi
 stamp "$(tail -1 "$OUT/preflight.txt"); torch: $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
