@@ -379,9 +379,11 @@ def test_compile_fullgraph(reduction, device):
     ours_in = [leaf(x), leaf(w), leaf(b)]
     ref_in = [leaf(x), leaf(w), leaf(b)]
 
+    opts = options(6)  # made outside: torch 2.11's dynamo cannot trace SimpleNamespace()
+
     def step(x, w, b, t):
         return TLF.linear_cross_entropy(torch.tanh(x), w, t, linear_bias=b,
-                                        reduction=reduction, options=options(6))
+                                        reduction=reduction, options=opts)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
@@ -476,7 +478,8 @@ def test_compile_second_backward():
     def run():
         torch._dynamo.reset()
         xo, wo = leaf(x), leaf(w)
-        loss = torch.compile(lambda x, w: TLF.linear_cross_entropy(x, w, t, options=options(6)),
+        opts = options(6)  # made outside the graph, as in test_compile_fullgraph
+        loss = torch.compile(lambda x, w: TLF.linear_cross_entropy(x, w, t, options=opts),
                              fullgraph=True)(xo, wo)
         loss.backward(retain_graph=True)
         loss.backward()

@@ -445,6 +445,26 @@ def _is_dtensor(tensor):
     return type(tensor).__module__.startswith("torch.distributed.tensor")
 
 
+class _LocalShard(Function):
+    """DTensor.to_local() whose gradient comes back with the DTensor's own placements, shape and
+    stride. torch 2.11's to_local derives the gradient's global stride from the local shard,
+    which is not the DTensor's where the shards are uneven (7 classes on 2 ranks); AccumulateGrad
+    then re-lays the gradient out as a replicated DTensor: an all-gather of the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, dtensor):
+        ctx.layout = (dtensor.device_mesh, dtensor.placements, dtensor.shape, dtensor.stride())
+        return dtensor.to_local()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.layout
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape,
+                                  stride=stride)
+
+
 def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                           label_smoothing=0.0, z_loss=0.0, softcap=None):
     """torch.nn.functional.cross_entropy of a DTensor `input` sharded on the class dimension
@@ -477,7 +497,7 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
             "global count")
     group = mesh.get_group(tp)
     rank, world = mesh.get_local_rank(tp), mesh.size(tp)
-    logits = input.to_local()
+    logits = _LocalShard.apply(input)
     vocab = input.shape[class_dim]
     # DTensor's Shard splits as torch.chunk does: ceil(V / P) classes per rank, the last fewer
     chunk = -(-vocab // world)
@@ -488,7 +508,7 @@ def dtensor_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     if _is_dtensor(target):
         local_target = ((probs and tuple(target.placements) == placements) or
                         (not probs and target.placements[tp].is_replicate() and batch_sharded))
-        target = target.to_local() if local_target else target.full_tensor()
+        target = _LocalShard.apply(target) if local_target else target.full_tensor()
     elif batch_sharded:
         raise RuntimeError("torch_losses: with input sharded over other mesh dims too, target "
                            "must be a DTensor placed as torch's loss_parallel() derives")
