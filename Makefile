@@ -14,15 +14,19 @@ endif
 PYTHON := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build on the project's machines; an installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
-# The newest torch the tests ran on (make test-newest-torch), in its own venv.
+# The newest torch the tests ran on (make test-newest-torch), in its own venv; the oldest (make
+# test-oldest-torch): the torch of the GPU machines' image, from PyPI (a CUDA build, ~5 GB).
 NEWEST_TORCH ?= 2.14.1
+OLDEST_TORCH ?= 2.11.0
 TEST_TOOLS ?= pytest numpy expecttest hypothesis
+# pyproject.toml's build floor; torch 2.11 asks for setuptools<82 (test-oldest-torch).
+SETUPTOOLS_SPEC ?= setuptools>=77
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch cuda-compile cuda-emulate sass-report clean
+.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch test-oldest-torch cuda-compile cuda-emulate sass-report clean
 .DEFAULT_GOAL := help
 
 help:
@@ -33,6 +37,7 @@ help:
 	@echo "make cuda-emulate   the CUDA kernels on the CPU emulator (also part of make test)"
 	@echo "make sass-report   registers, spills and SASS instructions per element of every CUDA kernel"
 	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
+	@echo "make test-oldest-torch   the suite on torch $(OLDEST_TORCH) (the GPU image's), in .venv-torch-$(OLDEST_TORCH)"
 	@echo "Python: $(VENV) (the active venv, else .venv, created with python3 when missing)"
 
 $(PYTHON):
@@ -42,7 +47,7 @@ $(PYTHON):
 # torch and the build tools (once per venv).
 $(VENV)/.tools-installed: | $(PYTHON)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet "setuptools>=77" wheel ninja
+	$(PYTHON) -m pip install --quiet "$(SETUPTOOLS_SPEC)" wheel ninja
 	touch $@
 
 # The test tools (once per venv; make bench does not need them).
@@ -83,6 +88,12 @@ bench-linear-ce: install
 test-newest-torch:
 	TORCH_LOSSES_CUDA=0 $(MAKE) test VENV=.venv-torch-$(NEWEST_TORCH) \
 	  TORCH_SPEC=torch==$(NEWEST_TORCH) PYTEST_ARGS="--ignore-glob='tests/test_cuda_emu*.py' $(PYTEST_ARGS)"
+
+# The same on the oldest torch the suite passes on: the GPU image's, so that the one GPU call
+# never meets a torch the suite has not run on.
+test-oldest-torch:
+	TORCH_LOSSES_CUDA=0 $(MAKE) test VENV=.venv-torch-$(OLDEST_TORCH) \
+	  TORCH_SPEC=torch==$(OLDEST_TORCH) SETUPTOOLS_SPEC="setuptools>=77,<82" PYTEST_ARGS="--ignore-glob='tests/test_cuda_emu*.py' $(PYTEST_ARGS)"
 
 # Every .cu compiles without a GPU and without torch headers (20-80 s each for both archs), as
 # many at a time as there are cores; the first failure stops the rest.
