@@ -1,6 +1,7 @@
 """Linear + cross-entropy (an LLM head), forward + backward: torch_losses'
-linear_cross_entropy against torch's reference path (options=None), torch's chunked path
-(options=LinearCrossEntropyOptions()) and Liger-Kernel's fused linear cross-entropy (CUDA, when
+linear_cross_entropy against torch's reference path (options=None; on a torch without
+linear_cross_entropy, e.g. the GPU image's 2.11, F.cross_entropy(F.linear(...)), what that path
+computes), torch's chunked path (options=LinearCrossEntropyOptions()) and Liger-Kernel's fused linear cross-entropy (CUDA, when
 it imports). Time and peak extra memory of each, in the same run.
 
 Time: the median of reps fwd+bwd steps, the implementations taking turns rep by rep in one
@@ -40,10 +41,23 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _has_torch_linear_ce():
+    import torch
+    return hasattr(torch.nn.functional, "linear_cross_entropy")
+
+
+def _title(impl):
+    if impl == "eager" and not _has_torch_linear_ce():
+        return "torch eager (F.linear + F.cross_entropy)"
+    return TITLE[impl]
+
+
 def _loss_fn(impl):
     import torch
     import torch.nn.functional as F
     if impl == "eager":
+        if not _has_torch_linear_ce():  # torch < 2.13 (the GPU image's 2.11): the composite,
+            return lambda x, w, t: F.cross_entropy(F.linear(x, w), t)  # what options=None does
         return lambda x, w, t: F.linear_cross_entropy(x, w, t)
     if impl == "chunked":
         options = torch.nn.LinearCrossEntropyOptions()
@@ -143,10 +157,9 @@ def _unavailable(impl, device):
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger_kernel is not installed"
-    if impl in ("eager", "chunked") and not hasattr(torch.nn.functional, "linear_cross_entropy"):
-        return f"torch {torch.__version__} has no linear_cross_entropy"
-    if impl == "chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        return "this torch has no LinearCrossEntropyOptions"
+    if impl == "chunked" and not (_has_torch_linear_ce() and
+                                  hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        return f"torch {torch.__version__} has no linear_cross_entropy options"
     return None
 
 
@@ -218,12 +231,12 @@ def table(row):
     ours_ms, ours_mib = row["ms"].get("ours"), row["peak_extra_mib"].get("ours")
     for impl in IMPLS:
         if impl in row["skipped"]:
-            lines.append(f"| {TITLE[impl]} | skipped: {row['skipped'][impl]} | | | | |")
+            lines.append(f"| {_title(impl)} | skipped: {row['skipped'][impl]} | | | | |")
             continue
         if impl not in row["ms"]:
             continue
         ms, mib = row["ms"][impl], row["peak_extra_mib"][impl]
-        lines.append(f"| {TITLE[impl]} | {ms:.1f} | {row['cpu_ms'][impl]:.1f} | {mib:.1f} | "
+        lines.append(f"| {_title(impl)} | {ms:.1f} | {row['cpu_ms'][impl]:.1f} | {mib:.1f} | "
                      f"{ms / ours_ms:.2f}x | {mib / max(ours_mib, 1e-9):.2f}x |")
     check = row.get("check", {})
     verdicts = "; ".join(f"{c['target']}: {c['value']:.3g} {c['status']}" for c in row["checks"])
