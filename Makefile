@@ -26,7 +26,7 @@ BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 INSTALLED := $(VENV)/.torch_losses-installed
 
-.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch test-oldest-torch cuda-compile cuda-emulate sass-report clean
+.PHONY: help install test fuzz bench bench-linear-ce test-newest-torch test-oldest-torch cuda-compile cuda-build cuda-emulate sass-report clean
 .DEFAULT_GOAL := help
 
 help:
@@ -35,6 +35,7 @@ help:
 	@echo "make bench-linear-ce   linear + cross-entropy (LLM head) time and memory"
 	@echo "make fuzz    the randomized differential tests' long profile (~24,000 cases)"
 	@echo "make cuda-emulate   the CUDA kernels on the CPU emulator (also part of make test)"
+	@echo "make cuda-build   the whole extension with CUDA (sm_90) against torch $(OLDEST_TORCH)+cu130, loaded without a GPU"
 	@echo "make sass-report   registers, spills and SASS instructions per element of every CUDA kernel"
 	@echo "make test-newest-torch   the suite on torch $(NEWEST_TORCH), in .venv-torch-$(NEWEST_TORCH)"
 	@echo "make test-oldest-torch   the suite on torch $(OLDEST_TORCH) (the GPU image's), in .venv-torch-$(OLDEST_TORCH)"
@@ -101,6 +102,20 @@ cuda-compile:
 	@ls csrc/cuda/*.cu | xargs -P "$$(nproc)" -I{} sh -c \
 	  'echo "nvcc {}"; nvcc -std=c++17 -O3 -c -Icsrc -gencode=arch=compute_80,code=sm_80 \
 	     -gencode=arch=compute_90,code=sm_90 -o /dev/null {} || exit 255'
+
+# The whole extension with its CUDA part (the C++ glue and the kernels, sm_90) against torch
+# $(OLDEST_TORCH), the GPU image's torch (a CUDA build), as scripts/gpu_check.sh builds it there:
+# a wheel in build/cuda-wheel, unpacked and loaded without a GPU (every op with a CPU kernel must
+# have its CUDA kernel). make test builds the CPU part only, cuda-compile the .cu files alone.
+CUDA_BUILD_VENV := .venv-torch-$(OLDEST_TORCH)
+cuda-build:
+	$(MAKE) $(CUDA_BUILD_VENV)/.tools-installed VENV=$(CUDA_BUILD_VENV) \
+	  TORCH_SPEC=torch==$(OLDEST_TORCH) SETUPTOOLS_SPEC="setuptools>=77,<82"
+	rm -rf build/cuda-wheel
+	TORCH_LOSSES_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $(CUDA_BUILD_VENV)/bin/python -m pip wheel \
+	  --no-build-isolation --no-deps -w build/cuda-wheel .
+	$(CUDA_BUILD_VENV)/bin/python -m zipfile -e build/cuda-wheel/torch_losses-*.whl build/cuda-wheel/site
+	$(CUDA_BUILD_VENV)/bin/python scripts/check_cuda_build.py build/cuda-wheel/site
 
 # The CUDA kernels run on the CPU under the emulator of tests/cuda_emu (no GPU, no nvcc, no
 # build of the extension; needs g++, torch and pytest): compile ~20 s (cached), tests ~2.5 min,

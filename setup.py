@@ -172,13 +172,15 @@ def write_build_info():
 write_build_info()
 
 class PersistentBuildExtension(BuildExtension):
-    """Keeps ninja's object files in build/temp-<torch>-<python>/ instead of the temporary folder
-    that `pip install -e .` passes, so a reinstall recompiles only the sources that changed
-    (one folder per torch version: switching torch does not discard the other's objects)."""
+    """Keeps ninja's object files in build/temp-<torch>-<python>[-cuda]/ instead of the temporary
+    folder that `pip install -e .` passes, so a reinstall recompiles only the sources that changed
+    (one folder per torch version and CUDA switch: switching does not discard the other's
+    objects, e.g. make cuda-build's beside the CPU-only build of the same torch)."""
 
     def finalize_options(self):
         super().finalize_options()
-        tag = f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        tag = (f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+               f"{'-cuda' if with_cuda else ''}")
         self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
 
 
