@@ -85,8 +85,10 @@ fi
 # ---- build for the visible card only (setup.py picks its compute capability and CUDA_HOME) ------
 stamp "building (TORCH_LOSSES_CUDA=1, MAX_JOBS=16)"
 BUILD_RC=0
-TORCH_LOSSES_CUDA=1 MAX_JOBS=16 timeout -s INT -k 10 200 \
-  "$PY" -m pip install --no-build-isolation -e . >"$OUT/build.txt" 2>&1 || BUILD_RC=$?
+# --no-deps --no-index and no version check: the machine has no network, so pip must not try it.
+TORCH_LOSSES_CUDA=1 MAX_JOBS=16 PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -s INT -k 10 200 \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.txt" 2>&1 \
+  || BUILD_RC=$?
 if [[ $BUILD_RC -ne 0 ]]; then
   tail -60 "$OUT/build.txt"
   note "build: FAILED (rc $BUILD_RC); full log in $OUT/build.txt"
