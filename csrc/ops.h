@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,8 +27,8 @@ namespace torch_losses {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// One pointwise-loss call. Inputs are contiguous and of one shape and dtype; outputs that are
-// not wanted are undefined.
+// One pointwise-loss call. Inputs are of one shape, dtype and non-overlapping, dense layout
+// (pointwise_layout), outputs too; outputs that are not wanted are undefined.
 struct PointwiseProblem {
   Tensor input, target;
   Tensor weight;       // element weight, or undefined
@@ -124,6 +126,9 @@ inline void check_like_input(const Tensor& input, const Tensor& t, const char* n
 
 // A fresh large CPU output from the output cache (csrc/cpu/output_cache.cpp), else at::empty.
 Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The same with strides: those of a non-overlapping, dense tensor of these sizes.
+Tensor empty_cpu_output(at::IntArrayRef sizes, at::IntArrayRef strides,
+                        const at::TensorOptions& options);
 
 inline Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? empty_cpu_output(sizes, options) : at::empty(sizes, options);
@@ -131,6 +136,40 @@ inline Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& optio
 
 inline Tensor grad_like(const Tensor& t, bool wanted) {
   return wanted ? fresh_output(t.sizes(), t.options()) : Tensor();
+}
+
+// The pointwise kernels walk flat buffers, so any non-overlapping, dense layout serves them
+// (channels_last, a transposed matrix): the input keeps its own, the other per-element tensors
+// are brought into it (a copy only where theirs differs), and the outputs get it, as torch's
+// elementwise losses give them. Empty or overlapping/strided inputs are made contiguous
+// (torch_losses/_fake.py _pointwise_layout mirrors this rule).
+inline Tensor pointwise_layout(const Tensor& input) {
+  return input.numel() > 0 && input.is_non_overlapping_and_dense() ? input : input.contiguous();
+}
+
+// Whether t (of layout's sizes) lies in layout's flat order: the strides agree on every
+// dimension of size > 1.
+inline bool same_layout(const Tensor& t, const Tensor& layout) {
+  for (int64_t d = 0; d < layout.dim(); ++d) {
+    if (layout.size(d) > 1 && t.stride(d) != layout.stride(d)) return false;
+  }
+  return true;
+}
+
+inline Tensor in_layout_of(const Tensor& t, const Tensor& layout) {
+  return same_layout(t, layout) ? t : at::empty_like(layout).copy_(t);
+}
+
+// A fresh output (or gradient) in a pointwise problem's layout: a contiguous one has the
+// standard strides (whatever its size-1 dimensions' strides).
+inline Tensor output_like(const Tensor& layout) {
+  if (layout.is_contiguous()) return fresh_output(layout.sizes(), layout.options());
+  return layout.is_cpu() ? empty_cpu_output(layout.sizes(), layout.strides(), layout.options())
+                         : at::empty_strided(layout.sizes(), layout.strides(), layout.options());
+}
+
+inline Tensor pointwise_grad_like(const Tensor& layout, bool wanted) {
+  return wanted ? output_like(layout) : Tensor();
 }
 
 inline Tensor or_empty(const Tensor& t, const Tensor& like) {
@@ -144,15 +183,15 @@ inline PointwiseProblem pointwise_problem(const Tensor& input, const Tensor& tar
   check_floating(input, "input");
   check_like_input(input, target, "target");
   PointwiseProblem p;
-  p.input = input.contiguous();
-  p.target = target.contiguous();
+  p.input = pointwise_layout(input);
+  p.target = in_layout_of(target, p.input);
   if (weight.has_value()) {
     check_like_input(input, *weight, "weight");
-    p.weight = weight->contiguous();
+    p.weight = in_layout_of(*weight, p.input);
   }
   if (aux.has_value()) {
     check_like_input(input, *aux, "pos_weight");
-    p.aux = aux->contiguous();
+    p.aux = in_layout_of(*aux, p.input);
   }
   p.param = param;
   p.reduction = reduction;
@@ -165,10 +204,9 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_fwd(const Tensor& input, const Tens
                                                  double param, int64_t reduction,
                                                  bool input_grad, bool target_grad) {
   PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
-  p.loss = reduction == kNone ? at::empty(p.input.sizes(), p.input.options())
-                              : at::empty({}, p.input.options());
-  p.grad_input = grad_like(p.input, input_grad);
-  p.grad_target = grad_like(p.target, target_grad);
+  p.loss = reduction == kNone ? output_like(p.input) : at::empty({}, p.input.options());
+  p.grad_input = pointwise_grad_like(p.input, input_grad);
+  p.grad_target = pointwise_grad_like(p.input, target_grad);
   Backend::template pointwise<Loss>(p);
   return {p.loss, or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
 }
@@ -194,15 +232,16 @@ inline Tensor backward_grad_output(const Tensor& grad_output, const Tensor& inpu
   } else {
     TORCH_CHECK(g.dim() == 0, "torch_losses: grad_output must be a scalar");
   }
-  return g.to(input.scalar_type()).contiguous();
+  return g.to(input.scalar_type());
 }
 
-// A gradient buffer that a *_bwd_into_ op writes: the forward's (contiguous, input's shape), or
-// an empty tensor when that gradient is not wanted.
-inline Tensor forward_grad_buffer(const Tensor& buffer, const Tensor& like, const char* name) {
+// A gradient buffer that a *_bwd_into_ op writes: the forward's (the problem's layout), or an
+// empty tensor when that gradient is not wanted.
+inline Tensor forward_grad_buffer(const Tensor& buffer, const Tensor& layout, const char* name) {
   if (buffer.numel() == 0) return Tensor();
-  check_like_input(like, buffer, name);
-  TORCH_CHECK(buffer.is_contiguous(), "torch_losses: ", name, " must be contiguous");
+  check_like_input(layout, buffer, name);
+  TORCH_CHECK(same_layout(buffer, layout), "torch_losses: ", name,
+              " must have the input's layout (the forward's gradient)");
   return buffer;
 }
 
@@ -213,8 +252,9 @@ std::tuple<Tensor, Tensor> pointwise_bwd(const Tensor& grad_output, const Tensor
                                          bool input_grad, bool target_grad) {
   PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
   p.grad_output = backward_grad_output(grad_output, input, reduction, input.sizes());
-  p.grad_input = grad_like(p.input, input_grad);
-  p.grad_target = grad_like(p.target, target_grad);
+  if (p.grad_output.dim() > 0) p.grad_output = in_layout_of(p.grad_output, p.input);
+  p.grad_input = pointwise_grad_like(p.input, input_grad);
+  p.grad_target = pointwise_grad_like(p.input, target_grad);
   Backend::template pointwise<Loss>(p);
   return {or_empty(p.grad_input, p.input), or_empty(p.grad_target, p.input)};
 }
@@ -228,7 +268,7 @@ void pointwise_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tensor& g
                         const OptTensor& aux, double param, int64_t reduction) {
   TORCH_CHECK(reduction != kNone, "torch_losses: the *_bwd_into_ ops take reduction mean or sum");
   PointwiseProblem p = pointwise_problem(input, target, weight, aux, param, reduction);
-  p.grad_output = backward_grad_output(grad_output, input, reduction, {});
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {}).contiguous();
   p.grad_input = forward_grad_buffer(grad_input, p.input, "grad_input");
   p.grad_target = forward_grad_buffer(grad_target, p.input, "grad_target");
   p.skip_if_grad_output_is_one = true;
@@ -387,7 +427,7 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd(const Tensor& grad_output, const Te
   TORCH_CHECK(!target_grad || p.probability_target,
               "torch_losses: class-index targets have no gradient");
   check_saved_row_stats(p, row_stats);
-  p.grad_output = backward_grad_output(grad_output, input, reduction, {p.N, p.D});
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {p.N, p.D}).contiguous();
   p.row_stats = row_stats.contiguous();
   p.grad_input = ce_grad_like(p, input_grad);
   if (target_grad) p.grad_target = ce_grad_like(p, true);
@@ -408,7 +448,7 @@ void cross_entropy_bwd_into(Tensor& grad_input, Tensor& grad_target, const Tenso
   CrossEntropyProblem p = cross_entropy_problem(input, target, weight, ignore_index,
                                                 label_smoothing, reduction, z_loss, softcap);
   check_saved_row_stats(p, row_stats);
-  p.grad_output = backward_grad_output(grad_output, input, reduction, {});
+  p.grad_output = backward_grad_output(grad_output, input, reduction, {}).contiguous();
   p.row_stats = row_stats.contiguous();
   p.grad_input = ce_grad_buffer(grad_input, p, "grad_input");
   if (p.probability_target) p.grad_target = ce_grad_buffer(grad_target, p, "grad_target");

@@ -145,16 +145,21 @@ def test_compiled_non_contiguous_input(name, reduction, device):
     numbers), and the gradients are torch's."""
     if name == "cross_entropy":
         x = torch.randn(2, 5, 3, 4, device=device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 5, (2, 3, 4), device=device)
-    else:
-        x = torch.randn(4, 6, device=device).t()
-        y = torch.rand(4, 6, device=device).t()
-    xo, xt = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        cases = [(x, torch.randint(0, 5, (2, 3, 4), device=device))]
+    else:  # a transposed prediction; channels_last with a contiguous target (the layouts mix)
+        cases = [(torch.randn(4, 6, device=device).t(), torch.rand(4, 6, device=device).t()),
+                 (torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last),
+                  torch.rand(2, 3, 4, 5, device=device))]
     ours_f, torch_f = getattr(TLF, name), getattr(F, name)
     compiled = torch.compile(lambda a, b: ours_f(a, b, reduction=reduction), fullgraph=True)
-    ours, theirs = compiled(xo, y), torch_f(xt, y, reduction=reduction)
-    assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    g = torch.rand_like(theirs) + 0.5
-    ours.backward(g)
-    theirs.backward(g)
-    assert_close(xo.grad, xt.grad, rtol=1e-5, atol=1e-6)
+    for x, y in cases:
+        xo = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        xt = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        ours, theirs = compiled(xo, y), torch_f(xt, y, reduction=reduction)
+        assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        if reduction == "none" and name != "cross_entropy":
+            assert ours.stride() == x.stride()  # the input's layout (csrc/ops.h)
+        g = torch.rand_like(theirs) + 0.5
+        ours.backward(g)
+        theirs.backward(g)
+        assert_close(xo.grad, xt.grad, rtol=1e-5, atol=1e-6)

@@ -234,17 +234,77 @@ def test_cross_entropy_bwd_into_op(combo, dtype, extras, device):
                     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def _pointwise_layouts(name, device):
+    """(label, x, y): inputs of shape (2, 3, 4, 5) in the layouts the pointwise ops see."""
+    x, y = _inputs(name, (2, 3, 4, 5), torch.float32, device)
+    cl = torch.channels_last
+    odd_unit = torch.empty_strided((2, 1, 4), (4, 7, 1), device=device)  # size-1 dim, stride 7
+    xu, yu = _inputs(name, (2, 1, 4), torch.float32, device)
+    return [
+        ("channels_last", x.to(memory_format=cl), y.to(memory_format=cl)),
+        ("transposed", x.transpose(0, 3), y.transpose(0, 3)),
+        ("mixed", x.to(memory_format=cl), y),
+        ("sliced", x[:, ::2], y[:, ::2]),
+        ("expanded_target", x, y[:1].expand_as(y)),
+        ("odd_unit_stride", odd_unit.copy_(xu), yu),
+        ("empty_transposed", x[:0].transpose(0, 3), y[:0].transpose(0, 3)),
+    ]
+
+
+def _kept_layout(x):
+    """csrc/ops.h pointwise_layout: a non-empty, non-overlapping and dense input keeps its
+    strides (a contiguous one gets the standard strides); anything else is made contiguous."""
+    dense = x.numel() > 0 and torch.empty_like(x).stride() == x.stride()
+    return x.stride() if dense and not x.is_contiguous() else torch.empty(x.shape).stride()
+
+
 @pytest.mark.parametrize("name", list(POINTWISE))
-def test_pointwise_ops_non_contiguous_inputs(name, device):
-    """The fake kernels give the real ops' output strides (inductor asserts them): a fresh
-    contiguous gradient whatever the input's strides."""
-    x, y = _inputs(name, (5, 3), torch.float32, device)
-    x, y = x.t(), y.t()
-    extra = POINTWISE[name](x)[0]
-    for reduction in (NONE, MEAN):
-        check(getattr(ops, f"{name}_fwd"), (x, y, *extra, reduction, True, True))
-        g = torch.randn((3, 5) if reduction == NONE else (), device=device)
-        check(getattr(ops, f"{name}_bwd"), (g, x, y, *extra, reduction, True, True))
+def test_pointwise_ops_layouts(name, device):
+    """The pointwise ops walk any non-overlapping, dense layout without a copy: the 'none' loss
+    and the gradients come in the input's strides (those torch's elementwise losses give the
+    'none' loss), the fake kernels say so (opcheck, inductor asserts them), and the values are
+    those of the contiguous call."""
+    for label, x, y in _pointwise_layouts(name, device):
+        extra = POINTWISE[name](x.contiguous())[0]
+        extra = [e.transpose(0, -1).contiguous().transpose(0, -1) if torch.is_tensor(e) else e
+                 for e in extra]  # a tensor weight in yet another layout
+        fwd, bwd = getattr(ops, f"{name}_fwd"), getattr(ops, f"{name}_bwd")
+        kept = _kept_layout(x)
+        contiguous_args = [e.contiguous() if torch.is_tensor(e) else e for e in extra]
+        for reduction in (NONE, MEAN):
+            check(fwd, (x, y, *extra, reduction, True, True))
+            loss, gx, gy = fwd(x, y, *extra, reduction, True, True)
+            ref = fwd(x.contiguous(), y.contiguous(), *contiguous_args, reduction, True, True)
+            for got, expected in zip((loss, gx, gy), ref):
+                if got.dim() > 0:
+                    assert got.stride() == kept, (label, got.stride(), kept)
+                torch.testing.assert_close(got, expected, rtol=1e-6 if got.dim() == 0 else 0,
+                                           atol=0, equal_nan=True)
+            shape = x.shape if reduction == NONE else ()
+            for g in (torch.randn(shape, device=device),
+                      torch.randn(shape, device=device).transpose(0, -1).contiguous()
+                      .transpose(0, -1)):
+                check(bwd, (g, x, y, *extra, reduction, True, True))
+                got = bwd(g, x, y, *extra, reduction, True, True)
+                ref = bwd(g.contiguous(), x.contiguous(), y.contiguous(), *contiguous_args,
+                          reduction, True, True)
+                for a, b in zip(got, ref):
+                    assert a.stride() == kept, (label, a.stride(), kept)
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pointwise_bwd_into_takes_the_forward_layout(device):
+    """*_bwd_into_ writes the forward's gradient in its layout; a buffer in another raises."""
+    x, y = _inputs("mse", (2, 3, 4, 5), torch.float32, device)
+    x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    _, gx, gy = ops.mse_fwd(x, y, None, MEAN, True, True)
+    g = torch.tensor(0.75, device=device)
+    check(ops.mse_bwd_into_, (gx.clone(), gy.clone(), g, x, y, None, MEAN))
+    ops.mse_bwd_into_(gx, gy, g, x, y, None, MEAN)
+    for got, expected in zip((gx, gy), ops.mse_bwd(g, x, y, None, MEAN, True, True)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="must have the input's layout"):
+        ops.mse_bwd_into_(gx.contiguous(), gy, g, x, y, None, MEAN)
 
 
 @pytest.mark.parametrize("probs", [False, True])

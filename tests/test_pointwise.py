@@ -345,6 +345,34 @@ def test_non_contiguous_inputs(loss, layout, device):
         assert_close(ours, loss.theirs(base_t, y, reduction=reduction, **kw))
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_dense_layouts_keep_their_strides(loss, layout, device):
+    """A channels_last or permuted (non-overlapping, dense) input is read in place: the 'none'
+    loss has torch's strides (the input's), and a leaf's .grad comes in the leaf's layout (so
+    autograd adopts it rather than copying it into that layout)."""
+    opts = loss.grid[-1]
+    x, y = loss.make((2, 3, 4, 5), torch.float64, device, opts)
+    if layout == "channels_last":
+        x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+    else:
+        x, y = (t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2) for t in (x, y))
+    assert not x.is_contiguous()
+    kw = materialize(opts, tuple(x.shape), torch.float64, device)
+    for reduction in loss.reductions:
+        xo, xt = leaf(x.clone(memory_format=torch.preserve_format)), leaf(x.clone())
+        ours = loss.ours(xo, y, reduction=reduction, **kw)
+        theirs = loss.theirs(xt, y, reduction=reduction, **kw)
+        assert_close(ours, theirs, msg=f"{layout} {reduction}")
+        if reduction == "none":
+            assert ours.stride() == theirs.stride() == x.stride()
+        g = torch.randn_like(theirs)
+        (ours * g).sum().backward()
+        (theirs * g).sum().backward()
+        assert xo.grad.stride() == x.stride()
+        assert_close(xo.grad, xt.grad)
+
+
 BROADCASTING = ["huber", "mse", "l1", "smooth_l1", "kl_div"]
 
 

@@ -18,6 +18,31 @@ def _grad_or_empty(like, wanted):
     return like.new_empty(like.shape) if wanted else like.new_empty((0,))
 
 
+def _non_overlapping_and_dense(t):
+    """c10's is_non_overlapping_and_dense: the dimensions of size > 1, ordered by stride, are
+    contiguous."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1),
+                               key=lambda size_stride: size_stride[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _pointwise_output(input):
+    """A pointwise op's 'none' loss or gradient (csrc/ops.h pointwise_layout, output_like): the
+    strides of a non-contiguous, non-overlapping and dense, non-empty input; else contiguous."""
+    if (not input.is_contiguous() and input.numel() > 0
+            and _non_overlapping_and_dense(input)):
+        return input.new_empty_strided(input.shape, input.stride())
+    return input.new_empty(input.shape)
+
+
+def _pointwise_grad_or_empty(input, wanted):
+    return _pointwise_output(input) if wanted else input.new_empty((0,))
+
+
 def _ce_rows_strided(input):
     """csrc/cuda/ce_layout.h ce_rows_strided: CUDA logits (N, C, D) read with their strides."""
     n, c, d = input.shape
@@ -40,13 +65,15 @@ def _ce_grad_or_empty(input, wanted):
 def _pointwise_fwd_fake(input, target, *args):
     *_, reduction, input_grad, target_grad = args
     torch._check(input.shape == target.shape, lambda: "input and target shapes differ")
-    loss = input.new_empty(input.shape) if reduction == _NONE else input.new_empty(())
-    return loss, _grad_or_empty(input, input_grad), _grad_or_empty(target, target_grad)
+    loss = _pointwise_output(input) if reduction == _NONE else input.new_empty(())
+    return (loss, _pointwise_grad_or_empty(input, input_grad),
+            _pointwise_grad_or_empty(input, target_grad))
 
 
 def _pointwise_bwd_fake(grad_output, input, target, *args):
     *_, reduction, input_grad, target_grad = args
-    return _grad_or_empty(input, input_grad), _grad_or_empty(target, target_grad)
+    return (_pointwise_grad_or_empty(input, input_grad),
+            _pointwise_grad_or_empty(input, target_grad))
 
 
 def _bwd_into_fake(grad_input, grad_target, grad_output, *args):

@@ -7,6 +7,7 @@
 // TORCH_LOSSES_CPU_CACHE_MB (default 1024, 0 turns it off) MiB, the most recently released
 // blocks first; torch_losses.empty_cpu_cache() hands it back.
 #include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
@@ -136,6 +137,16 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& opti
   return at::detail::empty_generic(sizes, &OutputCache::get(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), std::nullopt);
+}
+
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::IntArrayRef strides,
+                            const at::TensorOptions& options) {
+  const int64_t bytes = c10::multiply_integers(sizes) *
+                        static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+  if (bytes < kPrefaultMinBytes) return at::empty_strided(sizes, strides, options);
+  return at::detail::empty_strided_generic(sizes, strides, &OutputCache::get(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           options.dtype().toScalarType());
 }
 
 TORCH_LIBRARY_IMPL(torch_losses, CompositeExplicitAutograd, m) {
