@@ -13,6 +13,7 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -155,10 +156,10 @@ else:
     )
 
 
-def write_build_info():
-    """torch_losses/_build_info.py: the torch this build compiles against, read at import to
+def write_build_info(package_dir):
+    """_build_info.py in package_dir: the torch this build compiles against, read at import to
     name both versions when they differ (instead of a loader error)."""
-    path = os.path.join(HERE, "torch_losses", "_build_info.py")
+    path = os.path.join(package_dir, "_build_info.py")
     text = ('"""Written by setup.py at build time (not in git)."""\n'
             f"TORCH_VERSION = {torch.__version__!r}\n"
             f"TORCH_CUDA = {torch.version.cuda!r}\n"
@@ -169,7 +170,16 @@ def write_build_info():
             f.write(text)
 
 
-write_build_info()
+class BuildPyWithBuildInfo(build_py):
+    """Writes _build_info.py into the package being built: the source folder for an editable
+    install (which imports from there), the build folder for a wheel, so that building a wheel
+    (make cuda-build's, against another torch) leaves the clone's own build working."""
+
+    def run(self):
+        super().run()
+        root = HERE if self.editable_mode else self.build_lib
+        write_build_info(os.path.join(root, "torch_losses"))
+
 
 class PersistentBuildExtension(BuildExtension):
     """Keeps ninja's object files in build/temp-<torch>-<python>[-cuda]/ instead of the temporary
@@ -188,5 +198,5 @@ setup(
     name="torch-losses",
     packages=find_packages(include=["torch_losses", "torch_losses.*"]),
     ext_modules=[extension],
-    cmdclass={"build_ext": PersistentBuildExtension},
+    cmdclass={"build_ext": PersistentBuildExtension, "build_py": BuildPyWithBuildInfo},
 )
