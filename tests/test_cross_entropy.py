@@ -285,6 +285,73 @@ def test_non_contiguous_logits(layout, device):
                          torch.autograd.grad(theirs, xt, g)[0])
 
 
+def _classes_innermost_logits(layout, C, dtype, device):
+    """Logits (2, C, 3, 4) whose classes are innermost in memory (folded to rows)."""
+    if layout == "channels_last":
+        return torch.randn(2, C, 3, 4, dtype=dtype, device=device).contiguous(
+            memory_format=torch.channels_last)
+    return torch.randn(2, 3, 4, C, dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("options", [
+    {}, {"label_smoothing": 0.2}, {"weight": True, "ignore_index": 1},
+    {"z_loss": 0.01, "softcap": 3.0}, {"weight": True, "label_smoothing": 0.1, "z_loss": 0.02}],
+    ids=["plain", "smoothing", "weight_ignore", "zloss_softcap", "weight_smoothing_zloss"])
+def test_classes_innermost_logits_read_in_place(layout, probs, options, device):
+    """Logits whose classes are innermost (channels_last (N, C, H, W), C >= FOLD_MIN_CLASSES)
+    are read as rows, without a copy: torch's values and gradients (float64, every option, the
+    probability target's gradient too), the gradient in the logits' layout, gradcheck."""
+    from torch_losses._autograd import FOLD_MIN_CLASSES
+    C = FOLD_MIN_CLASSES + 5
+    x = _classes_innermost_logits(layout, C, torch.float64, device)
+    assert not x.is_contiguous()
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+    if probs:
+        if "ignore_index" in options:
+            return  # probability targets take no ignore_index (torch)
+        target = leaf(torch.randn(x.shape, dtype=torch.float64, device=device).softmax(1))
+    else:
+        target = torch.randint(0, C, (2, 3, 4), device=device)
+        target[0, 0, :2] = options.get("ignore_index", -100)
+    inputs = (x, target) if probs else (x,)
+    for reduction in REDUCTIONS:
+        xo, xt = leaf(x.clone(memory_format=torch.preserve_format)), leaf(x.clone())
+        ours = TLF.cross_entropy(xo, target, reduction=reduction, **options)
+        theirs = ce_extras_reference(xt, target, reduction=reduction, **options)
+        assert_close(ours, theirs)
+        g = torch.randn_like(theirs)
+        got = torch.autograd.grad(ours, (xo, target) if probs else (xo,), g)
+        expected = torch.autograd.grad(theirs, (xt, target) if probs else (xt,), g)
+        assert got[0].stride() == x.stride()
+        for a, b in zip(got, expected):
+            assert_close(a, b)
+    assert gradcheck(lambda *a: TLF.cross_entropy(a[0], a[1] if probs else target,
+                                                  reduction="sum", **options),
+                     tuple(leaf(t.detach().clone(memory_format=torch.preserve_format))
+                           for t in inputs))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_classes_innermost_low_precision(dtype, device):
+    """Folded rows in float32, bfloat16 and float16: the flash rule against torch's error."""
+    from torch_losses._autograd import FOLD_MIN_CLASSES
+    C = FOLD_MIN_CLASSES * 2
+    x = _classes_innermost_logits("channels_last", C, dtype, device) * 4
+    t = torch.randint(0, C, (2, 3, 4), device=device)
+    xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
+    ours = TLF.cross_entropy(xo, t, label_smoothing=0.1)
+    theirs = F.cross_entropy(xt, t, label_smoothing=0.1)
+    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
+    assert_flash_rule(ours, theirs, ref, "loss")
+    g = torch.tensor(0.7, dtype=dtype, device=device)
+    assert_flash_rule(torch.autograd.grad(ours, xo, g)[0], torch.autograd.grad(theirs, xt, g)[0],
+                      torch.autograd.grad(ref, xr, g.double())[0], "grad")
+
+
 def test_many_rows_and_determinism(device):
     """More rows than one parallel grain; bitwise the same twice and with 1 or 2 threads."""
     x = torch.randn(3000, 37, device=device)
