@@ -142,7 +142,7 @@ inline Tensor grad_like(const Tensor& t, bool wanted) {
 // (channels_last, a transposed matrix): the input keeps its own, the other per-element tensors
 // are brought into it (a copy only where theirs differs), and the outputs get it, as torch's
 // elementwise losses give them. Empty or overlapping/strided inputs are made contiguous
-// (torch_losses/_fake.py _pointwise_layout mirrors this rule).
+// (torch_losses/_fake.py _pointwise_output mirrors this rule).
 inline Tensor pointwise_layout(const Tensor& input) {
   return input.numel() > 0 && input.is_non_overlapping_and_dense() ? input : input.contiguous();
 }
