@@ -10,7 +10,8 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_losses as TL
 import torch_losses.functional as TLF
 from tl_helpers import (LOW_PRECISION, assert_close, assert_deterministic, assert_flash_rule,
-                        assert_same_exception, ce_extras_reference, leaf, requires_cuda)
+                        assert_same_exception, bitwise_equal, ce_extras_reference, leaf,
+                        requires_cuda)
 
 CE = TL.CrossEntropyFunction
 SHAPES = [(5,), (3, 5), (2, 4, 2, 3)]
@@ -342,6 +343,57 @@ def test_classes_innermost_low_precision(dtype, device):
     C = FOLD_MIN_CLASSES * 2
     x = _classes_innermost_logits("channels_last", C, dtype, device) * 4
     t = torch.randint(0, C, (2, 3, 4), device=device)
+    xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
+    ours = TLF.cross_entropy(xo, t, label_smoothing=0.1)
+    theirs = F.cross_entropy(xt, t, label_smoothing=0.1)
+    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
+    assert_flash_rule(ours, theirs, ref, "loss")
+    g = torch.tensor(0.7, dtype=dtype, device=device)
+    assert_flash_rule(torch.autograd.grad(ours, xo, g)[0], torch.autograd.grad(theirs, xt, g)[0],
+                      torch.autograd.grad(ref, xr, g.double())[0], "grad")
+
+
+@pytest.mark.parametrize("C", [2, 21, 63, 64])
+@pytest.mark.parametrize("options", [
+    {}, {"label_smoothing": 0.2, "weight": True, "ignore_index": 1},
+    {"z_loss": 0.01, "softcap": 2.0}, {"reduction": "none"}],
+    ids=["plain", "smoothing_weight_ignore", "zloss_softcap", "none"])
+def test_short_rows(C, options, device):
+    """Contiguous rows of fewer than 64 classes go through the column sweeps in transposed
+    tiles of 4-16 rows (CPU), the rows % width left over through the row path: torch's values
+    and gradients, non-finite rows included; the loss of a forward without gradient has the
+    bits of one that writes it, and a retained second backward the first one's."""
+    options = dict(options)
+    reduction = options.pop("reduction", "mean")
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+    M = 16 * 5 + 7
+    x = torch.randn(M, C, dtype=torch.float64, device=device) * 3
+    x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
+    t = torch.randint(0, C, (M,), device=device)
+    t[::9] = options.get("ignore_index", -100)
+    xo, xt = leaf(x), leaf(x)
+    ours = TLF.cross_entropy(xo, t, reduction=reduction, **options)
+    theirs = ce_extras_reference(xt, t, reduction=reduction, **options)
+    assert_close(ours, theirs, equal_nan=True)
+    with torch.no_grad():
+        assert bitwise_equal(TLF.cross_entropy(x, t, reduction=reduction, **options), ours)
+    g = torch.rand_like(theirs) + 0.5
+    first = torch.autograd.grad(ours, xo, g, retain_graph=True)[0]
+    assert_close(first, torch.autograd.grad(theirs, xt, g)[0], equal_nan=True)
+    assert bitwise_equal(torch.autograd.grad(ours, xo, g)[0], first)
+    finite = torch.isfinite(x).all(1)
+    xf = leaf(x[finite])
+    assert gradcheck(lambda a: TLF.cross_entropy(a, t[finite], reduction="sum", **options),
+                     (xf,))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("C", [10, 40])
+def test_short_rows_low_precision(dtype, C, device):
+    """Short rows in float32, bfloat16 and float16: the flash rule against torch's error."""
+    x = torch.randn(16 * 8 + 3, C, device=device).to(dtype) * 4
+    t = torch.randint(0, C, (x.shape[0],), device=device)
     xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
     ours = TLF.cross_entropy(xo, t, label_smoothing=0.1)
     theirs = F.cross_entropy(xt, t, label_smoothing=0.1)

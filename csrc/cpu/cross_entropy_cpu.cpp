@@ -478,10 +478,34 @@ struct IndexColumns {
   // Positions d0 .. d0 + width() - 1 of item n; e, capped: C x width() values of scratch
   // (capped: soft-capping only).
   void block(int64_t n, int64_t d0, acc_t* e, acc_t* capped) const {
+    block_at(x + n * C * D + d0, D, n * D + d0, gx ? gx + n * C * D + d0 : nullptr, e, capped);
+  }
+
+  // Rows r0 .. r0 + width() - 1 of contiguous (rows, C) logits (D = 1), short rows: transposed
+  // into `tile` (classes width() apart), block()'s sweeps on it, the gradient transposed back
+  // from `grad_tile` (C x width() values each). The row path's per-row work (a max, a sum and
+  // their scalar tails every C < 32 classes) cost 2-3x the column sweeps there.
+  void row_block(int64_t r0, scalar_t* tile, scalar_t* grad_tile, acc_t* e,
+                 acc_t* capped) const {
     const int64_t W = width();
-    const scalar_t* xb = x + n * C * D + d0;
-    const int64_t r0 = n * D + d0;  // the block's first row
-    if (cap != 0) cap_block(xb, C, D, cap, capped);
+    const scalar_t* xr = x + r0 * C;
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t c = 0; c < C; ++c) tile[c * W + j] = xr[j * C + c];
+    }
+    block_at(tile, W, r0, gx ? grad_tile : nullptr, e, capped);
+    if (!gx) return;
+    scalar_t* gr = gx + r0 * C;  // after block_at: gx may be x itself (inplace_backward)
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t c = 0; c < C; ++c) gr[j * C + c] = grad_tile[c * W + j];
+    }
+  }
+
+  // The sweeps of width() positions: class c of position j at xb[c stride + j], its gradient
+  // at gb[c stride + j] (gb null: none), rows r0.. of the labels and statistics.
+  void block_at(const scalar_t* xb, int64_t stride, int64_t r0, scalar_t* gb, acc_t* e,
+                acc_t* capped) const {
+    const int64_t W = width();
+    if (cap != 0) cap_block(xb, C, stride, cap, capped);
     const acc_t* xc = cap != 0 ? capped : nullptr;  // the capped logits (W == kWidth), or null
     // Per position: the max, then e_c = exp(x_c - max) into e[c W + j] with their sum and the
     // label-smoothing sums (sums[0, W), [W, 2W), [2W, 3W)).
@@ -490,13 +514,13 @@ struct IndexColumns {
 #if defined(TL_HAVE_AVX512_ROWS)
     if constexpr (std::is_same_v<acc_t, float>) {
       if (avx512) {
-        if (!stats_in) avx512_rows::column_max(xb, C, D, ms);
-        weighted ? avx512_rows::column_exp<true>(xb, w, C, D, ms, e, sums)
-                 : avx512_rows::column_exp<false>(xb, w, C, D, ms, e, sums);
+        if (!stats_in) avx512_rows::column_max(xb, C, stride, ms);
+        weighted ? avx512_rows::column_exp<true>(xb, w, C, stride, ms, e, sums)
+                 : avx512_rows::column_exp<false>(xb, w, C, stride, ms, e, sums);
       }
     }
 #endif
-    if (!avx512) xc ? exp_sweeps(xc, kWidth, ms, e, sums) : exp_sweeps(xb, D, ms, e, sums);
+    if (!avx512) xc ? exp_sweeps(xc, kWidth, ms, e, sums) : exp_sweeps(xb, stride, ms, e, sums);
     // log of the sum (an all -inf position: exp(nan) terms and a nan sum, as torch's
     // log_softmax) and 1 / sum = exp(-log sum) as the row path forms it, in vectors (a libm log
     // and exp per position were a third of the time at C = 21).
@@ -516,7 +540,7 @@ struct IndexColumns {
       const int64_t y = labels[r0 + j];
       ignored[j] = y == ignore_index;
       const int64_t yc = ignored[j] ? 0 : y;
-      x_y[j] = xc ? xc[yc * W + j] : static_cast<acc_t>(xb[yc * D + j]);
+      x_y[j] = xc ? xc[yc * W + j] : static_cast<acc_t>(xb[yc * stride + j]);
       w_y[j] = w ? w[yc] : acc_t(1);
       e_y[j] = e[yc * W + j];
       s_row[j] = g ? scale * static_cast<acc_t>(g[r0 + j]) : scale;
@@ -546,18 +570,17 @@ struct IndexColumns {
       Vec::blendv(zero, f.smoothing_scale(s), is_counted).store(b + j);
       f.target_grad(s, wy, z_coef, p_y).store(target_grad + j);
     }
-    if (!gx) return;
-    scalar_t* gb = gx + n * C * D + d0;
+    if (!gb) return;
 #if defined(TL_HAVE_AVX512_ROWS)
     if constexpr (std::is_same_v<acc_t, float>) {
       if (avx512) {
         __mmask16 mask = 0;
         for (int j = 0; j < 16; ++j) mask |= __mmask16(ignored[j]) << j;
-        avx512_rows::column_grad(w, e, gb, C, D, a, b, ignored_grad, mask, f.smoothing);
+        avx512_rows::column_grad(w, e, gb, C, stride, a, b, ignored_grad, mask, f.smoothing);
       }
     }
 #endif
-    if (!avx512) grad_sweep(e, xc, a, b, ignored_grad, ignored, gb);
+    if (!avx512) grad_sweep(e, xc, a, b, ignored_grad, ignored, gb, stride);
     for (int64_t j = 0; j < W; ++j) {
       if (ignored[j]) continue;
       const int64_t y = labels[r0 + j];
@@ -566,7 +589,7 @@ struct IndexColumns {
         const acc_t t_y = xc[y * W + j] / cap;
         g_y *= (acc_t(1) - t_y) * (acc_t(1) + t_y);
       }
-      gb[y * D + j] = static_cast<scalar_t>(g_y);
+      gb[y * stride + j] = static_cast<scalar_t>(g_y);
     }
   }
 
@@ -610,9 +633,10 @@ struct IndexColumns {
   }
 
   // grad_c = a e_c - b w_c for kWidth positions, ignored_grad where ignored, times the cap's
-  // factor where xc (the capped logits) is given, into gb + c D.
+  // factor where xc (the capped logits) is given, into gb + c stride.
   void grad_sweep(const acc_t* e, const acc_t* xc, const acc_t* a, const acc_t* b,
-                  const acc_t* ignored_grad, const bool* ignored, scalar_t* gb) const {
+                  const acc_t* ignored_grad, const bool* ignored, scalar_t* gb,
+                  int64_t stride) const {
     Vec v[kV], a_v[kV], b_v[kV], ign_v[kV], ign_mask[kV];
     bool any_ignored = false;
     for (int k = 0; k < kV; ++k) {
@@ -634,7 +658,7 @@ struct IndexColumns {
         v[k] = any_ignored ? Vec::blendv(gv, ign_v[k], ign_mask[k]) : gv;
         if (xc) v[k] = v[k] * cap_factor(Vec::loadu(xc + c * kWidth + k * kLanes), cap);
       }
-      store(gb + c * D, v);
+      store(gb + c * stride, v);
     }
   }
 };
@@ -774,6 +798,10 @@ struct ProbColumns {
   }
 };
 
+// Contiguous rows of fewer classes go through the column sweeps in transposed tiles
+// (IndexColumns::row_block).
+constexpr int64_t kTileMaxClasses = 64;
+
 template <typename scalar_t>
 void cross_entropy_kernel(const CrossEntropyProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -863,6 +891,23 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                        }
                      });
   };
+  // Short contiguous rows (D = 1) with class-index targets: blocks of width rows through
+  // IndexColumns::row_block; the last rows % width by the row path.
+  const int64_t tile_rows = D == 1 && !probs && C > 0 && C < kTileMaxClasses
+                                ? rows / columns.width() * columns.width()
+                                : 0;
+  if (tile_rows > 0) {
+    const int64_t W = columns.width();
+    at::parallel_for(0, tile_rows / W, std::max<int64_t>(1, 32768 / (C * W)),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<scalar_t> tile(C * W), grad_tile(gx ? C * W : 0);
+                       std::vector<acc_t> e(C * W), capped(cap != 0 ? C * W : 0);
+                       for (int64_t i = begin; i < end; ++i) {
+                         columns.row_block(i * W, tile.data(), grad_tile.data(), e.data(),
+                                           capped.data());
+                       }
+                     });
+  }
   if (column_d > 0 && probs) {
     run_blocks(ProbColumns<scalar_t>{x,        t,         gx,        gt,
                                      w,        g,         stats_in,  stats_out,
@@ -872,7 +917,7 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
     run_blocks(columns);
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
+  at::parallel_for(tile_rows, rows, grain, [&](int64_t row_begin, int64_t row_end) {
     std::vector<acc_t> x_buf(C), t_buf(probs ? C : 0), gx_buf(C), gt_buf(gt ? C : 0);
     for (int64_t r = row_begin; r < row_end; ++r) {
       if (r % D < column_d) continue;  // done by the columns
@@ -891,9 +936,13 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       // float row in cache: half and bfloat16, streamed gradients), by the forward and the
       // backward op alike (a recomputed gradient has the forward's bits).
       const bool exp_in_grad = gx && !probs && !ignored;
+      // A forward without gradient takes the same sweeps, e into scratch: the loss has the bits
+      // of a forward that writes the gradient, and the sweeps' AVX-512 (row_stats' online pass
+      // was 1.2-1.4x slower than torch's forward at C = 64-200).
+      const bool exp_sweep = exp_in_grad || (forward && !gx && !gt && !probs && !ignored);
       // Such a row of a contiguous (N, C) without soft-capping is read and written in its own
       // type (no converted copies): half and bfloat16 are converted in registers.
-      const bool direct = exp_in_grad && D == 1 && cap == 0;
+      const bool direct = exp_sweep && D == 1 && cap == 0;
       const acc_t* xr = direct ? nullptr : load_row(x + offset, C, D, x_buf.data());
       if (cap != 0) {  // the capped logits replace the row from here on
         softcap_row(xr, x_buf.data(), C, cap);
@@ -903,7 +952,9 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       // A large gradient is streamed out of a float row of e in cache (its lines not read).
       const bool stream = direct && grad_bytes >= kStreamMinBytes &&
                           C * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinRowBytes;
-      acc_t* gxr = !gx ? nullptr : stream ? gx_buf.data() : row_out(gx + offset, D, gx_buf.data());
+      acc_t* gxr = !gx       ? (exp_sweep ? gx_buf.data() : nullptr)
+                   : stream ? gx_buf.data()
+                            : row_out(gx + offset, D, gx_buf.data());
       // x_y before an in-place gradient overwrites it
       const acc_t x_y = probs || ignored ? acc_t(0)
                         : direct         ? static_cast<acc_t>(x[offset + y])
@@ -932,8 +983,8 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
       };
       RowStats<acc_t> st;
       if (forward) {
-        st = exp_in_grad ? into_exp(nullptr)
-                         : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
+        st = exp_sweep ? into_exp(nullptr)
+                       : row_stats(xr, w, tr, C, keep, spread, probs || eps != 0);
         stats_out[r] = st.max;
         stats_out[rows + r] = st.log_sum;
         if (probs) stats_out[2 * rows + r] = st.weight;
