@@ -294,18 +294,17 @@ def _classes_innermost_logits(layout, C, dtype, device):
     return torch.randn(2, 3, 4, C, dtype=dtype, device=device).permute(0, 3, 1, 2)
 
 
+@pytest.mark.parametrize("C", [5, 37])
 @pytest.mark.parametrize("layout", ["channels_last", "permuted"])
 @pytest.mark.parametrize("probs", [False, True])
 @pytest.mark.parametrize("options", [
     {}, {"label_smoothing": 0.2}, {"weight": True, "ignore_index": 1},
     {"z_loss": 0.01, "softcap": 3.0}, {"weight": True, "label_smoothing": 0.1, "z_loss": 0.02}],
     ids=["plain", "smoothing", "weight_ignore", "zloss_softcap", "weight_smoothing_zloss"])
-def test_classes_innermost_logits_read_in_place(layout, probs, options, device):
-    """Logits whose classes are innermost (channels_last (N, C, H, W), C >= FOLD_MIN_CLASSES)
-    are read as rows, without a copy: torch's values and gradients (float64, every option, the
-    probability target's gradient too), the gradient in the logits' layout, gradcheck."""
-    from torch_losses._autograd import FOLD_MIN_CLASSES
-    C = FOLD_MIN_CLASSES + 5
+def test_classes_innermost_logits_read_in_place(layout, probs, options, C, device):
+    """Logits whose classes are innermost (channels_last (N, C, H, W)) are read as rows, without
+    a copy: torch's values and gradients (float64, every option, the probability target's
+    gradient too), the gradient in the logits' layout, gradcheck."""
     x = _classes_innermost_logits(layout, C, torch.float64, device)
     assert not x.is_contiguous()
     options = dict(options)
@@ -339,8 +338,7 @@ def test_classes_innermost_logits_read_in_place(layout, probs, options, device):
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_classes_innermost_low_precision(dtype, device):
     """Folded rows in float32, bfloat16 and float16: the flash rule against torch's error."""
-    from torch_losses._autograd import FOLD_MIN_CLASSES
-    C = FOLD_MIN_CLASSES * 2
+    C = 64
     x = _classes_innermost_logits("channels_last", C, dtype, device) * 4
     t = torch.randint(0, C, (2, 3, 4), device=device)
     xo, xt, xr = leaf(x), leaf(x), leaf(x.double())

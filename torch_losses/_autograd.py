@@ -392,18 +392,11 @@ class KLDivFunction(LossFunction):
 # Cross-entropy
 
 
-# Below this many classes the CPU row kernel's per-row cost outweighs a copy to (N, C, D) and
-# the column kernel (CPU, channels_last (16, C, H, W) fwd+bwd: bfloat16 at C = 16 and 21 1.2x and
-# 1.7x slower folded, float32 even; from C = 32 on folding wins, 1.6-7x).
-FOLD_MIN_CLASSES = 32
-
-
 def classes_innermost(input):
-    """Logits (N, C, d1..dk), C >= FOLD_MIN_CLASSES, whose classes are their innermost dimension
-    in memory (channels_last (N, C, H, W), an (N, d, C) tensor seen as (N, C, d)), not contiguous
-    as they stand."""
-    return (input.dim() > 2 and input.shape[1] >= FOLD_MIN_CLASSES and input.numel() > 0
-            and not input.is_contiguous() and input.movedim(1, -1).is_contiguous())
+    """Logits (N, C, d1..dk) whose classes are their innermost dimension in memory (channels_last
+    (N, C, H, W), an (N, d, C) tensor seen as (N, C, d)), not contiguous as they stand."""
+    return (input.dim() > 2 and input.numel() > 0 and not input.is_contiguous()
+            and input.movedim(1, -1).is_contiguous())
 
 
 def fold_class_dim(input, target):
