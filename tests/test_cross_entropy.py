@@ -358,7 +358,8 @@ def test_classes_innermost_low_precision(dtype, device):
     ids=["plain", "smoothing_weight_ignore", "zloss_softcap", "none"])
 def test_short_rows(C, options, device):
     """Contiguous rows of fewer than 64 classes go through the column sweeps in transposed
-    tiles of 4-16 rows (CPU), the rows % width left over through the row path: torch's values
+    tiles of 4-16 rows (CPU; 64 classes: the row path), the rows % width left over through the
+    row path: torch's values
     and gradients, non-finite rows included; the loss of a forward without gradient has the
     bits of one that writes it, and a retained second backward the first one's."""
     options = dict(options)
@@ -386,20 +387,55 @@ def test_short_rows(C, options, device):
                      (xf,))
 
 
+@pytest.mark.parametrize("C", [2, 21, 63, 64])
+@pytest.mark.parametrize("options", [
+    {}, {"label_smoothing": 0.2, "weight": True}, {"z_loss": 0.01, "softcap": 2.0},
+    {"reduction": "none"}], ids=["plain", "smoothing_weight", "zloss_softcap", "none"])
+def test_short_rows_probability_targets(C, options, device):
+    """test_short_rows with probability targets: the target's gradient too."""
+    options = dict(options)
+    reduction = options.pop("reduction", "mean")
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+    M = 16 * 5 + 7
+    x = torch.randn(M, C, dtype=torch.float64, device=device) * 3
+    x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
+    t = torch.rand(M, C, dtype=torch.float64, device=device).softmax(1)
+    xo, xt, to, tt = leaf(x), leaf(x), leaf(t), leaf(t)
+    ours = TLF.cross_entropy(xo, to, reduction=reduction, **options)
+    theirs = ce_extras_reference(xt, tt, reduction=reduction, **options)
+    assert_close(ours, theirs, equal_nan=True)
+    with torch.no_grad():
+        assert bitwise_equal(TLF.cross_entropy(x, t, reduction=reduction, **options), ours)
+    g = torch.rand_like(theirs) + 0.5
+    first = torch.autograd.grad(ours, (xo, to), g, retain_graph=True)
+    for a, b in zip(first, torch.autograd.grad(theirs, (xt, tt), g)):
+        assert_close(a, b, equal_nan=True)
+    for a, b in zip(torch.autograd.grad(ours, (xo, to), g), first):
+        assert bitwise_equal(a, b)
+    finite = torch.isfinite(x).all(1)
+    assert gradcheck(lambda a, b: TLF.cross_entropy(a, b, reduction="sum", **options),
+                     (leaf(x[finite]), leaf(t[finite])))
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("C", [10, 40])
 def test_short_rows_low_precision(dtype, C, device):
-    """Short rows in float32, bfloat16 and float16: the flash rule against torch's error."""
+    """Short rows in float32, bfloat16 and float16, class indices and probabilities: the flash
+    rule against torch's error."""
     x = torch.randn(16 * 8 + 3, C, device=device).to(dtype) * 4
-    t = torch.randint(0, C, (x.shape[0],), device=device)
-    xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
-    ours = TLF.cross_entropy(xo, t, label_smoothing=0.1)
-    theirs = F.cross_entropy(xt, t, label_smoothing=0.1)
-    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
-    assert_flash_rule(ours, theirs, ref, "loss")
-    g = torch.tensor(0.7, dtype=dtype, device=device)
-    assert_flash_rule(torch.autograd.grad(ours, xo, g)[0], torch.autograd.grad(theirs, xt, g)[0],
-                      torch.autograd.grad(ref, xr, g.double())[0], "grad")
+    for t in (torch.randint(0, C, (x.shape[0],), device=device),
+              torch.rand(x.shape, device=device).softmax(1).to(dtype)):
+        xo, xt, xr = leaf(x), leaf(x), leaf(x.double())
+        tr = t.double() if t.is_floating_point() else t
+        ours = TLF.cross_entropy(xo, t, label_smoothing=0.1)
+        theirs = F.cross_entropy(xt, t, label_smoothing=0.1)
+        ref = F.cross_entropy(xr, tr, label_smoothing=0.1)
+        assert_flash_rule(ours, theirs, ref, "loss")
+        g = torch.tensor(0.7, dtype=dtype, device=device)
+        assert_flash_rule(torch.autograd.grad(ours, xo, g)[0],
+                          torch.autograd.grad(theirs, xt, g)[0],
+                          torch.autograd.grad(ref, xr, g.double())[0], "grad")
 
 
 def test_many_rows_and_determinism(device):

@@ -488,15 +488,21 @@ struct IndexColumns {
   void row_block(int64_t r0, scalar_t* tile, scalar_t* grad_tile, acc_t* e,
                  acc_t* capped) const {
     const int64_t W = width();
-    const scalar_t* xr = x + r0 * C;
-    for (int64_t j = 0; j < W; ++j) {
-      for (int64_t c = 0; c < C; ++c) tile[c * W + j] = xr[j * C + c];
-    }
+    to_tile(x + r0 * C, C, W, tile);
     block_at(tile, W, r0, gx ? grad_tile : nullptr, e, capped);
-    if (!gx) return;
-    scalar_t* gr = gx + r0 * C;  // after block_at: gx may be x itself (inplace_backward)
+    // after block_at: gx may be x itself (inplace_backward)
+    if (gx) from_tile(grad_tile, C, W, gx + r0 * C);
+  }
+
+  // W rows of C values -> tile[c W + j], and back.
+  static void to_tile(const scalar_t* rows, int64_t C, int64_t W, scalar_t* tile) {
     for (int64_t j = 0; j < W; ++j) {
-      for (int64_t c = 0; c < C; ++c) gr[j * C + c] = grad_tile[c * W + j];
+      for (int64_t c = 0; c < C; ++c) tile[c * W + j] = rows[j * C + c];
+    }
+  }
+  static void from_tile(const scalar_t* tile, int64_t C, int64_t W, scalar_t* rows) {
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t c = 0; c < C; ++c) rows[j * C + c] = tile[c * W + j];
     }
   }
 
@@ -699,13 +705,33 @@ struct ProbColumns {
   // Positions d0 .. d0 + kWidth - 1 of item n; e, capped: C x kWidth values of scratch
   // (capped: soft-capping only).
   void block(int64_t n, int64_t d0, acc_t* e, acc_t* capped) const {
-    const int64_t off = n * C * D + d0, r0 = n * D + d0;
-    const scalar_t *xb = x + off, *tb = t + off;
-    if (cap != 0) IO::cap_block(xb, C, D, cap, capped);
+    const int64_t off = n * C * D + d0;
+    block_at(x + off, t + off, D, n * D + d0, gx ? gx + off : nullptr, gt ? gt + off : nullptr,
+             e, capped);
+  }
+
+  // Rows r0 .. r0 + kWidth - 1 of contiguous (rows, C) logits and targets (D = 1), as
+  // IndexColumns::row_block: the logits and targets transposed into tiles, the gradients
+  // transposed back (C x kWidth values each).
+  void row_block(int64_t r0, scalar_t* x_tile, scalar_t* t_tile, scalar_t* gx_tile,
+                 scalar_t* gt_tile, acc_t* e, acc_t* capped) const {
+    IO::to_tile(x + r0 * C, C, kWidth, x_tile);
+    IO::to_tile(t + r0 * C, C, kWidth, t_tile);
+    block_at(x_tile, t_tile, kWidth, r0, gx ? gx_tile : nullptr, gt ? gt_tile : nullptr, e,
+             capped);
+    if (gx) IO::from_tile(gx_tile, C, kWidth, gx + r0 * C);
+    if (gt) IO::from_tile(gt_tile, C, kWidth, gt + r0 * C);
+  }
+
+  // The sweeps of kWidth positions: class c of position j at xb[c stride + j] (targets at tb),
+  // its gradients at gxb, gtb (null: not wanted), rows r0.. of the statistics.
+  void block_at(const scalar_t* xb, const scalar_t* tb, int64_t stride, int64_t r0,
+                scalar_t* gxb, scalar_t* gtb, acc_t* e, acc_t* capped) const {
+    if (cap != 0) IO::cap_block(xb, C, stride, cap, capped);
     // class c's logits, capped where soft-capping
     const auto load_x = [&](int64_t c, Vec (&v)[kV]) {
       if (cap != 0) IO::load_any(capped + c * kWidth, v);
-      else IO::load(xb + c * D, v);
+      else IO::load(xb + c * stride, v);
     };
     Vec xv[kV], tv[kV], m[kV], log_sum[kV], u[kV], lse[kV];
     for (int k = 0; k < kV; ++k) {
@@ -726,7 +752,7 @@ struct ProbColumns {
       for (int k = 0; k < kV; ++k) sum[k] = u[k] = Vec(0);
       for (int64_t c = 0; c < C; ++c) {
         load_x(c, xv);
-        IO::load(tb + c * D, tv);
+        IO::load(tb + c * stride, tv);
         const acc_t wc = w ? w[c] : acc_t(1);
         for (int k = 0; k < kV; ++k) {
           const Vec ev = Math<Vec>::exp(xv[k] - m[k]);
@@ -751,7 +777,7 @@ struct ProbColumns {
       // max's -log_softmax is inf, not inf * 0 from a split sum)
       for (int64_t c = 0; c < C; ++c) {
         load_x(c, xv);
-        IO::load(tb + c * D, tv);
+        IO::load(tb + c * stride, tv);
         const acc_t wc = w ? w[c] : acc_t(1);
         for (int k = 0; k < kV; ++k) {
           l[k] = l[k] + target_weight(tv[k], wc) * ((m[k] - xv[k]) + log_sum[k]);
@@ -762,7 +788,7 @@ struct ProbColumns {
         l[k].store(row_loss + r0 + k * kLanes);
       }
     }
-    if (!gx && !gt) return;
+    if (!gxb && !gtb) return;
     Vec sv[kV], uz[kV], inv_sum[kV];
     for (int k = 0; k < kV; ++k) {
       inv_sum[k] = Math<Vec>::exp(log_sum[k].neg());
@@ -777,8 +803,8 @@ struct ProbColumns {
     for (int64_t c = 0; c < C; ++c) {
       load_x(c, xv);
       const acc_t wc = w ? w[c] : acc_t(1);
-      if (gx) {
-        IO::load(tb + c * D, tv);
+      if (gxb) {
+        IO::load(tb + c * stride, tv);
         for (int k = 0; k < kV; ++k) {
           const Vec ev = stats_in ? Math<Vec>::exp(xv[k] - m[k])
                                   : Vec::loadu(e + c * kWidth + k * kLanes);
@@ -786,13 +812,13 @@ struct ProbColumns {
                             Vec(wc) * (tv[k] * Vec(f.keep) + Vec(f.spread)));
           if (cap != 0) out[k] = out[k] * IO::cap_factor(xv[k], cap);
         }
-        IO::store(gx + off + c * D, out);
+        IO::store(gxb + c * stride, out);
       }
-      if (gt) {
+      if (gtb) {
         for (int k = 0; k < kV; ++k) {
           out[k] = sv[k] * Vec(f.keep) * Vec(wc) * ((m[k] - xv[k]) + log_sum[k]);
         }
-        IO::store(gt + off + c * D, out);
+        IO::store(gtb + c * stride, out);
       }
     }
   }
@@ -891,28 +917,35 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                        }
                      });
   };
-  // Short contiguous rows (D = 1) with class-index targets: blocks of width rows through
-  // IndexColumns::row_block; the last rows % width by the row path.
-  const int64_t tile_rows = D == 1 && !probs && C > 0 && C < kTileMaxClasses
-                                ? rows / columns.width() * columns.width()
-                                : 0;
+  const ProbColumns<scalar_t> prob_columns{x,        t,         gx,        gt,
+                                           w,        g,         stats_in,  stats_out,
+                                           row_loss.data(),     C,         D,
+                                           rows,     formulas,  scale,     cap};
+  // Short contiguous rows (D = 1): blocks of width rows through row_block, the last
+  // rows % width by the row path.
+  const int64_t tile_rows =
+      D == 1 && C > 0 && C < kTileMaxClasses ? rows / width * width : 0;
   if (tile_rows > 0) {
-    const int64_t W = columns.width();
-    at::parallel_for(0, tile_rows / W, std::max<int64_t>(1, 32768 / (C * W)),
+    const int64_t tile = C * width;
+    at::parallel_for(0, tile_rows / width, std::max<int64_t>(1, 32768 / tile),
                      [&](int64_t begin, int64_t end) {
-                       std::vector<scalar_t> tile(C * W), grad_tile(gx ? C * W : 0);
-                       std::vector<acc_t> e(C * W), capped(cap != 0 ? C * W : 0);
+                       std::vector<scalar_t> x_tile(tile), t_tile(probs ? tile : 0),
+                           gx_tile(gx ? tile : 0), gt_tile(gt ? tile : 0);
+                       std::vector<acc_t> e(tile), capped(cap != 0 ? tile : 0);
                        for (int64_t i = begin; i < end; ++i) {
-                         columns.row_block(i * W, tile.data(), grad_tile.data(), e.data(),
-                                           capped.data());
+                         if (probs) {
+                           prob_columns.row_block(i * width, x_tile.data(), t_tile.data(),
+                                                  gx_tile.data(), gt_tile.data(), e.data(),
+                                                  capped.data());
+                         } else {
+                           columns.row_block(i * width, x_tile.data(), gx_tile.data(),
+                                             e.data(), capped.data());
+                         }
                        }
                      });
   }
   if (column_d > 0 && probs) {
-    run_blocks(ProbColumns<scalar_t>{x,        t,         gx,        gt,
-                                     w,        g,         stats_in,  stats_out,
-                                     row_loss.data(),     C,         D,
-                                     rows,     formulas,  scale,     cap});
+    run_blocks(prob_columns);
   } else if (column_d > 0) {
     run_blocks(columns);
   }
