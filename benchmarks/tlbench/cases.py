@@ -97,9 +97,11 @@ def default_suite(device, quick):
             ce_shapes = [((256, 4096), bf16), ((256, 4096), f32)]
             pw = [(loss, (1 << 20,), dt) for loss, _, dt in pw]
     else:
-        # and segmentation logits (N, C, H, W): the blocks across H W (IndexColumns)
+        # segmentation logits (N, C, H, W): the blocks across H W (IndexColumns); and rows of
+        # few classes: the same blocks on transposed tiles of rows (row_block)
         ce_shapes = [((4096, 32000), f32), ((4096, 32000), bf16),
-                     ((8, 21, 128, 128), f32), ((8, 21, 128, 128), bf16)]
+                     ((8, 21, 128, 128), f32), ((8, 21, 128, 128), bf16),
+                     ((524288, 10), f32), ((524288, 10), bf16)]
         pw = []
         for loss in POINTWISE:
             pw.append((loss, (1 << 24,), f32))
