@@ -1,9 +1,10 @@
 """Randomized differential tests against the installed torch (issue 13).
 
 Every loss, random shapes (0-size, unbatched, (N, C, d1, d2), broadcast targets), layouts
-(transposed, expanded, sliced, storage offsets), dtypes, options, special values (+-1e4, +-1e30,
-exact kinks, zeros, NaN/inf at random places) and grad_outputs (1, 0, other scalars, per
-element, expanded), compared with torch on the same inputs:
+(transposed, expanded, sliced, storage offsets; cross-entropy logits with the classes
+innermost), dtypes, options, special values (+-1e4, +-1e30, exact kinks, zeros, NaN/inf at
+random places) and grad_outputs (1, 0, other scalars, per element, expanded), compared with
+torch on the same inputs:
 - the same exception type when torch raises, and no exception when it does not;
 - values, dtypes, shapes and gradients, element by element, against the float64 result on the
   same (rounded) inputs: ours no further from it than torch plus 1 ulp of the dtype (8 ulps in
@@ -206,6 +207,8 @@ def _layout_view(values, layout, gen):
         view = big[..., 1::2]
         view.copy_(values)
         return view
+    if layout == "classes_last" and values.dim() >= 3:  # channels_last-like logits
+        return values.movedim(1, -1).contiguous().movedim(-1, 1)
     if layout == "offset":
         k = 3
         flat = torch.empty(values.numel() + k, dtype=values.dtype, device=values.device)
@@ -531,7 +534,7 @@ def cross_entropy_specs(draw):
     spec["label_smoothing"] = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, -0.1, 0.33]))
     spec["reduction"] = draw(st.sampled_from(["none", "mean", "sum"]))
     spec["layout"] = draw(st.sampled_from(["contiguous", "transposed", "sliced", "offset",
-                                           "expanded"]))
+                                           "expanded", "classes_last"]))
     spec["magnitude"] = draw(st.sampled_from([1.0, 1.0, 5.0, 1e2, 1e4] + (
         [1e30] if dtype in (torch.float32, torch.float64) else [])))
     spec["shift"] = draw(st.sampled_from([0.0, 0.0, 1e4, -1e4]))
