@@ -351,23 +351,24 @@ def test_classes_innermost_low_precision(dtype, device):
                       torch.autograd.grad(ref, xr, g.double())[0], "grad")
 
 
-@pytest.mark.parametrize("C", [2, 21, 63, 64])
+@pytest.mark.parametrize("dtype,C", [(torch.float64, C) for C in (2, 21, 63, 64)] +
+                         [(torch.float32, C) for C in (5, 100, 200)], ids=str)
 @pytest.mark.parametrize("options", [
     {}, {"label_smoothing": 0.2, "weight": True, "ignore_index": 1},
     {"z_loss": 0.01, "softcap": 2.0}, {"reduction": "none"}],
     ids=["plain", "smoothing_weight_ignore", "zloss_softcap", "none"])
-def test_short_rows(C, options, device):
-    """Contiguous rows of fewer than 64 classes go through the column sweeps in transposed
-    tiles of 4-16 rows (CPU; 64 classes: the row path), the rows % width left over through the
-    row path: torch's values
+def test_short_rows(dtype, C, options, device):
+    """Short contiguous rows go through the column sweeps in transposed tiles of 4-16 rows
+    (CPU; float64: fewer than 64 classes, 64 take the row path; float32 with AVX-512: fewer
+    than 128, 200 the row path), the rows % width left over through the row path: torch's values
     and gradients, non-finite rows included; the loss of a forward without gradient has the
     bits of one that writes it, and a retained second backward the first one's."""
     options = dict(options)
     reduction = options.pop("reduction", "mean")
     if options.pop("weight", False):
-        options["weight"] = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+        options["weight"] = torch.rand(C, dtype=dtype, device=device) + 0.5
     M = 16 * 5 + 7
-    x = torch.randn(M, C, dtype=torch.float64, device=device) * 3
+    x = torch.randn(M, C, dtype=dtype, device=device) * 3
     x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
     t = torch.randint(0, C, (M,), device=device)
     t[::9] = options.get("ignore_index", -100)
@@ -381,26 +382,29 @@ def test_short_rows(C, options, device):
     first = torch.autograd.grad(ours, xo, g, retain_graph=True)[0]
     assert_close(first, torch.autograd.grad(theirs, xt, g)[0], equal_nan=True)
     assert bitwise_equal(torch.autograd.grad(ours, xo, g)[0], first)
+    if dtype != torch.float64:
+        return
     finite = torch.isfinite(x).all(1)
     xf = leaf(x[finite])
     assert gradcheck(lambda a: TLF.cross_entropy(a, t[finite], reduction="sum", **options),
                      (xf,))
 
 
-@pytest.mark.parametrize("C", [2, 21, 63, 64])
+@pytest.mark.parametrize("dtype,C", [(torch.float64, C) for C in (2, 21, 63, 64)] +
+                         [(torch.float32, C) for C in (5, 100)], ids=str)
 @pytest.mark.parametrize("options", [
     {}, {"label_smoothing": 0.2, "weight": True}, {"z_loss": 0.01, "softcap": 2.0},
     {"reduction": "none"}], ids=["plain", "smoothing_weight", "zloss_softcap", "none"])
-def test_short_rows_probability_targets(C, options, device):
+def test_short_rows_probability_targets(dtype, C, options, device):
     """test_short_rows with probability targets: the target's gradient too."""
     options = dict(options)
     reduction = options.pop("reduction", "mean")
     if options.pop("weight", False):
-        options["weight"] = torch.rand(C, dtype=torch.float64, device=device) + 0.5
+        options["weight"] = torch.rand(C, dtype=dtype, device=device) + 0.5
     M = 16 * 5 + 7
-    x = torch.randn(M, C, dtype=torch.float64, device=device) * 3
+    x = torch.randn(M, C, dtype=dtype, device=device) * 3
     x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
-    t = torch.rand(M, C, dtype=torch.float64, device=device).softmax(1)
+    t = torch.rand(M, C, dtype=dtype, device=device).softmax(1)
     xo, xt, to, tt = leaf(x), leaf(x), leaf(t), leaf(t)
     ours = TLF.cross_entropy(xo, to, reduction=reduction, **options)
     theirs = ce_extras_reference(xt, tt, reduction=reduction, **options)
@@ -413,16 +417,19 @@ def test_short_rows_probability_targets(C, options, device):
         assert_close(a, b, equal_nan=True)
     for a, b in zip(torch.autograd.grad(ours, (xo, to), g), first):
         assert bitwise_equal(a, b)
+    if dtype != torch.float64:
+        return
     finite = torch.isfinite(x).all(1)
     assert gradcheck(lambda a, b: TLF.cross_entropy(a, b, reduction="sum", **options),
                      (leaf(x[finite]), leaf(t[finite])))
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("C", [10, 40])
+@pytest.mark.parametrize("C", [10, 40, 100, 200])
 def test_short_rows_low_precision(dtype, C, device):
-    """Short rows in float32, bfloat16 and float16, class indices and probabilities: the flash
-    rule against torch's error."""
+    """Short rows in float32, bfloat16 and float16, class indices and probabilities (tiles
+    below 64 classes, with AVX-512 transposes below 128 (float) or 256 (16-bit), else rows):
+    the flash rule against torch's error."""
     x = torch.randn(16 * 8 + 3, C, device=device).to(dtype) * 4
     for t in (torch.randint(0, C, (x.shape[0],), device=device),
               torch.rand(x.shape, device=device).softmax(1).to(dtype)):
