@@ -351,6 +351,18 @@ def test_classes_innermost_low_precision(dtype, device):
                       torch.autograd.grad(ref, xr, g.double())[0], "grad")
 
 
+def _short_rows_case(dtype, C, options, device):
+    """(x, options, reduction) of the short-row tests: 5 tiles of 16 rows and 7 rows over,
+    rows with +inf, NaN and all -inf; the options with class weights drawn where asked."""
+    options = dict(options)
+    reduction = options.pop("reduction", "mean")
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(C, dtype=dtype, device=device) + 0.5
+    x = torch.randn(16 * 5 + 7, C, dtype=dtype, device=device) * 3
+    x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
+    return x, options, reduction
+
+
 @pytest.mark.parametrize("dtype,C", [(torch.float64, C) for C in (2, 21, 63, 64)] +
                          [(torch.float32, C) for C in (5, 100, 200)], ids=str)
 @pytest.mark.parametrize("options", [
@@ -363,14 +375,8 @@ def test_short_rows(dtype, C, options, device):
     than 128, 200 the row path), the rows % width left over through the row path: torch's values
     and gradients, non-finite rows included; the loss of a forward without gradient has the
     bits of one that writes it, and a retained second backward the first one's."""
-    options = dict(options)
-    reduction = options.pop("reduction", "mean")
-    if options.pop("weight", False):
-        options["weight"] = torch.rand(C, dtype=dtype, device=device) + 0.5
-    M = 16 * 5 + 7
-    x = torch.randn(M, C, dtype=dtype, device=device) * 3
-    x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
-    t = torch.randint(0, C, (M,), device=device)
+    x, options, reduction = _short_rows_case(dtype, C, options, device)
+    t = torch.randint(0, C, (x.shape[0],), device=device)
     t[::9] = options.get("ignore_index", -100)
     xo, xt = leaf(x), leaf(x)
     ours = TLF.cross_entropy(xo, t, reduction=reduction, **options)
@@ -397,14 +403,8 @@ def test_short_rows(dtype, C, options, device):
     {"reduction": "none"}], ids=["plain", "smoothing_weight", "zloss_softcap", "none"])
 def test_short_rows_probability_targets(dtype, C, options, device):
     """test_short_rows with probability targets: the target's gradient too."""
-    options = dict(options)
-    reduction = options.pop("reduction", "mean")
-    if options.pop("weight", False):
-        options["weight"] = torch.rand(C, dtype=dtype, device=device) + 0.5
-    M = 16 * 5 + 7
-    x = torch.randn(M, C, dtype=dtype, device=device) * 3
-    x[3, 0], x[20, -1], x[40] = float("inf"), float("nan"), float("-inf")
-    t = torch.rand(M, C, dtype=dtype, device=device).softmax(1)
+    x, options, reduction = _short_rows_case(dtype, C, options, device)
+    t = torch.rand(x.shape, dtype=dtype, device=device).softmax(1)
     xo, xt, to, tt = leaf(x), leaf(x), leaf(t), leaf(t)
     ours = TLF.cross_entropy(xo, to, reduction=reduction, **options)
     theirs = ce_extras_reference(xt, tt, reduction=reduction, **options)

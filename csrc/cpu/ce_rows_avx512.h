@@ -281,12 +281,16 @@ TL_AVX512 inline void transpose16(__m512 (&r)[16]) {
 }
 
 // n <= 16 values at p as 32-bit lanes (the rest 0), and back.
-TL_AVX512 inline __m512 load_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+TL_AVX512 inline __m512 load_lanes(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
 template <typename T>
 TL_AVX512 inline __m512 load_lanes(const T* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)));
 }
-TL_AVX512 inline void store_lanes(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+TL_AVX512 inline void store_lanes(float* p, __mmask16 m, __m512 v) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
 template <typename T>
 TL_AVX512 inline void store_lanes(T* p, __mmask16 m, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_castps_si512(v)));
