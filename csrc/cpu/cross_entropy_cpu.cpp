@@ -722,17 +722,26 @@ struct ProbColumns {
              e, capped);
   }
 
-  // Rows r0 .. r0 + kWidth - 1 of contiguous (rows, C) logits and targets (D = 1), as
-  // IndexColumns::row_block: the logits and targets transposed into tiles, the gradients
-  // transposed back (C x kWidth values each).
+  // Rows per tile: 16 where the AVX-512 transposes run (float: two blocks of 8), else kWidth.
+  static int64_t tile_width() {
+    return IO::kAvx512Tiles && avx512_rows::enabled() && 16 % kWidth == 0 ? 16 : kWidth;
+  }
+
+  // Rows r0 .. r0 + tile_width() - 1 of contiguous (rows, C) logits and targets (D = 1), as
+  // IndexColumns::row_block: the logits and targets transposed into tiles, the blocks' sweeps
+  // on them, the gradients transposed back (C x tile_width() values each; e, capped: C x
+  // kWidth).
   void row_block(int64_t r0, scalar_t* x_tile, scalar_t* t_tile, scalar_t* gx_tile,
                  scalar_t* gt_tile, acc_t* e, acc_t* capped) const {
-    IO::to_tile(x + r0 * C, C, kWidth, x_tile);
-    IO::to_tile(t + r0 * C, C, kWidth, t_tile);
-    block_at(x_tile, t_tile, kWidth, r0, gx ? gx_tile : nullptr, gt ? gt_tile : nullptr, e,
-             capped);
-    if (gx) IO::from_tile(gx_tile, C, kWidth, gx + r0 * C);
-    if (gt) IO::from_tile(gt_tile, C, kWidth, gt + r0 * C);
+    const int64_t W = tile_width();
+    IO::to_tile(x + r0 * C, C, W, x_tile);
+    IO::to_tile(t + r0 * C, C, W, t_tile);
+    for (int64_t j0 = 0; j0 < W; j0 += kWidth) {
+      block_at(x_tile + j0, t_tile + j0, W, r0 + j0, gx ? gx_tile + j0 : nullptr,
+               gt ? gt_tile + j0 : nullptr, e, capped);
+    }
+    if (gx) IO::from_tile(gx_tile, C, W, gx + r0 * C);
+    if (gt) IO::from_tile(gt_tile, C, W, gt + r0 * C);
   }
 
   // The sweeps of kWidth positions: class c of position j at xb[c stride + j] (targets at tb),
@@ -941,24 +950,26 @@ void cross_entropy_kernel(const CrossEntropyProblem& p) {
                                            w,        g,         stats_in,  stats_out,
                                            row_loss.data(),     C,         D,
                                            rows,     formulas,  scale,     cap};
-  // Short contiguous rows (D = 1): blocks of width rows through row_block, the last
-  // rows % width by the row path.
-  const int64_t tile_rows =
-      D == 1 && C > 0 && C < tile_max_classes<scalar_t>(width) ? rows / width * width : 0;
+  // Short contiguous rows (D = 1): tiles of tile_width rows through row_block, the last
+  // rows % tile_width by the row path.
+  const int64_t tile_width = probs ? ProbColumns<scalar_t>::tile_width() : columns.width();
+  const int64_t tile_rows = D == 1 && C > 0 && C < tile_max_classes<scalar_t>(tile_width)
+                                ? rows / tile_width * tile_width
+                                : 0;
   if (tile_rows > 0) {
-    const int64_t tile = C * width;
-    at::parallel_for(0, tile_rows / width, std::max<int64_t>(1, 32768 / tile),
+    const int64_t tile = C * tile_width;
+    at::parallel_for(0, tile_rows / tile_width, std::max<int64_t>(1, 32768 / tile),
                      [&](int64_t begin, int64_t end) {
                        std::vector<scalar_t> x_tile(tile), t_tile(probs ? tile : 0),
                            gx_tile(gx ? tile : 0), gt_tile(gt ? tile : 0);
                        std::vector<acc_t> e(tile), capped(cap != 0 ? tile : 0);
                        for (int64_t i = begin; i < end; ++i) {
                          if (probs) {
-                           prob_columns.row_block(i * width, x_tile.data(), t_tile.data(),
+                           prob_columns.row_block(i * tile_width, x_tile.data(), t_tile.data(),
                                                   gx_tile.data(), gt_tile.data(), e.data(),
                                                   capped.data());
                          } else {
-                           columns.row_block(i * width, x_tile.data(), gx_tile.data(),
+                           columns.row_block(i * tile_width, x_tile.data(), gx_tile.data(),
                                              e.data(), capped.data());
                          }
                        }
