@@ -98,8 +98,27 @@ def _check_dtypes_like_torch(torch_loss, *tensors):
         torch_loss(*(t.new_zeros((1,)) for t in tensors))
 
 
+# torch's ScalarType names, as its messages spell them.
+_DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                torch.complex128: "ComplexDouble"}
+
+# torch.promote_types of every pair of the dtypes a loss can meet, looked up rather than called:
+# torch.export records a call in its graph (a node returning a dtype, which torch.compile of the
+# exported module cannot trace).
+_PROMOTED = {(a, b): torch.promote_types(a, b)
+             for a in _DTYPE_NAMES for b in _DTYPE_NAMES}
+
+
+def _promote_types(a, b):
+    promoted = _PROMOTED.get((a, b))
+    return torch.promote_types(a, b) if promoted is None else promoted
+
+
 def _promote(input, target, torch_loss):
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    dtype = _promote_types(input.dtype, target.dtype)
     if not dtype.is_floating_point:
         error = NotImplementedError(
             f"torch_losses: floating point input and target expected, got {input.dtype} and "
@@ -113,13 +132,6 @@ def _promote(input, target, torch_loss):
         target = target.to(dtype)
     return input, target
 
-
-# torch's ScalarType names, as its messages spell them.
-_DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-                torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
-                torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-                torch.bool: "Bool", torch.complex64: "ComplexFloat",
-                torch.complex128: "ComplexDouble"}
 
 
 def _dtype_name(dtype):
@@ -360,7 +372,7 @@ def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, 
         _fail_like_torch(lambda: torch_loss(input, target, weight=weight),
                          ValueError("Weights and input must have the same size."))
     x, y = _broadcast(input, target, torch_loss)
-    dtype = torch.promote_types(x.dtype, weight.dtype)
+    dtype = _promote_types(x.dtype, weight.dtype)
     if weight.requires_grad and torch.is_grad_enabled():
         x, y = _detach_without_grad_mode(x, y)
         loss = loss_of(function.apply(x, y, None, *scalars, "none")) * weight
