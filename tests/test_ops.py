@@ -109,6 +109,31 @@ def test_cross_entropy_ops(combo, dtype, extras, device):
                   full)
 
 
+@pytest.mark.parametrize("name", list(POINTWISE) + ["cross_entropy"])
+def test_differentiable_twins_opcheck(name, device):
+    """The forward ops' differentiable twins (what torch.export's programs hold; see
+    tests/test_export.py), with inputs that require grad: the autograd registration, the fake
+    kernel, and the formula's backward traced (test_aot_dispatch_dynamic) where the forward
+    wrote no gradient. Where it did, backward hands out (scaled in place) those very buffers,
+    which opcheck's traced program also returns as the op's outputs: AOTAutograd cannot
+    partition that (a compiled function returning a twin's gradient outputs fails the same
+    way, loudly); the export tests run that path."""
+    if name == "cross_entropy":
+        x, t = _ce_inputs(3, 6, 2, True, torch.float32, device)
+        for written in (True, False):
+            check(ops.cross_entropy_fwd_differentiable,
+                  (x.requires_grad_(), t.requires_grad_(), None, -100, 0.1, MEAN, written,
+                   written, 0.01, 2.0), full=not written)
+        return
+    x, y = _inputs(name, (3, 5), torch.float32, device)
+    extra = POINTWISE[name](x)[-1]
+    target_grad = name != "hinge"
+    for written in (True, False):
+        check(getattr(ops, f"{name}_fwd_differentiable"),
+              (x.requires_grad_(), y.requires_grad_(target_grad), *extra, SUM, written,
+               written), full=not written)
+
+
 def test_cross_entropy_fwd_inplace_writes_torch_gradient(device):
     x, t = _ce_inputs(4, 7, 2, False, torch.float64, device)
     w = torch.rand(7, dtype=torch.float64, device=device)

@@ -21,6 +21,12 @@ the ops have vmap rules (_vmap.py). The forward writes the gradients of the inpu
 grad (under torch.func transforms it sees unwrapped tensors that do not, so backward recomputes)
 and returns them after the loss as non-differentiable outputs for setup_context; apply() returns
 the loss alone.
+
+torch.export traces through the Functions and keeps the ops they call, without the Functions'
+backward. While it traces, the Functions call differentiable twins of the forward ops
+(`<op>_differentiable`, bottom of this file): the same kernels, with the Function's
+setup_context and backward registered as the op's autograd formula, so that an exported program
+trains. Eager and torch.compile calls keep the plain ops, whose dispatch has no Python in it.
 """
 import contextvars
 import math
@@ -36,6 +42,7 @@ from . import _vmap  # noqa: F401  (registers their vmap rules)
 ops = torch.ops.torch_losses
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTION_NAMES = {value: name for name, value in REDUCTIONS.items()}
 
 
 def reduction_enum(reduction):
@@ -125,6 +132,8 @@ class LossFunction(Function):
         if _APPLYING.get():
             return super().apply(*args, **kwargs)
         pick = loss_of if cls.returns_loss_only else tuple
+        if torch.compiler.is_exporting():
+            return pick(cls.forward(*args, **kwargs))  # see apply_function
         if (not kwargs and len(args) == cls.forward.__code__.co_argcount
                 and not torch._C._are_functorch_transforms_active()):
             # Every argument given: skip Function.apply's per-call signature binding (tens of
@@ -135,6 +144,22 @@ class LossFunction(Function):
             return pick(super().apply(*args, **kwargs))
         finally:
             _APPLYING.reset(token)
+
+
+def apply_function(function, *args):
+    """function.apply(*args), or while torch.export traces, function.forward(*args) alone: an
+    exported program keeps ops, not Functions (strict export, through dynamo, even runs the
+    Function's forward without grad), and the forward then calls the ops' differentiable twins.
+    The functionals call this (dynamo does not see LossFunction.apply's override)."""
+    if torch.compiler.is_exporting():
+        return function.forward(*args)
+    return function.apply(*args)
+
+
+def _forward_op(op):
+    """The op a Function's forward calls: `op`, or while torch.export traces, its
+    differentiable twin (bottom of this file), which an exported program needs to train."""
+    return _DIFFERENTIABLE[op] if torch.compiler.is_exporting() else op
 
 
 def _take_forward_grads(ctx):
@@ -164,16 +189,20 @@ def _pointwise_forward_grads_wanted(input, target, reduction):
 
 def _pointwise_forward(fwd, input, target, tensors, scalars, reduction):
     want_input, want_target = _pointwise_forward_grads_wanted(input, target, reduction)
-    return fwd(input, target, *tensors, *scalars, reduction_enum(reduction), want_input,
-               want_target)
+    return _forward_op(fwd)(input, target, *tensors, *scalars, reduction_enum(reduction),
+                            want_input, want_target)
 
 
-def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduction):
+def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduction,
+                             written=None):
+    """written: (input, target) gradients the forward wrote; None: the Function's forward, which
+    asks _pointwise_forward_grads_wanted."""
     _, grad_input, grad_target = output
     ctx.save_for_backward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
-    ctx.forward_grads = _written_grads(
-        ctx, (grad_input, grad_target), _pointwise_forward_grads_wanted(input, target, reduction))
+    if written is None:
+        written = _pointwise_forward_grads_wanted(input, target, reduction)
+    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target), written)
 
 
 def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
@@ -509,6 +538,31 @@ def _cross_entropy_backward(ctx, grad_output):
     return tuple(None if g is None else unfold_grad(g, input) for g in forward_grads)
 
 
+def _writes_over_input(inplace_backward, input):
+    """Whether the forward writes the gradient over the logits (inplace_backward). Not in an
+    exported program: it holds the functional op's differentiable twin, whose formula backward
+    uses."""
+    return inplace_backward and input.requires_grad and not torch.compiler.is_exporting()
+
+
+def _cross_entropy_setup_context(ctx, output, input, target, weight, options, inplace,
+                                 written=None):
+    """written: (input, target) gradients the forward wrote; None: the Function's forward, which
+    asks _cross_entropy_grads_wanted."""
+    _, row_stats, grad_input, grad_target = output
+    ctx.inplace = inplace
+    ctx.mark_non_differentiable(row_stats)
+    # With inplace_backward, input now holds its gradient: not saved.
+    ctx.save_for_backward(None if inplace else input, target, weight, row_stats)
+    ctx.options = options
+    ctx.input_shape = input.shape
+    if written is None:
+        written = _cross_entropy_grads_wanted(input, target, options[2])
+    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target), written)
+    if inplace:
+        ctx.forward_grads = (fold_class_dim(input.detach(), target)[0], None)
+
+
 def _cross_entropy_grads_wanted(input, target, reduction):
     """(input, target): which gradients the (not in-place) forward writes; forward and
     setup_context both ask here."""
@@ -534,7 +588,7 @@ class CrossEntropyFunction(LossFunction):
         row_stats: the ops' per-position statistics (lse_of gives the log-sum-exp)."""
         x, t, probs = fold_class_dim(input, target)
         red = reduction_enum(reduction)
-        if inplace_backward and input.requires_grad:
+        if _writes_over_input(inplace_backward, input):
             loss, row_stats = ops.cross_entropy_fwd_inplace(x, t, weight, ignore_index,
                                                       label_smoothing, red, z_loss, softcap)
             # Tell autograd: any other node that saved these logits now raises in backward.
@@ -543,7 +597,7 @@ class CrossEntropyFunction(LossFunction):
             grad_input = grad_target = input.new_empty((0,))
         else:
             want_input, want_target = _cross_entropy_grads_wanted(input, target, reduction)
-            loss, row_stats, grad_input, grad_target = ops.cross_entropy_fwd(
+            loss, row_stats, grad_input, grad_target = _forward_op(ops.cross_entropy_fwd)(
                 x, t, weight, ignore_index, label_smoothing, red, want_input, want_target,
                 z_loss, softcap)
         if red == 0:
@@ -554,17 +608,10 @@ class CrossEntropyFunction(LossFunction):
     def setup_context(ctx, inputs, output):
         (input, target, weight, ignore_index, label_smoothing, reduction, inplace_backward,
          z_loss, softcap) = inputs
-        _, row_stats, grad_input, grad_target = output
-        ctx.inplace = inplace_backward and input.requires_grad
-        ctx.mark_non_differentiable(row_stats)
-        # With inplace_backward, input now holds its gradient: not saved.
-        ctx.save_for_backward(None if ctx.inplace else input, target, weight, row_stats)
-        ctx.options = (ignore_index, label_smoothing, reduction, z_loss, softcap)
-        ctx.input_shape = input.shape
-        ctx.forward_grads = _written_grads(
-            ctx, (grad_input, grad_target), _cross_entropy_grads_wanted(input, target, reduction))
-        if ctx.inplace:
-            ctx.forward_grads = (fold_class_dim(input.detach(), target)[0], None)
+        _cross_entropy_setup_context(
+            ctx, output, input, target, weight,
+            (ignore_index, label_smoothing, reduction, z_loss, softcap),
+            _writes_over_input(inplace_backward, input))
 
     @staticmethod
     def backward(ctx, grad_output, *_unused):
@@ -576,3 +623,81 @@ class CrossEntropyLseFunction(CrossEntropyFunction):
     the per-position lse for logging (lse_of(row_stats)), from the same pass."""
 
     returns_loss_only = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable twins of the forward ops, for torch.export: it traces through the Functions and
+# keeps the ops, so the ops an exported program holds must carry the Functions' formulas. Their
+# setup_context takes the gradients the op was asked to write (its input_grad/target_grad
+# arguments, honoured for mean and sum) as the forward's. The plain ops get no Python autograd
+# kernel: it would cost every eager and compiled call a few microseconds.
+
+_TWINS = torch.library.Library("torch_losses", "FRAGMENT")
+
+
+def _register_op_autograd(name, setup_context, backward, differentiable):
+    """torch_losses::name gets `backward` (a Function's, returning the gradients of the op's
+    first `differentiable` arguments first) and `setup_context(ctx, op_inputs, output)`."""
+    arguments = len(getattr(ops, name).default._schema.arguments)
+
+    def op_backward(ctx, *grads):
+        grads = backward(ctx, *grads)[:differentiable]
+        return (*grads, *(None,) * (arguments - differentiable))
+
+    torch.library.register_autograd(f"torch_losses::{name}", op_backward,
+                                    setup_context=setup_context)
+
+
+def _differentiable_twin(name, setup_context, backward, differentiable):
+    """Defines torch_losses::<name>_differentiable: `name`'s schema and kernels (fake ones
+    included: it calls the plain op) with an autograd formula. Returns the plain op's packet
+    and the twin's."""
+    plain = getattr(ops, name)
+    schema = str(plain.default._schema)
+    twin = f"{name}_differentiable"
+    _TWINS.define(twin + schema[schema.index("("):])
+
+    def kernel(*args):
+        return plain.default(*args)
+
+    _TWINS.impl(twin, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"torch_losses::{twin}", kernel, lib=_TWINS)
+    _register_op_autograd(twin, setup_context, backward, differentiable)
+    return plain, getattr(ops, twin)
+
+
+def _pointwise_op_setup_context(tensors):
+    """setup_context of a pointwise *_fwd op: (input, target, `tensors` optional tensors, its
+    scalars, reduction, input_grad, target_grad)."""
+    def setup_context(ctx, inputs, output):
+        input, target, *options, reduction, input_grad, target_grad = inputs
+        writes = reduction != REDUCTIONS["none"]
+        _pointwise_setup_context(ctx, output, input, target, tuple(options[:tensors]),
+                                 tuple(options[tensors:]), REDUCTION_NAMES[reduction],
+                                 (writes and input_grad, writes and target_grad))
+
+    return setup_context
+
+
+def _cross_entropy_op_setup_context(ctx, inputs, output):
+    (input, target, weight, ignore_index, label_smoothing, reduction, input_grad, target_grad,
+     z_loss, softcap) = inputs
+    writes = reduction != REDUCTIONS["none"]
+    probs = target.dim() == input.dim()
+    _cross_entropy_setup_context(
+        ctx, output, input, target, weight,
+        (ignore_index, label_smoothing, REDUCTION_NAMES[reduction], z_loss, softcap),
+        False, (writes and input_grad, writes and probs and target_grad))
+
+
+_POINTWISE_FUNCTIONS = {  # op name: (its Function, how many optional tensors follow target)
+    "bce_with_logits": (BCEWithLogitsFunction, 2), "huber": (HuberFunction, 1),
+    "mse": (MSEFunction, 1), "l1": (L1Function, 1), "smooth_l1": (SmoothL1Function, 0),
+    "bce": (BCEFunction, 1), "hinge": (HingeFunction, 0), "kl_div": (KLDivFunction, 0),
+}
+_DIFFERENTIABLE = dict(
+    [_differentiable_twin(f"{name}_fwd", _pointwise_op_setup_context(tensors),
+                          function.backward, 2)
+     for name, (function, tensors) in _POINTWISE_FUNCTIONS.items()]
+    + [_differentiable_twin("cross_entropy_fwd", _cross_entropy_op_setup_context,
+                            CrossEntropyFunction.backward, 2)])

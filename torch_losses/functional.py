@@ -32,6 +32,7 @@ from ._autograd import (
     MSEFunction,
     SmoothL1Function,
     _reduce,
+    apply_function,
     cross_entropy_composite,
     loss_of,
     lse_of,
@@ -318,8 +319,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             raise RuntimeError("inplace_backward=True needs contiguous logits")
     input, target = _detach_without_grad_mode(input, target)
     function = CrossEntropyLseFunction if return_lse else CrossEntropyFunction
-    outputs = function.apply(input, target, weight, ignore_index, float(label_smoothing),
-                             reduction, bool(inplace_backward), z_loss, softcap)
+    outputs = apply_function(function, input, target, weight, ignore_index,
+                             float(label_smoothing), reduction, bool(inplace_backward), z_loss,
+                             softcap)
     if return_lse:
         return outputs[0], lse_of(outputs[1]).detach().reshape(_row_shape(input))
     return loss_of(outputs)
@@ -358,7 +360,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     if pos_weight is not None:
         pos_weight = pos_weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    loss = loss_of(BCEWithLogitsFunction.apply(input, target, weight, pos_weight, reduction))
+    loss = loss_of(apply_function(BCEWithLogitsFunction, input, target, weight, pos_weight,
+                                  reduction))
     return loss if loss.dtype == result_dtype else loss.to(result_dtype)
 
 
@@ -375,15 +378,15 @@ def _elementwise_weighted(function, torch_loss, input, target, weight, scalars, 
     dtype = _promote_types(x.dtype, weight.dtype)
     if weight.requires_grad and torch.is_grad_enabled():
         x, y = _detach_without_grad_mode(x, y)
-        loss = loss_of(function.apply(x, y, None, *scalars, "none")) * weight
+        loss = loss_of(apply_function(function, x, y, None, *scalars, "none")) * weight
         if reduction == "mean" and mean_by_weight:
             return loss.sum() / weight.sum()
         return _reduce(loss, reduction)
     x, y = _detach_without_grad_mode(x.to(dtype), y.to(dtype))
     w = weight.to(dtype).expand(x.shape)
     if reduction == "mean" and mean_by_weight:
-        return loss_of(function.apply(x, y, w, *scalars, "sum")) / weight.sum()
-    return loss_of(function.apply(x, y, w, *scalars, reduction))
+        return loss_of(apply_function(function, x, y, w, *scalars, "sum")) / weight.sum()
+    return loss_of(apply_function(function, x, y, w, *scalars, reduction))
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
@@ -400,7 +403,7 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
         return _elementwise_weighted(HuberFunction, TF.huber_loss, input, target, weight,
                                      (float(delta),), reduction, mean_by_weight=False)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.huber_loss))
-    return loss_of(HuberFunction.apply(x, y, None, float(delta), reduction))
+    return loss_of(apply_function(HuberFunction, x, y, None, float(delta), reduction))
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
@@ -412,7 +415,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         return _elementwise_weighted(MSEFunction, TF.mse_loss, input, target, weight, (),
                                      reduction, mean_by_weight=True)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.mse_loss))
-    return loss_of(MSEFunction.apply(x, y, None, reduction))
+    return loss_of(apply_function(MSEFunction, x, y, None, reduction))
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
@@ -424,7 +427,7 @@ def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", wei
         return _elementwise_weighted(L1Function, TF.l1_loss, input, target, weight, (),
                                      reduction, mean_by_weight=True)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.l1_loss))
-    return loss_of(L1Function.apply(x, y, None, reduction))
+    return loss_of(apply_function(L1Function, x, y, None, reduction))
 
 
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
@@ -436,7 +439,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     _check_same_device(input, target)
     input, target = _follow_autocast(TF.smooth_l1_loss, input, target)
     x, y = _detach_without_grad_mode(*_broadcast(input, target, TF.smooth_l1_loss))
-    return loss_of(SmoothL1Function.apply(x, y, float(beta), reduction))
+    return loss_of(apply_function(SmoothL1Function, x, y, float(beta), reduction))
 
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
@@ -459,7 +462,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     if weight is not None:
         weight = weight.to(input.dtype).expand(input.shape)
     input, target = _detach_without_grad_mode(input, target)
-    return loss_of(BCEFunction.apply(input, target, weight, reduction))
+    return loss_of(apply_function(BCEFunction, input, target, weight, reduction))
 
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
@@ -484,7 +487,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     input, target = _follow_autocast(TF.kl_div, input, target)
     x, y = _detach_without_grad_mode(
         *torch.broadcast_tensors(*_promote(input, target, TF.kl_div)))
-    loss = loss_of(KLDivFunction.apply(x, y, bool(log_target), kernel_reduction))
+    loss = loss_of(apply_function(KLDivFunction, x, y, bool(log_target), kernel_reduction))
     if reduction == "batchmean" and input.dim() != 0:
         return loss / input.size(0)
     return loss
@@ -501,7 +504,7 @@ def hinge_loss(input, target, margin=1.0, reduction="mean"):
     _check_same_device(input, target)
     input, target = _promote(input, target, None)
     input, target = _detach_without_grad_mode(input, target)
-    return loss_of(HingeFunction.apply(input, target, float(margin), reduction))
+    return loss_of(apply_function(HingeFunction, input, target, float(margin), reduction))
 
 
 from .linear import linear_cross_entropy  # noqa: E402  (linear.py imports this module)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ._autograd import _composite_grads, _none_if_empty, _take_forward_grads, \
-    cross_entropy_composite, lse_of, ops, reduction_enum
+from ._autograd import REDUCTION_NAMES, _composite_grads, _none_if_empty, \
+    _register_op_autograd, _take_forward_grads, apply_function, cross_entropy_composite, lse_of, \
+    ops, reduction_enum
 from ._fake import row_stats_count
 from . import functional as _functional  # a cycle: functional re-exports this module's API
 
@@ -380,6 +381,31 @@ class LinearCrossEntropyFunction(Function):
         return gi, gw, gt, gb, None, None, None, None, None, None, None
 
 
+def _linear_op_setup_context(ctx, inputs, output):
+    """setup_context of the linear_cross_entropy_fwd op itself (an exported program holds the
+    op without the Function): the Function's, with the gradients the op was asked to write.
+    Backward recomputes in chunks of the forward's rows, fewer where class-index rows then
+    need a separate gradient buffer (the forward wrote over the logits)."""
+    (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
+     reduction, upcast, rows_per_chunk, *wants, z_loss, softcap) = inputs
+    bwd_rows = rows_per_chunk
+    if target.dim() == 1:  # the bytes per logit of _linear_cross_entropy's two plans
+        logit_bytes = input.dtype.itemsize
+        ce_bytes = 4 if upcast and input.dtype != torch.float32 else 0
+        fwd_bytes = logit_bytes + ce_bytes
+        bwd_rows = max(1, rows_per_chunk * fwd_bytes // (fwd_bytes + max(ce_bytes, logit_bytes)))
+    LinearCrossEntropyFunction.setup_context(ctx, (
+        input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
+        REDUCTION_NAMES[reduction], tuple(wants), (upcast, rows_per_chunk, bwd_rows),
+        (z_loss, softcap)), output)
+
+
+# Its backward's gradients come in the op's argument order (input, linear_weight, target,
+# linear_bias), the Function's.
+_register_op_autograd("linear_cross_entropy_fwd", _linear_op_setup_context,
+                      LinearCrossEntropyFunction.backward, 4)
+
+
 def _check_class_target(target, batch_shape):
     if target.dtype == torch.uint8:
         target = target.long()
@@ -521,8 +547,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     bwd_rows = rows or chunk_rows(num_classes, logit_bytes + ce_bytes + grad_bytes,
                                   input.device, chunk_bytes)
     weight = None if weight is None else weight.detach()
-    loss, row_stats, *_ = LinearCrossEntropyFunction.apply(
-        input, linear_weight, target, linear_bias, weight, ignore_index,
+    loss, row_stats, *_ = apply_function(  # exporting: the op alone, with its own formula
+        LinearCrossEntropyFunction, input, linear_weight, target, linear_bias, weight, ignore_index,
         float(label_smoothing), reduction, wants, (upcast, fwd_rows, bwd_rows), extras)
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
