@@ -100,7 +100,11 @@ def _run(model, x, target, grad_seed):
     return loss.detach(), grads, target.grad
 
 
-def _check_exported(name, device, decompose, dynamic, strict=False):
+def _check_exported(name, device, decompose=False, dynamic=False, strict=False, compiled=False,
+                    saved_to=None):
+    """Exports Model(CASES[name]) and trains one step of its program's module (decomposed,
+    with a dynamic batch (run at another size), strict, compiled, or saved to and loaded from
+    the folder saved_to) against the eager model with torch's loss."""
     ours, theirs, make_target, squash, target_grad = CASES[name]
     model = Model(ours(device), squash).to(device)
     reference = Model((theirs or ours)(device), squash).to(device)
@@ -115,7 +119,12 @@ def _check_exported(name, device, decompose, dynamic, strict=False):
                                       strict=strict)
         if decompose:
             program = program.run_decompositions()
+        if saved_to is not None:
+            torch.export.save(program, saved_to / "model.pt2")
+            program = torch.export.load(saved_to / "model.pt2")
         exported = program.module()
+        if compiled:
+            exported = torch.compile(exported, fullgraph=True)
         n = 9 if dynamic else 6
         x, target = torch.randn(n, 8, dtype=torch.float64, device=device), \
             make_target(n, device).requires_grad_(target_grad)
@@ -136,7 +145,7 @@ def _check_exported(name, device, decompose, dynamic, strict=False):
 def test_exported_program_trains(name, strict, device):
     """Non-strict export (the default) and strict export (through dynamo, which would run an
     autograd.Function's forward without grad: the functionals call the forward alone)."""
-    _check_exported(name, device, decompose=False, dynamic=False, strict=strict)
+    _check_exported(name, device, strict=strict)
 
 
 @pytest.mark.parametrize("name", ["ce_options", "ce_probs", "ce_inplace_backward", "huber",
@@ -147,21 +156,15 @@ def test_exported_program_decomposed_dynamic_batch(name, device):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_exported_program_compiles(name, device):
-    """torch.compile(fullgraph=True) of the exported program's module trains as the eager model
-    (the exported graph holds no node torch.compile cannot trace)."""
-    ours, theirs, make_target, squash, target_grad = CASES[name]
-    model = Model(ours(device), squash).to(device)
-    reference = Model((theirs or ours)(device), squash).to(device)
-    reference.load_state_dict(model.state_dict())
-    x = torch.randn(6, 8, dtype=torch.float64, device=device)
-    target = make_target(6, device).requires_grad_(target_grad)
-    compiled = torch.compile(torch.export.export(model, (x, target)).module(), fullgraph=True)
-    got, want = _run(compiled, x, target, 2), _run(reference, x, target, 2)
-    assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
-    for g, w in zip(got[1], want[1]):
-        assert_close(g, w, rtol=1e-12, atol=1e-12)
-    if target_grad:
-        assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+    """torch.compile(fullgraph=True) of the exported program's module (the exported graph
+    holds no node torch.compile cannot trace)."""
+    _check_exported(name, device, compiled=True)
+
+
+def test_exported_program_saves_and_loads(device, tmp_path):
+    """torch.export.save / load: the loaded program (its ops found by name once torch_losses is
+    imported) trains as the one saved."""
+    _check_exported("ce_options", device, saved_to=tmp_path)
 
 
 def test_exported_inplace_backward_holds_the_functional_op(device):
@@ -286,20 +289,3 @@ def test_twins_compute_what_the_plain_ops_do(device):
     for got, want in zip(ops.huber_fwd_differentiable(x, y, None, 0.5, 0, False, False),
                          ops.huber_fwd(x, y, None, 0.5, 0, False, False)):
         assert torch.equal(got, want)
-
-
-def test_exported_program_saves_and_loads(device, tmp_path):
-    """torch.export.save / load: the loaded program (its ops found by name once torch_losses is
-    imported) trains as the one saved."""
-    ours, theirs, make_target, squash, _ = CASES["ce_options"]
-    model = Model(ours(device), squash).to(device)
-    reference = Model(theirs(device), squash).to(device)
-    reference.load_state_dict(model.state_dict())
-    x = torch.randn(6, 8, dtype=torch.float64, device=device)
-    target = make_target(6, device)
-    torch.export.save(torch.export.export(model, (x, target)), tmp_path / "model.pt2")
-    loaded = torch.export.load(tmp_path / "model.pt2").module()
-    got, want = _run(loaded, x, target, 3), _run(reference, x, target, 3)
-    assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
-    for g, w in zip(got[1], want[1]):
-        assert_close(g, w, rtol=1e-12, atol=1e-12)
