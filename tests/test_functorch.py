@@ -1,8 +1,10 @@
-"""torch.func: grad, vmap and per-sample gradients (vmap of grad, as Opacus-style training uses)
-of every loss against torch's; and which gradients the forward writes in each mode (eager,
-no_grad, torch.func), seen through the ops that actually run."""
+"""torch.func: grad, vmap and per-sample gradients (vmap of grad, as Opacus-style training uses),
+forward-mode AD, jacfwd, jacrev and hessian of every loss against torch's; and which gradients
+the forward writes in each mode (eager, no_grad, torch.func), seen through the ops that actually
+run."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,8 +85,7 @@ def test_vmap_values_match_torch(name, reduction, device):
 
 
 def test_grad_of_probability_target_cross_entropy(device):
-    """torch.func.grad with respect to both arguments (soft targets). (jacrev/hessian, which
-    vmap over a backward, are not supported: see the README.)"""
+    """torch.func.grad with respect to both arguments (soft targets)."""
     x = torch.randn(4, 7, dtype=torch.float64, device=device)
     p = torch.randn(4, 7, dtype=torch.float64, device=device).softmax(-1)
     for argnums in (0, 1, (0, 1)):
@@ -92,6 +93,102 @@ def test_grad_of_probability_target_cross_entropy(device):
         theirs = grad(F.cross_entropy, argnums=argnums)(x, p)
         for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, theirs))):
             assert_close(a, b)
+
+
+def _jacobians(f, x, t):
+    """Every derivative torch.func and forward-mode AD give of f at x (tangent t)."""
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+    out = {"jvp": torch.func.jvp(f, (x,), (t,))[1], "dual": dual,
+           "jacfwd": torch.func.jacfwd(f)(x), "jacrev": torch.func.jacrev(f)(x)}
+    if f(x).dim() == 0:
+        out["hessian"] = torch.func.hessian(f)(x)
+        out["jacrev_jacrev"] = torch.func.jacrev(torch.func.jacrev(f))(x)
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_forward_mode_jacobians_hessian_match_torch(name, reduction, device):
+    """Forward-mode AD (each Function's jvp: the composite of torch ops), jacfwd, jacrev (a
+    vmap over the backward) and hessian (jacfwd of jacrev) against torch's."""
+    x = _inputs(name, (3, 4), torch.float64, device)
+    y = _targets(name, (3, 4), torch.float64, device)
+    if name == "hinge_loss":
+        def ours(a):
+            return TLF.hinge_loss(a, y, reduction=reduction)
+
+        def theirs(a):
+            loss = (1 - y * a).clamp_min(0)
+            return loss.mean() if reduction == "mean" else loss
+    else:
+        def ours(a):
+            return getattr(TLF, name)(a, y, reduction=reduction)
+
+        def theirs(a):
+            return getattr(F, name)(a, y, reduction=reduction)
+    tangent = torch.randn_like(x)
+    got, want = _jacobians(ours, x, tangent), _jacobians(theirs, x, tangent)
+    for what in want:
+        assert_close(got[what], want[what], msg=f"{name} {what}")
+
+
+def test_forward_mode_cross_entropy_options_and_target_tangents(device):
+    """Class weights, label smoothing, z-loss and soft-capping, and probability targets that
+    move too (a tangent for each argument)."""
+    x = torch.randn(4, 6, 2, dtype=torch.float64, device=device)
+    p = torch.randn(4, 6, 2, dtype=torch.float64, device=device).softmax(1)
+    w = torch.rand(6, dtype=torch.float64, device=device) + 0.5
+    tx, tp = torch.randn_like(x), torch.randn_like(p)
+    got = torch.func.jvp(lambda a, b: TLF.cross_entropy(a, b, w, label_smoothing=0.1),
+                         (x, p), (tx, tp))[1]
+    want = torch.func.jvp(lambda a, b: F.cross_entropy(a, b, w, label_smoothing=0.1),
+                          (x, p), (tx, tp))[1]
+    assert_close(got, want)
+    y = torch.randint(0, 6, (4, 2), device=device)
+
+    def ours(a):
+        return TLF.cross_entropy(a, y, w, ignore_index=1, z_loss=0.01, softcap=3.0)
+
+    def theirs(a):
+        return TL._autograd.cross_entropy_composite(a, y, w, 1, 0.0, "mean", 0.01, 3.0)
+
+    assert_close(torch.func.jvp(ours, (x,), (tx,))[1], torch.func.jvp(theirs, (x,), (tx,))[1])
+    assert_close(torch.func.hessian(ours)(x), torch.func.hessian(theirs)(x))
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+def test_forward_mode_linear_cross_entropy(probs, device):
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    w = torch.randn(5, 4, dtype=torch.float64, device=device)
+    b = torch.randn(5, dtype=torch.float64, device=device)
+    t = (torch.rand(6, 5, dtype=torch.float64, device=device).softmax(1) if probs else
+         torch.randint(0, 5, (6,), device=device))
+    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+    got = torch.func.jvp(lambda *a: TLF.linear_cross_entropy(a[0], a[1], t, linear_bias=a[2]),
+                         (x, w, b), tangents)[1]
+    want = torch.func.jvp(lambda *a: F.cross_entropy(F.linear(*a), t), (x, w, b), tangents)[1]
+    assert_close(got, want)
+
+
+def test_forward_mode_through_function_apply(device):
+    """The Functions called directly: under forward-mode AD their subclass with a jvp runs (the
+    Functions have none: dynamo cannot trace one that has)."""
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    y = torch.randn(3, 4, dtype=torch.float64, device=device)
+    t = torch.randn_like(x)
+    got = torch.func.jvp(lambda a: TL.MSEFunction.apply(a, y, None, "sum"), (x,), (t,))[1]
+    assert_close(got, torch.func.jvp(lambda a: F.mse_loss(a, y, reduction="sum"), (x,), (t,))[1])
+    assert "jvp" not in vars(TL.MSEFunction)
+
+
+def test_forward_over_forward_raises(device):
+    """jacfwd(jacfwd(loss)) would see the loss's tangent as a constant (a silent zero): it
+    raises, and names hessian instead."""
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (3,), device=device)
+    with pytest.raises(NotImplementedError, match="hessian"):
+        torch.func.jacfwd(torch.func.jacfwd(lambda a: TLF.cross_entropy(a, y)))(x)
 
 
 class _OpLog(TorchDispatchMode):

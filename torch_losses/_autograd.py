@@ -13,8 +13,9 @@ reduction='none': the forward writes no gradient; backward is one fused *_bwd pa
 grad_output per element (an expanded grad_output is read as the scalar it is).
 
 A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
-backward (create_graph=True) differentiates a composite of torch ops instead; that is the only
-place torch's own loss implementations are used.
+backward (create_graph=True) differentiates a composite of torch ops instead (each Function's
+`composite`, through torch.func.vjp), and so does forward-mode AD (the jvp of each Function's
+subclass in WITH_JVP); those are the only places torch's own loss implementations are used.
 
 torch.func: every Function has a forward without ctx, setup_context and generate_vmap_rule;
 the ops have vmap rules (_vmap.py). The forward writes the gradients of the inputs that require
@@ -22,11 +23,12 @@ grad (under torch.func transforms it sees unwrapped tensors that do not, so back
 and returns them after the loss as non-differentiable outputs for setup_context; apply() returns
 the loss alone.
 
-torch.export traces through the Functions and keeps the ops they call, without the Functions'
-backward. While it traces, the Functions call differentiable twins of the forward ops
+torch.export keeps ops, not Functions. While it traces, the functionals run the Functions'
+forward alone (apply_function), which calls differentiable twins of the forward ops
 (`<op>_differentiable`, bottom of this file): the same kernels, with the Function's
 setup_context and backward registered as the op's autograd formula, so that an exported program
-trains. Eager and torch.compile calls keep the plain ops, whose dispatch has no Python in it.
+trains. Eager and torch.compile calls keep the Functions and the plain ops, whose dispatch has
+no Python in it.
 """
 import contextvars
 import math
@@ -34,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch._functorch.pyfunctorch import JvpInterpreter, retrieve_all_functorch_interpreters
 
 from . import _C  # noqa: F401  (loads the library: registers the ops)
 from . import _fake  # noqa: F401  (registers their fake kernels)
@@ -97,11 +100,12 @@ def _wants_grad(*tensors):
     return tuple(t is not None and t.requires_grad for t in tensors)
 
 
-def _written_grads(ctx, grads, wanted):
+def _written_grads(ctx, grads, wanted, other_outputs=()):
     """setup_context: the gradients the forward wrote (None when it wrote none). Their outputs
-    are non-differentiable, and autograd must not fill input-sized zero gradients for them
-    before calling backward (a whole extra pass): backward reads only the loss's gradient."""
-    ctx.mark_non_differentiable(*grads)
+    (and the forward's other_outputs but the loss) are non-differentiable, and autograd must not
+    fill input-sized zero gradients for them before calling backward (a whole extra pass):
+    backward reads only the loss's gradient."""
+    ctx.mark_non_differentiable(*other_outputs, *grads)  # one call: each replaces the last
     ctx.set_materialize_grads(False)
     if not any(wanted):
         return None
@@ -134,6 +138,8 @@ class LossFunction(Function):
         pick = loss_of if cls.returns_loss_only else tuple
         if torch.compiler.is_exporting():
             return pick(cls.forward(*args, **kwargs))  # see apply_function
+        if cls in WITH_JVP and _forward_mode_ad_active():
+            return WITH_JVP[cls].apply(*args, **kwargs)
         if (not kwargs and len(args) == cls.forward.__code__.co_argcount
                 and not torch._C._are_functorch_transforms_active()):
             # Every argument given: skip Function.apply's per-call signature binding (tens of
@@ -150,10 +156,34 @@ def apply_function(function, *args):
     """function.apply(*args), or while torch.export traces, function.forward(*args) alone: an
     exported program keeps ops, not Functions (strict export, through dynamo, even runs the
     Function's forward without grad), and the forward then calls the ops' differentiable twins.
-    The functionals call this (dynamo does not see LossFunction.apply's override)."""
+    Under forward-mode AD, the Function's twin with a jvp (WITH_JVP). The functionals call this
+    (dynamo does not see LossFunction.apply's override)."""
     if torch.compiler.is_exporting():
         return function.forward(*args)
+    if not torch.compiler.is_compiling() and _forward_mode_ad_active():
+        function = WITH_JVP[function]
     return function.apply(*args)
+
+
+# Each Function's subclass with a jvp, for forward-mode AD. The Functions themselves have none:
+# dynamo refuses to trace a Function that defines one.
+WITH_JVP = {}
+
+
+def with_jvp(function, jvp):
+    """Registers and returns `function`'s subclass with `jvp`."""
+    WITH_JVP[function] = type(function.__name__, (function,), {
+        "jvp": staticmethod(jvp), "__doc__": f"{function.__name__} with forward-mode AD."})
+    return WITH_JVP[function]
+
+
+def _forward_mode_ad_active():
+    """Whether a forward-mode AD level is open: torch.autograd.forward_ad's, or a torch.func
+    jvp / jacfwd transform's."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch._C._are_functorch_transforms_active() and any(
+        isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters())
 
 
 def _forward_op(op):
@@ -169,10 +199,19 @@ def _take_forward_grads(ctx):
     return grads
 
 
-def _composite_grads(loss, grad_output, inputs_wanted):
-    """First-order gradients that autograd can differentiate again (create_graph=True)."""
+def _composite_grads(composite, grad_output, inputs_wanted):
+    """First-order gradients of composite(*inputs), a loss written with torch ops, that autograd
+    can differentiate again (create_graph=True). torch.func.vjp rather than autograd.grad: it
+    also works where a torch.func transform runs this backward on tensors that do not require
+    grad at its level (jacrev's vmap over the backward)."""
     inputs = [t for t, wanted in inputs_wanted if wanted]
-    grads = iter(torch.autograd.grad(loss, inputs, grad_output, create_graph=True))
+
+    def loss_of_wanted(*wanted_inputs):
+        given = iter(wanted_inputs)
+        return composite(*(next(given) if wanted else t for t, wanted in inputs_wanted))
+
+    loss, vjp = torch.func.vjp(loss_of_wanted, *inputs)
+    grads = iter(vjp(grad_output.reshape(loss.shape)))
     return tuple(next(grads) if wanted else None for _, wanted in inputs_wanted)
 
 
@@ -199,21 +238,23 @@ def _pointwise_setup_context(ctx, output, input, target, tensors, scalars, reduc
     asks _pointwise_forward_grads_wanted."""
     _, grad_input, grad_target = output
     ctx.save_for_backward(input, target, *tensors)
+    ctx.save_for_forward(input, target, *tensors)
     ctx.scalars, ctx.reduction = scalars, reduction
     if written is None:
         written = _pointwise_forward_grads_wanted(input, target, reduction)
     ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target), written)
 
 
-def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
+def _pointwise_backward(ctx, grad_output, bwd, bwd_into, composite):
     if grad_output is None:  # an undefined grad_output (gradients are not materialized)
         return None, None
     want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     forward_grads = _take_forward_grads(ctx)
     if torch.is_grad_enabled():
         input, target, *tensors = ctx.saved_tensors
-        loss = reference(input, target, *tensors, *ctx.scalars, ctx.reduction)
-        return _composite_grads(loss, grad_output, [(input, want_input), (target, want_target)])
+        return _composite_grads(
+            lambda x, y: composite(x, y, *tensors, *ctx.scalars, ctx.reduction), grad_output,
+            [(input, want_input), (target, want_target)])
     if forward_grads is None:
         input, target, *tensors = ctx.saved_tensors
         grad_input, grad_target = bwd(
@@ -228,6 +269,44 @@ def _pointwise_backward(ctx, grad_output, bwd, bwd_into, reference):
                  reduction_enum(ctx.reduction))
 
     return _finish_forward_grads(forward_grads, grad_output, recompute_into)
+
+
+def _composite_jvp(composite, primals_tangents):
+    """Forward-mode derivative (torch.autograd.forward_ad, torch.func.jvp, jacfwd, hessian) of
+    composite(*primals), a loss written with torch ops (as double backward differentiates), in
+    the tangents (a primal whose tangent is None is a constant). J t as the gradient in u of
+    <J^T u, t>, by reverse mode twice: torch.func.jvp here would nest forward-mode AD, which
+    torch does not support."""
+    if sum(isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters()) > 1:
+        # the outer transform would see this tangent as a constant: a silent zero
+        raise NotImplementedError(
+            "torch_losses: forward-mode AD over forward-mode AD (e.g. jacfwd(jacfwd(loss))) is "
+            "not supported; for second derivatives use torch.func.hessian (jacfwd of jacrev) "
+            "or jacrev twice")
+    moving = [(p, t) for p, t in primals_tangents if t is not None]
+
+    def loss_of_moving(*values):
+        values = iter(values)
+        return composite(*(p if t is None else next(values) for p, t in primals_tangents))
+
+    loss, pullback = torch.func.vjp(loss_of_moving, *(p for p, _ in moving))
+
+    def pullback_along_tangents(u):
+        return sum((g * t).sum() for g, (_, t) in zip(pullback(u), moving))
+
+    return torch.func.grad(pullback_along_tangents)(torch.zeros_like(loss))
+
+
+def _pointwise_jvp(composite):
+    """The jvp of a pointwise Function whose loss as torch ops is `composite`."""
+    def jvp(ctx, input_tangent, target_tangent, *_unused):
+        input, target, *tensors = ctx.saved_tensors
+        loss_tangent = _composite_jvp(
+            lambda x, y: composite(x, y, *tensors, *ctx.scalars, ctx.reduction),
+            ((input, input_tangent), (target, target_tangent)))
+        return loss_tangent, None, None
+
+    return jvp
 
 
 class BCEWithLogitsFunction(LossFunction):
@@ -247,13 +326,15 @@ class BCEWithLogitsFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (weight, pos_weight), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, w, pw, reduction):
-            return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
+    def composite(x, y, w, pw, reduction):
+        return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd, ops.bce_with_logits_bwd_into_,
-                                    reference)
+                                    BCEWithLogitsFunction.composite)
         return (*grads, None, None, None)
+
 
 
 class HuberFunction(LossFunction):
@@ -270,14 +351,16 @@ class HuberFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (weight,), (delta,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, w, delta, reduction):
-            return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
-                           reduction)
+    def composite(x, y, w, delta, reduction):
+        return _reduce(_weighted(F.huber_loss(x, y, reduction="none", delta=delta), w),
+                       reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.huber_bwd, ops.huber_bwd_into_,
-                                    reference)
+                                    HuberFunction.composite)
         return (*grads, None, None, None)
+
 
 
 class MSEFunction(LossFunction):
@@ -294,13 +377,15 @@ class MSEFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, w, reduction):
-            return _reduce(_weighted((x - y) ** 2, w), reduction)
+    def composite(x, y, w, reduction):
+        return _reduce(_weighted((x - y) ** 2, w), reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.mse_bwd, ops.mse_bwd_into_,
-                                    reference)
+                                    MSEFunction.composite)
         return (*grads, None, None)
+
 
 
 class L1Function(LossFunction):
@@ -316,13 +401,15 @@ class L1Function(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, w, reduction):
-            return _reduce(_weighted((x - y).abs(), w), reduction)
+    def composite(x, y, w, reduction):
+        return _reduce(_weighted((x - y).abs(), w), reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.l1_bwd, ops.l1_bwd_into_,
-                                    reference)
+                                    L1Function.composite)
         return (*grads, None, None)
+
 
 
 class SmoothL1Function(LossFunction):
@@ -338,13 +425,15 @@ class SmoothL1Function(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (), (beta,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, beta, reduction):
-            return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
+    def composite(x, y, beta, reduction):
+        return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.smooth_l1_bwd, ops.smooth_l1_bwd_into_,
-                                    reference)
+                                    SmoothL1Function.composite)
         return (*grads, None, None)
+
 
 
 class BCEFunction(LossFunction):
@@ -360,13 +449,15 @@ class BCEFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (weight,), (), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, w, reduction):
-            return F.binary_cross_entropy(x, y, w, reduction=reduction)
+    def composite(x, y, w, reduction):
+        return F.binary_cross_entropy(x, y, w, reduction=reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.bce_bwd, ops.bce_bwd_into_,
-                                    reference)
+                                    BCEFunction.composite)
         return (*grads, None, None)
+
 
 
 class HingeFunction(LossFunction):
@@ -382,15 +473,17 @@ class HingeFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (), (margin,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, margin, reduction):
-            # clamp_min(0) with the kink's gradient -y on every torch (2.14's clamp_min passes 0)
-            v = margin - y * x
-            return _reduce(torch.where(v >= 0, v, v.clamp_min(0)), reduction)
+    def composite(x, y, margin, reduction):
+        # clamp_min(0) with the kink's gradient -y on every torch (2.14's clamp_min passes 0)
+        v = margin - y * x
+        return _reduce(torch.where(v >= 0, v, v.clamp_min(0)), reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.hinge_bwd, ops.hinge_bwd_into_,
-                                    reference)
+                                    HingeFunction.composite)
         return (*grads, None, None)
+
 
 
 class KLDivFunction(LossFunction):
@@ -408,13 +501,15 @@ class KLDivFunction(LossFunction):
         _pointwise_setup_context(ctx, output, input, target, (), (log_target,), reduction)
 
     @staticmethod
-    def backward(ctx, grad_output, *_unused):
-        def reference(x, y, log_target, reduction):
-            return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
+    def composite(x, y, log_target, reduction):
+        return _reduce(F.kl_div(x, y, reduction="none", log_target=log_target), reduction)
 
+    @staticmethod
+    def backward(ctx, grad_output, *_unused):
         grads = _pointwise_backward(ctx, grad_output, ops.kl_div_bwd, ops.kl_div_bwd_into_,
-                                    reference)
+                                    KLDivFunction.composite)
         return (*grads, None, None)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,11 +609,11 @@ def _cross_entropy_backward(ctx, grad_output):
         return forward_grads[0].view(shape), None
     input, target, weight, row_stats = ctx.saved_tensors
     if torch.is_grad_enabled():
-        loss = cross_entropy_composite(
-            input, target, None if weight is None else weight.to(input.dtype), ignore_index,
-            label_smoothing, reduction, z_loss, softcap)
-        return _composite_grads(loss, grad_output.reshape(loss.shape),
-                                [(input, want_input), (target, want_target)])
+        weight = None if weight is None else weight.to(input.dtype)
+        return _composite_grads(
+            lambda x, t: cross_entropy_composite(x, t, weight, ignore_index, label_smoothing,
+                                                 reduction, z_loss, softcap),
+            grad_output, [(input, want_input), (target, want_target)])
     x, t, probs = fold_class_dim(input, target)
     if reduction == "none":  # per position, in x's (N, D) order
         grad_output = grad_output.reshape(x.shape[0], x.shape[2])
@@ -551,16 +646,39 @@ def _cross_entropy_setup_context(ctx, output, input, target, weight, options, in
     asks _cross_entropy_grads_wanted."""
     _, row_stats, grad_input, grad_target = output
     ctx.inplace = inplace
-    ctx.mark_non_differentiable(row_stats)
     # With inplace_backward, input now holds its gradient: not saved.
     ctx.save_for_backward(None if inplace else input, target, weight, row_stats)
+    # (an integer tensor saved for forward AD trips an assert: class indices go as they are)
+    ctx.save_for_forward(None if inplace else input, target if target.is_floating_point() else
+                         None, weight)
+    ctx.class_indices = None if target.is_floating_point() else target
     ctx.options = options
     ctx.input_shape = input.shape
     if written is None:
         written = _cross_entropy_grads_wanted(input, target, options[2])
-    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target), written)
+    ctx.forward_grads = _written_grads(ctx, (grad_input, grad_target), written, (row_stats,))
     if inplace:
         ctx.forward_grads = (fold_class_dim(input.detach(), target)[0], None)
+
+
+def _cross_entropy_jvp(ctx, input_tangent, target_tangent, *_unused):
+    """The loss's tangent, from the composite of torch ops (as double backward)."""
+    if ctx.inplace:
+        raise RuntimeError("torch_losses.cross_entropy: forward-mode AD needs "
+                           "inplace_backward=False (the logits are overwritten)")
+    input, target, weight = ctx.saved_tensors
+    target = ctx.class_indices if target is None else target
+    ignore_index, label_smoothing, reduction, z_loss, softcap = ctx.options
+    weight = None if weight is None else weight.to(input.dtype)
+
+    def composite(x, t):
+        return cross_entropy_composite(x, t, weight, ignore_index, label_smoothing, reduction,
+                                       z_loss, softcap)
+
+    if not target.is_floating_point():
+        target_tangent = None
+    loss_tangent = _composite_jvp(composite, ((input, input_tangent), (target, target_tangent)))
+    return loss_tangent, None, None, None
 
 
 def _cross_entropy_grads_wanted(input, target, reduction):
@@ -623,6 +741,13 @@ class CrossEntropyLseFunction(CrossEntropyFunction):
     the per-position lse for logging (lse_of(row_stats)), from the same pass."""
 
     returns_loss_only = False
+
+
+for _function in (BCEWithLogitsFunction, HuberFunction, MSEFunction, L1Function,
+                  SmoothL1Function, BCEFunction, HingeFunction, KLDivFunction):
+    with_jvp(_function, _pointwise_jvp(_function.composite))
+for _function in (CrossEntropyFunction, CrossEntropyLseFunction):
+    with_jvp(_function, _cross_entropy_jvp)
 
 
 # ---------------------------------------------------------------------------------------------

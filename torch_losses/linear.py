@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ._autograd import REDUCTION_NAMES, _composite_grads, _none_if_empty, \
+from ._autograd import REDUCTION_NAMES, _composite_grads, _composite_jvp, _none_if_empty, \
     _register_op_autograd, _take_forward_grads, apply_function, cross_entropy_composite, lse_of, \
-    ops, reduction_enum
+    ops, reduction_enum, with_jvp
 from ._fake import row_stats_count
 from . import functional as _functional  # a cycle: functional re-exports this module's API
 
@@ -344,6 +344,9 @@ class LinearCrossEntropyFunction(Function):
         ctx.mark_non_differentiable(row_stats, *grads)
         ctx.set_materialize_grads(False)  # else backward gets zeros of every gradient's size
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, row_stats)
+        probs = target.is_floating_point()  # integer tensors cannot be saved for forward AD
+        ctx.save_for_forward(input, linear_weight, target if probs else None, linear_bias, weight)
+        ctx.class_indices = None if probs else target
         ctx.options = (ignore_index, label_smoothing, reduction, plan, extras)
         ctx.forward_grads = None if reduction == "none" else tuple(
             grad if wanted else None for grad, wanted in zip(grads, wants))
@@ -358,13 +361,11 @@ class LinearCrossEntropyFunction(Function):
             return (None,) * 11
         if torch.is_grad_enabled():  # create_graph=True: differentiate a composite
             input, linear_weight, target, linear_bias, weight, _ = ctx.saved_tensors
-            logits = F.linear(input, linear_weight, linear_bias)
-            loss = cross_entropy_composite(logits.float() if plan[0] else logits, target,
-                                           weight, ignore_index, label_smoothing, reduction,
-                                           *extras)
+
             gi, gw, gb, gt = _composite_grads(
-                loss, grad_output, [(input, wanted[0]), (linear_weight, wanted[1]),
-                                    (linear_bias, wanted[2]), (target, wanted[3])])
+                _linear_composite(ctx.options, weight), grad_output,
+                [(input, wanted[0]), (linear_weight, wanted[1]), (linear_bias, wanted[2]),
+                 (target, wanted[3])])
         elif forward_grads is None:  # reduction 'none', or a second backward: recompute
             input, linear_weight, target, linear_bias, weight, row_stats = ctx.saved_tensors
             upcast, _, bwd_rows = plan
@@ -379,6 +380,33 @@ class LinearCrossEntropyFunction(Function):
                     ops.scale_grad_(grad, grad_output)
             gi, gw, gb, gt = forward_grads
         return gi, gw, gt, gb, None, None, None, None, None, None, None
+
+
+def _linear_jvp(ctx, input_tangent, linear_weight_tangent, target_tangent, linear_bias_tangent,
+                *_):
+    input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
+    if ctx.class_indices is not None:
+        target, target_tangent = ctx.class_indices, None
+    loss_tangent = _composite_jvp(_linear_composite(ctx.options, weight), (
+        (input, input_tangent), (linear_weight, linear_weight_tangent),
+        (linear_bias, linear_bias_tangent), (target, target_tangent)))
+    return (loss_tangent, *(None,) * 5)
+
+
+with_jvp(LinearCrossEntropyFunction, _linear_jvp)
+
+
+def _linear_composite(options, weight):
+    """The loss as torch ops of (input, linear_weight, linear_bias, target): what double
+    backward and forward-mode AD differentiate."""
+    ignore_index, label_smoothing, reduction, plan, extras = options
+
+    def composite(input, linear_weight, linear_bias, target):
+        logits = F.linear(input, linear_weight, linear_bias)
+        return cross_entropy_composite(logits.float() if plan[0] else logits, target, weight,
+                                       ignore_index, label_smoothing, reduction, *extras)
+
+    return composite
 
 
 def _linear_op_setup_context(ctx, inputs, output):
