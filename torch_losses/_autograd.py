@@ -14,8 +14,9 @@ grad_output per element (an expanded grad_output is read as the scalar it is).
 
 A second backward through a retained graph recomputes the gradients with the *_bwd ops. Double
 backward (create_graph=True) differentiates a composite of torch ops instead (each Function's
-`composite`, through torch.func.vjp), and so does forward-mode AD (the jvp of each Function's
-subclass in WITH_JVP); those are the only places torch's own loss implementations are used.
+`composite`, through torch.func.vjp), and so does forward-mode AD (the jvp of each
+Function's subclass in WITH_JVP); those are the only places torch's own loss implementations
+are used.
 
 torch.func: every Function has a forward without ctx, setup_context and generate_vmap_rule;
 the ops have vmap rules (_vmap.py). The forward writes the gradients of the inputs that require
@@ -156,8 +157,8 @@ def apply_function(function, *args):
     """function.apply(*args), or while torch.export traces, function.forward(*args) alone: an
     exported program keeps ops, not Functions (strict export, through dynamo, even runs the
     Function's forward without grad), and the forward then calls the ops' differentiable twins.
-    Under forward-mode AD, the Function's twin with a jvp (WITH_JVP). The functionals call this
-    (dynamo does not see LossFunction.apply's override)."""
+    Under forward-mode AD, the Function's subclass with a jvp (WITH_JVP). The functionals call
+    this (dynamo does not see LossFunction.apply's override)."""
     if torch.compiler.is_exporting():
         return function.forward(*args)
     if not torch.compiler.is_compiling() and _forward_mode_ad_active():
@@ -751,8 +752,8 @@ for _function in (CrossEntropyFunction, CrossEntropyLseFunction):
 
 
 # ---------------------------------------------------------------------------------------------
-# Differentiable twins of the forward ops, for torch.export: it traces through the Functions and
-# keeps the ops, so the ops an exported program holds must carry the Functions' formulas. Their
+# Differentiable twins of the forward ops, for torch.export: an exported program keeps ops, not
+# Functions, so the ops it holds must carry the Functions' formulas. Their
 # setup_context takes the gradients the op was asked to write (its input_grad/target_grad
 # arguments, honoured for mean and sum) as the forward's. The plain ops get no Python autograd
 # kernel: it would cost every eager and compiled call a few microseconds.
