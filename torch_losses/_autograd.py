@@ -332,7 +332,8 @@ class BCEWithLogitsFunction(LossFunction):
 
     @staticmethod
     def backward(ctx, grad_output, *_unused):
-        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd, ops.bce_with_logits_bwd_into_,
+        grads = _pointwise_backward(ctx, grad_output, ops.bce_with_logits_bwd,
+                                    ops.bce_with_logits_bwd_into_,
                                     BCEWithLogitsFunction.composite)
         return (*grads, None, None, None)
 
