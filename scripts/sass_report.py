@@ -378,6 +378,27 @@ def step(state, consts, op, params):
         else:
             consts.pop(ops[0], None)
         return state
+    if (mn == "LOP3.LUT" and len(ops) == 6 and re.match(r"^R\d+$", ops[0])
+            and re.match(r"^0x[0-9a-f]+$", ops[2]) and ops[3] == "RZ"
+            and ops[4] in ("0xc0", "0xfc") and ops[5] == "!PT"):
+        # The other idiom for saved predicates: r & ~bit clears a flag's bit, then a guarded
+        # r | bit sets it (around calls, such as a device assert's, that clobber predicates).
+        imm, is_or = int(ops[2], 16), ops[4] == "0xfc"
+        old = consts.get(ops[1])
+        bits = dict(old) if isinstance(old, dict) else {}
+        guard_v = True if g is None else pred_value(state, ("!" if g[1] else "") + g[0])
+        for k in range(7):
+            changes = (imm >> k & 1) if is_or else not (imm >> k & 1)
+            if not changes or guard_v is False:
+                continue
+            if guard_v is True:
+                bits[k] = is_or
+            elif bits.get(k) is not is_or:
+                bits.pop(k, None)
+        if guard_v is False and ops[0] != ops[1]:
+            bits = dict(consts.get(ops[0])) if isinstance(consts.get(ops[0]), dict) else {}
+        consts[ops[0]] = bits
+        return state
     if mn == "MOV" and len(ops) == 2 and ops[1] in consts:
         # A copy of a parameter (nvcc moves a uniform register to a vector one to compare it).
         if unguarded:
