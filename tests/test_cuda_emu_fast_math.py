@@ -12,7 +12,12 @@ smallest normal). Two checks per output:
   1/16 ulp of fp16 (1/256 of bf16), which can flip a result within that of a tie to the
   neighbour, 0.5 + 1/16 ulp away;
 - element by element, ours may not exceed the result of the same formulas with the exact libm
-  functions (the emulator's direction 0) by more than 1 ulp, unless torch is worse there.
+  functions (the emulator's direction 0) by more than 1 ulp, unless torch is worse there;
+- at most 1% of the results differ from those of the exact functions at all (issue 8: fast math
+  "where the result rounds to the same value"): an error of at most 2^-15 relative changes the
+  rounding only of results that close to a tie (measured: at most 0.32%, fp16 BCE's loss).
+  torch's own fp16/bf16 errors (one rounding per operation) are so much larger than these that
+  the first two checks would pass a 2^-12 error in BCE's division; this one does not.
 """
 import pytest
 import torch
@@ -123,6 +128,10 @@ def test_fast_math_no_worse_than_torch(emu, dtype, kind):
                         f"{name}: {worst:.3f} ulp {at}, torch's worst {e_torch.max():.3f}")
                     # element by element: at most 1 ulp above the exact functions' result,
                     # unless torch is worse on that element
+                    changed = (o != o0) & ~(o.isnan() & o0.isnan())
+                    assert changed.float().mean() <= 0.01, (
+                        f"{name}: {changed.sum().item()} of {o.numel()} results differ from the "
+                        f"exact functions', e.g. x={x[changed][0]}, y={y[changed][0]}")
                     over = e_ours > torch.maximum(e_exact + 1, e_torch)
                     assert not over.any(), (
                         f"{name}: {over.sum().item()} elements, e.g. x={x[~nan][over][0]}, "

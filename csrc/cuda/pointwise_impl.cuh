@@ -94,15 +94,14 @@ __device__ __forceinline__ void pw_vector(const Loss& f, const PointwiseArgs<T>&
   using A = acc_t<T>;
   constexpr int V = VecTraits<T>::kVec;
   Vec<T> lv, giv, gtv;
+  bool bad = false;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     const A x = to_acc(xv.v[v]), y = to_acc(yv.v[v]);
     const A w = (kStreams & kWeightStream) ? to_acc(wv.v[v]) : A(1);
     const A aux = (kStreams & kAuxStream) ? to_acc(av.v[v]) : A(1);
     const A gfac = (kStreams & kGradStream) ? gscale * to_acc(gv.v[v]) : gscale;
-    if (Loss::kChecksDomain) {
-      TL_DEVICE_ASSERT(!(f.invalid(x, y) != A(0)), Loss::kDomainError);
-    }
+    if (Loss::kChecksDomain) bad |= f.invalid(x, y) != A(0);
     const A sh = f.shared(x, y);
     // Every output element assigned on every path (a select, not a branch): vectors of 16-bit
     // elements filled only on some paths were kept in local memory (200-300 B of spills).
@@ -114,6 +113,7 @@ __device__ __forceinline__ void pw_vector(const Loss& f, const PointwiseArgs<T>&
     giv.v[v] = from_acc<T>(gi);
     gtv.v[v] = from_acc<T>(gt);
   }
+  if (Loss::kChecksDomain) TL_DEVICE_ASSERT(!bad, Loss::kDomainError);
   if (loss_elem) st_vec(a.loss + i0, lv);
   if (a.grad_input != nullptr) st_vec(a.grad_input + i0, giv);
   if (a.grad_target != nullptr) st_vec(a.grad_target + i0, gtv);

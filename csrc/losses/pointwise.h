@@ -123,17 +123,19 @@ struct BCEUsing {
       "binary_cross_entropy: all elements of input and target should be between 0 and 1";
   explicit TL_HD BCEUsing(double = 0) {}
   TL_HD static T clamp_log(T v) { return M::where(v < T(-100), T(-100), v); }
+  // Outside [0, 1] or NaN, from ordered compares (which NaN fails): two per value, not three.
   TL_HD T invalid(T x, T y) const {
-    return (x < T(0)) | (x > T(1)) | (x != x) | (y < T(0)) | (y > T(1)) | (y != y);
+    return ((x >= T(0)) & (x <= T(1)) & (y >= T(0)) & (y <= T(1))) == T(0);
   }
   TL_HD T shared(T x, T) const { return M::log1p(-x); }  // log(1 - x)
   TL_HD T value(T x, T y, T, T log1m) const {
     return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log(x));
   }
   // (x - y) / max(x (1 - x), 1e-12), the bound a float 1e-12 as in torch (also for double).
+  // The divisor lies in [1e-12, 0.25] (or is NaN): M::div's fast form holds there.
   TL_HD T grad_input(T x, T y, T, T) const {
     T d = x * (T(1) - x);
-    return (x - y) / M::where(d < T(1e-12f), T(1e-12f), d);
+    return M::div(x - y, M::where(d < T(1e-12f), T(1e-12f), d));
   }
   // -logit(x), as torch (not clamped).
   TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
