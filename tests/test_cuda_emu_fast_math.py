@@ -1,12 +1,13 @@
-"""The bf16/fp16 pointwise CUDA kernels compute exp/log/log1p on the MUFU unit
-(csrc/cuda/pointwise_fast_math.cuh). Under the emulator those functions return the libm value
-moved by the CUDA Programming Guide's worst-case error of __expf/__logf, up or down
-(tests/cuda_emu/include/tl_cuda_emu.h); here the kernels' losses and gradients, so perturbed,
-are compared with torch's (CPU, same bf16/fp16 inputs) against float64 on hard inputs: every
-finite bf16/fp16 value of the transcendental argument, for a few values of the other.
+"""The bf16/fp16 pointwise CUDA kernels compute exp/log/log1p on the MUFU unit, and BCE's and
+smooth-L1's divisions from MUFU.RCP with one correction (csrc/cuda/pointwise_fast_math.cuh).
+Under the emulator those functions return the libm value (the reciprocal) moved by the CUDA
+Programming Guide's (the PTX ISA's) worst-case error of __expf/__logf (rcp.approx), up or down
+(tests/cuda_emu/include/tl_cuda_emu.h); here the kernels' losses and gradients, so perturbed, are compared with torch's (CPU, same
+bf16/fp16 inputs) against float64 on hard inputs: every finite bf16/fp16 value of the fast
+function's argument, for a few values of the other.
 
 Error unit: the output dtype's ulp at the float64 result (its subnormal spacing below the
-smallest normal). Two checks per output:
+smallest normal). Three checks per output:
 - ours may not exceed torch's largest error over the same elements (floored at the half ulp of
   correct rounding) by more than TIE_SLACK: the functions' relative error (<= 2^-15) is at most
   1/16 ulp of fp16 (1/256 of bf16), which can flip a result within that of a tie to the
@@ -17,7 +18,8 @@ smallest normal). Two checks per output:
   "where the result rounds to the same value"): an error of at most 2^-15 relative changes the
   rounding only of results that close to a tie (measured: at most 0.32%, fp16 BCE's loss).
   torch's own fp16/bf16 errors (one rounding per operation) are so much larger than these that
-  the first two checks would pass a 2^-12 error in BCE's division; this one does not.
+  the first two checks would pass a 2^-12 error in BCE's division; this one does not, nor the
+  division without its correction (z / 0.3 is a tie of fp16 for a sixth of z: 2.6% changed).
 """
 import pytest
 import torch
@@ -56,7 +58,7 @@ def ulp_error(v, ref64, dtype):
     return torch.nan_to_num(err, nan=float("inf"))
 
 
-def torch_results(kind, x, y, aux):
+def torch_results(kind, x, y, aux, beta):
     """Loss (reduction none), d sum / dx and d sum / dy of torch on these tensors."""
     x = x.detach().requires_grad_(True)
     y = y.detach().requires_grad_(True)
@@ -66,6 +68,8 @@ def torch_results(kind, x, y, aux):
         l = F.binary_cross_entropy(x, y, reduction="none")
     elif kind == "kl_div":
         l = F.kl_div(x, y, reduction="none")
+    elif kind == "smooth_l1":
+        l = F.smooth_l1_loss(x, y, reduction="none", beta=beta)
     else:
         l = F.kl_div(x, y, reduction="none", log_target=True)
     gx, gy = torch.autograd.grad(l.sum(), [x, y])
@@ -73,50 +77,59 @@ def torch_results(kind, x, y, aux):
 
 
 def hard_cases(kind, dtype):
-    """(x, y, aux): the transcendental argument over every finite value, the other fixed."""
+    """(x, y, aux, param): the argument of the fast function over every finite value, the
+    other fixed."""
     v = all_finite(dtype)
     if kind == "bce_with_logits":  # exp(-|x|), log1p: every x
         for t in (0.0, 1.0, 0.25):
-            yield v, torch.full_like(v, t), None
-        yield v, torch.full_like(v, 0.75), torch.full_like(v, 3.0)
-    elif kind == "bce":  # log(x), log1p(-x): every x in [0, 1]
+            yield v, torch.full_like(v, t), None, 0.0
+        yield v, torch.full_like(v, 0.75), torch.full_like(v, 3.0), 0.0
+    elif kind == "bce":  # log(x), log1p(-x), the division by x (1 - x): every x in [0, 1]
         p = v[(v >= 0) & (v <= 1)]
         for t in (0.0, 1.0, 0.3):
-            yield p, torch.full_like(p, t), None
+            yield p, torch.full_like(p, t), None, 0.0
     elif kind == "kl_div":  # log(y): every y >= 0
         p = v[v >= 0]
         for x in (-1.0, 0.0, -3.5):
-            yield torch.full_like(p, x), p, None
+            yield torch.full_like(p, x), p, None, 0.0
+    elif kind == "smooth_l1":  # the division by beta: every x; beta subnormal in float (the
+        # IEEE division) or huge where the dtype allows
+        betas = [0.3, 3.0, 1e-39, 7.0]
+        if dtype == torch.bfloat16:
+            betas.append(3e38)
+        for beta in betas:
+            yield v, torch.zeros_like(v), None, beta
     else:  # exp(y): every y
         for x in (-1.0, 0.0, 2.5):
-            yield torch.full_like(v, x), v, None
+            yield torch.full_like(v, x), v, None, 0.0
 
 
-def run_ours(s, kind, x, y, aux):
-    loss = s.pointwise(kind, x, y, aux=aux, reduction="none")["loss"]
-    grads = s.pointwise(kind, x, y, aux=aux, reduction="sum", want_grad_input=True,
+def run_ours(s, kind, x, y, aux, beta):
+    loss = s.pointwise(kind, x, y, aux=aux, param=beta, reduction="none")["loss"]
+    grads = s.pointwise(kind, x, y, aux=aux, param=beta, reduction="sum", want_grad_input=True,
                         want_grad_target=True)
     return loss, grads["grad_input"], grads["grad_target"]
 
 
-@pytest.mark.parametrize("kind", ["bce_with_logits", "bce", "kl_div", "kl_div_log_target"])
+@pytest.mark.parametrize("kind", ["bce_with_logits", "bce", "kl_div", "kl_div_log_target",
+                                  "smooth_l1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fast_math_no_worse_than_torch(emu, dtype, kind):
     """Every output of every hard case, the MUFU functions' errors pushed up, then down."""
     with emu.session() as s:
-        for x, y, aux in hard_cases(kind, dtype):
+        for x, y, aux, beta in hard_cases(kind, dtype):
             ref = torch_results(kind, x.double(), y.double(),
-                                None if aux is None else aux.double())
-            theirs = torch_results(kind, x, y, aux)
+                                None if aux is None else aux.double(), beta)
+            theirs = torch_results(kind, x, y, aux, beta)
             emu.set_fast_math_direction(0)
-            exact = run_ours(s, kind, x, y, aux)
+            exact = run_ours(s, kind, x, y, aux, beta)
             for direction in (1, -1):
                 emu.set_fast_math_direction(direction)
-                ours = run_ours(s, kind, x, y, aux)
+                ours = run_ours(s, kind, x, y, aux, beta)
                 for what, o, o0, t, r in zip(("loss", "grad_input", "grad_target"), ours, exact,
                                              theirs, ref):
-                    name = (f"{kind} {dtype} y={y[0].item()} x={x[0].item()} {what} "
-                            f"dir={direction}")
+                    name = (f"{kind} {dtype} y={y[0].item()} x={x[0].item()} beta={beta} "
+                            f"{what} dir={direction}")
                     nan = r.isnan()
                     assert torch.equal(o.isnan(), nan), f"{name}: NaN positions differ"
                     e_ours = ulp_error(o[~nan], r[~nan], dtype)

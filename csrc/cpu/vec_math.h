@@ -172,6 +172,8 @@ struct Math<at::vec::Vectorized<S>> {
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static V recip(const V& b) { return V(S(1)) / b; }
   static V div(const V& a, const V& b) { return a / b; }
+  static V param_recip(const V&) { return V(S(0)); }
+  static V div_by_param(const V& a, const V& b, const V&) { return a / b; }
   static V mul_rn(const V& a, const V& b) { return a * b; }  // (no contraction on the CPU)
   // exp within 20 ulp for float (at::vec's polynomial, no Sleef call): for softmax gradients.
   // The polynomial does not keep a NaN (issue 7: a NaN logit gave inf gradients): blended back.

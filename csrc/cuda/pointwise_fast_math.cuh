@@ -81,31 +81,51 @@ TL_HD float recip_1_to_2(float b) {
 #endif
 }
 
-// a / b for |b| in [2^-126, 2^126] (or NaN): rcp.approx.ftz.f32, 1 ulp (b is never subnormal,
-// so flushing changes nothing), then a multiply that keeps a subnormal a. <= 2 ulp, the bound of
-// __fdividef, which nvcc compiles with a subnormal-divisor check and two scalings more.
-TL_HD float div_normal(float a, float b) {
+// 1 / b on MUFU.RCP, 1 ulp (PTX ISA), for |b| in [2^-126, 2^126] (b is never subnormal there,
+// so the flushing form gives the same).
+TL_HD float rcp_normal(float b) {
 #if defined(__CUDA_ARCH__)
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
-  return a * r;
+  return r;
 #elif defined(TL_CUDA_EMULATOR)
-  return __fdividef(a, b);  // the IEEE quotient moved by 2 ulp (the emulator's shim)
+  return tl_emu::approx_rcp(b);
 #else
-  return a / b;  // the host pass of nvcc: never called
+  return 1.0f / b;  // the host pass of nvcc: never called
 #endif
+}
+
+// a / b from r = rcp_normal(b), for a quotient that neither overflows nor is subnormal: q0 = a r
+// and one correction from its residual, fma(a - b q0, r, q0). Before the last rounding that is
+// the quotient within (q - q0) 2^-23, so the IEEE quotient wherever that is representable (the
+// ties of a 16-bit result are: z / 0.3 is one for a sixth of the fp16 z below 0.3, where an
+// uncorrected a r rounds the other way) and elsewhere unless within 2^-22 ulp of a float
+// midpoint. With the reciprocal, 4 instructions where nvcc's IEEE division costs ~10 (its
+// exponent check, branch and slow-path call). The emulator runs it on its rcp_normal, 1/b moved
+// by the ulp in the direction the fast-math tests set.
+TL_HD float div_corrected(float a, float b, float r) {
+  const float q0 = a * r;
+  return fmaf(fmaf(-b, q0, a), r, q0);
 }
 
 // The Math policy of the bf16/fp16 pointwise losses (losses/pointwise.h). recip: only for
 // divisors in [1, 2] (BCE-with-logits' 1 + exp(-|x|)). div: only for |b| in [2^-126, 2^126]
-// (BCE's max(x (1 - x), 1e-12)): 2 ulp of float, 2^-12 of an fp16 ulp, where the IEEE division
-// cost ~10 instructions more (its exponent check, branch and slow-path call).
+// (BCE's max(x (1 - x), 1e-12)). param_recip / div_by_param: a loss parameter b of any value
+// (smooth-L1's beta), its reciprocal taken once per thread; 0 where b is outside that range,
+// which then takes the IEEE division.
 struct FastMath : Math<float> {
   TL_HD static float exp(float x) { return fast_exp(x); }
   TL_HD static float log(float x) { return fast_log(x); }
   TL_HD static float log1p(float x) { return fast_log1p(x); }
   TL_HD static float recip(float b) { return recip_1_to_2(b); }
-  TL_HD static float div(float a, float b) { return div_normal(a, b); }
+  TL_HD static float div(float a, float b) { return div_corrected(a, b, rcp_normal(b)); }
+  TL_HD static float param_recip(float b) {
+    const float ab = fabsf(b);
+    return ab >= 1.17549435e-38f && ab <= 8.50705917e37f ? rcp_normal(b) : 0.0f;
+  }
+  TL_HD static float div_by_param(float a, float b, float r) {
+    return r != 0.0f ? div_corrected(a, b, r) : a / b;
+  }
 };
 
 }  // namespace cuda

@@ -22,7 +22,7 @@ struct LossOf;
   };
 TL_LOSS_OF(BCEWithLogits, BCEWithLogitsUsing<A, M>)
 TL_LOSS_OF(Huber, Huber<A>)
-TL_LOSS_OF(SmoothL1, SmoothL1<A>)
+TL_LOSS_OF(SmoothL1, SmoothL1Using<A, M>)
 TL_LOSS_OF(MSE, MSE<A>)
 TL_LOSS_OF(L1, L1<A>)
 TL_LOSS_OF(BCE, BCEUsing<A, M>)

@@ -77,21 +77,26 @@ struct Huber : NoDomainCheck {
 
 // smooth_l1_loss: 0.5 z^2 / beta if |z| < beta else |z| - 0.5 beta, for beta > 0 (beta = 0 is
 // l1_loss, where torch routes it: so do ops.h's smooth_l1 ops, to L1).
-template <typename T>
-struct SmoothL1 : NoDomainCheck {
-  using M = Math<T>;
-  T beta;
-  explicit TL_HD SmoothL1(double beta_) : beta(T(beta_)) {}
+// The divisions by beta: M::div_by_param (the bf16/fp16 CUDA kernels: by a reciprocal taken
+// once, corrected to the IEEE quotient's rounding; else a / beta).
+template <typename T, typename M>
+struct SmoothL1Using : NoDomainCheck {
+  T beta, beta_recip;
+  explicit TL_HD SmoothL1Using(double beta_)
+      : beta(T(beta_)), beta_recip(M::param_recip(T(beta_))) {}
   TL_HD T shared(T x, T y) const { return x - y; }
+  TL_HD T over_beta(T v) const { return M::div_by_param(v, beta, beta_recip); }
   TL_HD T value(T, T, T, T z) const {
     T az = M::abs(z);
-    return M::where(az < beta, T(0.5) * z * z / beta, az - T(0.5) * beta);
+    return M::where(az < beta, over_beta(T(0.5) * z * z), az - T(0.5) * beta);
   }
   TL_HD T grad_input(T, T, T, T z) const {
-    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), z / beta));
+    return M::where(z < -beta, T(-1), M::where(z > beta, T(1), over_beta(z)));
   }
   TL_HD T grad_target(T x, T y, T a, T z) const { return -grad_input(x, y, a, z); }
 };
+template <typename T>
+using SmoothL1 = SmoothL1Using<T, Math<T>>;
 
 // mse_loss: z^2 (no 1/2 factor, as torch).
 template <typename T>

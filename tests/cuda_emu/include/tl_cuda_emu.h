@@ -320,6 +320,8 @@ inline float approx_log(float x, bool ftz) {
   if (x >= 0.5f && x <= 2.0f) return r + float(fast_math_direction) * 3.5887879e-7f;  // 2^-21.41
   return move_ulps(r, 3);
 }
+// rcp.approx.ftz.f32: 1 ulp (PTX ISA), over the full range.
+inline float approx_rcp(float b) { return move_ulps(1.0f / flush_subnormal(b), 1); }
 }  // namespace tl_emu
 inline float __expf(float x) { return tl_emu::approx_exp(x, true); }
 inline float __logf(float x) { return tl_emu::approx_log(x, true); }
