@@ -172,6 +172,8 @@ struct Math<at::vec::Vectorized<S>> {
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static V recip(const V& b) { return V(S(1)) / b; }
   static V div(const V& a, const V& b) { return a / b; }
+  static V log_unit(const V& x) { return log(x); }
+  static V log1m_unit(const V& x) { return log1p(x.neg()); }
   static V param_recip(const V&) { return V(S(0)); }
   static V div_by_param(const V& a, const V& b, const V&) { return a / b; }
   static V mul_rn(const V& a, const V& b) { return a * b; }  // (no contraction on the CPU)

@@ -81,6 +81,27 @@ TL_HD float recip_1_to_2(float b) {
 #endif
 }
 
+// log x and log(1 - x) for x in [0, 1] (BCE's two logs), as fast_log(x) and fast_log1p(-x)
+// but sharing one series: log x needs it for x > 1 - 2^-6 (of x - 1), log(1 - x) for x < 2^-6
+// (of -x), never both, so its argument is picked by x >= 1/2 and it is formed once per element
+// (opaque, so that nvcc neither repeats it under each use's predicate nor merges it away).
+TL_HD float unit_series(float x) {
+  float s = log1p_series(x >= 0.5f ? x - 1.0f : -x);
+#if defined(__CUDA_ARCH__)
+  asm("" : "+f"(s));
+#endif
+  return s;
+}
+TL_HD float fast_log_unit(float x) {
+  const float r = approx_log(x), s = unit_series(x);
+  return fabsf(x - 1.0f) < 0.015625f ? s : r;
+}
+TL_HD float fast_log1m_unit(float x) {
+  const float r = approx_log<true>(1.0f - x);  // 1 - x: 0 or >= 2^-24, never subnormal
+  const float s = unit_series(x);
+  return fabsf(x) < 0.015625f ? s : r;
+}
+
 // 1 / b on MUFU.RCP, 1 ulp (PTX ISA), for |b| in [2^-126, 2^126] (b is never subnormal there,
 // so the flushing form gives the same).
 TL_HD float rcp_normal(float b) {
@@ -119,6 +140,8 @@ struct FastMath : Math<float> {
   TL_HD static float log1p(float x) { return fast_log1p(x); }
   TL_HD static float recip(float b) { return recip_1_to_2(b); }
   TL_HD static float div(float a, float b) { return div_corrected(a, b, rcp_normal(b)); }
+  TL_HD static float log_unit(float x) { return fast_log_unit(x); }
+  TL_HD static float log1m_unit(float x) { return fast_log1m_unit(x); }
   TL_HD static float param_recip(float b) {
     const float ab = fabsf(b);
     return ab >= 1.17549435e-38f && ab <= 8.50705917e37f ? rcp_normal(b) : 0.0f;

@@ -25,6 +25,8 @@ struct Math<float> {
   TL_HD static float where(bool c, float a, float b) { return c ? a : b; }
   TL_HD static float recip(float b) { return 1.0f / b; }
   TL_HD static float div(float a, float b) { return a / b; }
+  TL_HD static float log_unit(float x) { return logf(x); }       // x in [0, 1]
+  TL_HD static float log1m_unit(float x) { return log1pf(-x); }  // log(1 - x), x in [0, 1]
   TL_HD static float param_recip(float) { return 0.0f; }
   TL_HD static float div_by_param(float a, float b, float) { return a / b; }
   // a * b rounded on its own, never contracted into an FMA with an add that follows (nvcc
@@ -48,6 +50,8 @@ struct Math<double> {
   TL_HD static double where(bool c, double a, double b) { return c ? a : b; }
   TL_HD static double recip(double b) { return 1.0 / b; }
   TL_HD static double div(double a, double b) { return a / b; }
+  TL_HD static double log_unit(double x) { return ::log(x); }
+  TL_HD static double log1m_unit(double x) { return ::log1p(-x); }
   TL_HD static double param_recip(double) { return 0.0; }
   TL_HD static double div_by_param(double a, double b, double) { return a / b; }
   TL_HD static double mul_rn(double a, double b) {

@@ -132,9 +132,9 @@ struct BCEUsing {
   TL_HD T invalid(T x, T y) const {
     return ((x >= T(0)) & (x <= T(1)) & (y >= T(0)) & (y <= T(1))) == T(0);
   }
-  TL_HD T shared(T x, T) const { return M::log1p(-x); }  // log(1 - x)
+  TL_HD T shared(T x, T) const { return M::log1m_unit(x); }  // log(1 - x)
   TL_HD T value(T x, T y, T, T log1m) const {
-    return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log(x));
+    return (y - T(1)) * clamp_log(log1m) - y * clamp_log(M::log_unit(x));
   }
   // (x - y) / max(x (1 - x), 1e-12), the bound a float 1e-12 as in torch (also for double).
   // The divisor lies in [1e-12, 0.25] (or is NaN): M::div's fast form holds there.
@@ -143,7 +143,7 @@ struct BCEUsing {
     return M::div(x - y, M::where(d < T(1e-12f), T(1e-12f), d));
   }
   // -logit(x), as torch (not clamped).
-  TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log(x); }
+  TL_HD T grad_target(T x, T, T, T log1m) const { return log1m - M::log_unit(x); }
 };
 template <typename T>
 using BCE = BCEUsing<T, Math<T>>;
