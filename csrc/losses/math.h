@@ -13,6 +13,10 @@
 
 namespace torch_losses {
 
+// The functions the loss functors compute with. div, log_unit / log1m_unit (x in [0, 1]) and
+// param_recip / div_by_param (b a loss parameter) are the plain forms here; they exist for the
+// bf16/fp16 CUDA policy (FastMath, csrc/cuda/pointwise_fast_math.cuh), which computes them
+// faster with the same rounded results.
 template <typename T>
 struct Math;
 
