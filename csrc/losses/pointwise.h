@@ -12,9 +12,10 @@
 // kDomainError.
 // The generic kernels apply the element weight, the reduction and grad_output.
 // The losses with transcendental functions or divisions (BCE-with-logits, BCE, smooth-L1, the
-// two KL divergences) take the math M as a second parameter: the alias of each (BCEWithLogits<T> = BCEWithLogitsUsing<T,
-// Math<T>>) is what the CPU and the float/double CUDA kernels use; the bf16/fp16 CUDA kernels
-// pass the MUFU-based math of csrc/cuda/pointwise_fast_math.cuh.
+// two KL divergences) take the math M as a second parameter: the alias of each
+// (BCEWithLogits<T> = BCEWithLogitsUsing<T, Math<T>>) is what the CPU and the float/double CUDA
+// kernels use; the bf16/fp16 CUDA kernels pass the MUFU-based math of
+// csrc/cuda/pointwise_fast_math.cuh.
 #pragma once
 
 #include "losses/math.h"
