@@ -47,6 +47,17 @@ branch both ways, and paths through a CALL (division or sqrt slow paths) are lef
 prints the fewest-most instructions per element over those paths (an iteration's instructions /
 its elements); the range comes from the data branches. The loss parameter is the benchmarked
 call's (pointwise_param_nonzero: BCE-with-logits' pos_weight flag, delta, beta, margin 1).
+Cross-entropy rows held in registers (ce_row_kernel<T, 0, 1, kGroup, kCap, kW, K>, K > 0: the
+forward writing the gradient of rows of at most 2048 vectors) have no hot loop: each thread's K
+vectors go through both passes in straight-line code. For these the cubin is also disassembled
+with `nvdisasm -gi` (each instruction's source line and the calls it was inlined through), and
+the path walk runs over one iteration of the kernel's loop over rows, for the benchmarked
+forward's parameters (CE_CACHED_PATH; the parameter offsets are checked against the structs by
+a host probe built with nvcc), counting the most instructions of each part on a path: the
+row's loads, pass 1's and pass 2's vector steps, the scalar head and tail elements, and the
+whole row (reductions, statistics and loss included), each per element of a thread's K full
+vectors. The data branches go both ways, so these are the heaviest paths (a new maximum's
+rescale, an ignored row's reads), not the usual ones.
 Bytes in flight per SM = 16 x (16-byte loads in the body, all issued before the first use in
 these loops) x resident threads per SM, where residency is what the registers allow for the
 block size the launcher uses (cross-entropy row kernels ce_row_kernel<T, kProb, kVec, kGroup,
@@ -138,6 +149,49 @@ def parse_sass(text):
         if m and cur is not None:
             funcs[cur].append((int(m.group(1), 16), m.group(2)))
     return funcs
+
+
+LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
+LABEL = re.compile(r"^(\.L_x_\d+):")
+SECTION = re.compile(r"^\.text\.(\S+):$")
+
+
+def parse_sass_lines(text):
+    """`nvdisasm -c -gi` output: per function, its instructions as parse_sass gives them (branch
+    labels resolved to addresses) and, per instruction, its source lines: a set of (file name,
+    line), the line and every call it was inlined through."""
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        m = SECTION.match(line)
+        if m:
+            cur = funcs.setdefault(m.group(1), {"insns": [], "chains": [], "labels": {}})
+            chain, fresh, pending = frozenset(), True, []
+            continue
+        if cur is None:
+            continue
+        m = LINE_INFO.search(line)
+        if m:  # a block of these lines (one per inlining level) precedes the instructions
+            loc = (os.path.basename(m.group(1)), int(m.group(2)))
+            chain, fresh = (frozenset([loc]) if fresh else chain | {loc}), False
+            continue
+        m = LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = INSN.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            cur["labels"].update((lab, addr) for lab in pending)
+            pending, fresh = [], True
+            cur["insns"].append((addr, m.group(2)))
+            cur["chains"].append(chain)
+    out = {}
+    for name, f in funcs.items():
+        def address(m, labels=f["labels"]):
+            return hex(labels[m.group(1)]) if m.group(1) in labels else m.group(0)
+        insns = [(a, re.sub(r"`\((\.L_x_\d+)\)", address, op)) for a, op in f["insns"]]
+        out[name] = (insns, f["chains"])
+    return out
 
 
 def mnemonic(op):
@@ -312,7 +366,7 @@ def loads_per_vector(name, loop, insns):
 PRED = re.compile(r"^!?(U?P[0-6T])$")
 CONST_LOAD = re.compile(
     r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
-SETP = re.compile(r"^(?:U?ISETP|DSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
+SETP = re.compile(r"^(?:U?ISETP|DSETP|FSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
 
 
 def operands(op):
@@ -459,7 +513,7 @@ def step(state, consts, op, params):
     return new
 
 
-def path_counts(insns, first, last, params, elem_load, calls=False):
+def path_counts(insns, first, last, params, elem_load, calls=False, weight=None):
     """(fewest, most) instructions and the element loads on those paths from insns[first] to
     the loop's backward branch insns[last], for the parameter values params(offset) gives.
     Paths through a CALL (the out-of-line slow path of a division or of sqrt for operands near
@@ -481,7 +535,7 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
         consts = dict(consts)
         while True:
             addr, op = insns[i]
-            n += mnemonic(op) != "NOP"
+            n += mnemonic(op) != "NOP" if weight is None else weight(i)
             loads += elem_load(op)
             if i == last:
                 res = ((n, loads), (n, loads))
@@ -500,6 +554,8 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
             if m:
                 extra = [t for t in operands(op)[:-1] if PRED.match(t)]
                 cond = True if g is None else taken
+                if mn.startswith("BRA.DIV"):
+                    cond = False  # to the diverged warp's fallback: a converged warp goes on
                 for t in extra:
                     v = pred_value(state, t)
                     # "BRA !P2, target" under a guard: taken when both hold.
@@ -532,7 +588,7 @@ def path_counts(insns, first, last, params, elem_load, calls=False):
 
     res = walk(first, state, consts)
     return res if res is not None or calls else path_counts(insns, first, last, params,
-                                                            elem_load, calls=True)
+                                                            elem_load, calls=True, weight=weight)
 
 
 def row_path_counts(insns, lp, elems_per_load):
@@ -552,6 +608,16 @@ def row_path_counts(insns, lp, elems_per_load):
 PW_FIELDS = {"grad_output": 0x20, "grad_output_scalar": 0x28, "skip_if_grad_output_is_one": 0x29,
              "loss": 0x30, "grad_input": 0x38, "grad_target": 0x40, "partials": 0x48,
              "n": 0x50, "param": 0x58, "reduction": 0x60}
+# CeParams<T> (csrc/cuda/cross_entropy_impl.cuh, its CrossEntropyArgs a first) for bf16, fp16
+# and fp32 (float statistics; double's differ and are not walked): the fields that the
+# cached row kernels' branches test.
+CE_FIELDS = {"a.input": 0x0, "a.target_index": 0x8, "a.target_prob": 0x10, "a.weight": 0x18,
+             "a.grad_output": 0x20, "a.grad_output_scalar": 0x28,
+             "a.skip_if_grad_output_is_one": 0x29, "a.loss": 0x30, "a.row_stats": 0x38,
+             "a.grad_input": 0x40, "a.grad_target": 0x48, "a.rows_strided": 0x70,
+             "a.label_smoothing": 0xa0, "a.reduction": 0xa8, "a.z_loss": 0xb0,
+             "a.softcap": 0xb8, "eps": 0xc0, "eps_c": 0xc4, "W": 0xd0, "Wsum": 0xd8,
+             "row_loss": 0xe0, "split": 0xe8, "z": 0xf0, "cap": 0xf4, "fwd": 0x120}
 # The kernel parameters start at c[0x0][0x210] on sm_90, c[0x0][0x160] on sm_80.
 PARAM_BASE = {"sm_90": 0x210, "sm_80": 0x160}
 # The paths reported: the forward with the gradient (reduction mean, the benchmarked case) and
@@ -562,18 +628,121 @@ PW_PATHS = {
     "none+grad": {"loss": True, "grad_input": True, "grad_target": False, "reduction": False,
                   "partials": False, "grad_output": False, "n": True},
 }
+# The cached row kernels' path: the benchmarked forward writing the gradient (class index,
+# reduction mean, no label smoothing or z-loss; class weights: cached_row_counts).
+CE_CACHED_PATH = {
+    "a.input": True, "a.target_index": True, "a.target_prob": False, "a.weight": False,
+    "a.grad_output": False, "a.grad_output_scalar": False, "a.skip_if_grad_output_is_one": False,
+    "a.loss": True, "a.row_stats": True, "a.grad_input": True, "a.grad_target": False,
+    "a.rows_strided": False, "a.label_smoothing": False, "a.reduction": True, "a.z_loss": False,
+    "a.softcap": False, "eps": False, "eps_c": False, "W": True, "Wsum": False,
+    "row_loss": True, "split": False, "z": False, "cap": False, "fwd": True}
 
 
-def pw_params(arch, values):
+def check_field_offsets(nvcc, tmp):
+    """PW_FIELDS and CE_FIELDS against the structs' real layout (a host probe built with nvcc,
+    no GPU needed): a field moved in launchers.h or cross_entropy_impl.cuh stops the report
+    instead of steering its path walks by the wrong parameters."""
+    probe = os.path.join(tmp, "field_offsets.cu")
+    checks = [("torch_losses::cuda::PointwiseArgs<float>", PW_FIELDS),
+              ("torch_losses::cuda::CeParams<float>", CE_FIELDS)]
+    lines = [f'  std::printf("%s %zu\\n", "{t} {f}", offsetof({t}, {f}));'
+             for t, fields in checks for f in fields]
+    with open(probe, "w") as out:
+        out.write("#include <cstddef>\n#include <cstdio>\n"
+                  '#include "cuda/cross_entropy_impl.cuh"\n'
+                  "int main() {\n" + "\n".join(lines) + "\n}\n")
+    exe = os.path.join(tmp, "field_offsets")
+    subprocess.run([nvcc, "-std=c++17", "-Icsrc", "-o", exe, probe], cwd=ROOT, check=True,
+                   capture_output=True)
+    real = dict(line.rsplit(" ", 1) for line in subprocess.run(
+        [exe], check=True, capture_output=True, text=True).stdout.splitlines())
+    wrong = [f"{k}: {int(v)} (the script has {fields[k.split()[-1]]})" for t, fields in checks
+             for k, v in real.items() if k.startswith(t + " ")
+             and int(v) != fields[k.split()[-1]]]
+    if wrong:
+        sys.exit("sass_report: kernel parameter offsets changed, update PW_FIELDS/CE_FIELDS:\n  "
+                 + "\n  ".join(wrong))
+
+
+def param_values(arch, fields, values):
+    """The lookup path_counts takes: constant-bank offset -> the value `values` gives the field
+    there (True: nonzero), or None."""
     base = PARAM_BASE.get(arch)
-    fields = {base + off: name for name, off in PW_FIELDS.items()} if base is not None else {}
+    at = {base + off: name for name, off in fields.items()} if base is not None else {}
 
     def lookup(off):
         for start in (off, off - 4):  # the high word of a 64-bit field
-            if start in fields and fields[start] in values:
-                return values[fields[start]]
+            if start in at and at[start] in values:
+                return values[at[start]]
         return None
     return lookup
+
+
+CE_IMPL = "cross_entropy_impl.cuh"
+
+
+def cached_row_lines():
+    """The lines of csrc/cuda/cross_entropy_impl.cuh that tell a cached row's parts apart in the
+    line info: RowCache::load's call (the row's loads), RowCache::walk's step over a whole
+    vector and over its scalar head and tail elements, and ce_row's walk_row calls by pass (the
+    functor declared last before each)."""
+    lines = {"load": set(), "vector": set(), "scalar": set(), 1: set(), 2: set()}
+    functor = None
+    with open(os.path.join(ROOT, "csrc/cuda", CE_IMPL)) as src:
+        for n, text in enumerate(src, 1):
+            if "cache.load(" in text:
+                lines["load"].add(n)
+            if "f.template compute<V>(c, xv[j], xv[j])" in text:
+                lines["vector"].add(n)
+            if "compute<1>(gt, xh, xh)" in text or "compute<1>(end + gt, xt, xt)" in text:
+                lines["scalar"].add(n)
+            m = re.search(r"\bPass([12])\w*<", text)
+            if m:
+                functor = int(m.group(1))
+            if "walk_row<" in text and "(f, cache" in text and functor:
+                lines[functor].add(n)
+    if not all(lines.values()):
+        sys.exit(f"sass_report: {CE_IMPL} changed: cached_row_lines found {lines}")
+    return lines
+
+
+def cached_row_counts(arch, name, insns, chains, lines):
+    """A cached row kernel (ce_row_kernel<..., K > 0>, straight-line code: no hot loop) on the
+    path CE_CACHED_PATH sets, each data branch both ways: the most instructions one thread
+    issues for one row, in all ("row": reductions, loss and statistics included) and by part
+    (the instructions inlined from RowCache's loads and from pass 1's and pass 2's vector
+    steps), over the paths through one iteration of the kernel's loop over rows (its widest
+    backward branch; a warp's divergent fallback, BRA.DIV, is not taken). "row" leaves out the
+    scalar head and tail elements (a row that does not start or end on a 16-byte boundary),
+    given on their own. Class weights: where the kernel takes them as vectors (kW 2), else
+    none."""
+    addr_index = {a: i for i, (a, _) in enumerate(insns)}
+    back = [(addr_index[int(m.group(1), 16)], i) for i, (a, op) in enumerate(insns)
+            for m in [BRANCH.match(op)] if m and int(m.group(1), 16) < a
+            and int(m.group(1), 16) in addr_index]
+    if not back:
+        return None
+    first, last = max(back, key=lambda b: b[1] - b[0])
+    weights = template_args(name)[5] == "2"
+    params = param_values(arch, CE_FIELDS, {**CE_CACHED_PATH, "a.weight": weights,
+                                            "Wsum": weights})
+
+    def has(chain, part):
+        return any((CE_IMPL, n) in chain for n in lines[part])
+
+    parts = {"loads": lambda ch: has(ch, "load"),
+             "pass 1": lambda ch: has(ch, "vector") and has(ch, 1),
+             "pass 2": lambda ch: has(ch, "vector") and has(ch, 2),
+             "row": lambda ch: not has(ch, "scalar"),
+             "scalar head/tail": lambda ch: has(ch, "scalar")}
+    out = {}
+    for part, inside in parts.items():
+        weight = [int(mnemonic(op) != "NOP" and inside(ch)) for (_, op), ch in zip(insns, chains)]
+        counts = path_counts(insns, first, last, params, lambda op: 0,
+                             weight=lambda i: weight[i])
+        out[part] = None if counts is None else counts[1][0]
+    return out
 
 
 def pointwise_param_nonzero(name):
@@ -590,6 +759,13 @@ def pointwise_streams(name):
     """Streams a pointwise_kernel<Loss, T, kVecPath, kStreams> vector iteration reads."""
     args = template_args(name)
     return 2 + bin(int(args[3])).count("1") if args[2] == "1" else None
+
+
+def cached_vectors(name):
+    """K of a row kernel that holds its rows in registers (ce_row_kernel<T, kProb, kVec, kGroup,
+    kCap, kW, K>, K > 0), else 0."""
+    args = template_args(name) if name.startswith("ce_row_kernel<") else []
+    return int(args[6]) if len(args) > 6 else 0
 
 
 def block_size(name):
@@ -643,6 +819,12 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                           check=True).stdout
     funcs = parse_sass(sass)
     names = demangle(sorted(set(funcs) | set(info)))
+    cached = {m for m in funcs if cached_vectors(short_name(names[m]))}
+    lined = {}
+    if cached:  # line info tells a cached row's parts apart (nvdisasm -gi)
+        lined = parse_sass_lines(subprocess.run([tool_path("nvdisasm"), "-c", "-gi", cubin],
+                                                capture_output=True, text=True,
+                                                check=True).stdout)
     rows = []
     for mangled in sorted(funcs, key=lambda k: short_name(names[k])):
         name = short_name(names[mangled])
@@ -654,8 +836,18 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
         threads = block_size(name)
         pointwise = name.startswith("pointwise_kernel<")
         insns = funcs[mangled]
-        loops = hot_loops(insns, const_loads=pointwise) if tname else []
         resident = resident_threads(pi["regs"], threads)
+        if mangled in cached:
+            K = cached_vectors(name)
+            walked = tname != "double" and mangled in lined
+            counts = cached_row_counts(arch, name, *lined[mangled], cached_row_lines()) \
+                if walked else None
+            rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
+                         "threads": threads, "resident": resident, "loops": [],
+                         "cached": {"elems": K * VEC[tname], "counts": counts,
+                                    "kb_in_flight": 16 * K * resident / 1024}})
+            continue
+        loops = hot_loops(insns, const_loads=pointwise) if tname else []
         loop_txt = []
         for lp in loops:
             entry = {**lp, "kb_in_flight": 16 * lp["ldg128"] * resident / 1024}
@@ -666,7 +858,8 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
                 entry["paths"] = {}
                 for path, values in PW_PATHS.items():
                     values = {**values, "param": pointwise_param_nonzero(name)}
-                    counts = path_counts(insns, lp["first"], lp["last"], pw_params(arch, values),
+                    counts = path_counts(insns, lp["first"], lp["last"],
+                                         param_values(arch, PW_FIELDS, values),
                                          lambda op: is_load128(op, "LDG", True))
                     if counts is None:
                         continue
@@ -687,6 +880,15 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
         rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
                      "threads": threads, "resident": resident, "loops": loop_txt})
     return rows
+
+
+def cached_cell(c):
+    """Per element of a thread's K vectors, the heaviest path of the benchmarked forward."""
+    if c["counts"] is None:
+        return f"cached row, {c['elems']} elements per thread (not walked)"
+    per = {k: v / c["elems"] for k, v in c["counts"].items() if v is not None}
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+    return f"cached row, {c['elems']} elements per thread, heaviest fwd+grad path: {parts}"
 
 
 def loop_cell(l):
@@ -723,6 +925,7 @@ def main():
     # print in the order of the pairs.
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(
             max_workers=os.cpu_count() or 1) as pool:
+        check_field_offsets(nvcc, tmp)
         reports = pool.map(lambda p: report_file(p[1], p[0], nvcc, cuobjdump, tmp), pairs)
         for (arch, _), rows in zip(pairs, reports):
             for r in rows:
@@ -730,6 +933,8 @@ def main():
                     continue
                 loops = "; ".join(loop_cell(l) for l in r["loops"]) or "-"
                 kb = "; ".join(f"{l['kb_in_flight']:.0f}" for l in r["loops"]) or "-"
+                if "cached" in r:
+                    loops, kb = cached_cell(r["cached"]), f"{r['cached']['kb_in_flight']:.0f}"
                 print(f"| {arch} | {r['kernel']} | {r['regs']} | {r['spill_st']}/"
                       f"{r['spill_ld']} | {r['resident']} ({r['threads']}) | {loops} | "
                       f"{kb} |")

@@ -47,7 +47,7 @@ def loop(save_flag):
 @pytest.mark.parametrize("grad_input", [True, False])
 def test_parameter_branch_followed_one_way(save_flag, grad_input):
     insns, first, last = loop(save_flag)
-    params = sass_report.pw_params("sm_90", {"grad_input": grad_input})
+    params = sass_report.param_values("sm_90", sass_report.PW_FIELDS, {"grad_input": grad_input})
     counts = sass_report.path_counts(insns, first, last, params,
                                      lambda op: sass_report.is_load128(op, "LDG", True))
     (lo, lo_loads), (hi, hi_loads) = counts
@@ -55,3 +55,49 @@ def test_parameter_branch_followed_one_way(save_flag, grad_input):
     expected = body if grad_input else body - 2
     assert (lo, hi) == (expected, expected)
     assert lo_loads == hi_loads == 1
+
+
+def test_divergence_fallback_and_float_parameter():
+    """A warp's BRA.DIV (to the diverged warp's fallback) is not taken, and a float parameter
+    compared with zero (FSETP.NEU) steers its branch: CeParams' eps, label smoothing off, skips
+    the smoothing block."""
+    eps = hex(sass_report.PARAM_BASE["sm_90"] + sass_report.CE_FIELDS["eps"])
+    ops = ["MOV R0, R0",  # the loop head
+           "UMOV UR4, 0xffffffff",
+           "BRA.DIV UR4, 0x100",
+           f"LDC R2, c[0x0][{eps}]",
+           "FSETP.NEU.AND P0, PT, R2, RZ, PT",
+           "@!P0 BRA 0x80",
+           "FADD R3, R3, R4",  # the smoothing term
+           "FMUL R3, R3, R5",
+           "ISETP.NE.AND P1, PT, R6, RZ, PT",  # 0x80
+           "@P1 BRA 0x0"]
+    insns = [(i * 16, op) for i, op in enumerate(ops)] + [(0x100, "EXIT")]
+    for smoothing in (False, True):
+        params = sass_report.param_values("sm_90", sass_report.CE_FIELDS, {"eps": smoothing})
+        (lo, _), (hi, _) = sass_report.path_counts(insns, 0, len(ops) - 1, params, lambda op: 0)
+        expected = len(ops) - (0 if smoothing else 2)
+        assert (lo, hi) == (expected, expected)
+
+
+NVDISASM_GI = """\
+.text._Z6kernelv:
+	//## File "/src/csrc/cuda/cross_entropy_impl.cuh", line 20 inlined at "/src/csrc/cuda/cross_entropy_impl.cuh", line 90
+	//## File "/src/csrc/cuda/cross_entropy_impl.cuh", line 90
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   FADD R2, R2, R3 ;
+	//## File "/src/csrc/cuda/cross_entropy_impl.cuh", line 91
+        /*0020*/              @P0 BRA `(.L_x_1) ;
+        /*0030*/                   EXIT ;
+"""
+
+
+def test_line_info_and_labels():
+    """nvdisasm -gi's listing: each instruction carries its line and the calls it was inlined
+    through (a header block holds until the next), and branch labels become addresses."""
+    insns, chains = sass_report.parse_sass_lines(NVDISASM_GI)["_Z6kernelv"]
+    impl = "cross_entropy_impl.cuh"
+    assert insns[2] == (0x20, "@P0 BRA 0x10")
+    assert chains[0] == chains[1] == {(impl, 20), (impl, 90)}
+    assert chains[2] == chains[3] == {(impl, 91)}
