@@ -267,46 +267,55 @@ __device__ __forceinline__ A rebased_d(const Stats<A>& p, A m) {
   return p.m == -INFINITY ? p.d : p.d + (m - p.m) * p.u;
 }
 
-template <typename A>
+// kLinear false: statistics without linear terms (a class-index walk without label smoothing
+// leaves u = d = 0), merged and exchanged as (m, s) alone, u = d = 0.
+template <bool kLinear = true, typename A>
 __device__ __forceinline__ Stats<A> merge(const Stats<A>& p, const Stats<A>& q) {
   // Commutative bit for bit, so a butterfly gives every lane the same result.
-  Stats<A> r;
+  Stats<A> r{A(0), A(0), A(0), A(0)};
   r.m = fmax_(p.m, q.m);
   if (r.m == -INFINITY) {
     r.s = p.s + q.s;  // 0, or NaN
-    r.d = p.d + q.d;
+    if (kLinear) r.d = p.d + q.d;
   } else {
-    r.s = mul_rn(p.s, fexp(p.m - r.m)) + mul_rn(q.s, fexp(q.m - r.m));
-    r.d = rebased_d(p, r.m) + rebased_d(q, r.m);
+    // s_p e^(m_p - m) + s_q e^(m_q - m), where the side holding the max m takes e^0 = 1: one exp.
+    // The same bits as both exps also where m is +inf (e^(inf - inf) = NaN there): a max of
+    // +inf comes from a +inf logit, whose walk's s is already NaN (inf - inf in its exp).
+    const bool p_max = p.m == r.m;
+    const A e = fexp((p_max ? q.m : p.m) - r.m);
+    r.s = p_max ? p.s + mul_rn(q.s, e) : mul_rn(p.s, e) + q.s;
+    if (kLinear) r.d = rebased_d(p, r.m) + rebased_d(q, r.m);
   }
-  r.u = p.u + q.u;
+  if (kLinear) r.u = p.u + q.u;
   return r;
 }
 
-template <typename A>
+template <bool kLinear = true, typename A>
 __device__ __forceinline__ Stats<A> warp_allreduce(Stats<A> v) {
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    Stats<A> q;
+    Stats<A> q{A(0), A(0), A(0), A(0)};
     q.m = __shfl_xor_sync(0xffffffffu, v.m, o);
     q.s = __shfl_xor_sync(0xffffffffu, v.s, o);
-    q.u = __shfl_xor_sync(0xffffffffu, v.u, o);
-    q.d = __shfl_xor_sync(0xffffffffu, v.d, o);
-    v = merge(v, q);
+    if (kLinear) {
+      q.u = __shfl_xor_sync(0xffffffffu, v.u, o);
+      q.d = __shfl_xor_sync(0xffffffffu, v.d, o);
+    }
+    v = merge<kLinear>(v, q);
   }
   return v;
 }
 
 // Every thread of the block gets the result; fixed order over the warps.
-template <typename A>
+template <bool kLinear = true, typename A>
 __device__ __forceinline__ Stats<A> block_allreduce(Stats<A> v, Stats<A>* smem /* 32 */) {
-  v = warp_allreduce(v);
+  v = warp_allreduce<kLinear>(v);
   __syncthreads();  // the previous row's readers are done with smem
   if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
   __syncthreads();
   Stats<A> r = smem[0];
   const int nw = blockDim.x >> 5;
-  for (int w = 1; w < nw; ++w) r = merge(r, smem[w]);
+  for (int w = 1; w < nw; ++w) r = merge<kLinear>(r, smem[w]);
   return r;
 }
 
@@ -986,17 +995,17 @@ __device__ __forceinline__ void walk_row(F& f, const RowCache<T, K>& cache, int6
 }
 
 // Group reductions: kGroup == 32: a warp per row; 0: the whole block per row; 1: one thread.
-template <int kGroup, typename A>
+template <int kGroup, bool kLinear = true, typename A>
 __device__ __forceinline__ Stats<A> group_allreduce(const Stats<A>& v, Stats<A>* smem) {
   if (kGroup == 1) return v;
   if (kGroup == 32) {
-    const Stats<A> r = warp_allreduce(v);
+    const Stats<A> r = warp_allreduce<kLinear>(v);
     // Shuffles exchange registers but do not order memory: the leader's read of x[y] must
     // happen before the other lanes write the gradient over it (in-place).
     __syncwarp();
     return r;
   }
-  return block_allreduce(v, smem);  // its __syncthreads order the same
+  return block_allreduce<kLinear>(v, smem);  // its __syncthreads order the same
 }
 
 // Sum over the group (kGroup as in group_allreduce); the result is valid in its thread 0.
@@ -1018,7 +1027,7 @@ __device__ __noinline__ A sum_exp_unfolded(const T* x, int64_t stride, int64_t n
   for (int64_t c = first; c < n; c += step) {
     s += fexp(capped<kCap, kApproxExp<T>>(to_acc(x[c * stride]), cap, inv_cap) - m);
   }
-  return group_allreduce<kGroup>(Stats<A>{m, s, A(0), A(0)}, smem).s;
+  return group_allreduce<kGroup, false>(Stats<A>{m, s, A(0), A(0)}, smem).s;
 }
 
 // Gradient scale: 1/W (device) for class-index mean, else s_host; times grad_output. A mean over
@@ -1138,7 +1147,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
       } else {
         Pass1Index<T, false, kCap> f{xr, a.weight, stride, {}, P.cap, P.inv_cap};
         walk_row<T, kVec, kUnrollIndex, K>(f, cache, C, head, gt, G);
-        st = group_allreduce<kGroup>(f.stats(), smem);
+        st = group_allreduce<kGroup, false>(f.stats(), smem);
       }
       if (needs_unfolded_sum(st.m)) {
         st.s = sum_exp_unfolded<kGroup, kCap>(xr, stride, C, gt, G, st.m, P.cap, P.inv_cap, smem);
@@ -1836,7 +1845,7 @@ __global__ void __launch_bounds__(512) ce_split_stats_kernel(const CeParams<T> P
     walk<T, kVec, kWalkUnrollIndex>(f, len, head, threadIdx.x, blockDim.x);
     return f.stats();
   };
-  Stats<A> st = block_allreduce(split_pass1<kSmooth, kVec>(ws, pass1), smem);
+  Stats<A> st = block_allreduce<kSmooth>(split_pass1<kSmooth, kVec>(ws, pass1), smem);
   if (needs_unfolded_sum(st.m)) {
     st.s = sum_exp_unfolded<0, kCap>(xs, 1, len, threadIdx.x, blockDim.x, st.m, P.cap, P.inv_cap,
                                      smem);
@@ -1943,7 +1952,8 @@ __global__ void __launch_bounds__(512) ce_split_grad_kernel(const CeParams<T> P,
     const A* part = P.split + row * S * 4;
     Stats<A> st{part[0], part[1], part[2], part[3]};
     for (int64_t j = 1; j < S; ++j) {
-      st = merge(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2], part[4 * j + 3]});
+      st = merge<kSmooth>(st, Stats<A>{part[4 * j], part[4 * j + 1], part[4 * j + 2],
+                                       part[4 * j + 3]});
     }
     m = st.m;
     log_s = flog(st.s);
@@ -2046,7 +2056,7 @@ __global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, in
     return f.stats();
   };
   // block_allreduce's barriers also complete `keep`
-  Stats<A> st_k = block_allreduce(split_pass1<kSmooth, kVec>(ws, pass1), red);
+  Stats<A> st_k = block_allreduce<kSmooth>(split_pass1<kSmooth, kVec>(ws, pass1), red);
   if (needs_unfolded_sum(st_k.m)) {
     st_k.s = sum_exp_unfolded<0, kCap>(xs, 1, len, threadIdx.x, blockDim.x, st_k.m, P.cap,
                                        P.inv_cap, red);
@@ -2063,7 +2073,7 @@ __global__ void __launch_bounds__(512) ce_cluster_kernel(const CeParams<T> P, in
   __syncthreads();
   cluster_arrive();  // done with the other blocks' shared memory (waited for before exiting)
   Stats<A> st = parts[0].st;
-  for (int64_t j = 1; j < S; ++j) st = merge(st, parts[j].st);
+  for (int64_t j = 1; j < S; ++j) st = merge<kSmooth>(st, parts[j].st);
   if (P.fwd && k == 0 && threadIdx.x == 0) {
     A xy = 0;
     if (!ignored) {
