@@ -364,6 +364,7 @@ def loads_per_vector(name, loop, insns):
 # paths from the loop head to its backward branch bound one iteration's issue.
 
 PRED = re.compile(r"^!?(U?P[0-6T])$")
+CALL_TARGET = re.compile(r"^(?:@!?U?P\w+\s+)?CALL\.\w+(?:\.\w+)*\s+0x([0-9a-f]+)$")
 CONST_LOAD = re.compile(
     r"^U?LDC(?:\.(64|U8|S8|U16|S16))?\s+(U?R)(\d+),\s*c\[0x0\]\[(0x[0-9a-f]+)\]")
 SETP = re.compile(r"^(?:U?ISETP|DSETP|FSETP)\.(NE|EQ)U?(?:\.U32)?\.(AND|OR)(\.EX)?$")
@@ -543,10 +544,14 @@ def path_counts(insns, first, last, params, elem_load, calls=False, weight=None)
             mn = mnemonic(op)
             g = guard(op)
             taken = None if g is None else pred_value(state, ("!" if g[1] else "") + g[0])
-            if mn.startswith("CALL") and not calls:
+            # sm_80 leaves a loop over rows by a guarded call to an EXIT: an exit, not a call.
+            call = CALL_TARGET.match(op)
+            exits = call is not None and mnemonic(
+                insns[addr_index.get(int(call.group(1), 16), i)][1]).startswith("EXIT")
+            if mn.startswith("CALL") and not calls and not exits:
                 res = None
                 break
-            if mn.startswith("EXIT") or mn == "RET" or mn.startswith("RET."):
+            if mn.startswith("EXIT") or mn == "RET" or mn.startswith("RET.") or exits:
                 if g is None or taken is True:
                     res = None
                     break

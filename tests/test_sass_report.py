@@ -101,3 +101,19 @@ def test_line_info_and_labels():
     assert insns[2] == (0x20, "@P0 BRA 0x10")
     assert chains[0] == chains[1] == {(impl, 20), (impl, 90)}
     assert chains[2] == chains[3] == {(impl, 91)}
+
+
+def test_loop_exit_by_a_call_to_exit():
+    """sm_80 ends a kernel's loop over rows with a guarded call to an EXIT after the loop: the
+    path that does not take it goes round the loop (it was left out as a call's path, leaving
+    only the path that ends at the inner loop's back edge)."""
+    ops = ["MOV R0, R0",  # the loop over rows
+           "FADD R3, R3, R4",  # an inner loop (a reduction's)
+           "@P1 BRA 0x10",
+           "ISETP.GE.U32.AND P0, PT, R17, c[0x0][0x288], PT",
+           "@P0 CALL.REL.NOINC 0x60",
+           "BRA 0x0",
+           "EXIT"]
+    insns = [(i * 16, op) for i, op in enumerate(ops)]
+    (lo, _), (hi, _) = sass_report.path_counts(insns, 0, 5, lambda off: None, lambda op: 0)
+    assert (lo, hi) == (3, 6)
