@@ -825,11 +825,12 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
     funcs = parse_sass(sass)
     names = demangle(sorted(set(funcs) | set(info)))
     cached = {m for m in funcs if cached_vectors(short_name(names[m]))}
-    lined = {}
+    lined, lines = {}, None
     if cached:  # line info tells a cached row's parts apart (nvdisasm -gi)
         lined = parse_sass_lines(subprocess.run([tool_path("nvdisasm"), "-c", "-gi", cubin],
                                                 capture_output=True, text=True,
                                                 check=True).stdout)
+        lines = cached_row_lines()
     rows = []
     for mangled in sorted(funcs, key=lambda k: short_name(names[k])):
         name = short_name(names[mangled])
@@ -845,8 +846,7 @@ def report_file(cu, arch, nvcc, cuobjdump, tmp):
         if mangled in cached:
             K = cached_vectors(name)
             walked = tname != "double" and mangled in lined
-            counts = cached_row_counts(arch, name, *lined[mangled], cached_row_lines()) \
-                if walked else None
+            counts = cached_row_counts(arch, name, *lined[mangled], lines) if walked else None
             rows.append({"file": os.path.basename(cu), "arch": arch, "kernel": name, **pi,
                          "threads": threads, "resident": resident, "loops": [],
                          "cached": {"elems": K * VEC[tname], "counts": counts,
