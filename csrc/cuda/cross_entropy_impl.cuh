@@ -938,12 +938,14 @@ __device__ __forceinline__ void walk(F& f, int64_t C, int head, int gt, int G) {
 template <typename T, bool kVec>
 __device__ __forceinline__ int walk_owner(int64_t c, int64_t C, int head, int G) {
   if (!kVec) return int(c % G);
+  // 32-bit: the vector path's rows are shorter than kVecWalkMaxC (launch_main, split slices).
   constexpr int V = VecTraits<T>::kVec;
-  if (c < head) return int(c);
-  const int64_t nv = (C - head) / V;
-  const int64_t j = (c - head) / V;
-  if (j < nv) return int(j % G);
-  return int(c - head - nv * V);  // the scalar tail
+  const int ci = int(c), Ci = int(C);
+  if (ci < head) return ci;
+  const int nv = (Ci - head) / V;
+  const int j = (ci - head) / V;
+  if (j < nv) return j % G;
+  return ci - head - nv * V;  // the scalar tail
 }
 
 // Short rows held in registers (ce_row with K > 0: a forward that writes the gradient, class
@@ -1044,6 +1046,30 @@ __device__ __forceinline__ acc_t<T> grad_scale(const CeParams<T>& P, int64_t row
   return acc_t<T>(sg);
 }
 
+// grad_scale where it is the same for every row (no per-row grad_output), formed once per thread
+// before the row kernel's loop over rows: the double reciprocal of W is ~25 instructions, which
+// short rows paid per row. One float held through the loop; a per-row grad_output (reduction
+// 'none', no W) reads its row's. (The column kernel keeps grad_scale per row: holding the value
+// spilled its double instances.)
+template <typename T>
+struct RowGradScale {
+  acc_t<T> uniform;
+  __device__ __forceinline__ static bool per_row(const CeParams<T>& P) {
+    return P.a.grad_output != nullptr && !P.a.grad_output_scalar;
+  }
+  __device__ __forceinline__ explicit RowGradScale(const CeParams<T>& P)
+      : uniform(per_row(P) ? acc_t<T>(0) : grad_scale(P, 0)) {}
+  __device__ __forceinline__ acc_t<T> operator()(const CeParams<T>& P, int64_t row) const {
+    return per_row(P) ? grad_scale(P, row) : uniform;
+  }
+};
+struct GradScaleEachRow {
+  template <typename T>
+  __device__ __forceinline__ acc_t<T> operator()(const CeParams<T>& P, int64_t row) const {
+    return grad_scale(P, row);
+  }
+};
+
 // A backward op's row statistics, saved by the forward (CrossEntropyArgs::row_stats): plane k
 // of row `row`.
 template <typename T>
@@ -1097,9 +1123,12 @@ __device__ __forceinline__ RowBase row_base(const CrossEntropyArgs<T>& a, int64_
 // kW: how the smoothing and probability passes load class weights (load_weights), one mode per
 // kernel (a per-row choice between loop variants costs the 64-register kernels spills).
 // K > 0 (class index, kVec, forward writing the gradient): the row held in registers (RowCache).
-template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0>
+// scale(P, row): the row's grad_scale (RowGradScale, GradScaleEachRow).
+template <typename T, bool kProb, bool kVec, int kGroup, bool kCap, int kW, int K = 0,
+          class Scale>
 __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBase rb,
-                                       int64_t stride, int gt, int G, Stats<acc_t<T>>* smem) {
+                                       int64_t stride, int gt, int G, Stats<acc_t<T>>* smem,
+                                       const Scale& scale) {
   using A = acc_t<T>;
   // The vector path loads class weights as vectors (vec_weights) or has none (launch_main).
   static_assert(!kVec || kW != kWeightAny, "vector rows: kWeightNone or kWeightVec");
@@ -1112,7 +1141,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
   const bool leader = gt == 0;
   const int head = vec_head<T, kVec>(xr, C);
   const A* wr = kVec ? vec_weights(P, head) : a.weight;  // read class by class (kW)
-  const A sg = grad_scale(P, row);
+  const A sg = scale(P, row);
   // Loads in flight per thread (see walk); the column kernel's one thread per row keeps 2.
   constexpr int kUnrollIndex = kGroup == 1 ? kWalkUnrollProb : kWalkUnrollIndex;
   // Smoothing passes with 16-byte class weights: 2 more loads per logit vector (bf16/fp16), so
@@ -1288,8 +1317,9 @@ __global__ void __launch_bounds__(kGroup == 32 ? 256 : 512,
   const int64_t groups_per_block = blockDim.x / G;
   const int64_t first = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / G;
   const int64_t step = int64_t(gridDim.x) * groups_per_block;
+  const RowGradScale<T> gs(P);
   for (int64_t row = first; row < P.rows; row += step) {
-    ce_row<T, kProb, kVec, kGroup, kCap, kW, K>(P, row, row_base(P.a, row), 1, gt, G, smem);
+    ce_row<T, kProb, kVec, kGroup, kCap, kW, K>(P, row, row_base(P.a, row), 1, gt, G, smem, gs);
   }
 }
 
@@ -1303,12 +1333,13 @@ __global__ void __launch_bounds__(256) ce_column_kernel(const CeParams<T> P) {
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < P.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
     if (P.a.rows_strided) {
-      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, row_base(P.a, row), 1, 0, 1, nullptr);
+      ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, row_base(P.a, row), 1, 0, 1, nullptr,
+                                                   GradScaleEachRow{});
     } else {
       const int64_t n = row / D, d = row - n * D;
       const int64_t base = n * CD + d;
       ce_row<T, kProb, false, 1, kCap, kWeightAny>(P, row, RowBase{base, base, base}, D, 0, 1,
-                                                   nullptr);
+                                                   nullptr, GradScaleEachRow{});
     }
   }
 }
