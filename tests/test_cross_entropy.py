@@ -1074,28 +1074,44 @@ def test_nonfinite_class_weight_reaches_its_rows_only(bad, C, D, dtype, device):
             assert_close(lo, lt, equal_nan=True)
 
 
-@pytest.mark.parametrize("go", [float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("go", [float("inf"), float("-inf"), float("nan")], ids=str)
 @pytest.mark.parametrize("C, D", [(4, 1), (40, 1), (3000, 1), (21, 37)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_infinite_grad_output_as_torch(go, C, D, dtype, device):
-    """An infinite grad_output (GradScaler's overflowing step): every class but the target gets
-    go p_c = +-inf, as torch (the smoothing term's spread 0 times it made them NaN on the CPU).
-    The target's entry is non-finite in both (ours go (p_y - 1) = -+inf, torch's inf - inf)."""
+def test_nonfinite_grad_output_as_torch(go, C, D, dtype, device):
+    """A non-finite grad_output (GradScaler's overflowing step): torch's NaN and +-inf positions
+    and its finite values. torch's log-softmax backward takes softmax_c times the sum of its
+    incoming gradients from each: the target's entry is inf - inf = NaN (ours was go (p_y - 1)
+    = -+inf), with label smoothing or probability targets every entry is; the other classes get
+    go p_c = +-inf (the smoothing term's spread 0 times go made them NaN once), an ignored row
+    zeros. Class indices with and without class weights and smoothing, probability targets."""
     g = torch.Generator().manual_seed(C)
     x = (torch.randn(3, C, D, generator=g) * 3).to(dtype).to(device)
-    t = torch.randint(0, C, (3, D), generator=g).to(device)
+    index = torch.randint(0, C, (3, D), generator=g).to(device)
+    index[2, ::3] = -100
+    probs = torch.softmax(torch.randn(3, C, D, generator=g), 1).to(dtype).to(device)
+    w = (torch.rand(C, generator=g) + 0.5).to(dtype).to(device)
     if D == 1:
-        x, t = x.squeeze(2), t.squeeze(1)
-    onehot = F.one_hot(t, C).movedim(-1, 1).bool()
-    for reduction in ("none", "sum", "mean"):
-        xo, xt = leaf(x), leaf(x)
-        lo = TLF.cross_entropy(xo, t, reduction=reduction)
-        lt = F.cross_entropy(xt, t, reduction=reduction)
-        grad_out = torch.full_like(lt, go)
-        gro = torch.autograd.grad(lo, xo, grad_out)[0]
-        grt = torch.autograd.grad(lt, xt, grad_out)[0]
-        assert torch.equal(gro[~onehot], grt[~onehot]), reduction
-        assert not torch.isfinite(gro[onehot]).any() and not torch.isfinite(grt[onehot]).any()
+        x, index, probs = x.squeeze(2), index.squeeze(1), probs.squeeze(2)
+    for t, kw in ((index, {}), (index, dict(weight=w, label_smoothing=0.1)),
+                  (index, dict(weight=w)), (probs, {}), (probs, dict(label_smoothing=0.2))):
+        for reduction in ("none", "sum", "mean"):
+            xo, xt, x64 = leaf(x), leaf(x), leaf(x.double())
+            lo = TLF.cross_entropy(xo, t, reduction=reduction, **kw)
+            lt = F.cross_entropy(xt, t, reduction=reduction, **kw)
+            kw64 = {k: v.double() for k, v in kw.items() if k == "weight"}
+            l64 = F.cross_entropy(x64, t.double() if t.is_floating_point() else t,
+                                  reduction=reduction, **{**kw, **kw64})
+            grad_out = torch.full_like(lt, go)
+            if reduction == "none":  # a finite grad_output at some positions
+                grad_out.view(-1)[::2] = 1.5
+            gro = torch.autograd.grad(lo, xo, grad_out)[0]
+            grt = torch.autograd.grad(lt, xt, grad_out)[0]
+            gr64 = torch.autograd.grad(l64, x64, grad_out.double())[0]
+            name = f"probs {t.is_floating_point()} {kw} {reduction}"
+            for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+                assert torch.equal(kind(gro), kind(grt)), f"{name}: {kind.__name__}"
+            finite = torch.isfinite(grt)
+            assert_flash_rule(gro[finite], grt[finite], gr64[finite], name=name)
 
 
 def test_infinite_probability_target_like_torch(device):

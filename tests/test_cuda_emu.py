@@ -897,6 +897,58 @@ def test_cross_entropy_ignored_row_nonfinite(s, dtype, path):
                                        rtol=2e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
+# The row, column, vector column (21 classes x 16 positions) and split-row kernels (the backward
+# op's split is ce_split_grad_kernel on every device, sm_90 included).
+GRAD_OUTPUT_PATHS = dict(NONFINITE_PATHS, column_vec=(21, 16, 0),
+                         split=(2 * 8192 + 77, None, "tight"))
+GRAD_OUTPUT_KERNELS = {"column_vec": "ce_column_vec_kernel", "split": "ce_split_grad_kernel"}
+
+
+@pytest.mark.parametrize("path", list(GRAD_OUTPUT_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_nonfinite_grad_output_as_torch(s, dtype, path):
+    """An infinite or NaN grad_output gives torch's NaN and +-inf positions. torch's log-softmax
+    backward takes softmax_c times the sum of its incoming gradients from each of them: with
+    class indices the target's entry is inf - inf = NaN (ours was go (p_y - 1) = -+inf), with
+    label smoothing or probability targets every entry is; the other classes get +-inf p_c, an
+    ignored row zeros. The backward op from the forward's statistics: 'none' with a grad_output
+    per row (inf, -inf, NaN, 1.5, and inf at an ignored row), 'sum' and 'mean' with inf."""
+    C, D, layout = GRAD_OUTPUT_PATHS[path]
+    e = elem(dtype)
+    lay = (("tight",) * 3 if layout == "tight" else (e, 8, 0) if layout == "mixed" else (0,) * 3)
+    g = torch.Generator().manual_seed(31)
+    N = 5
+    shape = (N, C) if D is None else (N, C, D)
+    x = (torch.randn(shape, generator=g) * 2).to(dtype)
+    index = torch.randint(0, C, shape[:1] + shape[2:], generator=g)
+    index[4] = -100
+    probs = torch.softmax(torch.randn(shape, generator=g) * 3, 1).to(dtype)
+    w = torch.rand(C, generator=g) + 0.5
+    per_row = torch.tensor([math.inf, -math.inf, math.nan, 1.5, math.inf])
+    per_row = per_row if D is None else per_row[:, None].expand(N, D)
+    kernel = GRAD_OUTPUT_KERNELS.get(path)
+    for t in (index, probs):
+        for opts in (dict(), dict(weight=w, label_smoothing=0.1)):
+            for reduction, go in (("none", per_row), ("sum", torch.tensor(math.inf)),
+                                  ("mean", torch.tensor(-math.inf))):
+                kw = dict(opts, reduction=reduction)
+                stats = s.cross_entropy(x, t, **kw, layout=lay[0], target_layout=lay[1],
+                                        out_layout=lay[2])["row_stats"]
+                r = s.cross_entropy(x, t, **kw, grad_output=go, row_stats=stats,
+                                    want_grad=True, layout=lay[0], target_layout=lay[1],
+                                    out_layout=lay[2])
+                name = f"{path} {dtype} probs {t.is_floating_point()} {kw}"
+                if kernel is not None and not t.is_floating_point():  # (probabilities: no split)
+                    assert any(kernel in k for k in r["kernels"]), (name, r["kernels"])
+                _, ref, _ = ce_reference(x, t, **kw, grad_output=go)
+                ours = r["grad_input"].double()
+                for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+                    assert torch.equal(kind(ours), kind(ref)), f"{name}: {kind.__name__}"
+                fin = torch.isfinite(ref)
+                torch.testing.assert_close(ours[fin], ref[fin], rtol=2e-2, atol=1e-3,
+                                           msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_backward_into_the_forwards_buffer(emu, dtype):
     """The *_bwd_into_ ops' flag (issue 13, defect 2): with a scalar grad_output of exactly 1

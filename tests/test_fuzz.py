@@ -399,6 +399,10 @@ def _torch_call(name, x, y, kw):
 def _grad_output(kind, like, gen):
     if kind == "one" or like.numel() == 0:
         return torch.ones_like(like)
+    if kind == "nonfinite":  # inf, -inf or NaN; per element mixed with finite values
+        g = _inject(torch.rand(like.shape, generator=gen, dtype=torch.float64) + 0.5,
+                    1.0 if like.dim() == 0 else 0.5, gen, [INF, -INF, NAN])
+        return g.to(like.dtype).to(like.device)
     if kind == "zero":
         return torch.zeros_like(like)
     if kind == "expanded":
@@ -548,7 +552,8 @@ def cross_entropy_specs(draw):
                                       "unbatched_input_with_1_element_target"]
                                   and draw(st.booleans()))
     spec["grad_output"] = draw(st.sampled_from(["one", "one", "random", "big", "small",
-                                                "zero", "expanded", "per_element"]))
+                                                "zero", "expanded", "per_element",
+                                                "nonfinite"]))
     # issue 9's extras, against their composite of torch ops (tl_helpers.ce_extras_reference;
     # not with zero classes, where the composite itself fails)
     spec["softcap"] = draw(st.sampled_from([None] * 5 + [1.0, 5.0, 30.0])) if C else None
@@ -687,7 +692,8 @@ def ce_grad_scale(spec, x, tr, w64, g, ref_grad, denominator):
     denominator) in size, and the softmax divides by a sum over C classes: its error (ours
     and torch's) is ~sqrt(C) eps of that size."""
     C = x.shape[0] if x.dim() == 1 else x.shape[1]
-    g_max = g.double().abs().max().item() if g.numel() else 0.0
+    g_finite = g.double().abs().nan_to_num(nan=0.0, posinf=0.0)  # (elsewhere nothing is)
+    g_max = g_finite.max().item() if g.numel() else 0.0
     terms = g_max * max(1.0, 0.0 if w64 is None or not w64.numel() else w64.max().item())
     if spec["probs"] and tr.numel():  # the softmax term is sum_c t_c times softmax
         row_sums = tr.detach().abs().nan_to_num(nan=0.0, posinf=0.0).sum(0 if tr.dim() == 1

@@ -260,14 +260,16 @@ acc_t softmax(acc_t x, const RowStats<acc_t>& st) {
 
 // Probability targets: grad_x_c = s (softmax_c sum_c v_c - w_c t'_c),
 // grad_t_c = s (1 - eps) w_c (-log_softmax_c). The difference is formed before the scale s
-// (exactly 0 where torch's is: one class).
+// (exactly 0 where torch's is: one class). The softmax's coefficient sum_c v_c is NaN where s
+// is not finite (prob_softmax_coef).
 template <typename acc_t>
 void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, acc_t* gt,
                     int64_t C, const RowStats<acc_t>& st, acc_t s, acc_t keep, acc_t spread) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec weight_v(st.weight), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
+  const acc_t coef = prob_softmax_coef(st.weight, s);
+  const Vec weight_v(coef), s_v(s), keep_v(keep), spread_v(spread), gt_v(s * keep),
       max_v(st.max), log_sum_v(st.log_sum);
-  const bool exact = !std::isfinite(st.weight);
+  const bool exact = !std::isfinite(coef);
   int64_t i = 0;
   for (; i + Vec::size() <= C; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
@@ -280,7 +282,7 @@ void row_grad_probs(const acc_t* x, const acc_t* w, const acc_t* t, acc_t* gx, a
   }
   for (; i < C; ++i) {
     const acc_t ws = w ? w[i] : acc_t(1);
-    if (gx) gx[i] = s * (st.weight * softmax(x[i], st) - ws * (t[i] * keep + spread));
+    if (gx) gx[i] = s * (coef * softmax(x[i], st) - ws * (t[i] * keep + spread));
     if (gt) gt[i] = s * keep * ws * st.nll(x[i]);
   }
 }
@@ -384,12 +386,14 @@ struct IndexFormulas {
   template <typename T>
   T smoothing_scale(T s) const { return smoothing ? s * T(spread) : T(0); }
   // The target's entry: s (keep w_y (p_y - 1) + spread (W p_y - w_y) + z_coef p_y), the
-  // differences formed before the scale (C = 1 without z-loss gives exactly 0).
+  // differences formed before the scale (C = 1 without z-loss gives exactly 0). NaN where s or
+  // s keep w_y is not finite, as torch's: its log-softmax backward takes s keep w_y p_y from
+  // s keep w_y (inf - inf), where this form would give an infinity.
   template <typename T>
   T target_grad(T s, T w_y, T z_coef, T p_y) const {
     T g = T(keep) * w_y * (p_y - T(1));
     if (smoothing) g = g + T(spread) * (T(weight_sum) * p_y - w_y);
-    return s * (g + z_coef * p_y);
+    return nan_unless_finite(nan_unless_finite(s * (g + z_coef * p_y), s), s * T(keep) * w_y);
   }
 };
 
@@ -818,7 +822,7 @@ struct ProbColumns {
         s_row[l] = g ? scale * static_cast<acc_t>(g[r0 + k * kLanes + l]) : scale;
       }
       sv[k] = Vec::loadu(s_row);
-      uz[k] = f.z_loss != 0 ? u[k] + f.z_coef(lse[k]) : u[k];  // the z-loss' softmax share
+      uz[k] = prob_softmax_coef(f.z_loss != 0 ? u[k] + f.z_coef(lse[k]) : u[k], sv[k]);
     }
     Vec out[kV];
     for (int64_t c = 0; c < C; ++c) {

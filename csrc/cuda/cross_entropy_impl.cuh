@@ -41,6 +41,7 @@
 
 #include "cuda/ce_layout.h"
 #include "cuda/common.cuh"
+#include "losses/math.h"
 
 namespace torch_losses {
 namespace cuda {
@@ -654,6 +655,14 @@ __device__ __forceinline__ acc_t<T> index_grad(acc_t<T> p, acc_t<T> pc, acc_t<T>
   return g * sg;
 }
 
+// Pass2Index's pc: with label smoothing NaN where sg is not finite, as torch's (its smoothing
+// term sends sg eps_c w_c to every class, and its log-softmax backward takes softmax_c times
+// their sum from each: inf - inf); without, the other classes keep sg pc p_c = +-inf.
+template <bool kSmooth, typename A>
+__device__ __forceinline__ A index_softmax_coef(A wy1, A zc, A sg) {
+  return kSmooth ? nan_unless_finite(wy1 + zc, sg) : wy1 + zc;
+}
+
 template <typename T, bool kSmooth, bool kCap, int kW = kWeightAny>
 struct Pass2Index {
   using A = acc_t<T>;
@@ -704,7 +713,8 @@ struct Pass2Index {
     else st_vec_stream(gi + c, out);
   }
   // The target's element, by the thread that wrote it (so after its own store); xy is the
-  // logit as loaded (not capped).
+  // logit as loaded (not capped). NaN where sg or sg wy1 is not finite, as torch's (its
+  // log-softmax backward takes sg wy1 p_y from sg wy1: inf - inf).
   __device__ __forceinline__ void fix_target(int64_t y, A xy) const {
     A dcap;
     const A p = softmax_hot<kApproxExp<T>>(capped<kCap, kApproxExp<T>>(xy, cap, inv_cap, dcap),
@@ -712,7 +722,7 @@ struct Pass2Index {
     const A w = kSmooth ? (weight != nullptr ? weight[y] : A(1)) : A(0);
     A g = wy1 * (p - A(1)) + zc * p;
     if (kSmooth) g += eps_c * (wsum * p - w);
-    g *= sg;
+    g = nan_unless_finite(nan_unless_finite(g * sg, sg), sg * wy1);
     if (kCap) g *= dcap;
     gi[y * stride] = from_acc<T>(g);
   }
@@ -1216,7 +1226,8 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
         const A zc = A(2) * P.z * (m + log_s);
         if (P.eps_c != A(0)) {
           Pass2Index<T, true, kCap, kW> f{xr, gir, wr, stride, m, log_s, ls2, wy1, wsum,
-                                          P.eps_c, sg, wy1 + zc, zc, P.cap, P.inv_cap};
+                                          P.eps_c, sg, index_softmax_coef<true>(wy1, zc, sg),
+                                          zc, P.cap, P.inv_cap};
           walk_row<T, kVec, kUnrollSmooth, K>(f, cache, C, head, gt, G);
           if (owns_y) f.fix_target(y, xy_own);
         } else {
@@ -1264,7 +1275,7 @@ __device__ __forceinline__ void ce_row(const CeParams<T>& P, int64_t row, RowBas
         else P.row_loss[row] = l;
       }
     }
-    const A tw = st.u + A(2) * P.z * (m + log_s);
+    const A tw = prob_softmax_coef(st.u + A(2) * P.z * (m + log_s), sg);
     auto pass2 = [&](auto gi_flag, auto gt_flag) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
       const A ls2 = log_s * A(kLog2e);
@@ -1618,7 +1629,7 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
           const A wy1 = one_m_eps * wy[i];
           const A zc = A(2) * P.z * (m[i] + log_s[i]);
           f[i] = F{xr + i, gir + i, a.weight, D, m[i], log_s[i], ls2, wy1, wsum, P.eps_c, sg[i],
-                   wy1 + zc, zc, P.cap, P.inv_cap};
+                   index_softmax_coef<kSmooth>(wy1, zc, sg[i]), zc, P.cap, P.inv_cap};
         }
       }
       lanes_walk<T, false, U>(xr, nullptr, Ci, Di, [&](int64_t c, int o, const Vec<T>& xv,
@@ -1727,7 +1738,9 @@ __device__ __forceinline__ void ce_lanes(const CeParams<T>& P, int64_t row0, int
     grad_scales(sg);
     A tw[V];
 #pragma unroll
-    for (int i = 0; i < V; ++i) tw[i] = st[i].u + A(2) * P.z * (m[i] + log_s[i]);
+    for (int i = 0; i < V; ++i) {
+      tw[i] = prob_softmax_coef(st[i].u + A(2) * P.z * (m[i] + log_s[i]), sg[i]);
+    }
     auto pass2 = [&](auto gi_flag, auto gt_flag, auto wmode, auto sign) {
       constexpr bool kGI = decltype(gi_flag)::value, kGT = decltype(gt_flag)::value;
       constexpr int kScaled = decltype(sign)::value;
@@ -1959,9 +1972,11 @@ __device__ __forceinline__ void split_slice_grad(const CeParams<T>& P, int64_t r
   const A wsum = P.Wsum != nullptr ? *P.Wsum : A(a.C);
   const A wy1 = (A(1) - P.eps) * wy;
   const A zc = A(2) * P.z * (m + log_s);
+  const A sg = grad_scale(P, row);
   Pass2Slice<T, kSmooth, kCap, kShared> f(Pass2Index<T, kSmooth, kCap>{
       xs, gs, a.weight != nullptr ? a.weight + c0 : nullptr, 1, m, log_s, log_s * A(kLog2e),
-      wy1, wsum, P.eps_c, grad_scale(P, row), wy1 + zc, zc, P.cap, P.inv_cap});
+      wy1, wsum, P.eps_c, sg, index_softmax_coef<kSmooth>(wy1, zc, sg), zc, P.cap,
+      P.inv_cap});
   walk<T, kVec, kWalkUnrollIndex>(f, len, head, gt, G);
   if (owns_y) f.fix_target(y - c0, xy_own);
 }

@@ -67,6 +67,23 @@ struct Math<double> {
   }
 };
 
+// x, or NaN where y is inf or NaN: y - y is +0 for a finite y (and x - +0 is x, signed zeros
+// included), NaN otherwise; no branch, so it serves scalars and at::vec vectors alike. Where
+// torch's backward multiplies a grad_output into several terms that it then subtracts, an
+// infinite one gives inf - inf: the cross-entropy gradients use this to give torch's NaN.
+template <typename T>
+TL_HD T nan_unless_finite(T x, T y) {
+  return x - (y - y);
+}
+
+// A probability-target gradient's softmax coefficient (sum_c w_c t'_c, plus the z-loss' share)
+// under the gradient's scale s: NaN where s is inf or NaN. torch's composite forms
+// s w_c t'_c - softmax_c sum_k s w_k t'_k, which is inf - inf (or a NaN product) in every class.
+template <typename T>
+TL_HD T prob_softmax_coef(T coef, T s) {
+  return nan_unless_finite(coef, s);
+}
+
 // Reductions the functors' callers use.
 enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
 
