@@ -237,7 +237,7 @@ void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, T
         std::fill(grow, grow + V, static_cast<scalar_t>(zero));
         continue;
       }
-      const acc_t coefficient = g.softmax_coefficient(s.probs);
+      const acc_t coefficient = g.softmax_coefficient(s.probs, scale);
       if constexpr (std::is_same_v<acc_t, scalar_t>) {
         row_grad(xr.data(), w, s.probs ? tr.data() : nullptr, grow, V, g, coefficient, scale,
                  cap);
@@ -248,12 +248,9 @@ void grad_kernel(const VocabParallelShard& s, const GradArgs& a, Tensor& loss, T
       }
       const int64_t local = labels ? labels[n] - a.vocab_start : -1;
       if (local >= 0 && local < V) {
-        // the target's entry: keep w_y (p_y - 1) formed before the other terms
-        const acc_t wy = row_sums[vp::kTargetWeight];
-        const acc_t p = g.softmax(xr[local]);
-        const acc_t d = g.keep * wy * (p - acc_t(1)) + (coefficient - g.keep * wy) * p -
-                        g.smoothing_share(w ? w[local] : acc_t(1));
-        grow[local] = static_cast<scalar_t>(scale * d * vp::softcap_slope(xr[local], cap));
+        grow[local] = static_cast<scalar_t>(
+            g.target_grad(g.softmax(xr[local]), row_sums[vp::kTargetWeight], coefficient,
+                          w ? w[local] : acc_t(1), scale, vp::softcap_slope(xr[local], cap)));
       }
     }
   });

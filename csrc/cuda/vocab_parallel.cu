@@ -146,21 +146,21 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(VocabParallelGradArgs<T>
       for (int64_t c = threadIdx.x; c < a.V; c += blockDim.x) gx[c] = from_acc<T>(zero);
       continue;
     }
-    const A coefficient = g.softmax_coefficient(probs);
-    const int64_t local = probs ? -1 : y - a.vocab_start;
-    const A wy = sums[vp::kTargetWeight];
+    const A coefficient = g.softmax_coefficient(probs, scale);
     for (int64_t c = threadIdx.x; c < a.V; c += blockDim.x) {
       const A xc = vp::softcapped(to_acc(x[c]), cap);
       const A wc = a.weight != nullptr ? a.weight[c] : A(1);
-      const A p = g.softmax(xc);
-      A d;
-      if (c == local) {  // keep w_y (p_y - 1) formed before the other terms
-        d = g.keep * wy * (p - A(1)) + (coefficient - g.keep * wy) * p - g.smoothing_share(wc);
-      } else {
-        const A v = probs ? wc * (g.keep * to_acc(t[c]) + spread) : g.smoothing_share(wc);
-        d = coefficient * p - v;
-      }
-      gx[c] = from_acc<T>(scale * d * vp::softcap_slope(xc, cap));
+      const A v = probs ? wc * (g.keep * to_acc(t[c]) + spread) : g.smoothing_share(wc);
+      gx[c] = from_acc<T>(scale * (coefficient * g.softmax(xc) - v) * vp::softcap_slope(xc, cap));
+    }
+    // The target's entry (class index, in this shard), rewritten by the thread that wrote it
+    // (grad_input is never the logits' memory).
+    const int64_t local = probs ? -1 : y - a.vocab_start;
+    if (local >= 0 && local < a.V && local % blockDim.x == threadIdx.x) {
+      const A xy = vp::softcapped(to_acc(x[local]), cap);
+      gx[local] = from_acc<T>(g.target_grad(g.softmax(xy), sums[vp::kTargetWeight], coefficient,
+                                            a.weight != nullptr ? a.weight[local] : A(1), scale,
+                                            vp::softcap_slope(xy, cap)));
     }
   }
 }

@@ -92,6 +92,19 @@ struct GlobalRow {
     if (z_loss != T(0)) a += T(2) * z_loss * lse();
     return a;
   }
+  // The same under the gradient's scale s: for probability targets NaN where s is not finite
+  // (prob_softmax_coef, as torch's composite).
+  TL_HD T softmax_coefficient(bool probs, T s) const {
+    const T a = softmax_coefficient(probs);
+    return probs ? prob_softmax_coef(a, s) : a;
+  }
+  // The target's entry (class index): keep w_y (p_y - 1) formed before the other terms, times
+  // the scale s and the softcap slope; NaN where s or s keep w_y is not finite, as torch's
+  // log-softmax backward (inf - inf). w: the target class's weight.
+  TL_HD T target_grad(T p, T wy, T coefficient, T w, T s, T slope) const {
+    const T d = keep * wy * (p - T(1)) + (coefficient - keep * wy) * p - smoothing_share(w);
+    return nan_unless_finite(nan_unless_finite(s * d * slope, s), s * keep * wy);
+  }
   // spread w_c, a class's share of the smoothing in the gradient: 0 without smoothing, whatever
   // w_c is (an inf or NaN class weight then reaches the rows of its own class only, as torch's;
   // spread 0 times it was NaN in every row).
