@@ -188,6 +188,10 @@ DOCUMENTED_DIFFERENCES = {
     # torch's target gradient is xlogy(0, y) = 0, ours 0 * log(y) = nan (the kernels apply
     # grad_output after the formula).
     "kl_div_zero_grad_output_negative_target": True,
+    # cross-entropy with z-loss and an infinite grad_output: the classes other than the target
+    # get +-inf p_c, where the composite reference (tl_helpers.ce_extras_reference) adds two
+    # infinite terms, the log-softmax's and logsumexp's, and gets NaN where their signs differ.
+    "ce_zloss_nonfinite_grad_output": True,
 }
 
 
@@ -558,6 +562,8 @@ def cross_entropy_specs(draw):
     # not with zero classes, where the composite itself fails)
     spec["softcap"] = draw(st.sampled_from([None] * 5 + [1.0, 5.0, 30.0])) if C else None
     spec["z_loss"] = draw(st.sampled_from([0.0] * 5 + [1e-4, 0.1])) if C else 0.0
+    assume(not (DOCUMENTED_DIFFERENCES["ce_zloss_nonfinite_grad_output"] and spec["z_loss"]
+                and spec["grad_output"] == "nonfinite"))
     return spec
 
 

@@ -831,11 +831,13 @@ struct Pass2Prob {  // probability target gradients
         oi.v[i] = from_acc<T>(g);
       }
       if (kGT) {
-        // 16-bit rows: w (ka log_s - ka (x - m)), one FFMA (both terms >= 0 times ka: no
-        // cancellation; ~1 ulp of float, far below the output's rounding) and, with class
-        // weights, one FMUL (was three with ka w).
-        ot.v[i] = from_acc<T>(kApproxExp<T> ? w[i] * fma(-ka, xm, ka * log_s)
-                                            : kaw * (log_s - xm));
+        // 16-bit rows whose softmax coefficient is in the exponent (kScaledExp: sg finite):
+        // w (ka log_s - ka (x - m)), one FFMA (both terms >= 0 times ka: no cancellation; ~1
+        // ulp of float, far below the output's rounding) and, with class weights, one FMUL.
+        // Else ka w (log_s - (x - m)), as torch: an infinite ka gives inf at the row's max
+        // (x = m), where the FFMA gave -inf * 0 + inf = NaN.
+        ot.v[i] = from_acc<T>(kScaledExp != 0 ? w[i] * fma(-ka, xm, ka * log_s)
+                                              : kaw * (log_s - xm));
       }
     }
     if (N == 1) {
